@@ -1,0 +1,63 @@
+/*
+** lkeel.h: what the binding files share. The only longjmp in keel starts
+** here: engine calls return a status, and lk_check turns a failure into a
+** Lua error after the engine has returned.
+**
+** Every binding function is a closure with two upvalues: the binding state
+** (full userdata holding the engine context) and the Tensor metatable.
+*/
+#ifndef LKEEL_H
+#define LKEEL_H
+
+#include <lua.h>
+#include <lauxlib.h>
+#include "keel.h"
+
+#if defined(__GNUC__)
+#define LK_INTERNAL __attribute__((visibility("hidden"))) extern
+#else
+#define LK_INTERNAL extern
+#endif
+
+#define LK_STATE_UV lua_upvalueindex(1)
+#define LK_MT_UV lua_upvalueindex(2)
+#define LK_NUPVALUES 2
+
+typedef struct lk_state {
+  keel_ctx *ctx;
+  lua_State *main;      /* for registry refs released outside a call */
+  lua_State *running;   /* thread inside keel_backward, for hooks */
+  size_t gc_debt;       /* engine bytes allocated since the last GC step */
+  int hook_error_ref;   /* error value raised by a hook, or LUA_NOREF */
+} lk_state;
+
+typedef struct lk_tensor { keel_tensor *t; } lk_tensor;
+
+static inline lk_state *lk_S(lua_State *L) {
+  return (lk_state *)lua_touserdata(L, LK_STATE_UV);
+}
+
+/* Raises the context's error when st is not OK. */
+LK_INTERNAL void lk_check(lua_State *L, lk_state *S, keel_status st);
+/* Pushes a userdata owning the reference t (NULL pushes nil). */
+LK_INTERNAL void lk_push(lua_State *L, lk_state *S, keel_tensor *t);
+/* The tensor at index i, or NULL when it is no tensor. */
+LK_INTERNAL keel_tensor *lk_to(lua_State *L, int i);
+/* The tensor at index i, or an error naming fn and the argument. */
+LK_INTERNAL keel_tensor *lk_check_tensor(lua_State *L, int i, const char *fn);
+/* A Lua dimension (1-based, or negative from the end) as 0-based/negative. */
+LK_INTERNAL int lk_check_dim(lua_State *L, int i, const char *fn);
+LK_INTERNAL int lk_opt_dim(lua_State *L, int i, const char *fn, int def);
+/* Shape from a table at i or integers from i on; returns ndim. *next gets
+** the first index after the shape. */
+LK_INTERNAL int lk_check_shape(lua_State *L, int i, const char *fn, int64_t *shape, int *next);
+/* Dims from a number or a table at i (none when nil); returns the count. */
+LK_INTERNAL int lk_opt_dims(lua_State *L, int i, const char *fn, int *dims);
+LK_INTERNAL keel_dtype lk_check_dtype(lua_State *L, int i, const char *fn);
+/* opts.dtype of the table at i, else def. */
+LK_INTERNAL keel_dtype lk_opt_dtype_field(lua_State *L, int i, const char *fn, keel_dtype def);
+LK_INTERNAL const char *lk_typename(lua_State *L, int i);
+
+LK_INTERNAL void lk_open_tensor(lua_State *L);   /* methods into the table at -1 */
+
+#endif
