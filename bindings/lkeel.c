@@ -15,6 +15,8 @@
 #define LK_GC_BATCH (256 * 1024)
 /* What a handle costs beside its data, as far as the GC should know. */
 #define LK_HANDLE_COST 256
+/* Floor of the live-bytes ceiling that forces a full collection. */
+#define LK_GC_FLOOR ((size_t)64 << 20)
 
 /* {======================================================================
 ** Shared helpers
@@ -29,7 +31,10 @@ void lk_check(lua_State *L, lk_state *S, keel_status st) {
     S->hook_error_ref = LUA_NOREF;
     lua_error(L);
   }
+  /* prefixed with the caller's position, like luaL_error */
+  luaL_where(L, 1);
   lua_pushstring(L, keel_last_error(S->ctx));
+  lua_concat(L, 2);
   lua_error(L);
 }
 
@@ -44,9 +49,19 @@ void lk_push(lua_State *L, lk_state *S, keel_tensor *t) {
   ** so that dropped tensors are collected at the pace they are made. */
   S->gc_debt += (size_t)keel_tensor_numel(t) * keel_dtype_size(keel_tensor_dtype(t)) + LK_HANDLE_COST;
   if (S->gc_debt >= LK_GC_BATCH) {
+    keel_memory_stats m;
     int kb = (int)(S->gc_debt / 1024);
     S->gc_debt = 0;
     lua_gc(L, LUA_GCSTEP, kb);
+    /* Backstop for a host that runs the generational collector: there,
+    ** tensors that outlive a minor collection wait for a major one, which
+    ** Lua's own (small) heap never triggers. */
+    keel_memory_stats_get(S->ctx, &m);
+    if (m.live_bytes > S->gc_ceiling) {
+      lua_gc(L, LUA_GCCOLLECT);
+      keel_memory_stats_get(S->ctx, &m);
+      S->gc_ceiling = 2 * m.live_bytes > LK_GC_FLOOR ? 2 * m.live_bytes : LK_GC_FLOOR;
+    }
   }
 }
 
@@ -491,6 +506,10 @@ int luaopen_keel_core(lua_State *L) {
   memset(S, 0, sizeof *S);
   S->ctx = ctx;
   S->hook_error_ref = LUA_NOREF;
+  S->gc_ceiling = LK_GC_FLOOR;
+  /* lua.c starts Lua in generational mode; the incremental collector is
+  ** the one whose pace follows the engine memory reported in lk_push. */
+  lua_gc(L, LUA_GCINC, 0, 0, 0);
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
   S->main = lua_tothread(L, -1);
   lua_pop(L, 1);

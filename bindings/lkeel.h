@@ -28,6 +28,7 @@ typedef struct lk_state {
   lua_State *main;      /* for registry refs released outside a call */
   lua_State *running;   /* thread inside keel_backward, for hooks */
   size_t gc_debt;       /* engine bytes allocated since the last GC step */
+  size_t gc_ceiling;    /* engine live bytes that force a full collection */
   int hook_error_ref;   /* error value raised by a hook, or LUA_NOREF */
 } lk_state;
 

@@ -7,6 +7,7 @@
 ** and casting it back to the input's dtype is done once, by the tape.
 */
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 #include "keel_impl.h"
 
@@ -36,20 +37,22 @@ static keel_status same_device(keel_ctx *ctx, const char *fn, const keel_tensor 
   return kl_error(ctx, KEEL_ERR_DEVICE, "%s: tensors are on different devices", fn);
 }
 
-/* A view of t with dtype dt and the given (broadcast) shape: t itself when
-** nothing changes, else a converted copy viewed with stride 0. */
-static keel_status operand(keel_ctx *ctx, keel_tensor *t, keel_dtype dt, int ndim,
-                           const int64_t *shape, keel_tensor **out) {
-  keel_tensor *src = t, *conv = NULL;
+/*
+** t seen with dtype dt through the broadcast shape, in *view (a stack
+** value). When the dtype differs, a converted copy is made and returned in
+** *owned for the caller to release.
+*/
+static keel_status operand(keel_ctx *ctx, keel_tensor *t, keel_dtype dt, int ndim, const int64_t *shape,
+                           keel_tensor *view, keel_tensor **owned) {
   keel_status st;
+  *owned = NULL;
   if (t->dtype != dt) {
-    if ((st = kl_new_like(ctx, t, dt, &conv))) return st;
-    if ((st = backend(ctx, t)->copy(ctx, conv, t))) { keel_tensor_release(conv); return st; }
-    src = conv;
+    if ((st = kl_new_like(ctx, t, dt, owned))) return st;
+    if ((st = backend(ctx, t)->copy(ctx, *owned, t))) { kl_release(owned); return st; }
+    t = *owned;
   }
-  st = kl_broadcast_to(ctx, src, ndim, shape, out);
-  keel_tensor_release(conv);
-  return st;
+  kl_broadcast_view(t, ndim, shape, view);
+  return KEEL_OK;
 }
 
 static keel_status scalar_tensor(keel_ctx *ctx, keel_dtype dt, double s, keel_tensor **out) {
@@ -74,7 +77,7 @@ keel_status keel_binary(keel_ctx *ctx, keel_binop op, keel_tensor *a, keel_tenso
   const char *fn = (unsigned)op < KEEL_BINOP_COUNT ? binop_name[op] : "binary";
   int ndim;
   int64_t shape[KEEL_MAX_DIMS];
-  keel_tensor *va = NULL, *vb = NULL, *o = NULL;
+  keel_tensor va, vb, *ca = NULL, *cb = NULL, *o = NULL;
   keel_dtype dt;
   keel_status st;
   *out = NULL;
@@ -86,9 +89,9 @@ keel_status keel_binary(keel_ctx *ctx, keel_binop op, keel_tensor *a, keel_tenso
     return kl_error(ctx, KEEL_ERR_TYPE, "pow: expected float tensors, got int64; convert with :float()");
   if ((st = kl_broadcast_shape(ctx, fn, a->ndim, a->shape, b->ndim, b->shape, &ndim, shape))) return st;
   if ((st = kl_new(ctx, dt, a->storage->device, ndim, shape, &o))) return st;
-  if ((st = operand(ctx, a, dt, ndim, shape, &va)) || (st = operand(ctx, b, dt, ndim, shape, &vb)))
+  if ((st = operand(ctx, a, dt, ndim, shape, &va, &ca)) || (st = operand(ctx, b, dt, ndim, shape, &vb, &cb)))
     goto fail;
-  if ((st = backend(ctx, a)->binary(ctx, op, o, va, vb))) goto fail;
+  if ((st = backend(ctx, a)->binary(ctx, op, o, &va, &vb))) goto fail;
   if (binop_node[op] >= 0) {
     keel_tensor *in[2] = {a, b};
     if (kl_needs_grad(ctx, 2, in)) {
@@ -100,13 +103,13 @@ keel_status keel_binary(keel_ctx *ctx, keel_binop op, keel_tensor *a, keel_tenso
       }
     }
   }
-  keel_tensor_release(va);
-  keel_tensor_release(vb);
+  keel_tensor_release(ca);
+  keel_tensor_release(cb);
   *out = o;
   return KEEL_OK;
 fail:
-  keel_tensor_release(va);
-  keel_tensor_release(vb);
+  keel_tensor_release(ca);
+  keel_tensor_release(cb);
   keel_tensor_release(o);
   return st;
 }
@@ -198,7 +201,7 @@ keel_status keel_where(keel_ctx *ctx, keel_tensor *cond, keel_tensor *a, keel_te
                        keel_tensor **out) {
   int n1, ndim;
   int64_t s1[KEEL_MAX_DIMS], shape[KEEL_MAX_DIMS];
-  keel_tensor *vc = NULL, *va = NULL, *vb = NULL, *o = NULL;
+  keel_tensor vc, va, vb, *ca = NULL, *cb = NULL, *o = NULL;
   keel_dtype dt;
   keel_status st;
   *out = NULL;
@@ -211,8 +214,9 @@ keel_status keel_where(keel_ctx *ctx, keel_tensor *cond, keel_tensor *a, keel_te
     return st;
   dt = kl_promote(a->dtype, b->dtype);
   if ((st = kl_new(ctx, dt, a->storage->device, ndim, shape, &o))) return st;
-  if ((st = kl_broadcast_to(ctx, cond, ndim, shape, &vc)) || (st = operand(ctx, a, dt, ndim, shape, &va)) ||
-      (st = operand(ctx, b, dt, ndim, shape, &vb)) || (st = backend(ctx, a)->where(ctx, o, vc, va, vb)))
+  kl_broadcast_view(cond, ndim, shape, &vc);
+  if ((st = operand(ctx, a, dt, ndim, shape, &va, &ca)) || (st = operand(ctx, b, dt, ndim, shape, &vb, &cb)) ||
+      (st = backend(ctx, a)->where(ctx, o, &vc, &va, &vb)))
     goto fail;
   {
     keel_tensor *in[3] = {cond, a, b};
@@ -222,15 +226,13 @@ keel_status keel_where(keel_ctx *ctx, keel_tensor *cond, keel_tensor *a, keel_te
       if ((st = kl_save(ctx, n, 0, cond))) goto fail;
     }
   }
-  keel_tensor_release(vc);
-  keel_tensor_release(va);
-  keel_tensor_release(vb);
+  keel_tensor_release(ca);
+  keel_tensor_release(cb);
   *out = o;
   return KEEL_OK;
 fail:
-  keel_tensor_release(vc);
-  keel_tensor_release(va);
-  keel_tensor_release(vb);
+  keel_tensor_release(ca);
+  keel_tensor_release(cb);
   keel_tensor_release(o);
   return st;
 }
@@ -297,13 +299,13 @@ keel_status keel_detach(keel_ctx *ctx, keel_tensor *a, keel_tensor **out) {
 /* src viewed with dst's shape and dtype; copied first when it shares
 ** memory with dst in another layout (the write would race the read). */
 static keel_status inplace_operand(keel_ctx *ctx, const char *fn, keel_tensor *dst, keel_tensor *src,
-                                   keel_tensor **out) {
+                                   keel_tensor *view, keel_tensor **owned) {
   int ndim;
   int64_t shape[KEEL_MAX_DIMS];
   keel_tensor *tmp = NULL;
   keel_status st;
   char b1[128], b2[128];
-  *out = NULL;
+  *owned = NULL;
   if ((st = kl_check_same_ctx(ctx, fn, src)) || (st = same_device(ctx, fn, dst, src))) return st;
   if ((st = kl_broadcast_shape(ctx, fn, dst->ndim, dst->shape, src->ndim, src->shape, &ndim, shape)))
     return st;
@@ -318,22 +320,24 @@ static keel_status inplace_operand(keel_ctx *ctx, const char *fn, keel_tensor *d
     if ((st = backend(ctx, src)->copy(ctx, tmp, src))) { keel_tensor_release(tmp); return st; }
     src = tmp;
   }
-  st = operand(ctx, src, dst->dtype, dst->ndim, dst->shape, out);
-  keel_tensor_release(tmp);
+  st = operand(ctx, src, dst->dtype, dst->ndim, dst->shape, view, owned);
+  if (!st && tmp && !*owned) *owned = tmp;   /* the view points into tmp: keep it */
+  else keel_tensor_release(tmp);
   return st;
 }
 
 keel_status keel_binary_(keel_ctx *ctx, keel_binop op, keel_tensor *a, keel_tensor *b) {
-  const char *fn = (unsigned)op < KEEL_BINOP_COUNT ? binop_name[op] : "binary_";
-  keel_tensor *vb;
+  char fn[16];
+  keel_tensor vb, *owned;
   keel_status st;
   if ((unsigned)op >= KEEL_BINOP_COUNT) return kl_error(ctx, KEEL_ERR_ARG, "binary_: unknown op %d", (int)op);
+  snprintf(fn, sizeof fn, "%s_", binop_name[op]);
   if ((st = kl_check_same_ctx(ctx, fn, a)) || (st = kl_check_writable(ctx, fn, a))) return st;
   if (a->dtype == KEEL_I64 && (op == KEEL_BIN_DIV || op == KEEL_BIN_POW))
-    return kl_error(ctx, KEEL_ERR_TYPE, "%s: in-place %s on an int64 tensor; convert with :float()", fn, fn);
-  if ((st = inplace_operand(ctx, fn, a, b, &vb))) return st;
-  st = backend(ctx, a)->binary(ctx, op, a, a, vb);
-  keel_tensor_release(vb);
+    return kl_error(ctx, KEEL_ERR_TYPE, "%s: not defined for int64 tensors; convert with :float()", fn);
+  if ((st = inplace_operand(ctx, fn, a, b, &vb, &owned))) return st;
+  st = backend(ctx, a)->binary(ctx, op, a, a, &vb);
+  keel_tensor_release(owned);
   a->storage->version++;
   return st;
 }
@@ -357,12 +361,12 @@ keel_status keel_fill_(keel_ctx *ctx, keel_tensor *a, double v) {
 }
 
 keel_status keel_copy_(keel_ctx *ctx, keel_tensor *dst, keel_tensor *src) {
-  keel_tensor *v;
+  keel_tensor v, *owned;
   keel_status st;
   if ((st = kl_check_same_ctx(ctx, "copy_", dst)) || (st = kl_check_writable(ctx, "copy_", dst))) return st;
-  if ((st = inplace_operand(ctx, "copy_", dst, src, &v))) return st;
-  st = backend(ctx, dst)->copy(ctx, dst, v);
-  keel_tensor_release(v);
+  if ((st = inplace_operand(ctx, "copy_", dst, src, &v, &owned))) return st;
+  st = backend(ctx, dst)->copy(ctx, dst, &v);
+  keel_tensor_release(owned);
   dst->storage->version++;
   return st;
 }

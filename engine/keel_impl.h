@@ -131,6 +131,10 @@ KEEL_INTERNAL keel_status kl_check_writable(keel_ctx *ctx, const char *fn,
 KEEL_INTERNAL void *kl_data(const keel_tensor *t);  /* address of element 0 */
 KEEL_INTERNAL double kl_load(const void *p, keel_dtype dt);
 KEEL_INTERNAL void kl_store(void *p, keel_dtype dt, double v);
+/* Fills *view (a stack value, never released) with a seen through the
+** target shape; for kernels that only read geometry. */
+KEEL_INTERNAL void kl_broadcast_view(const keel_tensor *a, int ndim, const int64_t *shape,
+                                     keel_tensor *view);
 /* Expanded view of a (no autograd) with the target shape. */
 KEEL_INTERNAL keel_status kl_broadcast_to(keel_ctx *ctx, const keel_tensor *a, int ndim,
                                           const int64_t *shape, keel_tensor **out);

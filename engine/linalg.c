@@ -304,7 +304,7 @@ static keel_status index_tensor(keel_ctx *ctx, const char *fn, keel_tensor *inde
     keel_tensor_read(ctx, index, vals, index->numel);
     dst = (int64_t *)kl_data(c);
     for (int64_t i = 0; i < index->numel; i++) {
-      if (vals[i] != floor(vals[i])) {
+      if (vals[i] != floor(vals[i]) || fabs(vals[i]) > 9e15) {
         kl_free(ctx, vals, sizeof(double) * (size_t)(index->numel ? index->numel : 1));
         keel_tensor_release(c);
         return kl_error(ctx, KEEL_ERR_TYPE, "%s: index values must be whole numbers, got %g", fn, vals[i]);
@@ -319,9 +319,10 @@ static keel_status index_tensor(keel_ctx *ctx, const char *fn, keel_tensor *inde
     const int64_t *v = (const int64_t *)kl_data(c);
     for (int64_t i = 0; i < c->numel; i++)
       if (v[i] < base || v[i] >= base + limit) {
+        long long bad = (long long)v[i];
         keel_tensor_release(c);
         return kl_error(ctx, KEEL_ERR_INDEX, "%s: index %lld out of range (expected %lld..%lld)", fn,
-                        (long long)v[i], (long long)base, (long long)(base + limit - 1));
+                        bad, (long long)base, (long long)(base + limit - 1));
       }
   }
   *out = c;

@@ -273,6 +273,21 @@ keel_status kl_broadcast_shape(keel_ctx *ctx, const char *fn, int na, const int6
   return KEEL_OK;
 }
 
+void kl_broadcast_view(const keel_tensor *a, int ndim, const int64_t *shape, keel_tensor *view) {
+  int lead = ndim - a->ndim;
+  *view = *a;
+  view->refcount = 0;
+  view->grad = NULL;
+  view->grad_fn = NULL;
+  view->hooks = NULL;
+  view->ndim = ndim;
+  for (int i = 0; i < ndim; i++) {
+    view->shape[i] = shape[i];
+    view->stride[i] = i < lead ? 0 : a->shape[i - lead] == 1 && shape[i] != 1 ? 0 : a->stride[i - lead];
+  }
+  view->numel = kl_numel(ndim, shape);
+}
+
 keel_status kl_broadcast_to(keel_ctx *ctx, const keel_tensor *a, int ndim, const int64_t *shape,
                             keel_tensor **out) {
   int64_t stride[KEEL_MAX_DIMS];
