@@ -38,6 +38,22 @@ void lk_check(lua_State *L, lk_state *S, keel_status st) {
   lua_error(L);
 }
 
+void lk_check_as(lua_State *L, lk_state *S, keel_status st, const char *fn) {
+  const char *msg, *colon;
+  if (st == KEEL_OK) return;
+  msg = keel_last_error(S->ctx);
+  colon = strchr(msg, ':');
+  /* the engine names the function it implements; the user called fn */
+  if (st != KEEL_ERR_CALLBACK && colon && !memchr(msg, ' ', (size_t)(colon - msg)) &&
+      (strlen(fn) != (size_t)(colon - msg) || strncmp(msg, fn, (size_t)(colon - msg)))) {
+    luaL_where(L, 1);
+    lua_pushfstring(L, "%s%s", fn, colon);
+    lua_concat(L, 2);
+    lua_error(L);
+  }
+  lk_check(L, S, st);
+}
+
 void lk_push(lua_State *L, lk_state *S, keel_tensor *t) {
   lk_tensor *u;
   if (!t) { lua_pushnil(L); return; }
@@ -97,7 +113,7 @@ keel_tensor *lk_check_tensor(lua_State *L, int i, const char *fn) {
 
 static int to_dim(lua_State *L, int i, const char *fn, lua_Integer d) {
   if (d == 0) luaL_error(L, "%s: argument #%d: dimension 0 is invalid (dimensions are 1-based)", fn, i);
-  if (d > 64 || d < -64) luaL_error(L, "%s: argument #%d: dimension %d out of range", fn, i, (int)d);
+  if (d > 64 || d < -64) luaL_error(L, "%s: argument #%d: dimension %I out of range", fn, i, (lua_Integer)d);
   return d > 0 ? (int)d - 1 : (int)d;
 }
 
@@ -163,7 +179,7 @@ int lk_check_shape(lua_State *L, int i, const char *fn, int64_t *shape, int *nex
     shape[n] = shape_entry(L, i + n, fn, i + n, n);
     n++;
   }
-  if (n == 0 && !lua_isnoneornil(L, i) && !lua_istable(L, i))
+  if (n == 0 && !lua_istable(L, i))
     luaL_error(L, "%s: argument #%d: expected a shape (table or integers), got %s", fn, i, luaL_typename(L, i));
   if (next) *next = i + n;
   return n;

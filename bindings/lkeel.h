@@ -40,6 +40,8 @@ static inline lk_state *lk_S(lua_State *L) {
 
 /* Raises the context's error when st is not OK. */
 LK_INTERNAL void lk_check(lua_State *L, lk_state *S, keel_status st);
+/* Same, naming fn (what the user called) instead of the engine function. */
+LK_INTERNAL void lk_check_as(lua_State *L, lk_state *S, keel_status st, const char *fn);
 /* Pushes a userdata owning the reference t (NULL pushes nil). */
 LK_INTERNAL void lk_push(lua_State *L, lk_state *S, keel_tensor *t);
 /* The tensor at index i, or NULL when it is no tensor. */

@@ -55,7 +55,7 @@ static int dim_index(lua_State *L, int i, const char *fn, keel_tensor *t) {
   int d = lk_check_dim(L, i, fn), nd = keel_tensor_ndim(t);
   if (d < 0) d += nd;
   if (d < 0 || d >= nd)
-    luaL_error(L, "%s: dimension %d out of range (tensor has %d dimensions)", fn, (int)lua_tointeger(L, i), nd);
+    luaL_error(L, "%s: dimension %I out of range (tensor has %d dimensions)", fn, lua_tointeger(L, i), nd);
   return d;
 }
 
@@ -139,8 +139,8 @@ static void element_index(lua_State *L, keel_tensor *t, int i, int count, const 
     if (!isint) luaL_error(L, "%s: index %d must be an integer, got %s", fn, k + 1, luaL_typename(L, i + k));
     if (v < 0) v += shape[k] + 1;
     if (v < 1 || v > shape[k])
-      luaL_error(L, "%s: index %d out of range for dimension %d of size %d", fn, (int)lua_tointeger(L, i + k), k + 1,
-                 (int)shape[k]);
+      luaL_error(L, "%s: index %I out of range for dimension %d of size %I", fn, lua_tointeger(L, i + k), k + 1,
+                 (lua_Integer)shape[k]);
     idx[k] = v - 1;
   }
 }
@@ -179,7 +179,10 @@ static int64_t first_dim_index(lua_State *L, keel_tensor *t, lua_Integer i, cons
   if (keel_tensor_ndim(t) == 0) luaL_error(L, "%s: cannot index a 0-dimensional tensor (use item())", fn);
   n = keel_tensor_shape(t)[0];
   if (i < 0) i += n + 1;
-  if (i < 1 || i > n) luaL_error(L, "%s: index %d out of range for dimension 1 of size %d", fn, (int)i, (int)n);
+  if (i < 1 || i > n) {
+    lua_Integer shown = i < 1 ? i - n - 1 : i;   /* as the user wrote it */
+    luaL_error(L, "%s: index %I out of range for dimension 1 of size %I", fn, shown, (lua_Integer)n);
+  }
   return (int64_t)(i - 1);
 }
 
@@ -334,7 +337,7 @@ static int t_narrow(lua_State *L) {
   lua_Integer start = luaL_checkinteger(L, 3), len = luaL_checkinteger(L, 4);
   int dd = d < 0 ? d + keel_tensor_ndim(t) : d;
   if (start < 0 && dd >= 0 && dd < keel_tensor_ndim(t)) start += keel_tensor_shape(t)[dd] + 1;
-  if (start < 1) return luaL_error(L, "narrow: start %d is out of range (starts are 1-based)", (int)start);
+  if (start < 1) return luaL_error(L, "narrow: start %I is out of range (starts are 1-based)", start);
   RET(keel_narrow(S->ctx, t, d, start - 1, len, &out));
 }
 
@@ -345,7 +348,7 @@ static int t_select(lua_State *L) {
   lua_Integer i = luaL_checkinteger(L, 3);
   int dd = d < 0 ? d + keel_tensor_ndim(t) : d;
   if (i < 0 && dd >= 0 && dd < keel_tensor_ndim(t)) i += keel_tensor_shape(t)[dd] + 1;
-  if (i < 1) return luaL_error(L, "select: index %d out of range (indices are 1-based)", (int)i);
+  if (i < 1) return luaL_error(L, "select: index %I out of range (indices are 1-based)", i);
   RET(keel_select(S->ctx, t, d, i - 1, &out));
 }
 
@@ -548,7 +551,10 @@ static int t_amax(lua_State *L) {
   const char *fn = op == KEEL_RED_MAX ? "amax" : "amin";
   keel_tensor *t = self(L, fn), *out;
   int dims[KEEL_MAX_DIMS], nd = lk_opt_dims(L, 2, fn, dims);
-  RET(keel_reduce(S->ctx, op, t, nd, dims, lua_toboolean(L, 3), &out, NULL));
+  keel_status st = keel_reduce(S->ctx, op, t, nd, dims, lua_toboolean(L, 3), &out, NULL);
+  lk_check_as(L, S, st, fn);
+  lk_push(L, S, out);
+  return 1;
 }
 
 static int t_argmax(lua_State *L) {
@@ -667,7 +673,7 @@ static int t_index_select(lua_State *L) {
 static int t_backward(lua_State *L) {
   lk_state *S = lk_S(L);
   keel_tensor *t = self(L, "backward"), *g = lk_to(L, 2);
-  int retain = 0, opts = g ? 3 : 2;
+  int retain = 0, opts = (g || lua_isnil(L, 2)) ? 3 : 2;
   keel_status st;
   lua_State *prev = S->running;
   if (!g && !lua_isnoneornil(L, 2) && !lua_istable(L, 2))

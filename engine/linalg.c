@@ -305,9 +305,10 @@ static keel_status index_tensor(keel_ctx *ctx, const char *fn, keel_tensor *inde
     dst = (int64_t *)kl_data(c);
     for (int64_t i = 0; i < index->numel; i++) {
       if (vals[i] != floor(vals[i]) || fabs(vals[i]) > 9e15) {
+        double bad = vals[i];
         kl_free(ctx, vals, sizeof(double) * (size_t)(index->numel ? index->numel : 1));
         keel_tensor_release(c);
-        return kl_error(ctx, KEEL_ERR_TYPE, "%s: index values must be whole numbers, got %g", fn, vals[i]);
+        return kl_error(ctx, KEEL_ERR_TYPE, "%s: index values must be whole numbers, got %g", fn, bad);
       }
       dst[i] = (int64_t)vals[i];
     }

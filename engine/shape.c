@@ -165,7 +165,7 @@ keel_status keel_narrow(keel_ctx *ctx, keel_tensor *a, int dim, int64_t start, i
   *out = NULL;
   if ((st = kl_check_same_ctx(ctx, "narrow", a))) return st;
   if ((st = kl_check_dim(ctx, "narrow", dim, a->ndim, &d))) return st;
-  if (start < 0 || length < 0 || start + length > a->shape[d])
+  if (start < 0 || length < 0 || start > a->shape[d] || length > a->shape[d] - start)
     return kl_error(ctx, KEEL_ERR_INDEX,
                     "narrow: start %lld and length %lld exceed dimension %d of size %lld",
                     (long long)(start + ctx->index_base), (long long)length, d + ctx->index_base,

@@ -48,12 +48,23 @@ local function like(name, make)
     return make(t, ...)
   end
 end
-like("zeros_like", function(t, opts) return core.zeros(t.shape, opts or {dtype = t.dtype}) end)
-like("ones_like", function(t, opts) return core.ones(t.shape, opts or {dtype = t.dtype}) end)
-like("empty_like", function(t, opts) return core.empty(t.shape, opts or {dtype = t.dtype}) end)
-like("full_like", function(t, v, opts) return core.full(t.shape, v, opts or {dtype = t.dtype}) end)
-like("rand_like", function(t, opts) return core.rand(t.shape, opts or {dtype = t.dtype}) end)
-like("randn_like", function(t, opts) return core.randn(t.shape, opts or {dtype = t.dtype}) end)
+-- t's dtype unless opts says otherwise
+local function like_opts(t, opts)
+  local o = {dtype = t.dtype}
+  for k, v in pairs(opts or {}) do o[k] = v end
+  return o
+end
+like("zeros_like", function(t, opts) return core.zeros(t.shape, like_opts(t, opts)) end)
+like("ones_like", function(t, opts) return core.ones(t.shape, like_opts(t, opts)) end)
+like("empty_like", function(t, opts) return core.empty(t.shape, like_opts(t, opts)) end)
+like("rand_like", function(t, opts) return core.rand(t.shape, like_opts(t, opts)) end)
+like("randn_like", function(t, opts) return core.randn(t.shape, like_opts(t, opts)) end)
+like("full_like", function(t, v, opts)
+  if type(v) ~= "number" then
+    error("full_like: argument #2: expected a number, got " .. type(v), 3)
+  end
+  return core.full(t.shape, v, like_opts(t, opts))
+end)
 
 function Tensor:expand_as(other) return self:expand(other.shape) end
 function Tensor:view_as(other) return self:view(other.shape) end
