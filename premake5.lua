@@ -1,0 +1,187 @@
+--[[
+premake5.lua: the keel build.
+
+Runs under Debian's premake4 (`premake4 --file=premake5.lua gmake`) and under
+premake5 (`premake5 gmake2`, or `gmake` from beta5 on). tools/build.sh is the
+usual entry point. Everything generated lands under build/:
+
+  build/Makefile, build/*.make         generated makefiles
+  build/<cfg>/lib/libkeel.{a,so}       the engine (engine/*.c), for C hosts
+  build/<cfg>/lua/keel/core.so         the Lua module (bindings/*.c minus repl.c)
+  build/<cfg>/bin/keel                 the REPL / script runner (static Lua)
+  build/<cfg>/bin/keel_ctest           the Lua-free C test (tests/c/*.c)
+  build/obj/<cfg>/<project>/           object files
+
+Configurations: release (-O2), debug (-O0 -g, KEEL_DEBUG), asan (-O1 -g,
+AddressSanitizer + UBSan).
+
+Sources are globbed when the makefiles are generated: rerun premake after
+adding a .c file (tools/build.sh always does).
+]]
+
+local CONFIGS = { "release", "debug", "asan" }
+local LUA_INC = "/usr/include/lua5.4"
+local LUA_STATIC = "/usr/lib/x86_64-linux-gnu/liblua5.4.a"
+
+-- {==================================================================
+-- Shims: premake4 (Lua 5.1, 4.3) and premake5 differ in a few names.
+-- ===================================================================
+
+-- premake5 has workspace/filter/symbols; premake4 has solution/configuration
+-- and flags{"Symbols"}. premake5 still accepts `solution`, but dropped
+-- `configuration` (beta3) and flags{"Symbols"} (beta4).
+local workspace_ = workspace or solution
+-- premake5 renamed excludes to removefiles (the old name is deprecated).
+local removefiles_ = removefiles or excludes
+
+-- Scope the following settings to one configuration, or to all with nil.
+local function when(cfg)
+  if filter then
+    filter(cfg and ("configurations:" .. cfg) or {})
+  else
+    configuration(cfg or {})
+  end
+end
+
+-- Debug symbols; premake4 also stops stripping (-s) the binaries.
+local function with_symbols()
+  if symbols then symbols "On" else flags { "Symbols" } end
+end
+
+-- }==================================================================
+
+workspace_ "keel"
+  configurations(CONFIGS)
+  location "build"
+  language "C"
+
+  includedirs { "engine", LUA_INC }
+  buildoptions {
+    "-std=c11", "-D_GNU_SOURCE",
+    "-Wall", "-Wextra", "-Wshadow", "-Wmissing-prototypes",
+    "-Wno-unused-parameter",
+    "-fPIC",                 -- premake4 gives static libraries none; libkeel.a goes into core.so
+    "-fvisibility=hidden",   -- public symbols are marked KEEL_API / luaopen_keel_core
+  }
+
+  when "release"
+    buildoptions { "-O2" }
+
+  when "debug"
+    defines { "KEEL_DEBUG" }
+    buildoptions { "-O0", "-g" }
+    with_symbols()
+
+  when "asan"
+    buildoptions { "-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer" }
+    linkoptions { "-fsanitize=address,undefined" }
+    with_symbols()
+
+  when(nil)
+
+-- Output and object directories for the current project, per configuration.
+-- (premake4 has no %{cfg.name} tokens, so spell each configuration out.)
+local function outputs(name, sub)
+  for _, cfg in ipairs(CONFIGS) do
+    when(cfg)
+      targetdir("build/" .. cfg .. "/" .. sub)
+      objdir("build/obj/" .. cfg .. "/" .. name)
+  end
+  when(nil)
+end
+
+-- The Lua binding sources: every bindings/*.c, and the REPL's main
+-- (bindings/repl.c) only in the executable.
+local function binding_files(with_repl)
+  files { "bindings/*.c", "bindings/*.h" }
+  if not with_repl then removefiles_ { "bindings/repl.c" } end
+end
+
+--[[ CUDA (later): kernels/*.cu will be compiled by nvcc from a pre-build step
+(`+$(MAKE) -f cuda.mk`, premake4 has no per-file rules) into
+build/<cfg>/lib/libkeel_cuda.a, listed in `links` of every project below that
+links keel_static (in `links`, not `linkoptions`, so that it lands after the
+objects), with -lcublas -lcudart -lstdc++ and an rpath to the toolkit. The step
+goes in keel_static (a project with C sources, as premake5 requires) and must
+delete the linked outputs when it rebuilds the archive. A CPU-only build stays
+the default. ]]
+
+-- {==================================================================
+-- The engine: libkeel.a and libkeel.so
+-- ===================================================================
+
+-- premake4 links a sibling library as `-L<its targetdir> -lkeel`, and ld
+-- prefers libkeel.so when both sit in one directory. So the archive that the
+-- other projects link is built alone in build/obj/<cfg>/libkeel/, and copied
+-- to build/<cfg>/lib/libkeel.a for C hosts. (premake5 links siblings by full
+-- path and would not need this.)
+project "keel_static"
+  kind "StaticLib"
+  targetname "keel"
+  files { "engine/*.c", "engine/*.h" }
+  for _, cfg in ipairs(CONFIGS) do
+    when(cfg)
+      targetdir("build/obj/" .. cfg .. "/libkeel")
+      objdir("build/obj/" .. cfg .. "/keel_static")
+      -- commands run in build/, where the makefiles are
+      postbuildcommands {
+        "mkdir -p " .. cfg .. "/lib",
+        "cp -f obj/" .. cfg .. "/libkeel/libkeel.a " .. cfg .. "/lib/libkeel.a",
+      }
+  end
+  when(nil)
+
+project "keel_shared"
+  kind "SharedLib"
+  targetname "keel"
+  files { "engine/*.c", "engine/*.h" }
+  links { "openblas", "m" }
+  outputs("keel_shared", "lib")
+
+-- }==================================================================
+
+-- {==================================================================
+-- The Lua module keel.core (core.so, loaded by stock lua5.4: it must not
+-- link liblua, the interpreter exports the lua_* symbols)
+-- ===================================================================
+
+project "keel_lua"
+  kind "SharedLib"
+  targetname "core"
+  targetprefix ""
+  binding_files()
+  links { "keel_static", "openblas", "m" }
+  outputs("keel_lua", "lua/keel")
+
+-- }==================================================================
+
+-- {==================================================================
+-- The keel executable: REPL + script runner with Lua linked statically.
+-- -Wl,-E exports the lua_* symbols to C modules loaded by require; the
+-- whole archive goes in so that every lua_* symbol is there to export.
+-- ===================================================================
+
+project "keel_bin"
+  kind "ConsoleApp"
+  targetname "keel"
+  binding_files(true)
+  links { "keel_static", "openblas", "edit", "m", "dl" }
+  linkoptions { "-Wl,-E", "-Wl,--whole-archive", LUA_STATIC, "-Wl,--no-whole-archive" }
+  outputs("keel_bin", "bin")
+
+-- }==================================================================
+
+-- {==================================================================
+-- The Lua-free C test (only when its sources exist)
+-- ===================================================================
+
+if #os.matchfiles("tests/c/*.c") > 0 then
+  project "keel_ctest"
+    kind "ConsoleApp"
+    targetname "keel_ctest"
+    files { "tests/c/*.c", "tests/c/*.h" }
+    links { "keel_static", "openblas", "m" }
+    outputs("keel_ctest", "bin")
+end
+
+-- }==================================================================

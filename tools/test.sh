@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# tools/test.sh [release|asan|debug]  (default: $KEEL_CONFIG, else release)
+# Builds that configuration (incrementally), runs the busted specs in tests/
+# against build/<config>/lua/keel/core.so, then the C test keel_ctest, and
+# ends with one line: "N passed, N failed" (totals). Exits non-zero when
+# anything failed or nothing ran.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+root=$PWD
+
+cfg=${1:-${KEEL_CONFIG:-release}}
+case "$cfg" in
+  release|debug|asan) ;;
+  *) echo "usage: tools/test.sh [release|asan|debug]" >&2; exit 2 ;;
+esac
+
+tools/build.sh "$cfg" || { echo "test: build of $cfg failed" >&2; echo "0 passed, 1 failed"; exit 1; }
+
+passed=0
+failed=0
+log=$(mktemp -t keel-test.XXXXXX)
+trap 'rm -f "$log"' EXIT
+
+# ---------------------------------------------------------------- busted
+# lua5.4 explicitly: busted's shebang is `env lua`, which may be another Lua.
+unset LUA_PATH_5_4 LUA_CPATH_5_4 LUA_INIT LUA_INIT_5_4
+export LUA_PATH="bindings/?.lua;bindings/?/init.lua;tests/?.lua;;"
+export LUA_CPATH="build/$cfg/lua/?.so;;"
+export KEEL_BIN="$root/build/$cfg/bin/keel"
+
+busted_env=()
+if [ "$cfg" = asan ]; then
+  # lua5.4 itself is not instrumented: the ASan runtime must come first.
+  # Leaks are not checked here (the interpreter's own exit is not clean);
+  # keel_ctest below runs with leak detection on.
+  busted_env=(
+    "LD_PRELOAD=$(gcc -print-file-name=libasan.so)"
+    "ASAN_OPTIONS=detect_leaks=0:abort_on_error=0"
+    "UBSAN_OPTIONS=print_stacktrace=1"
+  )
+fi
+
+# One busted run per spec file: a crash (or an ASan abort) in one file
+# costs that file's count, not the whole run's.
+specs=$(find tests -name '*_spec.lua' | sort)
+[ -n "$specs" ] || echo "test: no tests/*_spec.lua found" >&2
+pending=0
+for spec in $specs; do
+  echo "test: busted $spec ($cfg)"
+  env "${busted_env[@]}" lua5.4 /usr/bin/busted --lang=en -o plainTerminal "$spec" 2>&1 | tee "$log"
+  brc=${PIPESTATUS[0]}
+  summary=$(grep -E '^[0-9]+ success(es)? / [0-9]+ failures? / [0-9]+ errors? / [0-9]+ pending' "$log" | tail -n 1)
+  if [ -n "$summary" ]; then
+    read -r s f e p <<<"$(echo "$summary" | sed -E 's#^([0-9]+) [a-z]+ / ([0-9]+) [a-z]+ / ([0-9]+) [a-z]+ / ([0-9]+) .*#\1 \2 \3 \4#')"
+    passed=$((passed + s))
+    failed=$((failed + f + e))
+    pending=$((pending + p))
+    if [ "$brc" -ne 0 ] && [ $((f + e)) -eq 0 ]; then
+      echo "test: $spec: busted exited with status $brc despite no failures" >&2
+      failed=$((failed + 1))
+    fi
+  else
+    echo "test: $spec: busted printed no summary (exit status $brc): counted as 1 failure" >&2
+    failed=$((failed + 1))
+  fi
+  # UBSan reports and goes on: count each report as a failure.
+  if [ "$cfg" = asan ]; then
+    ub=$(grep -c 'runtime error:' "$log" || true)
+    if [ "$ub" -gt 0 ]; then
+      echo "test: $spec: $ub UBSan report(s)" >&2
+      failed=$((failed + ub))
+    fi
+  fi
+done
+[ "$pending" -gt 0 ] && echo "test: busted: $pending pending (not counted)"
+
+# ---------------------------------------------------------------- keel_ctest
+ctest="build/$cfg/bin/keel_ctest"
+if compgen -G "tests/c/*.c" >/dev/null; then
+  echo "test: $ctest"
+  if [ -x "$ctest" ]; then
+    ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 "$ctest" 2>&1 | tee "$log"
+    crc=${PIPESTATUS[0]}
+    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -n 1)
+    if [ -n "$line" ]; then
+      read -r cp _ cf _ <<<"$line"
+      passed=$((passed + cp))
+      failed=$((failed + cf))
+      if [ "$crc" -ne 0 ] && [ "$cf" -eq 0 ]; then
+        echo "test: keel_ctest exited with status $crc" >&2
+        failed=$((failed + 1))
+      fi
+    else
+      echo "test: keel_ctest printed no summary (exit status $crc)" >&2
+      failed=$((failed + 1))
+    fi
+    if [ "$cfg" = asan ]; then
+      ub=$(grep -c 'runtime error:' "$log" || true)
+      failed=$((failed + ub))
+    fi
+  else
+    echo "test: $ctest was not built" >&2
+    failed=$((failed + 1))
+  fi
+else
+  echo "test: no tests/c/*.c, keel_ctest skipped"
+fi
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ] && [ $((passed + failed)) -gt 0 ]
