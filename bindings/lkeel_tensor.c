@@ -206,9 +206,8 @@ static int t_index(lua_State *L) {
     RET(keel_select(S->ctx, t, 0, first_dim_index(L, t, i, "index"), &out));
   }
   /* methods first: they are the common case */
-  lua_getfield(L, LK_MT_UV, "__methods");
   lua_pushvalue(L, 2);
-  if (lua_rawget(L, -2) != LUA_TNIL) return 1;
+  if (lua_rawget(L, OP_UV) != LUA_TNIL) return 1;
   k = lua_tostring(L, 2);
   if (!k) return 0;
   if (!t) {
@@ -824,7 +823,7 @@ static const luaL_Reg methods[] = {
 };
 
 static const luaL_Reg metamethods[] = {
-  {"__index", t_index}, {"__newindex", t_newindex}, {"__len", t_len},
+  {"__newindex", t_newindex}, {"__len", t_len},
   {"__gc", t_gc}, {"__close", t_gc},
   {"__add", mm_add}, {"__sub", mm_sub}, {"__mul", mm_mul}, {"__div", mm_div},
   {"__pow", mm_pow}, {"__unm", mm_unm},
@@ -878,6 +877,12 @@ void lk_open_tensor(lua_State *L) {
   reg_op(L, state, mt, "long", t_cast, KEEL_I64);
   lua_pushvalue(L, -1);
   lua_setfield(L, mt, "__methods");
+  /* __index finds methods through an upvalue: no lookup of the table */
+  lua_pushvalue(L, state);
+  lua_pushvalue(L, mt);
+  lua_pushvalue(L, -3);
+  lua_pushcclosure(L, t_index, LK_NUPVALUES + 1);
+  lua_setfield(L, mt, "__index");
   lua_setfield(L, module, "Tensor");
   lua_pushvalue(L, mt);
   lua_pushvalue(L, state);

@@ -44,8 +44,19 @@ static void cache_drain(keel_ctx *ctx) {
   }
 }
 
+static void spare_drain(keel_ctx *ctx, void **list, int *count, size_t n) {
+  while (*list) {
+    void *next = *(void **)*list;
+    ctx->alloc(ctx->alloc_ud, *list, n, 0);
+    *list = next;
+  }
+  *count = 0;
+}
+
 static void ctx_destroy(keel_ctx *ctx) {
   cache_drain(ctx);
+  spare_drain(ctx, &ctx->spare_tensors, &ctx->n_spare_tensors, sizeof(keel_tensor));
+  spare_drain(ctx, &ctx->spare_storages, &ctx->n_spare_storages, sizeof(kl_storage));
   ctx->alloc(ctx->alloc_ud, ctx, sizeof *ctx, 0);
 }
 
@@ -157,7 +168,29 @@ static void cpu_free(keel_ctx *ctx, void *p, size_t nbytes) {
   }
 }
 
-void keel_memory_trim(keel_ctx *ctx) { cache_drain(ctx); }
+void *kl_spare_get(keel_ctx *ctx, void **list, int *count, size_t n) {
+  void *p = *list;
+  if (!p) return kl_malloc(ctx, n);
+  *list = *(void **)p;
+  (*count)--;
+  return p;
+}
+
+void kl_spare_put(keel_ctx *ctx, void **list, int *count, void *p, size_t n) {
+  if (*count >= KL_SPARE_MAX || ctx->closed) {
+    kl_free(ctx, p, n);
+    return;
+  }
+  *(void **)p = *list;
+  *list = p;
+  (*count)++;
+}
+
+void keel_memory_trim(keel_ctx *ctx) {
+  cache_drain(ctx);
+  spare_drain(ctx, &ctx->spare_tensors, &ctx->n_spare_tensors, sizeof(keel_tensor));
+  spare_drain(ctx, &ctx->spare_storages, &ctx->n_spare_storages, sizeof(kl_storage));
+}
 
 void keel_memory_stats_get(const keel_ctx *ctx, keel_memory_stats *out) { *out = ctx->mem; }
 

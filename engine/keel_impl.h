@@ -32,7 +32,10 @@ typedef struct kl_backend kl_backend;
 ** Context and memory
 ** ===================================================================== */
 
-#define KL_CACHE_CLASSES 64
+/* Four classes per power of two from 256 B: 96 classes reach 4 GiB. */
+#define KL_CACHE_CLASSES 96
+/* Freed tensor handles and storage records kept for reuse. */
+#define KL_SPARE_MAX 256
 
 typedef struct kl_block { struct kl_block *next; size_t size; } kl_block;
 
@@ -53,10 +56,17 @@ struct keel_ctx {
   ** return to the kernel and page-fault again on the next step. */
   kl_block *cache[KL_CACHE_CLASSES];
   size_t cache_limit;
+  /* Small records reused instead of freed: a tiny op would otherwise
+  ** spend a fifth of its time in malloc and free. */
+  void *spare_tensors, *spare_storages;
+  int n_spare_tensors, n_spare_storages;
 };
 
 KEEL_INTERNAL keel_status kl_error(keel_ctx *ctx, keel_status st, const char *fmt, ...);
 KEEL_INTERNAL void *kl_malloc(keel_ctx *ctx, size_t n);   /* small structs */
+/* Records of one fixed size from a spare list (see keel_ctx). */
+KEEL_INTERNAL void *kl_spare_get(keel_ctx *ctx, void **list, int *count, size_t n);
+KEEL_INTERNAL void kl_spare_put(keel_ctx *ctx, void **list, int *count, void *p, size_t n);
 KEEL_INTERNAL void kl_free(keel_ctx *ctx, void *p, size_t n);
 KEEL_INTERNAL void kl_ctx_ref(keel_ctx *ctx);
 KEEL_INTERNAL void kl_ctx_unref(keel_ctx *ctx);

@@ -25,7 +25,7 @@ static kl_storage *storage_new(keel_ctx *ctx, keel_device dev, size_t nbytes) {
   const kl_backend *be = kl_backend_for(ctx, dev);
   kl_storage *s;
   if (!be) return NULL;
-  s = (kl_storage *)kl_malloc(ctx, sizeof *s);
+  s = (kl_storage *)kl_spare_get(ctx, &ctx->spare_storages, &ctx->n_spare_storages, sizeof *s);
   if (!s) return NULL;
   s->refcount = 1;
   s->ctx = ctx;
@@ -33,7 +33,7 @@ static kl_storage *storage_new(keel_ctx *ctx, keel_device dev, size_t nbytes) {
   s->nbytes = nbytes;
   s->version = 0;
   s->data = be->alloc(ctx, nbytes ? nbytes : 1);
-  if (!s->data) { kl_free(ctx, s, sizeof *s); return NULL; }
+  if (!s->data) { kl_spare_put(ctx, &ctx->spare_storages, &ctx->n_spare_storages, s, sizeof *s); return NULL; }
   kl_ctx_ref(ctx);
   return s;
 }
@@ -43,12 +43,12 @@ static void storage_release(kl_storage *s) {
   if (!s || --s->refcount > 0) return;
   ctx = s->ctx;
   kl_backend_for(ctx, s->device)->free(ctx, s->data, s->nbytes ? s->nbytes : 1);
-  kl_free(ctx, s, sizeof *s);
+  kl_spare_put(ctx, &ctx->spare_storages, &ctx->n_spare_storages, s, sizeof *s);
   kl_ctx_unref(ctx);
 }
 
 static keel_tensor *handle_new(keel_ctx *ctx, kl_storage *s) {
-  keel_tensor *t = (keel_tensor *)kl_malloc(ctx, sizeof *t);
+  keel_tensor *t = (keel_tensor *)kl_spare_get(ctx, &ctx->spare_tensors, &ctx->n_spare_tensors, sizeof *t);
   if (!t) return NULL;
   memset(t, 0, sizeof *t);
   t->refcount = 1;
@@ -77,7 +77,7 @@ void keel_tensor_release(keel_tensor *t) {
   kl_hooks_free(ctx, t->hooks);
   storage_release(t->storage);
   ctx->mem.live_tensors--;
-  kl_free(ctx, t, sizeof *t);
+  kl_spare_put(ctx, &ctx->spare_tensors, &ctx->n_spare_tensors, t, sizeof *t);
   kl_ctx_unref(ctx);
 }
 
