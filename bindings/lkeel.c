@@ -484,6 +484,15 @@ static int l_is_tensor(lua_State *L) {
 
 /* }====================================================================== */
 
+void lk_register(lua_State *L, int state, int mt, const luaL_Reg *fns) {
+  for (; fns->name; fns++) {
+    lua_pushvalue(L, state);
+    lua_pushvalue(L, mt);
+    lua_pushcclosure(L, fns->func, LK_NUPVALUES);
+    lua_setfield(L, -2, fns->name);
+  }
+}
+
 static int state_gc(lua_State *L) {
   lk_state *S = (lk_state *)lua_touserdata(L, 1);
   if (S->ctx) keel_ctx_free(S->ctx);  /* freed for real once its tensors are */
@@ -510,6 +519,7 @@ int luaopen_keel_core(lua_State *L);
 int luaopen_keel_core(lua_State *L) {
   lk_state *S;
   keel_ctx *ctx;
+  int state_i, mt_i;
   /* one context per Lua state, shared by every require */
   if (lua_getfield(L, LUA_REGISTRYINDEX, LK_STATE_KEY) != LUA_TNIL) {
     lua_getfield(L, LUA_REGISTRYINDEX, "keel.module");
@@ -546,6 +556,19 @@ int luaopen_keel_core(lua_State *L) {
   lua_pushliteral(L, KEEL_VERSION);
   lua_setfield(L, -2, "version");
   lk_open_tensor(L);                                       /* fills mt, adds module.Tensor */
+  state_i = lua_absindex(L, -3);
+  mt_i = lua_absindex(L, -2);
+  /* functional nn ops: keel.core._nn (keel.nn.functional in Lua) */
+  lua_newtable(L);                                         /* state mt module nn */
+  /* @open:conv */
+  /* @open:norm */
+  /* @open:act */
+  /* @open:rnn */
+  lua_setfield(L, -2, "_nn");
+  /* optimizers and clipping: keel.core._optim */
+  lua_newtable(L);
+  /* @open:optim */
+  lua_setfield(L, -2, "_optim");
   lua_pushvalue(L, -1);
   lua_setfield(L, LUA_REGISTRYINDEX, "keel.module");
   return 1;

@@ -62,5 +62,16 @@ LK_INTERNAL keel_dtype lk_opt_dtype_field(lua_State *L, int i, const char *fn, k
 LK_INTERNAL const char *lk_typename(lua_State *L, int i);
 
 LK_INTERNAL void lk_open_tensor(lua_State *L);   /* methods into the table at -1 */
+/* Registers fns into the table at -1, each a closure over the state and
+** the Tensor metatable found at the absolute stack indices given. */
+LK_INTERNAL void lk_register(lua_State *L, int state, int mt, const luaL_Reg *fns);
+/* Each nn/optim area: void lk_open_<area>(lua_State *L, int state, int mt)
+** adds its functions to the table at -1 (keel.core._nn, or keel.core._optim
+** for optim) with lk_register. */
+/* @open-decl:conv */
+/* @open-decl:norm */
+/* @open-decl:act */
+/* @open-decl:rnn */
+/* @open-decl:optim */
 
 #endif

@@ -596,19 +596,25 @@ static keel_status cpu_index_select(keel_ctx *ctx, keel_tensor *out, const keel_
 /* }====================================================================== */
 
 const kl_backend kl_cpu_backend = {
-  "cpu",
-  kl_cpu_alloc,
-  kl_cpu_free,
-  cpu_copy,
-  cpu_fill,
-  cpu_binary,
-  cpu_unary,
-  cpu_clamp,
-  cpu_where,
-  cpu_reduce,
-  cpu_norm,
-  cpu_matmul,
-  cpu_gather,
-  cpu_scatter_add,
-  cpu_index_select,
+  .name = "cpu",
+  .alloc = kl_cpu_alloc,
+  .free = kl_cpu_free,
+  .copy = cpu_copy,
+  .fill = cpu_fill,
+  .binary = cpu_binary,
+  .unary = cpu_unary,
+  .clamp = cpu_clamp,
+  .where = cpu_where,
+  .reduce = cpu_reduce,
+  .norm = cpu_norm,
+  .matmul = cpu_matmul,
+  .gather = cpu_gather,
+  .scatter_add = cpu_scatter_add,
+  .index_select = cpu_index_select,
+  /* kernels of the nn areas live in backend_cpu_<area>.c */
+  /* @init:conv */
+  /* @init:norm */
+  /* @init:act */
+  /* @init:rnn */
+  /* @init:optim */
 };

@@ -364,6 +364,19 @@ KEEL_API const char *keel_op_name(int i);
 
 /* }==================================================================== */
 
+/* {====================================================================
+** Neural-network functional ops and optimizers. Each area adds its
+** declarations after its own marker (keep markers in place).
+** ===================================================================== */
+
+/* @api:conv (conv2d, pooling) */
+/* @api:norm (batch/layer/group norm, dropout, embedding) */
+/* @api:act (activations, softmax, losses) */
+/* @api:rnn (recurrent cells, attention) */
+/* @api:optim (optimizers, clipping) */
+
+/* }==================================================================== */
+
 #ifdef __cplusplus
 }
 #endif

@@ -215,6 +215,10 @@ enum {
   KL_OP_VIEW, KL_OP_PERMUTE, KL_OP_NARROW, KL_OP_SELECT, KL_OP_EXPAND, KL_OP_COPY,
   KL_OP_SUM, KL_OP_PROD, KL_OP_AMAX, KL_OP_MAX_DIM, KL_OP_NORM,
   KL_OP_MATMUL, KL_OP_CAT, KL_OP_GATHER, KL_OP_SCATTER_ADD, KL_OP_INDEX_SELECT,
+  /* @ops:conv */
+  /* @ops:norm */
+  /* @ops:act */
+  /* @ops:rnn */
   KL_OP_COUNT
 };
 KEEL_INTERNAL const kl_op_info kl_ops[];
@@ -252,6 +256,10 @@ KL_BACKWARD(kl_amax_backward);    KL_BACKWARD(kl_max_dim_backward);
 KL_BACKWARD(kl_norm_backward);    KL_BACKWARD(kl_matmul_backward);
 KL_BACKWARD(kl_cat_backward);     KL_BACKWARD(kl_gather_backward);
 KL_BACKWARD(kl_scatter_add_backward); KL_BACKWARD(kl_index_select_backward);
+/* @backward:conv */
+/* @backward:norm */
+/* @backward:act */
+/* @backward:rnn */
 
 /* }==================================================================== */
 
@@ -294,6 +302,11 @@ struct kl_backend {
                              const keel_tensor *index, const keel_tensor *src);
   keel_status (*index_select)(keel_ctx *ctx, keel_tensor *out, const keel_tensor *a,
                               int dim, const keel_tensor *index);
+  /* @slots:conv */
+  /* @slots:norm */
+  /* @slots:act */
+  /* @slots:rnn */
+  /* @slots:optim */
 };
 
 KEEL_INTERNAL const kl_backend kl_cpu_backend;

@@ -40,6 +40,10 @@ const kl_op_info kl_ops[] = {
   [KL_OP_GATHER] = {"gather", kl_gather_backward},
   [KL_OP_SCATTER_ADD] = {"scatter_add", kl_scatter_add_backward},
   [KL_OP_INDEX_SELECT] = {"index_select", kl_index_select_backward},
+  /* @table:conv */
+  /* @table:norm */
+  /* @table:act */
+  /* @table:rnn */
 };
 
 /* the last entry fixes the size: an op added to the enum but not here fails */

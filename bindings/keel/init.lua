@@ -220,4 +220,15 @@ end
 
 keel.Tensor = Tensor
 keel.version = core.version
+
+-- Submodules load on first use: they require "keel" themselves.
+local lazy = {nn = "keel.nn", optim = "keel.optim", clip = "keel.clip"}
+setmetatable(keel, {__index = function(t, k)
+  local name = lazy[k]
+  if not name then return nil end
+  local m = require(name)
+  rawset(t, k, m)
+  return m
+end})
+
 return keel
