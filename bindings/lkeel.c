@@ -558,6 +558,7 @@ int luaopen_keel_core(lua_State *L) {
   lk_open_tensor(L);                                       /* fills mt, adds module.Tensor */
   state_i = lua_absindex(L, -3);
   mt_i = lua_absindex(L, -2);
+  (void)state_i; (void)mt_i;
   /* functional nn ops: keel.core._nn (keel.nn.functional in Lua) */
   lua_newtable(L);                                         /* state mt module nn */
   /* @open:conv */
