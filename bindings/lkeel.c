@@ -562,13 +562,18 @@ int luaopen_keel_core(lua_State *L) {
   /* functional nn ops: keel.core._nn (keel.nn.functional in Lua) */
   lua_newtable(L);                                         /* state mt module nn */
   /* @open:conv */
+  lk_open_conv(L, state_i, mt_i);
   /* @open:norm */
+  lk_open_norm(L, state_i, mt_i);
   /* @open:act */
+  lk_open_act(L, state_i, mt_i);
   /* @open:rnn */
+  lk_open_rnn(L, state_i, mt_i);
   lua_setfield(L, -2, "_nn");
   /* optimizers and clipping: keel.core._optim */
   lua_newtable(L);
   /* @open:optim */
+  lk_open_optim(L, state_i, mt_i);
   lua_setfield(L, -2, "_optim");
   lua_pushvalue(L, -1);
   lua_setfield(L, LUA_REGISTRYINDEX, "keel.module");

@@ -69,9 +69,14 @@ LK_INTERNAL void lk_register(lua_State *L, int state, int mt, const luaL_Reg *fn
 ** adds its functions to the table at -1 (keel.core._nn, or keel.core._optim
 ** for optim) with lk_register. */
 /* @open-decl:conv */
+LK_INTERNAL void lk_open_conv(lua_State *L, int state, int mt);
 /* @open-decl:norm */
+LK_INTERNAL void lk_open_norm(lua_State *L, int state, int mt);
 /* @open-decl:act */
+LK_INTERNAL void lk_open_act(lua_State *L, int state, int mt);
 /* @open-decl:rnn */
+LK_INTERNAL void lk_open_rnn(lua_State *L, int state, int mt);
 /* @open-decl:optim */
+LK_INTERNAL void lk_open_optim(lua_State *L, int state, int mt);
 
 #endif

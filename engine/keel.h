@@ -370,10 +370,332 @@ KEEL_API const char *keel_op_name(int i);
 ** ===================================================================== */
 
 /* @api:conv (conv2d, pooling) */
+/* conv2d and 2-D pools over x: [N, C, H, W], or one unbatched [C, H, W]
+** sample as in torch. Window sizes are pairs {height, width}; a NULL pair
+** takes the default: stride 1 (pools: the kernel size), padding 0,
+** dilation 1. Padding is zeros (conv2d) or ignored cells (pools). */
+#define KEEL_PADDING_SAME (-1)  /* padding {SAME, SAME}: torch's "same" (stride 1) */
+/* w: [out_channels, in_channels/groups, kH, kW]; b: [out_channels] or NULL. */
+KEEL_API keel_status keel_conv2d(keel_ctx *ctx, keel_tensor *x, keel_tensor *w, keel_tensor *b,
+                                 const int64_t *stride, const int64_t *padding,
+                                 const int64_t *dilation, int64_t groups, keel_tensor **out);
+/* indices (optional, may be NULL): i64 position h*W + w of each maximum in
+** its [H, W] plane (the index base applies), as torch's return_indices.
+** Ties go to the first position, NaN propagates. */
+KEEL_API keel_status keel_max_pool2d(keel_ctx *ctx, keel_tensor *x, const int64_t *kernel,
+                                     const int64_t *stride, const int64_t *padding,
+                                     const int64_t *dilation, int ceil_mode, keel_tensor **out,
+                                     keel_tensor **indices);
+/* divisor_override: 0 for none. */
+KEEL_API keel_status keel_avg_pool2d(keel_ctx *ctx, keel_tensor *x, const int64_t *kernel,
+                                     const int64_t *stride, const int64_t *padding, int ceil_mode,
+                                     int count_include_pad, int64_t divisor_override,
+                                     keel_tensor **out);
+/* out_hw: the output {height, width}; windows as torch's. */
+KEEL_API keel_status keel_adaptive_avg_pool2d(keel_ctx *ctx, keel_tensor *x, const int64_t *out_hw,
+                                              keel_tensor **out);
 /* @api:norm (batch/layer/group norm, dropout, embedding) */
+/* Batch normalisation of x [N, C, ...] per channel. weight, bias,
+** running_mean, running_var: C elements each, or NULL (the running stats
+** both or neither). training: normalise with the batch statistics (biased
+** variance) and, when running stats are given, update them in place,
+** outside autograd: r = (1 - momentum) r + momentum s, with the unbiased
+** variance (PyTorch's convention; momentum in [0, 1]; a host that wants
+** the cumulative average passes 1 / batches seen). Not training:
+** normalise with the running stats. */
+KEEL_API keel_status keel_batch_norm(keel_ctx *ctx, keel_tensor *x, keel_tensor *weight, keel_tensor *bias,
+                                     keel_tensor *running_mean, keel_tensor *running_var, int training,
+                                     double momentum, double eps, keel_tensor **out);
+/* Normalises over the last normalized_ndim dims of x; weight and bias
+** (or NULL) have exactly those dims. */
+KEEL_API keel_status keel_layer_norm(keel_ctx *ctx, keel_tensor *x, int normalized_ndim, keel_tensor *weight,
+                                     keel_tensor *bias, double eps, keel_tensor **out);
+/* x [N, C, ...]: statistics per sample over each group of C/groups
+** channels; weight, bias [C] or NULL. */
+KEEL_API keel_status keel_group_norm(keel_ctx *ctx, keel_tensor *x, int64_t groups, keel_tensor *weight,
+                                     keel_tensor *bias, double eps, keel_tensor **out);
+/* training: zeroes each element with probability p, drawn from the
+** context's RNG (keel_manual_seed fixes the mask), and scales the others
+** by 1/(1-p). Not training, or p == 0: returns x itself. */
+KEEL_API keel_status keel_dropout(keel_ctx *ctx, keel_tensor *x, double p, int training, keel_tensor **out);
+/* Rows of weight [V, D] at indices (int64, or float with whole values; in
+** the context's index base): out has shape indices.shape + [D]. The row
+** padding_idx (index base, or negative from the end; KEEL_NO_PADDING for
+** none) gets no gradient. */
+#define KEEL_NO_PADDING INT64_MIN
+KEEL_API keel_status keel_embedding(keel_ctx *ctx, keel_tensor *weight, keel_tensor *indices,
+                                    int64_t padding_idx, keel_tensor **out);
 /* @api:act (activations, softmax, losses) */
+/* Activations; relu, sigmoid and tanh are keel_unary ops. gelu: exact
+** (erf) form, or the tanh approximation when tanh_approx != 0. softplus:
+** log(1 + exp(beta x)) / beta, and x where beta x > threshold. */
+KEEL_API keel_status keel_leaky_relu(keel_ctx *ctx, keel_tensor *a, double negative_slope,
+                                     keel_tensor **out);
+KEEL_API keel_status keel_elu(keel_ctx *ctx, keel_tensor *a, double alpha, keel_tensor **out);
+KEEL_API keel_status keel_gelu(keel_ctx *ctx, keel_tensor *a, int tanh_approx, keel_tensor **out);
+KEEL_API keel_status keel_silu(keel_ctx *ctx, keel_tensor *a, keel_tensor **out);
+KEEL_API keel_status keel_softplus(keel_ctx *ctx, keel_tensor *a, double beta, double threshold,
+                                   keel_tensor **out);
+/* Over dimension dim, max-subtracted: finite for any finite input. */
+KEEL_API keel_status keel_softmax(keel_ctx *ctx, keel_tensor *a, int dim, keel_tensor **out);
+KEEL_API keel_status keel_log_softmax(keel_ctx *ctx, keel_tensor *a, int dim, keel_tensor **out);
+
+/* Losses (PyTorch semantics). NONE keeps one loss per element (sample). */
+typedef enum keel_reduction {
+  KEEL_REDUCTION_NONE = 0, KEEL_REDUCTION_MEAN, KEEL_REDUCTION_SUM
+} keel_reduction;
+/* input and target of one shape; gradients flow to both. */
+KEEL_API keel_status keel_mse_loss(keel_ctx *ctx, keel_tensor *input, keel_tensor *target,
+                                   keel_reduction red, keel_tensor **out);
+KEEL_API keel_status keel_l1_loss(keel_ctx *ctx, keel_tensor *input, keel_tensor *target,
+                                  keel_reduction red, keel_tensor **out);
+/* |d| < beta: 0.5 d^2 / beta, else |d| - 0.5 beta (beta >= 0; 0 gives l1). */
+KEEL_API keel_status keel_smooth_l1_loss(keel_ctx *ctx, keel_tensor *input, keel_tensor *target,
+                                         double beta, keel_reduction red, keel_tensor **out);
+/* |d| < delta: 0.5 d^2, else delta (|d| - 0.5 delta) (delta > 0). */
+KEEL_API keel_status keel_huber_loss(keel_ctx *ctx, keel_tensor *input, keel_tensor *target,
+                                     double delta, keel_reduction red, keel_tensor **out);
+/* ignore_index value meaning "ignore nothing". */
+#define KEEL_NO_IGNORE INT64_MIN
+/*
+** logits [N, C, d1...] (or [C]); target: class indices [N, d1...] (int64,
+** or whole floats; values in index base .. index base + C - 1), or
+** probabilities with the logits' shape (float). weight: [C] or NULL, a
+** constant. "mean" divides by the summed weights of the targets that are
+** not ignored (by N d1... for probability targets). label_smoothing in
+** [0, 1] mixes in the uniform distribution, weighted as PyTorch does.
+*/
+KEEL_API keel_status keel_cross_entropy(keel_ctx *ctx, keel_tensor *logits, keel_tensor *target,
+                                        keel_tensor *weight, int64_t ignore_index,
+                                        double label_smoothing, keel_reduction red,
+                                        keel_tensor **out);
+/* As cross_entropy on log-probabilities, class-index targets only. */
+KEEL_API keel_status keel_nll_loss(keel_ctx *ctx, keel_tensor *log_probs, keel_tensor *target,
+                                   keel_tensor *weight, int64_t ignore_index, keel_reduction red,
+                                   keel_tensor **out);
+/* weight and pos_weight (NULL or broadcastable to input) are constants. */
+KEEL_API keel_status keel_binary_cross_entropy_with_logits(keel_ctx *ctx, keel_tensor *input,
+                                                           keel_tensor *target, keel_tensor *weight,
+                                                           keel_tensor *pos_weight,
+                                                           keel_reduction red, keel_tensor **out);
 /* @api:rnn (recurrent cells, attention) */
+/*
+** Recurrent cells and layers, as PyTorch's RNNCell, LSTMCell, GRUCell and
+** one layer, one direction of nn.RNN, nn.LSTM, nn.GRU. With G gates per
+** mode (1; LSTM 4: i, f, g, o; GRU 3: r, z, n, where n = tanh(W_in x +
+** b_in + r * (W_hn h + b_hn))): w_ih [G*H, I], w_hh [G*H, H], b_ih and
+** b_hh [G*H] or NULL (no bias); h, c [B, H] or NULL (zeros). One float
+** dtype throughout. c, c_out, c0 and c_n are for KEEL_RNN_LSTM only.
+*/
+typedef enum keel_rnn_mode {
+  KEEL_RNN_TANH = 0, KEEL_RNN_RELU, KEEL_RNN_LSTM, KEEL_RNN_GRU, KEEL_RNN_MODE_COUNT
+} keel_rnn_mode;
+/* One step: x [B, I] -> h_out [B, H] (and c_out). */
+KEEL_API keel_status keel_rnn_cell(keel_ctx *ctx, keel_rnn_mode mode, keel_tensor *x,
+                                   keel_tensor *h, keel_tensor *c, keel_tensor *w_ih,
+                                   keel_tensor *w_hh, keel_tensor *b_ih, keel_tensor *b_hh,
+                                   keel_tensor **h_out, keel_tensor **c_out);
+/* A sequence: x [T, B, I] -> out [T, B, H] (every step's h, in time
+** order) and h_n [B, H] (and c_n), the state after the last step; h_n and
+** c_n may be NULL. reverse runs the steps from t = T-1 down to 0. */
+KEEL_API keel_status keel_rnn_layer(keel_ctx *ctx, keel_rnn_mode mode, keel_tensor *x,
+                                    keel_tensor *h0, keel_tensor *c0, keel_tensor *w_ih,
+                                    keel_tensor *w_hh, keel_tensor *b_ih, keel_tensor *b_hh,
+                                    int reverse, keel_tensor **out, keel_tensor **h_n,
+                                    keel_tensor **c_n);
 /* @api:optim (optimizers, clipping) */
+
+/*
+** Optimizers and gradient clipping (optim.c, clip.c).
+**
+** keel_optim_step makes two passes over memory. The statistics pass reads
+** every gradient once and fills a keel_grad_stats per parameter (sum of
+** squares in double, in a fixed order, so the norm has the same bits on
+** any thread count; max |g|; NaN/Inf counts). The clip chain turns those
+** into one scale (and clamp bound) per tensor or per AGC unit, and the
+** update pass applies them inside the optimizer's own loop: clipping never
+** costs a pass of its own, and .grad is left as backward made it.
+** Update formulas are PyTorch 1.13's single-tensor (foreach=False) ones.
+*/
+
+typedef struct keel_optim keel_optim;
+
+typedef enum keel_optim_kind {
+  KEEL_OPTIM_SGD = 0, KEEL_OPTIM_ADAM, KEEL_OPTIM_ADAMW, KEEL_OPTIM_RMSPROP,
+  KEEL_OPTIM_ADAGRAD,
+  KEEL_OPTIM_KIND_COUNT
+} keel_optim_kind;
+
+/* Hyper-parameters of one parameter group; an optimizer ignores the fields
+** it has no use for. keel_optim_hparams_default gives PyTorch's defaults
+** (SGD's lr, required in PyTorch, defaults to 0.01 here). */
+typedef struct keel_optim_hparams {
+  double lr;
+  double weight_decay;      /* L2 term added to the gradient; AdamW: decoupled */
+  double momentum;          /* SGD, RMSprop */
+  double dampening;         /* SGD */
+  double beta1, beta2;      /* Adam, AdamW */
+  double alpha;             /* RMSprop smoothing constant */
+  double eps;               /* Adam, AdamW, RMSprop, Adagrad */
+  double lr_decay;          /* Adagrad */
+  double initial_accumulator_value;  /* Adagrad: fills "sum" when it is created */
+  int nesterov;             /* SGD */
+  int amsgrad;              /* Adam, AdamW */
+  int centered;             /* RMSprop */
+  int maximize;             /* ascend instead of descend */
+} keel_optim_hparams;
+
+typedef enum keel_clip_kind {
+  KEEL_CLIP_VALUE = 0,      /* clamp every element to [-threshold, threshold] */
+  KEEL_CLIP_NORM,           /* each tensor alone to p-norm <= threshold */
+  KEEL_CLIP_GLOBAL_NORM,    /* all tensors together (torch clip_grad_norm_) */
+  KEEL_CLIP_AGC,            /* unit-wise adaptive clipping (Optax adaptive_grad_clip) */
+  KEEL_CLIP_PERCENTILE,     /* AutoClip: global norm to a percentile of past norms */
+  KEEL_CLIP_ZSCORE,         /* ZClip: z-score of the global norm against EMA statistics */
+  KEEL_CLIP_KIND_COUNT
+} keel_clip_kind;
+
+/* One transform of a clip chain. keel_clip_spec_default fills the
+** defaults of a kind; every field is then taken as it is. */
+typedef struct keel_clip_spec {
+  keel_clip_kind kind;
+  double threshold;   /* value: bound; norm, global_norm: max norm; agc: clipping
+                      ** factor; percentile: p in [0, 100]; zscore: z threshold */
+  double p;           /* norm, global_norm: norm order > 0, or INFINITY (2) */
+  double eps;         /* agc: floor of the weight norm (1e-3); zscore: added to the std (1e-6) */
+  double alpha;       /* zscore: EMA factor (0.97) */
+  double max_norm;    /* zscore: also cap the global norm at this, 0 for no cap (0) */
+  int64_t window;     /* percentile: norms kept, 0 for all (0); zscore: warm-up steps (25) */
+  int mode;           /* zscore: 0 adaptive threshold, 1 clip to the EMA mean (0) */
+} keel_clip_spec;
+
+/* What a step does with NaN/Inf gradient elements. */
+typedef enum keel_nonfinite {
+  KEEL_NONFINITE_ERROR = 0, /* fail with KEEL_ERR_ARG; nothing changes */
+  KEEL_NONFINITE_SKIP,      /* skip the whole step; nothing changes */
+  KEEL_NONFINITE_ZERO,      /* treat those elements as 0 */
+  KEEL_NONFINITE_KEEP       /* leave those elements (parameter and state) as they were */
+} keel_nonfinite;
+
+/* Statistics of one tensor (or one AGC unit) from a single pass. Sums run
+** over finite elements only; non-finite ones are counted. */
+typedef struct keel_grad_stats {
+  int64_t numel;
+  int64_t nan, inf;         /* NaN and +-Inf elements */
+  double sumsq;             /* sum of squares, accumulated in double */
+  double sum_abs;           /* sum of |x| */
+  double max_abs;           /* max |x| */
+} keel_grad_stats;
+
+typedef struct keel_step_report {
+  int applied;              /* parameters were updated */
+  const char *reason;       /* why not: "nonfinite", "no_grad"; NULL when applied */
+  double grad_norm;         /* global L2 norm before clipping (NaN/Inf when the
+                            ** gradient is non-finite and the step was skipped) */
+  double clip_coef;         /* product of the global scale factors (1: none) */
+  int clipped;              /* some transform changed some gradient element */
+  int64_t nonfinite;        /* NaN/Inf gradient elements seen */
+  int64_t step;             /* applied steps so far, this one included */
+  int n_updated;            /* parameters that had a gradient */
+} keel_step_report;
+
+typedef struct keel_optim_counters {
+  int64_t steps;            /* applied */
+  int64_t skipped;          /* not applied: non-finite gradient (skip policy) */
+  int64_t errors;           /* refused: non-finite gradient (error policy) */
+  int64_t no_grad;          /* not applied: no parameter had a gradient */
+  int64_t nonfinite_steps;  /* steps that saw a NaN/Inf gradient, whatever the policy */
+  int64_t nonfinite_elements;
+  int64_t clipped;          /* applied steps in which clipping changed something */
+} keel_optim_counters;
+
+/* Adaptive state of one clip transform (percentile, zscore). */
+typedef struct keel_clip_state {
+  int64_t n_history;        /* percentile: norms kept; zscore: warm-up norms so far */
+  const double *history;    /* oldest first (borrowed when read, copied when set) */
+  double mean, var;         /* zscore EMA */
+  int initialized;          /* zscore: warm-up done */
+} keel_clip_state;
+
+KEEL_API const char *keel_optim_kind_name(keel_optim_kind kind);
+KEEL_API void keel_optim_hparams_default(keel_optim_kind kind, keel_optim_hparams *h);
+KEEL_API void keel_clip_spec_default(keel_clip_kind kind, keel_clip_spec *spec);
+
+KEEL_API keel_status keel_optim_new(keel_ctx *ctx, keel_optim_kind kind, keel_optim **out);
+KEEL_API void keel_optim_free(keel_optim *opt);
+KEEL_API keel_optim_kind keel_optim_get_kind(const keel_optim *opt);
+/* Adds n parameters (retained: float32/float64, CPU, contiguous, each in
+** one group at most) with their hyper-parameters; *group (may be NULL)
+** gets the group's index. Adagrad creates its state here, as PyTorch. */
+KEEL_API keel_status keel_optim_add_group(keel_optim *opt, int n, keel_tensor *const *params,
+                                          const keel_optim_hparams *h, int *group);
+KEEL_API int keel_optim_group_count(const keel_optim *opt);
+/* Hyper-parameters may change between any two steps (schedules do). */
+KEEL_API keel_status keel_optim_set_hparams(keel_optim *opt, int group, const keel_optim_hparams *h);
+KEEL_API keel_status keel_optim_get_hparams(const keel_optim *opt, int group, keel_optim_hparams *h);
+KEEL_API keel_status keel_optim_set_lr(keel_optim *opt, int group, double lr);
+/* The clip chain, applied in order (n == 0: none). Resets adaptive state. */
+KEEL_API keel_status keel_optim_set_clip(keel_optim *opt, int n, const keel_clip_spec *specs);
+/* Changes transform i's threshold and keeps its adaptive state. */
+KEEL_API keel_status keel_optim_set_clip_threshold(keel_optim *opt, int i, double threshold);
+KEEL_API keel_status keel_optim_set_nonfinite(keel_optim *opt, keel_nonfinite policy);
+
+/* One step over every parameter that requires grad and has a .grad (the
+** others are skipped, as PyTorch). r may be NULL. A step that is not
+** applied (skip policy, no gradient at all) returns KEEL_OK with
+** r->applied == 0; the error policy returns KEEL_ERR_ARG. Either way no
+** parameter, state or step count changes. */
+KEEL_API keel_status keel_optim_step(keel_optim *opt, keel_step_report *r);
+/* Sets every parameter's .grad to NULL (set_to_none), or fills it with 0. */
+KEEL_API keel_status keel_optim_zero_grad(keel_optim *opt, int set_to_none);
+
+KEEL_API int64_t keel_optim_step_count(const keel_optim *opt);
+KEEL_API void keel_optim_get_counters(const keel_optim *opt, keel_optim_counters *c);
+/* For load_state_dict. */
+KEEL_API void keel_optim_set_counters(keel_optim *opt, const keel_optim_counters *c);
+
+/* Parameters in the order they were added (groups one after another). */
+KEEL_API int keel_optim_param_count(const keel_optim *opt);
+/* Borrowed; *group (may be NULL) gets its group. NULL when i is out of range. */
+KEEL_API keel_tensor *keel_optim_param(const keel_optim *opt, int i, int *group);
+/* Statistics of each parameter's gradient at the last step that got that
+** far (param_count records; numel 0 for parameters without a gradient). */
+KEEL_API const keel_grad_stats *keel_optim_last_stats(const keel_optim *opt);
+
+/* Per-parameter state, named as in PyTorch's state_dict: "momentum_buffer"
+** (SGD, RMSprop), "exp_avg", "exp_avg_sq", "max_exp_avg_sq" (Adam, AdamW),
+** "square_avg", "grad_avg" (RMSprop), "sum" (Adagrad), and the step count
+** (SGD has none). Returns the number of buffer names of kind. */
+KEEL_API int keel_optim_state_names(keel_optim_kind kind, const char *const **names);
+/* A new reference to the live buffer (clone it for a snapshot); NULL when
+** the parameter has none yet. */
+KEEL_API keel_status keel_optim_get_state(const keel_optim *opt, int i, const char *name,
+                                          keel_tensor **out);
+/* Copies src in (same shape; dtype converted); src == NULL drops the buffer. */
+KEEL_API keel_status keel_optim_set_state(keel_optim *opt, int i, const char *name,
+                                          keel_tensor *src);
+KEEL_API int64_t keel_optim_get_param_step(const keel_optim *opt, int i);
+KEEL_API keel_status keel_optim_set_param_step(keel_optim *opt, int i, int64_t step);
+KEEL_API keel_status keel_optim_set_step_count(keel_optim *opt, int64_t n);
+KEEL_API keel_status keel_optim_get_clip_state(const keel_optim *opt, int i, keel_clip_state *s);
+KEEL_API keel_status keel_optim_set_clip_state(keel_optim *opt, int i, const keel_clip_state *s);
+
+/* Statistics of n tensors (NULL entries give zero records). */
+KEEL_API keel_status keel_grad_stats_compute(keel_ctx *ctx, int n, keel_tensor *const *ts,
+                                             keel_grad_stats *out);
+/* Standalone clipping of the .grad of n parameters, in place (parameters
+** without .grad are skipped). keel_clip_grad_norm is torch.nn.utils.
+** clip_grad_norm_: *total (may be NULL) gets the total p-norm, and the
+** scale is max_norm / (total + 1e-6) when below 1; with error_if_nonfinite
+** a NaN/Inf total is an error and nothing changes. */
+KEEL_API keel_status keel_clip_grad_norm(keel_ctx *ctx, int n, keel_tensor *const *params,
+                                         double max_norm, double p, int error_if_nonfinite,
+                                         double *total);
+KEEL_API keel_status keel_clip_grad_value(keel_ctx *ctx, int n, keel_tensor *const *params,
+                                          double clip_value);
+/* Optax adaptive_grad_clip(clipping, eps) on each parameter's .grad. */
+KEEL_API keel_status keel_clip_grad_agc(keel_ctx *ctx, int n, keel_tensor *const *params,
+                                        double clipping, double eps);
 
 /* }==================================================================== */
 

@@ -216,9 +216,17 @@ enum {
   KL_OP_SUM, KL_OP_PROD, KL_OP_AMAX, KL_OP_MAX_DIM, KL_OP_NORM,
   KL_OP_MATMUL, KL_OP_CAT, KL_OP_GATHER, KL_OP_SCATTER_ADD, KL_OP_INDEX_SELECT,
   /* @ops:conv */
+  KL_OP_CONV2D, KL_OP_MAX_POOL2D, KL_OP_AVG_POOL2D, KL_OP_ADAPTIVE_AVG_POOL2D,
   /* @ops:norm */
+  KL_OP_BATCH_NORM, KL_OP_LAYER_NORM, KL_OP_GROUP_NORM, KL_OP_DROPOUT, KL_OP_EMBEDDING,
   /* @ops:act */
+  KL_OP_LEAKY_RELU, KL_OP_ELU, KL_OP_GELU, KL_OP_SILU, KL_OP_SOFTPLUS, KL_OP_SOFTMAX,
+  KL_OP_LOG_SOFTMAX, KL_OP_MSE_LOSS, KL_OP_L1_LOSS, KL_OP_SMOOTH_L1_LOSS, KL_OP_HUBER_LOSS,
+  KL_OP_CROSS_ENTROPY, KL_OP_NLL_LOSS, KL_OP_BCE_WITH_LOGITS,
   /* @ops:rnn */
+  /* in keel_rnn_mode order: rnn.c adds the mode to the first of each four */
+  KL_OP_RNN_TANH_CELL, KL_OP_RNN_RELU_CELL, KL_OP_LSTM_CELL, KL_OP_GRU_CELL,
+  KL_OP_RNN_TANH_LAYER, KL_OP_RNN_RELU_LAYER, KL_OP_LSTM_LAYER, KL_OP_GRU_LAYER,
   KL_OP_COUNT
 };
 KEEL_INTERNAL const kl_op_info kl_ops[];
@@ -257,9 +265,113 @@ KL_BACKWARD(kl_norm_backward);    KL_BACKWARD(kl_matmul_backward);
 KL_BACKWARD(kl_cat_backward);     KL_BACKWARD(kl_gather_backward);
 KL_BACKWARD(kl_scatter_add_backward); KL_BACKWARD(kl_index_select_backward);
 /* @backward:conv */
+KL_BACKWARD(kl_conv2d_backward);     KL_BACKWARD(kl_max_pool2d_backward);
+KL_BACKWARD(kl_avg_pool2d_backward); KL_BACKWARD(kl_adaptive_avg_pool2d_backward);
+/* A 2-D sliding window over NCHW input (conv2d, pools): conv.c fills it,
+** the backend kernels (backend_cpu_conv.c) read it. Pairs are {h, w}. */
+typedef struct kl_win2d {
+  int64_t n, c, h, w;           /* input [n, c, h, w] */
+  int64_t oc, oh, ow;           /* output [n, oc, oh, ow] */
+  int64_t k[2], s[2], pad[2], dil[2];  /* size, stride, top/left padding, dilation */
+  int64_t groups;               /* conv2d */
+  int64_t divisor;              /* avg_pool2d divisor_override, 0 for none */
+  int count_include_pad, adaptive;   /* avg pools */
+  int index_base;               /* max_pool2d indices */
+} kl_win2d;
+KEEL_INTERNAL keel_status kl_cpu_conv2d(keel_ctx *ctx, const kl_win2d *g, keel_tensor *out,
+                                        const keel_tensor *x, const keel_tensor *w,
+                                        const keel_tensor *b);
+KEEL_INTERNAL keel_status kl_cpu_conv2d_backward(keel_ctx *ctx, const kl_win2d *g,
+                                                 const keel_tensor *gout, const keel_tensor *x,
+                                                 const keel_tensor *w, keel_tensor *gx,
+                                                 keel_tensor *gw, keel_tensor *gb);
+KEEL_INTERNAL keel_status kl_cpu_max_pool2d(keel_ctx *ctx, const kl_win2d *g, keel_tensor *out,
+                                            keel_tensor *idx, const keel_tensor *x);
+KEEL_INTERNAL keel_status kl_cpu_max_pool2d_backward(keel_ctx *ctx, const kl_win2d *g,
+                                                     keel_tensor *gx, const keel_tensor *gout,
+                                                     const keel_tensor *idx);
+KEEL_INTERNAL keel_status kl_cpu_avg_pool2d(keel_ctx *ctx, const kl_win2d *g, keel_tensor *out,
+                                            const keel_tensor *x);
+KEEL_INTERNAL keel_status kl_cpu_avg_pool2d_backward(keel_ctx *ctx, const kl_win2d *g,
+                                                     keel_tensor *gx, const keel_tensor *gout);
 /* @backward:norm */
+KL_BACKWARD(kl_batch_norm_backward); KL_BACKWARD(kl_layer_norm_backward);
+KL_BACKWARD(kl_group_norm_backward); KL_BACKWARD(kl_dropout_backward);
+KL_BACKWARD(kl_embedding_backward);
+/* CPU kernels of the norm area (backend_cpu_norm.c); see the slots. */
+KEEL_INTERNAL keel_status kl_cpu_norm_stats(keel_ctx *ctx, keel_tensor *mean, keel_tensor *rstd, keel_tensor *var,
+                                            const keel_tensor *x, int64_t groups, double eps);
+KEEL_INTERNAL keel_status kl_cpu_norm_forward(keel_ctx *ctx, keel_tensor *y, const keel_tensor *x,
+                                              const keel_tensor *mean, const keel_tensor *rstd,
+                                              const keel_tensor *weight, const keel_tensor *bias, int64_t groups);
+KEEL_INTERNAL keel_status kl_cpu_norm_backward(keel_ctx *ctx, keel_tensor *gx, keel_tensor *gw, keel_tensor *gb,
+                                               const keel_tensor *gy, const keel_tensor *x, const keel_tensor *mean,
+                                               const keel_tensor *rstd, const keel_tensor *weight, int64_t groups,
+                                               int stats_of_x);
+KEEL_INTERNAL keel_status kl_cpu_dropout_mask(keel_ctx *ctx, keel_tensor *mask, double p);
+KEEL_INTERNAL keel_status kl_cpu_embedding(keel_ctx *ctx, keel_tensor *out, const keel_tensor *weight,
+                                           const keel_tensor *idx);
+KEEL_INTERNAL keel_status kl_cpu_embedding_backward(keel_ctx *ctx, keel_tensor *gw, const keel_tensor *gout,
+                                                    const keel_tensor *idx, int64_t pad);
 /* @backward:act */
+KL_BACKWARD(kl_act_backward);     KL_BACKWARD(kl_softmax_backward);
+KL_BACKWARD(kl_ploss_backward);   KL_BACKWARD(kl_closs_backward);
+KL_BACKWARD(kl_bce_backward);
+/* a (retained) when contiguous with dtype dt, else such a copy; no autograd */
+KEEL_INTERNAL keel_status kl_act_dense(keel_ctx *ctx, keel_tensor *a, keel_dtype dt, keel_tensor **out);
+/* A class loss (cross entropy, nll): input seen as [n, c, inner]. */
+typedef struct kl_closs {
+  int64_t n, c, inner;
+  double smoothing;
+  int reduction;      /* keel_reduction */
+  int logits;         /* input holds logits (cross entropy), else log-probabilities */
+  int probs;          /* target holds probabilities shaped like the input */
+} kl_closs;
+/* CPU kernels of the act area (backend_cpu_act.c); slots below. */
+KEEL_INTERNAL keel_status kl_cpu_act(keel_ctx *ctx, int op, keel_tensor *out, const keel_tensor *a,
+                                     const double *p);
+KEEL_INTERNAL keel_status kl_cpu_act_backward(keel_ctx *ctx, int op, keel_tensor *gin,
+                                              const keel_tensor *gout, const keel_tensor *a,
+                                              const double *p);
+KEEL_INTERNAL keel_status kl_cpu_softmax(keel_ctx *ctx, int log_out, keel_tensor *out,
+                                         const keel_tensor *a, int dim);
+KEEL_INTERNAL keel_status kl_cpu_softmax_backward(keel_ctx *ctx, int log_out, keel_tensor *gin,
+                                                  const keel_tensor *gout, const keel_tensor *y, int dim);
+KEEL_INTERNAL keel_status kl_cpu_ploss(keel_ctx *ctx, int op, keel_tensor *out, const keel_tensor *x,
+                                       const keel_tensor *y, double p, int red);
+KEEL_INTERNAL keel_status kl_cpu_ploss_backward(keel_ctx *ctx, int op, keel_tensor *gx,
+                                                const keel_tensor *gout, const keel_tensor *x,
+                                                const keel_tensor *y, double p, int red);
+KEEL_INTERNAL keel_status kl_cpu_closs(keel_ctx *ctx, const kl_closs *q, keel_tensor *out,
+                                       keel_tensor *lse, double *wsum, const keel_tensor *x,
+                                       const keel_tensor *target, const keel_tensor *weight);
+KEEL_INTERNAL keel_status kl_cpu_closs_backward(keel_ctx *ctx, const kl_closs *q, keel_tensor *gx,
+                                                keel_tensor *gt, const keel_tensor *gout,
+                                                const keel_tensor *x, const keel_tensor *target,
+                                                const keel_tensor *weight, const keel_tensor *lse,
+                                                double wsum);
+KEEL_INTERNAL keel_status kl_cpu_bce(keel_ctx *ctx, keel_tensor *out, const keel_tensor *x,
+                                     const keel_tensor *y, const keel_tensor *w,
+                                     const keel_tensor *pw, int red);
+KEEL_INTERNAL keel_status kl_cpu_bce_backward(keel_ctx *ctx, keel_tensor *gx, keel_tensor *gy,
+                                              const keel_tensor *gout, const keel_tensor *x,
+                                              const keel_tensor *y, const keel_tensor *w,
+                                              const keel_tensor *pw, int red);
 /* @backward:rnn */
+KL_BACKWARD(kl_rnn_backward);
+/* Arguments of the recurrent kernels (rnn.c and backend_cpu_rnn.c give the
+** layouts). Tensors are contiguous, of one float dtype; optional ones NULL. */
+typedef struct kl_rnn_args {
+  int mode, reverse;                    /* keel_rnn_mode; steps run t = T-1 .. 0 */
+  int64_t T, B, In, H;                  /* steps, batch, input and hidden sizes */
+  const keel_tensor *x, *h0, *c0, *w_ih, *w_hh, *b_ih, *b_hh;
+  keel_tensor *out;                     /* forward fills it */
+  keel_tensor *ws;                      /* forward makes it, backward reads it */
+  const keel_tensor *gout;              /* backward: gradient of out */
+  keel_tensor *dx, *dh0, *dc0, *dw_ih, *dw_hh, *db_ih, *db_hh;  /* backward fills the non-NULL */
+} kl_rnn_args;
+KEEL_INTERNAL keel_status kl_cpu_rnn_forward(keel_ctx *ctx, kl_rnn_args *a);
+KEEL_INTERNAL keel_status kl_cpu_rnn_backward(keel_ctx *ctx, kl_rnn_args *a);
 
 /* }==================================================================== */
 
@@ -303,14 +415,147 @@ struct kl_backend {
   keel_status (*index_select)(keel_ctx *ctx, keel_tensor *out, const keel_tensor *a,
                               int dim, const keel_tensor *index);
   /* @slots:conv */
+  /* conv2d and pools (conv.c): dense NCHW operands, fresh outputs. b, idx
+  ** (max_pool2d) and any of gx, gw, gb may be NULL; avg_pool2d also does
+  ** the adaptive pool (g->adaptive). */
+  keel_status (*conv2d)(keel_ctx *ctx, const kl_win2d *g, keel_tensor *out, const keel_tensor *x,
+                        const keel_tensor *w, const keel_tensor *b);
+  keel_status (*conv2d_backward)(keel_ctx *ctx, const kl_win2d *g, const keel_tensor *gout,
+                                 const keel_tensor *x, const keel_tensor *w, keel_tensor *gx,
+                                 keel_tensor *gw, keel_tensor *gb);
+  keel_status (*max_pool2d)(keel_ctx *ctx, const kl_win2d *g, keel_tensor *out, keel_tensor *idx,
+                            const keel_tensor *x);
+  keel_status (*max_pool2d_backward)(keel_ctx *ctx, const kl_win2d *g, keel_tensor *gx,
+                                     const keel_tensor *gout, const keel_tensor *idx);
+  keel_status (*avg_pool2d)(keel_ctx *ctx, const kl_win2d *g, keel_tensor *out,
+                            const keel_tensor *x);
+  keel_status (*avg_pool2d_backward)(keel_ctx *ctx, const kl_win2d *g, keel_tensor *gx,
+                                     const keel_tensor *gout);
   /* @slots:norm */
+  /* Normalisation over x [N, C, L] (contiguous; y, gy, gx alike), with
+  ** per-channel weight/bias/gw/gb [C] (contiguous, or NULL). groups > 0:
+  ** statistics per (n, group of C/groups channels), mean/rstd [N*groups]
+  ** (group and layer norm); groups == 0: per channel over N and L,
+  ** mean/rstd [C] (batch norm). var (optional) gets the biased variance. */
+  keel_status (*norm_stats)(keel_ctx *ctx, keel_tensor *mean, keel_tensor *rstd, keel_tensor *var,
+                            const keel_tensor *x, int64_t groups, double eps);
+  keel_status (*norm_forward)(keel_ctx *ctx, keel_tensor *y, const keel_tensor *x, const keel_tensor *mean,
+                              const keel_tensor *rstd, const keel_tensor *weight, const keel_tensor *bias,
+                              int64_t groups);
+  /* Fused backward; stats_of_x: mean/rstd were computed from x (else they
+  ** were given, as batch norm's running stats in eval). */
+  keel_status (*norm_backward)(keel_ctx *ctx, keel_tensor *gx, keel_tensor *gw, keel_tensor *gb,
+                               const keel_tensor *gy, const keel_tensor *x, const keel_tensor *mean,
+                               const keel_tensor *rstd, const keel_tensor *weight, int64_t groups,
+                               int stats_of_x);
+  /* mask (contiguous) = 0 with probability p, else 1/(1-p), from the context RNG */
+  keel_status (*dropout_mask)(keel_ctx *ctx, keel_tensor *mask, double p);
+  /* out [n, D] = weight [V, D] rows idx (int64 [n], 0-based, checked); all contiguous */
+  keel_status (*embedding)(keel_ctx *ctx, keel_tensor *out, const keel_tensor *weight, const keel_tensor *idx);
+  /* gw [V, D] += gout [n, D] rows at idx, skipping row pad (-1: none) */
+  keel_status (*embedding_backward)(keel_ctx *ctx, keel_tensor *gw, const keel_tensor *gout,
+                                    const keel_tensor *idx, int64_t pad);
   /* @slots:act */
+  /* Contiguous tensors of one float dtype. act: pointwise activation op
+  ** (KL_OP_*) with the node's parameters p; softmax over dim (log_out: log);
+  ** ploss: pointwise loss op with beta/delta p; closs: class loss, also
+  ** writing each sample's logsumexp (float64, cross entropy only) and the
+  ** "mean" divisor; bce: w, pw NULL or shaped like x. gx/gy/gt NULL: not needed. */
+  keel_status (*act)(keel_ctx *ctx, int op, keel_tensor *out, const keel_tensor *a, const double *p);
+  keel_status (*act_backward)(keel_ctx *ctx, int op, keel_tensor *gin, const keel_tensor *gout,
+                              const keel_tensor *a, const double *p);
+  keel_status (*softmax)(keel_ctx *ctx, int log_out, keel_tensor *out, const keel_tensor *a, int dim);
+  keel_status (*softmax_backward)(keel_ctx *ctx, int log_out, keel_tensor *gin,
+                                  const keel_tensor *gout, const keel_tensor *y, int dim);
+  keel_status (*ploss)(keel_ctx *ctx, int op, keel_tensor *out, const keel_tensor *x,
+                       const keel_tensor *y, double p, int red);
+  keel_status (*ploss_backward)(keel_ctx *ctx, int op, keel_tensor *gx, const keel_tensor *gout,
+                                const keel_tensor *x, const keel_tensor *y, double p, int red);
+  keel_status (*closs)(keel_ctx *ctx, const kl_closs *q, keel_tensor *out, keel_tensor *lse,
+                       double *wsum, const keel_tensor *x, const keel_tensor *target,
+                       const keel_tensor *weight);
+  keel_status (*closs_backward)(keel_ctx *ctx, const kl_closs *q, keel_tensor *gx, keel_tensor *gt,
+                                const keel_tensor *gout, const keel_tensor *x,
+                                const keel_tensor *target, const keel_tensor *weight,
+                                const keel_tensor *lse, double wsum);
+  keel_status (*bce)(keel_ctx *ctx, keel_tensor *out, const keel_tensor *x, const keel_tensor *y,
+                     const keel_tensor *w, const keel_tensor *pw, int red);
+  keel_status (*bce_backward)(keel_ctx *ctx, keel_tensor *gx, keel_tensor *gy,
+                              const keel_tensor *gout, const keel_tensor *x, const keel_tensor *y,
+                              const keel_tensor *w, const keel_tensor *pw, int red);
   /* @slots:rnn */
+  keel_status (*rnn_forward)(keel_ctx *ctx, kl_rnn_args *a);
+  keel_status (*rnn_backward)(keel_ctx *ctx, kl_rnn_args *a);
   /* @slots:optim */
+  /* Statistics of contiguous g split into nunits equal runs (st[u]), seen
+  ** through x -> clamp(x * a[u], -v[u], v[u]) when a != NULL; spow[u] gets
+  ** sum |x|^pw when spow != NULL; wsq[u] the sum of squares of the same
+  ** elements of w (the parameter, for AGC) when w != NULL. */
+  keel_status (*grad_stats)(keel_ctx *ctx, const keel_tensor *g, int64_t nunits, const double *a,
+                            const double *v, double pw, keel_grad_stats *st, double *spow,
+                            const keel_tensor *w, double *wsq);
+  /* g = clamp(g * a[u], -v[u], v[u]) in place (contiguous g). */
+  keel_status (*grad_scale_)(keel_ctx *ctx, keel_tensor *g, int64_t nunits, const double *a,
+                             const double *v);
+  /* One update of contiguous p from g (same shape and dtype) with step
+  ** (already incremented) and state buffers as optim.c lays them out; bit
+  ** 0 of fresh: SGD's momentum buffer is new. Gradient elements of unit u
+  ** are clipped to clamp(g * a[u], -v[u], v[u]); nf is ZERO or KEEP when g
+  ** has non-finite elements, anything else when it has none. */
+  keel_status (*optim_update)(keel_ctx *ctx, keel_optim_kind kind, const keel_optim_hparams *h,
+                              int64_t step, keel_tensor *p, const keel_tensor *g,
+                              keel_tensor *const *state, unsigned fresh, int64_t nunits,
+                              const double *a, const double *v, keel_nonfinite nf);
 };
 
 KEEL_INTERNAL const kl_backend kl_cpu_backend;
 KEEL_INTERNAL const kl_backend *kl_backend_for(keel_ctx *ctx, keel_device dev);
+
+/* @decl:optim: the optimizer area's CPU kernels (backend_cpu_optim.c) and
+** the clip chain that optim.c runs (clip.c). */
+KEEL_INTERNAL keel_status kl_cpu_grad_stats(keel_ctx *ctx, const keel_tensor *g, int64_t nunits,
+                                            const double *a, const double *v, double pw,
+                                            keel_grad_stats *st, double *spow, const keel_tensor *w,
+                                            double *wsq);
+KEEL_INTERNAL keel_status kl_cpu_grad_scale_(keel_ctx *ctx, keel_tensor *g, int64_t nunits,
+                                             const double *a, const double *v);
+KEEL_INTERNAL keel_status kl_cpu_optim_update(keel_ctx *ctx, keel_optim_kind kind,
+                                              const keel_optim_hparams *h, int64_t step,
+                                              keel_tensor *p, const keel_tensor *g,
+                                              keel_tensor *const *state, unsigned fresh,
+                                              int64_t nunits, const double *a, const double *v,
+                                              keel_nonfinite nf);
+
+typedef struct kl_clip_chain kl_clip_chain;
+/* One step's clip work: units (one per tensor, or per AGC unit), each
+** unit's scale a and bound v, its statistics, and the outcome. */
+typedef struct kl_clip_work {
+  int m, cap_m;                 /* tensors */
+  int64_t nu, cap_u;            /* units */
+  int64_t *u0;                  /* m + 1: first unit of each tensor */
+  double *a, *v;                /* per unit */
+  keel_grad_stats *us;          /* per unit: statistics of the current view */
+  double *spow, *wsq;           /* per unit: sum |x|^pw, sum of the parameter's squares */
+  double pw;                    /* order of spow (0: none) */
+  keel_grad_stats *ts;          /* per tensor: raw statistics */
+  double grad_norm, coef;
+  int clipped;
+  int64_t nonfinite;
+} kl_clip_work;
+KEEL_INTERNAL keel_status kl_clip_chain_new(keel_ctx *ctx, int n, const keel_clip_spec *specs,
+                                            kl_clip_chain **out);
+KEEL_INTERNAL void kl_clip_chain_free(kl_clip_chain *c);
+KEEL_INTERNAL keel_status kl_clip_chain_threshold(keel_ctx *ctx, kl_clip_chain *c, int i, double t);
+KEEL_INTERNAL keel_status kl_clip_chain_get_state(keel_ctx *ctx, kl_clip_chain *c, int i,
+                                                  keel_clip_state *s);
+KEEL_INTERNAL keel_status kl_clip_chain_set_state(keel_ctx *ctx, kl_clip_chain *c, int i,
+                                                  const keel_clip_state *s);
+KEEL_INTERNAL keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w, int m,
+                                        keel_tensor *const *g, keel_tensor *const *p);
+KEEL_INTERNAL keel_status kl_clip_eval(keel_ctx *ctx, kl_clip_chain *c, kl_clip_work *w,
+                                       keel_tensor *const *g);
+KEEL_INTERNAL void kl_clip_work_free(keel_ctx *ctx, kl_clip_work *w);
+KEEL_INTERNAL int64_t kl_clip_agc_units(const keel_tensor *t);
 
 /* }==================================================================== */
 

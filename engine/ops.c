@@ -41,9 +41,40 @@ const kl_op_info kl_ops[] = {
   [KL_OP_SCATTER_ADD] = {"scatter_add", kl_scatter_add_backward},
   [KL_OP_INDEX_SELECT] = {"index_select", kl_index_select_backward},
   /* @table:conv */
+  [KL_OP_CONV2D] = {"conv2d", kl_conv2d_backward},
+  [KL_OP_MAX_POOL2D] = {"max_pool2d", kl_max_pool2d_backward},
+  [KL_OP_AVG_POOL2D] = {"avg_pool2d", kl_avg_pool2d_backward},
+  [KL_OP_ADAPTIVE_AVG_POOL2D] = {"adaptive_avg_pool2d", kl_adaptive_avg_pool2d_backward},
   /* @table:norm */
+  [KL_OP_BATCH_NORM] = {"batch_norm", kl_batch_norm_backward},
+  [KL_OP_LAYER_NORM] = {"layer_norm", kl_layer_norm_backward},
+  [KL_OP_GROUP_NORM] = {"group_norm", kl_group_norm_backward},
+  [KL_OP_DROPOUT] = {"dropout", kl_dropout_backward},
+  [KL_OP_EMBEDDING] = {"embedding", kl_embedding_backward},
   /* @table:act */
+  [KL_OP_LEAKY_RELU] = {"leaky_relu", kl_act_backward},
+  [KL_OP_ELU] = {"elu", kl_act_backward},
+  [KL_OP_GELU] = {"gelu", kl_act_backward},
+  [KL_OP_SILU] = {"silu", kl_act_backward},
+  [KL_OP_SOFTPLUS] = {"softplus", kl_act_backward},
+  [KL_OP_SOFTMAX] = {"softmax", kl_softmax_backward},
+  [KL_OP_LOG_SOFTMAX] = {"log_softmax", kl_softmax_backward},
+  [KL_OP_MSE_LOSS] = {"mse_loss", kl_ploss_backward},
+  [KL_OP_L1_LOSS] = {"l1_loss", kl_ploss_backward},
+  [KL_OP_SMOOTH_L1_LOSS] = {"smooth_l1_loss", kl_ploss_backward},
+  [KL_OP_HUBER_LOSS] = {"huber_loss", kl_ploss_backward},
+  [KL_OP_CROSS_ENTROPY] = {"cross_entropy", kl_closs_backward},
+  [KL_OP_NLL_LOSS] = {"nll_loss", kl_closs_backward},
+  [KL_OP_BCE_WITH_LOGITS] = {"binary_cross_entropy_with_logits", kl_bce_backward},
   /* @table:rnn */
+  [KL_OP_RNN_TANH_CELL] = {"rnn_tanh_cell", kl_rnn_backward},
+  [KL_OP_RNN_RELU_CELL] = {"rnn_relu_cell", kl_rnn_backward},
+  [KL_OP_LSTM_CELL] = {"lstm_cell", kl_rnn_backward},
+  [KL_OP_GRU_CELL] = {"gru_cell", kl_rnn_backward},
+  [KL_OP_RNN_TANH_LAYER] = {"rnn_tanh_layer", kl_rnn_backward},
+  [KL_OP_RNN_RELU_LAYER] = {"rnn_relu_layer", kl_rnn_backward},
+  [KL_OP_LSTM_LAYER] = {"lstm_layer", kl_rnn_backward},
+  [KL_OP_GRU_LAYER] = {"gru_layer", kl_rnn_backward},
 };
 
 /* the last entry fixes the size: an op added to the enum but not here fails */

@@ -1,0 +1,87 @@
+-- bench/train.lua WHAT [batch]: training-step throughput of keel on the
+-- issue #3 workloads, printed as RESULT lines; bench/train_torch.py is the
+-- PyTorch twin of each (same model, batch, optimizer, synthetic data).
+--
+--   cnn [64|128]   DESIGN.md's MNIST CNN, Adam, global-norm clip 1.0 (img/s)
+--   lstm           char LSTM: vocab 65, embedding 64, hidden 256, seq 64,
+--                  batch 32, SGD momentum 0.9, global-norm clip 5 (tokens/s)
+--   adamw          clip_grad_norm + AdamW over 10M float32 parameters in 50
+--                  tensors (ms per step), against memcpy of the bytes a step
+--                  must move at least (40 B per parameter)
+package.path = (arg[0]:match("^(.*)/") or ".") .. "/?.lua;" .. package.path
+local B = require "common"
+local keel = require "keel"
+local nn, optim, clip = keel.nn, keel.optim, keel.clip
+
+local what, batch = arg[1] or "cnn", tonumber(arg[2] or "64")
+local now = B.clock("wall")
+local threads = os.getenv("OPENBLAS_NUM_THREADS") or "?"
+keel.manual_seed(0)
+
+-- Times step() over reps after warmup; returns seconds per step (median of
+-- rounds).
+local function time_steps(step, warmup, reps, rounds)
+  for _ = 1, warmup do step() end
+  local per = {}
+  for r = 1, rounds do
+    local t0 = now()
+    for _ = 1, reps do step() end
+    per[r] = (now() - t0) / reps
+  end
+  return B.median(per), per
+end
+
+if what == "cnn" then
+  local model = nn.Sequential {
+    nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+    nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+    nn.Flatten(), nn.Linear(1600, 128), nn.ReLU(), nn.Linear(128, 10),
+  }
+  local opt = optim.Adam(model:parameters(), {lr = 1e-3, clip = clip.global_norm(1.0)})
+  local x = keel.randn{batch, 1, 28, 28}
+  local y = (keel.rand{batch} * 10):long():clamp(0, 9) + 1
+  local s = time_steps(function()
+    local loss = nn.cross_entropy(model(x), y)
+    opt:zero_grad()
+    loss:backward()
+    opt:step()
+  end, 3, B.scaled(10), 3)
+  B.result(("train_cnn_b%d_t%s_keel"):format(batch, threads), batch / s, "img/s")
+elseif what == "lstm" then
+  local V, E, H, T, N = 65, 64, 256, 64, 32
+  local emb, lstm, head = nn.Embedding(V, E), nn.LSTM(E, H), nn.Linear(H, V)
+  local params = {}
+  for _, m in ipairs {emb, lstm, head} do
+    for _, p in ipairs(m:parameters()) do params[#params + 1] = p end
+  end
+  local opt = optim.SGD(params, {lr = 0.1, momentum = 0.9, clip = clip.global_norm(5.0)})
+  local xs = (keel.rand{T, N} * V):long():clamp(0, V - 1) + 1
+  local ys = (keel.rand{T, N} * V):long():clamp(0, V - 1) + 1
+  local s = time_steps(function()
+    local out = lstm(emb(xs))                         -- [T, N, H]
+    local logits = head(out:reshape{T * N, H})
+    local loss = nn.cross_entropy(logits, ys:reshape{T * N})
+    opt:zero_grad()
+    loss:backward()
+    opt:step()
+  end, 2, B.scaled(5), 3)
+  B.result(("train_lstm_t%s_keel"):format(threads), T * N / s, "tokens/s")
+elseif what == "adamw" then
+  local total, n = 10 * 1000 * 1000, 50
+  local params = {}
+  for i = 1, n do
+    local p = keel.randn({total // n}, {requires_grad = true})
+    p.grad = keel.randn{total // n}
+    params[i] = p
+  end
+  local opt = optim.AdamW(params, {lr = 1e-3, weight_decay = 1e-2, clip = clip.global_norm(1.0)})
+  local s = time_steps(function() opt:step() end, 2, B.scaled(5), 3)
+  local bytes = 40 * total
+  local copy = B.lib.memcpy_time(bytes, 5)
+  B.result(("clip_adamw_10M_t%s_keel"):format(threads), s * 1e3, "ms")
+  B.result(("clip_adamw_10M_t%s_memcpy40B"):format(threads), copy * 1e3, "ms")
+  B.result(("clip_adamw_10M_t%s_ratio"):format(threads), s / copy, "x_memcpy")
+  B.result(("clip_adamw_10M_t%s_keel_bw"):format(threads), bytes / s / 1e9, "GB/s")
+else
+  error("bench/train.lua: unknown workload " .. tostring(what) .. " (cnn, lstm, adamw)", 0)
+end

@@ -1,0 +1,617 @@
+/*
+** optim.c: the optimizers (SGD, Adam, AdamW, RMSprop, Adagrad) as one
+** multi-tensor object: parameter groups, per-parameter state, the clip
+** chain and the non-finite policy, and the step.
+**
+** A step (keel_optim_step) is all or nothing. It first collects the
+** parameters that have a gradient and makes sure every state buffer they
+** need exists (allocation is the only thing that can fail), then reads
+** every gradient once for statistics (clip.c), applies the non-finite
+** policy, lets the clip chain turn the statistics into a scale and bound
+** per unit, and finally runs one update per parameter (the backend's
+** optim_update) that clips each gradient element as it reads it. Until the
+** update pass starts nothing visible has changed, and from then on
+** nothing can fail.
+*/
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "keel_impl.h"
+
+#define MAX_STATE 3
+
+typedef struct oparam {
+  keel_tensor *p;               /* retained */
+  int group;
+  int64_t step;                 /* PyTorch's state["step"] */
+  keel_tensor *state[MAX_STATE];
+  unsigned valid;               /* bit k: state[k] holds data (else fresh or absent) */
+} oparam;
+
+struct keel_optim {
+  keel_ctx *ctx;
+  keel_optim_kind kind;
+  oparam *params;
+  int np, cap_p;
+  keel_optim_hparams *groups;
+  int ng, cap_g;
+  kl_clip_chain *clip;
+  keel_nonfinite nonfinite;
+  int64_t step_count;
+  keel_optim_counters counters;
+  keel_grad_stats *last;        /* cap_p records */
+  kl_clip_work work;
+  /* scratch of a step: active parameter indices, their gradients
+  ** (contiguous: maybe copies) and the parameters */
+  int *act;
+  keel_tensor **ag, **ap;
+  int cap_act;
+};
+
+static const char *kind_names[KEEL_OPTIM_KIND_COUNT] = {"SGD", "Adam", "AdamW", "RMSprop", "Adagrad"};
+
+static const char *const sgd_state[] = {"momentum_buffer"};
+static const char *const adam_state[] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+static const char *const rmsprop_state[] = {"square_avg", "momentum_buffer", "grad_avg"};
+static const char *const adagrad_state[] = {"sum"};
+
+const char *keel_optim_kind_name(keel_optim_kind kind) {
+  return (unsigned)kind < KEEL_OPTIM_KIND_COUNT ? kind_names[kind] : "unknown";
+}
+
+int keel_optim_state_names(keel_optim_kind kind, const char *const **names) {
+  switch (kind) {
+    case KEEL_OPTIM_SGD: *names = sgd_state; return 1;
+    case KEEL_OPTIM_ADAM: case KEEL_OPTIM_ADAMW: *names = adam_state; return 3;
+    case KEEL_OPTIM_RMSPROP: *names = rmsprop_state; return 3;
+    case KEEL_OPTIM_ADAGRAD: *names = adagrad_state; return 1;
+    default: *names = NULL; return 0;
+  }
+}
+
+void keel_optim_hparams_default(keel_optim_kind kind, keel_optim_hparams *h) {
+  memset(h, 0, sizeof *h);
+  switch (kind) {
+    case KEEL_OPTIM_SGD: h->lr = 0.01; break;
+    case KEEL_OPTIM_ADAM: case KEEL_OPTIM_ADAMW:
+      h->lr = 1e-3; h->beta1 = 0.9; h->beta2 = 0.999; h->eps = 1e-8;
+      h->weight_decay = kind == KEEL_OPTIM_ADAMW ? 1e-2 : 0;
+      break;
+    case KEEL_OPTIM_RMSPROP: h->lr = 1e-2; h->alpha = 0.99; h->eps = 1e-8; break;
+    case KEEL_OPTIM_ADAGRAD: h->lr = 1e-2; h->eps = 1e-10; break;
+    default: break;
+  }
+}
+
+/* {======================================================================
+** Creation, groups and hyper-parameters
+** ======================================================================= */
+
+keel_status keel_optim_new(keel_ctx *ctx, keel_optim_kind kind, keel_optim **out) {
+  keel_optim *o;
+  *out = NULL;
+  if ((unsigned)kind >= KEEL_OPTIM_KIND_COUNT)
+    return kl_error(ctx, KEEL_ERR_ARG, "optim: unknown optimizer kind %d", (int)kind);
+  o = (keel_optim *)kl_malloc(ctx, sizeof *o);
+  if (!o) return kl_error(ctx, KEEL_ERR_NOMEM, "optim: out of memory");
+  memset(o, 0, sizeof *o);
+  o->ctx = ctx;
+  o->kind = kind;
+  o->nonfinite = KEEL_NONFINITE_ERROR;
+  kl_ctx_ref(ctx);
+  *out = o;
+  return KEEL_OK;
+}
+
+static void scratch_free(keel_optim *o) {
+  keel_ctx *ctx = o->ctx;
+  kl_free(ctx, o->act, sizeof(int) * (size_t)o->cap_act);
+  kl_free(ctx, o->ag, sizeof(keel_tensor *) * (size_t)o->cap_act);
+  kl_free(ctx, o->ap, sizeof(keel_tensor *) * (size_t)o->cap_act);
+  o->act = NULL; o->ag = o->ap = NULL; o->cap_act = 0;
+}
+
+void keel_optim_free(keel_optim *o) {
+  keel_ctx *ctx;
+  if (!o) return;
+  ctx = o->ctx;
+  for (int i = 0; i < o->np; i++) {
+    keel_tensor_release(o->params[i].p);
+    for (int k = 0; k < MAX_STATE; k++) keel_tensor_release(o->params[i].state[k]);
+  }
+  kl_free(ctx, o->params, sizeof(oparam) * (size_t)o->cap_p);
+  kl_free(ctx, o->last, sizeof(keel_grad_stats) * (size_t)o->cap_p);
+  kl_free(ctx, o->groups, sizeof(keel_optim_hparams) * (size_t)o->cap_g);
+  kl_clip_chain_free(o->clip);
+  kl_clip_work_free(ctx, &o->work);
+  scratch_free(o);
+  kl_free(ctx, o, sizeof *o);
+  kl_ctx_unref(ctx);
+}
+
+#define NEED(cond, what) \
+  if (!(cond)) return kl_error(ctx, KEEL_ERR_ARG, "%s: group %d: %s", kind_names[kind], gi, what)
+#define NEED_GE0(x, name) \
+  if (!((x) >= 0)) return kl_error(ctx, KEEL_ERR_ARG, "%s: group %d: %s must be >= 0, got %g", \
+                                   kind_names[kind], gi, name, (x))
+
+/* PyTorch's checks, with its messages' content. gi is for messages. */
+static keel_status check_hparams(keel_ctx *ctx, keel_optim_kind kind, int gi, const keel_optim_hparams *h) {
+  NEED_GE0(h->lr, "lr");
+  NEED_GE0(h->weight_decay, "weight_decay");
+  switch (kind) {
+    case KEEL_OPTIM_SGD:
+      NEED_GE0(h->momentum, "momentum");
+      NEED(h->dampening == h->dampening, "dampening is NaN");
+      NEED(!h->nesterov || (h->momentum > 0 && h->dampening == 0),
+           "nesterov momentum requires a momentum and zero dampening");
+      break;
+    case KEEL_OPTIM_ADAM: case KEEL_OPTIM_ADAMW:
+      NEED_GE0(h->eps, "eps");
+      if (!(h->beta1 >= 0 && h->beta1 < 1) || !(h->beta2 >= 0 && h->beta2 < 1))
+        return kl_error(ctx, KEEL_ERR_ARG, "%s: group %d: betas must be in [0, 1), got (%g, %g)", kind_names[kind],
+                        gi, h->beta1, h->beta2);
+      break;
+    case KEEL_OPTIM_RMSPROP:
+      NEED_GE0(h->eps, "eps");
+      NEED_GE0(h->momentum, "momentum");
+      NEED_GE0(h->alpha, "alpha");
+      break;
+    default:
+      NEED_GE0(h->eps, "eps");
+      NEED_GE0(h->lr_decay, "lr_decay");
+      NEED_GE0(h->initial_accumulator_value, "initial_accumulator_value");
+      break;
+  }
+  return KEEL_OK;
+}
+
+static int cmp_ptr(const void *a, const void *b) {
+  uintptr_t x = (uintptr_t)*(void *const *)a, y = (uintptr_t)*(void *const *)b;
+  return (x > y) - (x < y);
+}
+
+/* PyTorch's "some parameters appear in more than one parameter group". */
+static keel_status check_unique(keel_optim *o, int n, keel_tensor *const *params) {
+  keel_ctx *ctx = o->ctx;
+  int total = o->np + n, dup = 0;
+  keel_tensor **all = (keel_tensor **)kl_malloc(ctx, sizeof(keel_tensor *) * (size_t)(total ? total : 1));
+  if (!all) return kl_error(ctx, KEEL_ERR_NOMEM, "%s: out of memory", kind_names[o->kind]);
+  for (int i = 0; i < o->np; i++) all[i] = o->params[i].p;
+  for (int i = 0; i < n; i++) all[o->np + i] = params[i];
+  qsort(all, (size_t)total, sizeof *all, cmp_ptr);
+  for (int i = 1; i < total && !dup; i++) dup = all[i] == all[i - 1];
+  kl_free(ctx, all, sizeof(keel_tensor *) * (size_t)(total ? total : 1));
+  if (dup)
+    return kl_error(ctx, KEEL_ERR_ARG, "%s: some parameters appear more than once (in one group or in several)",
+                    kind_names[o->kind]);
+  return KEEL_OK;
+}
+
+static keel_status new_state(keel_optim *o, oparam *op, int k, double fill) {
+  keel_status st = kl_new_like(o->ctx, op->p, op->p->dtype, &op->state[k]);
+  if (!st) st = kl_backend_for(o->ctx, op->p->storage->device)->fill(o->ctx, op->state[k], fill);
+  if (st) kl_release(&op->state[k]);
+  return st;
+}
+
+keel_status keel_optim_add_group(keel_optim *o, int n, keel_tensor *const *params, const keel_optim_hparams *h,
+                                 int *group) {
+  keel_ctx *ctx = o->ctx;
+  const char *kn = kind_names[o->kind];
+  keel_status st;
+  int gi = o->ng + ctx->index_base;
+  if (n < 0 || (n > 0 && !params)) return kl_error(ctx, KEEL_ERR_ARG, "%s: bad parameter list", kn);
+  if ((st = check_hparams(ctx, o->kind, gi, h))) return st;
+  for (int i = 0; i < n; i++) {
+    keel_tensor *p = params[i];
+    int pi = i + ctx->index_base;
+    if (!p) return kl_error(ctx, KEEL_ERR_ARG, "%s: group %d: parameter %d is NULL", kn, gi, pi);
+    if ((st = kl_check_same_ctx(ctx, kn, p))) return st;
+    if (p->dtype != KEEL_F32 && p->dtype != KEEL_F64)
+      return kl_error(ctx, KEEL_ERR_TYPE, "%s: group %d: parameter %d is %s, expected float32 or float64", kn, gi,
+                      pi, keel_dtype_name(p->dtype));
+    if (p->grad_fn)
+      return kl_error(ctx, KEEL_ERR_ARG, "%s: group %d: parameter %d is not a leaf tensor (can't optimize it)", kn,
+                      gi, pi);
+    if (!kl_is_contiguous(p))
+      return kl_error(ctx, KEEL_ERR_ARG, "%s: group %d: parameter %d is not contiguous", kn, gi, pi);
+    if (p->storage->device != KEEL_CPU)
+      return kl_error(ctx, KEEL_ERR_DEVICE, "%s: group %d: parameter %d is not on the CPU", kn, gi, pi);
+  }
+  if ((st = check_unique(o, n, params))) return st;
+  /* room for the group and its parameters */
+  if (o->ng == o->cap_g) {
+    int cap = o->cap_g ? 2 * o->cap_g : 4;
+    keel_optim_hparams *g = (keel_optim_hparams *)kl_malloc(ctx, sizeof *g * (size_t)cap);
+    if (!g) return kl_error(ctx, KEEL_ERR_NOMEM, "%s: out of memory", kn);
+    if (o->ng) memcpy(g, o->groups, sizeof *g * (size_t)o->ng);
+    kl_free(ctx, o->groups, sizeof *g * (size_t)o->cap_g);
+    o->groups = g;
+    o->cap_g = cap;
+  }
+  if (o->np + n > o->cap_p) {
+    int cap = o->np + n > 2 * o->cap_p ? o->np + n : 2 * o->cap_p;
+    oparam *p = (oparam *)kl_malloc(ctx, sizeof *p * (size_t)cap);
+    keel_grad_stats *last = (keel_grad_stats *)kl_malloc(ctx, sizeof *last * (size_t)cap);
+    if (!p || !last) {
+      kl_free(ctx, p, sizeof *p * (size_t)cap);
+      kl_free(ctx, last, sizeof *last * (size_t)cap);
+      return kl_error(ctx, KEEL_ERR_NOMEM, "%s: out of memory", kn);
+    }
+    if (o->np) {
+      memcpy(p, o->params, sizeof *p * (size_t)o->np);
+      memcpy(last, o->last, sizeof *last * (size_t)o->np);
+    }
+    kl_free(ctx, o->params, sizeof *p * (size_t)o->cap_p);
+    kl_free(ctx, o->last, sizeof *last * (size_t)o->cap_p);
+    o->params = p;
+    o->last = last;
+    o->cap_p = cap;
+  }
+  for (int i = 0; i < n; i++) {
+    oparam *op = &o->params[o->np + i];
+    memset(op, 0, sizeof *op);
+    op->p = params[i];
+    op->group = o->ng;
+    memset(&o->last[o->np + i], 0, sizeof o->last[0]);
+    /* Adagrad's state exists from the start, as PyTorch's */
+    if (o->kind == KEEL_OPTIM_ADAGRAD) {
+      if ((st = new_state(o, op, 0, h->initial_accumulator_value))) {
+        for (int j = 0; j < i; j++) kl_release(&o->params[o->np + j].state[0]);
+        return st;
+      }
+      op->valid = 1;
+    }
+  }
+  for (int i = 0; i < n; i++) keel_tensor_retain(params[i]);
+  o->np += n;
+  o->groups[o->ng] = *h;
+  if (group) *group = o->ng;
+  o->ng++;
+  return KEEL_OK;
+}
+
+int keel_optim_group_count(const keel_optim *o) { return o->ng; }
+keel_optim_kind keel_optim_get_kind(const keel_optim *o) { return o->kind; }
+
+static keel_status check_group(const keel_optim *o, int group) {
+  if (group < 0 || group >= o->ng)
+    return kl_error(o->ctx, KEEL_ERR_INDEX, "%s: no parameter group %d (there are %d)", kind_names[o->kind],
+                    group + o->ctx->index_base, o->ng);
+  return KEEL_OK;
+}
+
+keel_status keel_optim_set_hparams(keel_optim *o, int group, const keel_optim_hparams *h) {
+  keel_status st;
+  if ((st = check_group(o, group))) return st;
+  if ((st = check_hparams(o->ctx, o->kind, group + o->ctx->index_base, h))) return st;
+  o->groups[group] = *h;
+  return KEEL_OK;
+}
+
+keel_status keel_optim_get_hparams(const keel_optim *o, int group, keel_optim_hparams *h) {
+  keel_status st;
+  if ((st = check_group(o, group))) return st;
+  *h = o->groups[group];
+  return KEEL_OK;
+}
+
+keel_status keel_optim_set_lr(keel_optim *o, int group, double lr) {
+  keel_optim_hparams h;
+  keel_status st;
+  if ((st = check_group(o, group))) return st;
+  h = o->groups[group];
+  h.lr = lr;
+  return keel_optim_set_hparams(o, group, &h);
+}
+
+keel_status keel_optim_set_clip(keel_optim *o, int n, const keel_clip_spec *specs) {
+  kl_clip_chain *c = NULL;
+  keel_status st;
+  if (n > 0 && (st = kl_clip_chain_new(o->ctx, n, specs, &c))) return st;
+  kl_clip_chain_free(o->clip);
+  o->clip = c;
+  return KEEL_OK;
+}
+
+keel_status keel_optim_set_clip_threshold(keel_optim *o, int i, double threshold) {
+  return kl_clip_chain_threshold(o->ctx, o->clip, i, threshold);
+}
+
+keel_status keel_optim_set_nonfinite(keel_optim *o, keel_nonfinite policy) {
+  if ((unsigned)policy > KEEL_NONFINITE_KEEP)
+    return kl_error(o->ctx, KEEL_ERR_ARG, "%s: unknown non-finite policy %d", kind_names[o->kind], (int)policy);
+  o->nonfinite = policy;
+  return KEEL_OK;
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** The step
+** ======================================================================= */
+
+/* Which state buffers a parameter needs under h: bit k for state[k]. */
+static unsigned needed_state(keel_optim_kind kind, const keel_optim_hparams *h) {
+  switch (kind) {
+    case KEEL_OPTIM_SGD: return h->momentum != 0 ? 1u : 0u;
+    case KEEL_OPTIM_ADAM: case KEEL_OPTIM_ADAMW: return h->amsgrad ? 7u : 3u;
+    case KEEL_OPTIM_RMSPROP: return 1u | (h->momentum > 0 ? 2u : 0u) | (h->centered ? 4u : 0u);
+    default: return 1u;
+  }
+}
+
+static keel_status scratch_reserve(keel_optim *o, int n) {
+  keel_ctx *ctx = o->ctx;
+  int *act;
+  keel_tensor **ag, **ap;
+  if (n <= o->cap_act) return KEEL_OK;
+  act = (int *)kl_malloc(ctx, sizeof(int) * (size_t)n);
+  ag = (keel_tensor **)kl_malloc(ctx, sizeof(keel_tensor *) * (size_t)n);
+  ap = (keel_tensor **)kl_malloc(ctx, sizeof(keel_tensor *) * (size_t)n);
+  if (!act || !ag || !ap) {
+    kl_free(ctx, act, sizeof(int) * (size_t)n);
+    kl_free(ctx, ag, sizeof(keel_tensor *) * (size_t)n);
+    kl_free(ctx, ap, sizeof(keel_tensor *) * (size_t)n);
+    return kl_error(ctx, KEEL_ERR_NOMEM, "%s: out of memory", kind_names[o->kind]);
+  }
+  scratch_free(o);
+  o->act = act; o->ag = ag; o->ap = ap;
+  o->cap_act = n;
+  return KEEL_OK;
+}
+
+/* The message of the error policy: counts, and the first culprit. */
+static keel_status nonfinite_error(keel_optim *o, int m) {
+  keel_ctx *ctx = o->ctx;
+  const kl_clip_work *w = &o->work;
+  int nbad = 0, first = -1;
+  char shape[128];
+  for (int k = 0; k < m; k++)
+    if (w->ts[k].nan + w->ts[k].inf) { nbad++; if (first < 0) first = k; }
+  {
+    const oparam *op = &o->params[o->act[first]];
+    const keel_grad_stats *s = &w->ts[first];
+    kl_shape_str(shape, sizeof shape, op->p->ndim, op->p->shape);
+    return kl_error(ctx, KEEL_ERR_ARG,
+                    "%s.step: non-finite gradient in %d parameter%s; first: parameter %d (group %d, shape %s) has "
+                    "%lld NaN and %lld Inf of %lld elements; nothing was updated (nonfinite = \"error\"; "
+                    "\"skip\", \"zero\" or \"keep\" go on)",
+                    kind_names[o->kind], nbad, nbad == 1 ? "" : "s", o->act[first] + ctx->index_base,
+                    op->group + ctx->index_base, shape, (long long)s->nan, (long long)s->inf,
+                    (long long)s->numel);
+  }
+}
+
+keel_status keel_optim_step(keel_optim *o, keel_step_report *r) {
+  keel_ctx *ctx = o->ctx;
+  const char *kn = kind_names[o->kind];
+  keel_step_report rep;
+  keel_status st = KEEL_OK;
+  int m = 0;
+  kl_clip_work *w = &o->work;
+  memset(&rep, 0, sizeof rep);
+  rep.clip_coef = 1;
+  rep.step = o->step_count;
+  if ((st = scratch_reserve(o, o->np))) goto out;
+  /* the parameters that take part, and their gradients made contiguous */
+  for (int i = 0; i < o->np; i++) {
+    oparam *op = &o->params[i];
+    keel_tensor *g = op->p->grad;
+    if (!op->p->requires_grad || !g) continue;
+    if (g->dtype != op->p->dtype || g->ndim != op->p->ndim ||
+        memcmp(g->shape, op->p->shape, sizeof(int64_t) * (size_t)g->ndim)) {
+      st = kl_error(ctx, KEEL_ERR_SHAPE, "%s.step: gradient of parameter %d does not match it in shape or dtype",
+                    kn, i + ctx->index_base);
+      goto out;
+    }
+    if (g->storage->device != op->p->storage->device) {
+      st = kl_error(ctx, KEEL_ERR_DEVICE, "%s.step: gradient of parameter %d is on another device", kn,
+                    i + ctx->index_base);
+      goto out;
+    }
+    if (!kl_is_contiguous(g)) {
+      keel_tensor *c;
+      if ((st = keel_contiguous(ctx, g, &c))) goto out;
+      g = c;
+    } else {
+      keel_tensor_retain(g);
+    }
+    o->act[m] = i;
+    o->ag[m] = g;
+    o->ap[m] = op->p;
+    m++;
+  }
+  for (int i = 0; i < o->np; i++) memset(&o->last[i], 0, sizeof o->last[i]);
+  if (m == 0) {
+    o->counters.no_grad++;
+    rep.reason = "no_grad";
+    goto out;
+  }
+  /* every state buffer exists before anything changes */
+  for (int k = 0; k < m; k++) {
+    oparam *op = &o->params[o->act[k]];
+    unsigned need = needed_state(o->kind, &o->groups[op->group]);
+    for (int j = 0; j < MAX_STATE; j++)
+      if ((need >> j & 1u) && !op->state[j] && (st = new_state(o, op, j, 0))) goto out;
+  }
+  if ((st = kl_clip_stats(ctx, o->clip, w, m, o->ag, o->ap))) goto out;
+  for (int k = 0; k < m; k++) o->last[o->act[k]] = w->ts[k];
+  rep.grad_norm = w->grad_norm;
+  rep.nonfinite = w->nonfinite;
+  if (w->nonfinite) {
+    int64_t nan = 0;
+    for (int k = 0; k < m; k++) nan += w->ts[k].nan;
+    o->counters.nonfinite_steps++;
+    o->counters.nonfinite_elements += w->nonfinite;
+    if (o->nonfinite == KEEL_NONFINITE_ERROR || o->nonfinite == KEEL_NONFINITE_SKIP) {
+      rep.grad_norm = nan ? NAN : INFINITY;
+      if (o->nonfinite == KEEL_NONFINITE_ERROR) {
+        o->counters.errors++;
+        st = nonfinite_error(o, m);
+      } else {
+        o->counters.skipped++;
+        rep.reason = "nonfinite";
+      }
+      goto out;
+    }
+  }
+  if ((st = kl_clip_eval(ctx, o->clip, w, o->ag))) goto out;
+  /* the update pass: nothing fails from here on */
+  for (int k = 0; k < m; k++) {
+    oparam *op = &o->params[o->act[k]];
+    const keel_optim_hparams *h = &o->groups[op->group];
+    unsigned need = needed_state(o->kind, h);
+    keel_tensor *state[MAX_STATE] = {NULL, NULL, NULL};
+    keel_nonfinite nf = w->ts[k].nan + w->ts[k].inf ? o->nonfinite : KEEL_NONFINITE_ERROR;
+    int64_t u0 = w->u0[k], nu = w->u0[k + 1] - u0;
+    for (int j = 0; j < MAX_STATE; j++)
+      if (need >> j & 1u) state[j] = op->state[j];
+    st = kl_backend_for(ctx, op->p->storage->device)
+             ->optim_update(ctx, o->kind, h, op->step + 1, op->p, o->ag[k], state, (~op->valid) & need, nu,
+                            w->a + u0, w->v + u0, nf);
+    if (st) goto out;   /* a backend that cannot fail after its checks; kept for safety */
+    op->step++;
+    op->valid |= need;
+  }
+  o->step_count++;
+  o->counters.steps++;
+  if (w->clipped) o->counters.clipped++;
+  rep.applied = 1;
+  rep.clip_coef = w->coef;
+  rep.clipped = w->clipped;
+  rep.n_updated = m;
+  rep.step = o->step_count;
+out:
+  for (int k = 0; k < m; k++) keel_tensor_release(o->ag[k]);
+  if (r) *r = rep;
+  return st;
+}
+
+keel_status keel_optim_zero_grad(keel_optim *o, int set_to_none) {
+  keel_status st;
+  for (int i = 0; i < o->np; i++) {
+    keel_tensor *p = o->params[i].p, *g = p->grad;
+    if (!g) continue;
+    if (set_to_none) {
+      kl_release(&p->grad);
+    } else {
+      if ((st = kl_backend_for(o->ctx, g->storage->device)->fill(o->ctx, g, 0.0))) return st;
+      g->storage->version++;
+    }
+  }
+  return KEEL_OK;
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Introspection and state
+** ======================================================================= */
+
+int64_t keel_optim_step_count(const keel_optim *o) { return o->step_count; }
+void keel_optim_get_counters(const keel_optim *o, keel_optim_counters *c) { *c = o->counters; }
+void keel_optim_set_counters(keel_optim *o, const keel_optim_counters *c) { o->counters = *c; }
+int keel_optim_param_count(const keel_optim *o) { return o->np; }
+const keel_grad_stats *keel_optim_last_stats(const keel_optim *o) { return o->last; }
+
+keel_tensor *keel_optim_param(const keel_optim *o, int i, int *group) {
+  if (i < 0 || i >= o->np) return NULL;
+  if (group) *group = o->params[i].group;
+  return o->params[i].p;
+}
+
+keel_status keel_optim_set_step_count(keel_optim *o, int64_t n) {
+  if (n < 0) return kl_error(o->ctx, KEEL_ERR_ARG, "%s: step count must be >= 0", kind_names[o->kind]);
+  o->step_count = n;
+  return KEEL_OK;
+}
+
+static keel_status check_param(const keel_optim *o, int i) {
+  if (i < 0 || i >= o->np)
+    return kl_error(o->ctx, KEEL_ERR_INDEX, "%s: no parameter %d (there are %d)", kind_names[o->kind],
+                    i + o->ctx->index_base, o->np);
+  return KEEL_OK;
+}
+
+static int state_index(keel_optim_kind kind, const char *name) {
+  const char *const *names;
+  int n = keel_optim_state_names(kind, &names);
+  for (int k = 0; k < n; k++)
+    if (name && !strcmp(name, names[k])) return k;
+  return -1;
+}
+
+static keel_status unknown_state(const keel_optim *o, const char *name) {
+  const char *const *names;
+  int n = keel_optim_state_names(o->kind, &names);
+  char list[160] = "";
+  for (int k = 0; k < n; k++) {
+    strncat(list, k ? ", " : "", sizeof list - strlen(list) - 1);
+    strncat(list, names[k], sizeof list - strlen(list) - 1);
+  }
+  return kl_error(o->ctx, KEEL_ERR_ARG, "%s: no state named '%s' (expected one of: %s)", kind_names[o->kind],
+                  name ? name : "(null)", list);
+}
+
+keel_status keel_optim_get_state(const keel_optim *o, int i, const char *name, keel_tensor **out) {
+  keel_status st;
+  int k;
+  *out = NULL;
+  if ((st = check_param(o, i))) return st;
+  if ((k = state_index(o->kind, name)) < 0) return unknown_state(o, name);
+  if (o->params[i].state[k] && (o->params[i].valid >> k & 1u)) *out = keel_tensor_retain(o->params[i].state[k]);
+  return KEEL_OK;
+}
+
+keel_status keel_optim_set_state(keel_optim *o, int i, const char *name, keel_tensor *src) {
+  keel_ctx *ctx = o->ctx;
+  oparam *op;
+  keel_status st;
+  int k;
+  char b1[128], b2[128];
+  if ((st = check_param(o, i))) return st;
+  if ((k = state_index(o->kind, name)) < 0) return unknown_state(o, name);
+  op = &o->params[i];
+  if (!src) {
+    kl_release(&op->state[k]);
+    op->valid &= ~(1u << k);
+    return KEEL_OK;
+  }
+  if ((st = kl_check_same_ctx(ctx, "load_state_dict", src))) return st;
+  if (src->ndim != op->p->ndim || memcmp(src->shape, op->p->shape, sizeof(int64_t) * (size_t)src->ndim))
+    return kl_error(ctx, KEEL_ERR_SHAPE, "%s: state '%s' of parameter %d has shape %s, the parameter %s",
+                    kind_names[o->kind], name, i + ctx->index_base, kl_shape_str(b1, sizeof b1, src->ndim, src->shape),
+                    kl_shape_str(b2, sizeof b2, op->p->ndim, op->p->shape));
+  if (src->dtype != KEEL_F32 && src->dtype != KEEL_F64)
+    return kl_error(ctx, KEEL_ERR_TYPE, "%s: state '%s' of parameter %d is %s, expected a float tensor",
+                    kind_names[o->kind], name, i + ctx->index_base, keel_dtype_name(src->dtype));
+  if (!op->state[k] && (st = kl_new_like(ctx, op->p, op->p->dtype, &op->state[k]))) return st;
+  if ((st = kl_backend_for(ctx, op->p->storage->device)->copy(ctx, op->state[k], src))) return st;
+  op->state[k]->storage->version++;
+  op->valid |= 1u << k;
+  return KEEL_OK;
+}
+
+int64_t keel_optim_get_param_step(const keel_optim *o, int i) {
+  return i >= 0 && i < o->np ? o->params[i].step : 0;
+}
+
+keel_status keel_optim_set_param_step(keel_optim *o, int i, int64_t step) {
+  keel_status st;
+  if ((st = check_param(o, i))) return st;
+  if (step < 0) return kl_error(o->ctx, KEEL_ERR_ARG, "%s: step must be >= 0", kind_names[o->kind]);
+  o->params[i].step = step;
+  return KEEL_OK;
+}
+
+keel_status keel_optim_get_clip_state(const keel_optim *o, int i, keel_clip_state *s) {
+  return kl_clip_chain_get_state(o->ctx, o->clip, i, s);
+}
+
+keel_status keel_optim_set_clip_state(keel_optim *o, int i, const keel_clip_state *s) {
+  return kl_clip_chain_set_state(o->ctx, o->clip, i, s);
+}
+
+/* }====================================================================== */
