@@ -21,11 +21,14 @@ gcc -O2 -shared -fPIC -I/usr/include/lua5.4 bench/benchlib.c -o "$OUT/benchlib.s
 [ -f build/release/lua/keel/core.so ] || tools/build.sh release >/dev/null
 
 only=" ${BENCH_ONLY:-cnn64 cnn128 lstm adamw} "
+# keel's threads are OpenBLAS's; PyTorch gets its best configuration from
+# BASELINE.md: t intra-op threads with one BLAS thread each (giving BLAS its
+# own t threads as well oversubscribes the cores and halves its speed).
 run() {   # run <threads> <workload> [batch]
   local t=$1; shift
   OMP_NUM_THREADS=$t OPENBLAS_NUM_THREADS=$t lua5.4 bench/train.lua "$@" | tee -a "$LOG"
   if [ "$PY" != none ]; then
-    OMP_NUM_THREADS=$t OPENBLAS_NUM_THREADS=$t "$PY" bench/train_torch.py "$@" | tee -a "$LOG"
+    TORCH_THREADS=$t OMP_NUM_THREADS=$t OPENBLAS_NUM_THREADS=1 "$PY" bench/train_torch.py "$@" | tee -a "$LOG"
   fi
 }
 for t in 1 2; do

@@ -1,8 +1,9 @@
 """bench/train_torch.py WHAT [batch]: the PyTorch twin of bench/train.lua.
 
 Same models, batches, optimizers and synthetic data shapes; prints
-RESULT lines named *_torch. Threads follow OPENBLAS_NUM_THREADS (the
-runner sets it): torch.set_num_threads gets the same number.
+RESULT lines named *_torch. TORCH_THREADS (default: OPENBLAS_NUM_THREADS,
+else 1) sets torch.set_num_threads; bench/train.sh runs torch with one
+BLAS thread, its best configuration in BASELINE.md.
 """
 import os
 import sys
@@ -13,7 +14,7 @@ import torch.nn as nn
 
 what = sys.argv[1] if len(sys.argv) > 1 else "cnn"
 batch = int(sys.argv[2]) if len(sys.argv) > 2 else 64
-threads = os.environ.get("OPENBLAS_NUM_THREADS", "1")
+threads = os.environ.get("TORCH_THREADS", os.environ.get("OPENBLAS_NUM_THREADS", "1"))
 torch.set_num_threads(int(threads))
 scale = float(os.environ.get("BENCH_SCALE", "1"))
 torch.manual_seed(0)
