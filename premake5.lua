@@ -135,7 +135,7 @@ project "keel_shared"
   kind "SharedLib"
   targetname "keel"
   files { "engine/*.c", "engine/*.h" }
-  links { "openblas", "m" }
+  links { "openblas", "z", "pthread", "m" }
   outputs("keel_shared", "lib")
 
 -- }==================================================================
@@ -150,7 +150,7 @@ project "keel_lua"
   targetname "core"
   targetprefix ""
   binding_files()
-  links { "keel_static", "openblas", "m" }
+  links { "keel_static", "openblas", "z", "pthread", "m" }
   outputs("keel_lua", "lua/keel")
 
 -- }==================================================================
@@ -165,7 +165,7 @@ project "keel_bin"
   kind "ConsoleApp"
   targetname "keel"
   binding_files(true)
-  links { "keel_static", "openblas", "edit", "m", "dl" }
+  links { "keel_static", "openblas", "z", "pthread", "edit", "m", "dl" }
   linkoptions { "-Wl,-E", "-Wl,--whole-archive", LUA_STATIC, "-Wl,--no-whole-archive" }
   outputs("keel_bin", "bin")
 
@@ -180,7 +180,7 @@ if #os.matchfiles("tests/c/*.c") > 0 then
     kind "ConsoleApp"
     targetname "keel_ctest"
     files { "tests/c/*.c", "tests/c/*.h" }
-    links { "keel_static", "openblas", "m" }
+    links { "keel_static", "openblas", "z", "pthread", "m" }
     outputs("keel_ctest", "bin")
 end
 

@@ -367,6 +367,34 @@ static int l_tensor(lua_State *L) {
   return 1;
 }
 
+/* keel.get_rng_state() -> 4 integers in a table (lossless: Lua integers
+** are 64-bit); keel.set_rng_state(t) restores them. */
+static int l_get_rng_state(lua_State *L) {
+  uint64_t st[4];
+  keel_rng_get_state(lk_S(L)->ctx, st);
+  lua_createtable(L, 4, 0);
+  for (int i = 0; i < 4; i++) {
+    lua_pushinteger(L, (lua_Integer)st[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  return 1;
+}
+
+static int l_set_rng_state(lua_State *L) {
+  lk_state *S = lk_S(L);
+  uint64_t st[4];
+  luaL_checktype(L, 1, LUA_TTABLE);
+  for (int i = 0; i < 4; i++) {
+    int isint;
+    lua_geti(L, 1, i + 1);
+    st[i] = (uint64_t)lua_tointegerx(L, -1, &isint);
+    if (!isint) return luaL_error(L, "set_rng_state: entry %d must be an integer (from get_rng_state)", i + 1);
+    lua_pop(L, 1);
+  }
+  lk_check(L, S, keel_rng_set_state(S->ctx, st));
+  return 0;
+}
+
 static int l_manual_seed(lua_State *L) {
   keel_manual_seed(lk_S(L)->ctx, (uint64_t)luaL_checkinteger(L, 1));
   return 0;
@@ -504,6 +532,7 @@ static const luaL_Reg module_fns[] = {
   {"tensor", l_tensor}, {"zeros", l_zeros}, {"ones", l_ones}, {"empty", l_empty},
   {"full", l_full}, {"arange", l_arange}, {"linspace", l_linspace}, {"eye", l_eye},
   {"rand", l_rand}, {"randn", l_randn}, {"manual_seed", l_manual_seed},
+  {"get_rng_state", l_get_rng_state}, {"set_rng_state", l_set_rng_state},
   {"cat", l_cat}, {"stack", l_stack}, {"where", l_where},
   {"set_grad_enabled", l_set_grad_enabled}, {"is_grad_enabled", l_is_grad_enabled},
   {"memory_stats", l_memory_stats}, {"memory_trim", l_memory_trim},
@@ -575,6 +604,14 @@ int luaopen_keel_core(lua_State *L) {
   /* @open:optim */
   lk_open_optim(L, state_i, mt_i);
   lua_setfield(L, -2, "_optim");
+  /* datasets, loader, transforms: keel.core._data */
+  lua_newtable(L);
+  /* @open:data */
+  lua_setfield(L, -2, "_data");
+  /* safetensors and checkpoints: keel.core._io */
+  lua_newtable(L);
+  /* @open:io */
+  lua_setfield(L, -2, "_io");
   lua_pushvalue(L, -1);
   lua_setfield(L, LUA_REGISTRYINDEX, "keel.module");
   return 1;

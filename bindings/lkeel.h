@@ -77,6 +77,8 @@ LK_INTERNAL void lk_open_act(lua_State *L, int state, int mt);
 /* @open-decl:rnn */
 LK_INTERNAL void lk_open_rnn(lua_State *L, int state, int mt);
 /* @open-decl:optim */
+/* @open-decl:data */
+/* @open-decl:io */
 LK_INTERNAL void lk_open_optim(lua_State *L, int state, int mt);
 
 #endif

@@ -212,6 +212,17 @@ void keel_manual_seed(keel_ctx *ctx, uint64_t seed) {
   for (int i = 0; i < 4; i++) ctx->rng[i] = splitmix64(&x);
 }
 
+void keel_rng_get_state(const keel_ctx *ctx, uint64_t state[4]) {
+  for (int i = 0; i < 4; i++) state[i] = ctx->rng[i];
+}
+
+keel_status keel_rng_set_state(keel_ctx *ctx, const uint64_t state[4]) {
+  if (!(state[0] | state[1] | state[2] | state[3]))
+    return kl_error(ctx, KEEL_ERR_ARG, "rng_set_state: an all-zero state is invalid for xoshiro256**");
+  for (int i = 0; i < 4; i++) ctx->rng[i] = state[i];
+  return KEEL_OK;
+}
+
 static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
 uint64_t kl_rng_next(keel_ctx *ctx) {

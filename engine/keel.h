@@ -98,6 +98,9 @@ KEEL_API const char *keel_dtype_name(keel_dtype dt);
 KEEL_API size_t keel_dtype_size(keel_dtype dt);
 
 KEEL_API void keel_manual_seed(keel_ctx *ctx, uint64_t seed);
+/* The RNG state (4 words), for checkpoints and exact resume. */
+KEEL_API void keel_rng_get_state(const keel_ctx *ctx, uint64_t state[4]);
+KEEL_API keel_status keel_rng_set_state(keel_ctx *ctx, const uint64_t state[4]);
 /* Returns the previous mode. */
 KEEL_API int keel_set_grad_enabled(keel_ctx *ctx, int enabled);
 KEEL_API int keel_is_grad_enabled(const keel_ctx *ctx);
@@ -504,6 +507,8 @@ KEEL_API keel_status keel_rnn_layer(keel_ctx *ctx, keel_rnn_mode mode, keel_tens
                                     int reverse, keel_tensor **out, keel_tensor **h_n,
                                     keel_tensor **c_n);
 /* @api:optim (optimizers, clipping) */
+/* @api:data (dataset readers, data loader, transforms) */
+/* @api:io (safetensors, checkpoints) */
 
 /*
 ** Optimizers and gradient clipping (optim.c, clip.c).

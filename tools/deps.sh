@@ -6,7 +6,7 @@ set -euo pipefail
 PACKAGES=(
   build-essential pkg-config
   lua5.4 liblua5.4-dev lua-busted
-  libopenblas-dev libedit-dev
+  libopenblas-dev libedit-dev zlib1g-dev libstb-dev
   premake4 valgrind
 )
 

@@ -222,13 +222,24 @@ keel.Tensor = Tensor
 keel.version = core.version
 
 -- Submodules load on first use: they require "keel" themselves.
-local lazy = {nn = "keel.nn", optim = "keel.optim", clip = "keel.clip"}
+local lazy = {nn = "keel.nn", optim = "keel.optim", clip = "keel.clip", data = "keel.data",
+              io = "keel.io", checkpoint = "keel.checkpoint"}
+-- keel.save / keel.load are keel.io's (safetensors)
+local lazy_fn = {save = "keel.io", load = "keel.io"}
 setmetatable(keel, {__index = function(t, k)
   local name = lazy[k]
-  if not name then return nil end
-  local m = require(name)
-  rawset(t, k, m)
-  return m
+  if name then
+    local m = require(name)
+    rawset(t, k, m)
+    return m
+  end
+  name = lazy_fn[k]
+  if name then
+    local f = require(name)[k]
+    rawset(t, k, f)
+    return f
+  end
+  return nil
 end})
 
 return keel
