@@ -607,10 +607,13 @@ int luaopen_keel_core(lua_State *L) {
   /* datasets, loader, transforms: keel.core._data */
   lua_newtable(L);
   /* @open:data */
+  lk_open_loader(L, state_i, mt_i);
+  lk_open_dataset(L, state_i, mt_i);
   lua_setfield(L, -2, "_data");
   /* safetensors and checkpoints: keel.core._io */
   lua_newtable(L);
   /* @open:io */
+  lk_open_io(L, state_i, mt_i);
   lua_setfield(L, -2, "_io");
   lua_pushvalue(L, -1);
   lua_setfield(L, LUA_REGISTRYINDEX, "keel.module");

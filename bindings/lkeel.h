@@ -78,7 +78,10 @@ LK_INTERNAL void lk_open_act(lua_State *L, int state, int mt);
 LK_INTERNAL void lk_open_rnn(lua_State *L, int state, int mt);
 /* @open-decl:optim */
 /* @open-decl:data */
+LK_INTERNAL void lk_open_loader(lua_State *L, int state, int mt);
+LK_INTERNAL void lk_open_dataset(lua_State *L, int state, int mt);
 /* @open-decl:io */
+LK_INTERNAL void lk_open_io(lua_State *L, int state, int mt);
 LK_INTERNAL void lk_open_optim(lua_State *L, int state, int mt);
 
 #endif

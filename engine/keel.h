@@ -508,7 +508,139 @@ KEEL_API keel_status keel_rnn_layer(keel_ctx *ctx, keel_rnn_mode mode, keel_tens
                                     keel_tensor **c_n);
 /* @api:optim (optimizers, clipping) */
 /* @api:data (dataset readers, data loader, transforms) */
+/* Data loader (engine/loader.c): batches of the rows of x [N, ...] and y
+** [N, ...] (y may be NULL) in a per-epoch order, with per-sample
+** transforms, prepared ahead by a background thread.
+**
+** Order: epoch e visits the rows in the identity order, or when shuffle is
+** on in a Fisher-Yates permutation drawn from the stream rng(seed, e, -1);
+** it does not use the context's RNG. The random transforms of the sample at
+** position pos (0-based, in epoch order) draw from the stream rng(seed, e,
+** pos), in pipeline order, so results never depend on thread timing.
+**
+** rng(seed, epoch, pos): splitmix64. The state starts at
+**   seed*0x9E3779B97F4A7C15 + epoch*0xBF58476D1CE4E5B9 + (pos+1)*0x94D049BB133111EB
+** (mod 2^64); each draw adds 0x9E3779B97F4A7C15 to it and returns
+**   z = (s ^ (s >> 30)) * 0xBF58476D1CE4E5B9;  z = (z ^ (z >> 27)) * 0x94D049BB133111EB;
+**   z ^ (z >> 31).
+** An integer in [0, n) is (draw >> 11) % n; a number in [0, 1) is
+** (draw >> 11) * 2^-53. Fisher-Yates: for i = N-1 down to 1, j = int in
+** [0, i], swap order[i] and order[j].
+**
+** Transforms (x must be float32 when there are any) see one sample [C, H, W]
+** ([H, W] and other ranks count as one channel; crop and flip need 2 or 3
+** dims):
+**   TO_FLOAT     v * scale
+**   NORMALIZE    (v - mean[c]) / std[c], nch = 1 or C (at most KEEL_LOADER_MAX_CH)
+**   RANDOM_CROP  a size_h x size_w window of the sample zero-padded by padding
+**                on each side; top = int in [0, H + 2p - size_h], then left =
+**                int in [0, W + 2p - size_w]
+**   RANDOM_HFLIP reverses the last dim when the draw in [0, 1) is < p
+*/
+#define KEEL_LOADER_MAX_CH 16
+typedef enum keel_transform_kind {
+  KEEL_TF_TO_FLOAT = 0, KEEL_TF_NORMALIZE, KEEL_TF_RANDOM_CROP, KEEL_TF_RANDOM_HFLIP
+} keel_transform_kind;
+typedef struct keel_transform {
+  keel_transform_kind kind;
+  double scale;                                            /* TO_FLOAT */
+  int nch;                                                 /* NORMALIZE */
+  double mean[KEEL_LOADER_MAX_CH], std[KEEL_LOADER_MAX_CH];
+  int64_t size_h, size_w, padding;                         /* RANDOM_CROP */
+  double p;                                                /* RANDOM_HFLIP */
+} keel_transform;
+typedef struct keel_loader_opts {
+  int64_t batch_size;        /* >= 1 */
+  int shuffle, drop_last;
+  uint64_t seed;
+  int prefetch;              /* batches prepared ahead by a thread; 0: no thread */
+  int ntransforms;           /* copied at creation */
+  const keel_transform *transforms;
+} keel_loader_opts;
+typedef struct keel_loader keel_loader;
+/* Retains x and y; starts at epoch 1, batch 0. */
+KEEL_API keel_status keel_loader_new(keel_ctx *ctx, keel_tensor *x, keel_tensor *y,
+                                     const keel_loader_opts *opts, keel_loader **out);
+/* Joins the thread and releases everything. NULL is a no-op. */
+KEEL_API void keel_loader_free(keel_loader *ld);
+KEEL_API int64_t keel_loader_num_batches(const keel_loader *ld);
+/* The next batch of the epoch (new references; *yb NULL without y) and
+** its 0-based index. At the end of the epoch, *xb = NULL and the loader
+** moves to batch 0 of the next epoch. */
+KEEL_API keel_status keel_loader_next(keel_ctx *ctx, keel_loader *ld, keel_tensor **xb,
+                                      keel_tensor **yb, int64_t *index);
+/* Position: epoch (>= 1), cursor (batches already taken in it), seed. */
+KEEL_API void keel_loader_get_state(const keel_loader *ld, int64_t *epoch, int64_t *cursor,
+                                    uint64_t *seed);
+KEEL_API keel_status keel_loader_set_state(keel_ctx *ctx, keel_loader *ld, int64_t epoch,
+                                           int64_t cursor, uint64_t seed);
+
+/* Dataset readers (dataset.c, dataset_image.c). Each *_mem form parses a
+** buffer (name is for messages, may be NULL); the path forms read the file.
+** Input is checked throughout: bad or truncated data is KEEL_ERR_IO.
+** IDX (MNIST): raw or gzip; ubyte/byte/short/float give F32, int/double
+** F64, with the file's shape and values. CIFAR-10 binary: images F32
+** [N, 3, 32, 32] (0..255), labels I64 [N] (0..9 plus the index base).
+** CSV: numbers only, F64 [rows, cols]; header != 0 skips the first line.
+** Images (PNG, JPEG, BMP): F32 [channels, H, W] (0..255), channels 1 or 3;
+** h = w = 0 keeps the image's size, else bilinear resize to h x w;
+** keel_read_images stacks [N, C, H, W] (h = w = 0: all must match the first).
+** keel_encode_bytes: I64 [n] of map[byte]; a byte mapped < 0 is an error. */
+KEEL_API keel_status keel_read_idx(keel_ctx *ctx, const char *path, keel_tensor **out);
+KEEL_API keel_status keel_read_idx_mem(keel_ctx *ctx, const void *data, size_t n, const char *name,
+                                       keel_tensor **out);
+KEEL_API keel_status keel_read_cifar10(keel_ctx *ctx, const char *const *paths, int npaths,
+                                       keel_tensor **images, keel_tensor **labels);
+KEEL_API keel_status keel_read_cifar10_mem(keel_ctx *ctx, const void *data, size_t n,
+                                           const char *name, keel_tensor **images,
+                                           keel_tensor **labels);
+KEEL_API keel_status keel_read_csv(keel_ctx *ctx, const char *path, int delimiter, int header,
+                                   keel_tensor **out);
+KEEL_API keel_status keel_read_csv_mem(keel_ctx *ctx, const void *data, size_t n, const char *name,
+                                       int delimiter, int header, keel_tensor **out);
+KEEL_API keel_status keel_decode_image(keel_ctx *ctx, const void *data, size_t n, const char *name,
+                                       int channels, int h, int w, keel_tensor **out);
+KEEL_API keel_status keel_read_image(keel_ctx *ctx, const char *path, int channels, int h, int w,
+                                     keel_tensor **out);
+KEEL_API keel_status keel_read_images(keel_ctx *ctx, const char *const *paths, int npaths,
+                                      int channels, int h, int w, keel_tensor **out);
+KEEL_API keel_status keel_encode_bytes(keel_ctx *ctx, const void *data, size_t n,
+                                       const int64_t map[256], keel_tensor **out);
 /* @api:io (safetensors, checkpoints) */
+/* safetensors files (https://huggingface.co/docs/safetensors): tensors by
+** name plus string metadata. Saving writes F32/F64/I64 little-endian, in
+** the reference writer's order (I64, F64, F32; by name within a dtype), to
+** <path>.tmp.<pid>, syncs it, renames it over path and syncs the directory:
+** on failure the temporary file is removed and path is untouched.
+** Non-contiguous tensors are written contiguous. Names must be unique,
+** valid UTF-8 and not "__metadata__"; meta_keys/meta_values (n_meta
+** pairs, may be NULL when n_meta is 0) become "__metadata__". */
+typedef struct keel_safetensors keel_safetensors;
+KEEL_API keel_status keel_safetensors_save(keel_ctx *ctx, const char *path, int n,
+                                           const char *const *names, keel_tensor *const *tensors,
+                                           int n_meta, const char *const *meta_keys,
+                                           const char *const *meta_values);
+/* Reads and checks a whole file: header length <= 100 MiB and inside the
+** file, strict JSON of the schema, known dtypes, sizes that match shapes,
+** tensors that tile the data exactly, unique names. F16/BF16 load as
+** float32, I32/I16/I8/U8/BOOL as int64. *out is freed with
+** keel_safetensors_free; entries are sorted by name. */
+KEEL_API keel_status keel_safetensors_load(keel_ctx *ctx, const char *path, keel_safetensors **out);
+/* The same from memory (size bytes at buf). */
+KEEL_API keel_status keel_safetensors_load_buffer(keel_ctx *ctx, const void *buf, size_t size,
+                                                  keel_safetensors **out);
+KEEL_API void keel_safetensors_free(keel_safetensors *st);
+KEEL_API int keel_safetensors_count(const keel_safetensors *st);
+/* Entry i (0-based): its name, its tensor (borrowed: retain it to keep it
+** after keel_safetensors_free), and the dtype named in the file ("F16"...).
+** Out of range: NULL. */
+KEEL_API const char *keel_safetensors_name(const keel_safetensors *st, int i);
+KEEL_API keel_tensor *keel_safetensors_tensor(const keel_safetensors *st, int i);
+KEEL_API const char *keel_safetensors_dtype(const keel_safetensors *st, int i);
+/* Metadata pairs, sorted by key. */
+KEEL_API int keel_safetensors_metadata_count(const keel_safetensors *st);
+KEEL_API const char *keel_safetensors_metadata_key(const keel_safetensors *st, int i);
+KEEL_API const char *keel_safetensors_metadata_value(const keel_safetensors *st, int i);
 
 /*
 ** Optimizers and gradient clipping (optim.c, clip.c).

@@ -115,13 +115,15 @@ static keel_status check_shape(keel_ctx *ctx, const char *fn, int ndim, const in
   if (ndim < 0 || ndim > KEEL_MAX_DIMS)
     return kl_error(ctx, KEEL_ERR_SHAPE, "%s: %d dimensions given, at most %d supported", fn,
                     ndim, KEEL_MAX_DIMS);
+  /* the product of the non-zero sizes is bounded too: strides are computed
+  ** from it even when another dimension makes the tensor empty */
   for (int i = 0; i < ndim; i++) {
     if (shape[i] < 0)
       return kl_error(ctx, KEEL_ERR_SHAPE, "%s: size %lld of dimension %d is negative", fn,
                       (long long)shape[i], i + ctx->index_base);
     if (shape[i] > 0 && n > ((int64_t)1 << 48) / shape[i])
       return kl_error(ctx, KEEL_ERR_NOMEM, "%s: shape too large", fn);
-    n *= shape[i];
+    if (shape[i] > 0) n *= shape[i];
   }
   return KEEL_OK;
 }
