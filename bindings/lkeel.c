@@ -615,6 +615,16 @@ int luaopen_keel_core(lua_State *L) {
   /* @open:io */
   lk_open_io(L, state_i, mt_i);
   lua_setfield(L, -2, "_io");
+  /* anomaly detection, post-accumulate hooks: keel.core._autograd */
+  lua_newtable(L);
+  /* @open:autograd */
+  lk_open_autograd(L, state_i, mt_i);
+  lua_setfield(L, -2, "_autograd");
+  /* monitor: histograms, CRC32C, terminal, PNG: keel.core._summary */
+  lua_newtable(L);
+  /* @open:summary */
+  lk_open_summary(L, state_i, mt_i);
+  lua_setfield(L, -2, "_summary");
   lua_pushvalue(L, -1);
   lua_setfield(L, LUA_REGISTRYINDEX, "keel.module");
   return 1;

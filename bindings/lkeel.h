@@ -82,6 +82,10 @@ LK_INTERNAL void lk_open_loader(lua_State *L, int state, int mt);
 LK_INTERNAL void lk_open_dataset(lua_State *L, int state, int mt);
 /* @open-decl:io */
 LK_INTERNAL void lk_open_io(lua_State *L, int state, int mt);
+/* @open-decl:autograd */
+LK_INTERNAL void lk_open_autograd(lua_State *L, int state, int mt);
+/* @open-decl:summary */
+LK_INTERNAL void lk_open_summary(lua_State *L, int state, int mt);
 LK_INTERNAL void lk_open_optim(lua_State *L, int state, int mt);
 
 #endif

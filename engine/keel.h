@@ -836,6 +836,10 @@ KEEL_API keel_status keel_clip_grad_agc(keel_ctx *ctx, int n, keel_tensor *const
 
 /* }==================================================================== */
 
+/* @api:anomaly */
+
+/* @api:summary */
+
 #ifdef __cplusplus
 }
 #endif

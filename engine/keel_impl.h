@@ -51,6 +51,7 @@ struct keel_ctx {
   int closed;                   /* keel_ctx_free was called */
   uint64_t next_hook_id;
   unsigned mark;                /* generation counter for graph walks */
+  /* @ctx:anomaly */
   keel_memory_stats mem;
   /* Freed storage blocks, by size class: big temporaries would otherwise
   ** return to the kernel and page-fault again on the next step. */
@@ -200,6 +201,7 @@ struct kl_node {
   int deps;
   keel_tensor *pending;
   kl_node *next_dead;           /* free list while unreferencing */
+  /* @node:anomaly */
 };
 
 typedef struct kl_op_info {

@@ -223,9 +223,11 @@ keel.version = core.version
 
 -- Submodules load on first use: they require "keel" themselves.
 local lazy = {nn = "keel.nn", optim = "keel.optim", clip = "keel.clip", data = "keel.data",
-              io = "keel.io", checkpoint = "keel.checkpoint"}
+              io = "keel.io", checkpoint = "keel.checkpoint", monitor = "keel.monitor",
+              autograd = "keel.autograd", hooks = "keel.hooks"}
 -- keel.save / keel.load are keel.io's (safetensors)
-local lazy_fn = {save = "keel.io", load = "keel.io"}
+-- keel.guard(opt, opts) is keel.guard's; keel.progress(total, opts) keel.progress's
+local lazy_fn = {save = "keel.io", load = "keel.io", guard = "keel.guard", progress = "keel.progress"}
 setmetatable(keel, {__index = function(t, k)
   local name = lazy[k]
   if name then
