@@ -61,6 +61,7 @@ void lk_push(lua_State *L, lk_state *S, keel_tensor *t) {
   u->t = t;
   lua_pushvalue(L, LK_MT_UV);
   lua_setmetatable(L, -2);
+  if (S->anomaly) lk_anomaly_pushed(L, S, t);
   /* The GC sees only the small userdata: tell it about the engine memory
   ** so that dropped tensors are collected at the pace they are made. */
   S->gc_debt += (size_t)keel_tensor_numel(t) * keel_dtype_size(keel_tensor_dtype(t)) + LK_HANDLE_COST;

@@ -30,6 +30,8 @@ typedef struct lk_state {
   size_t gc_debt;       /* engine bytes allocated since the last GC step */
   size_t gc_ceiling;    /* engine live bytes that force a full collection */
   int hook_error_ref;   /* error value raised by a hook, or LUA_NOREF */
+  int anomaly;          /* anomaly detection on: lk_push stamps sites (lkeel_autograd.c) */
+  struct lk_anomaly *an;
 } lk_state;
 
 typedef struct lk_tensor { keel_tensor *t; } lk_tensor;
@@ -84,6 +86,12 @@ LK_INTERNAL void lk_open_dataset(lua_State *L, int state, int mt);
 LK_INTERNAL void lk_open_io(lua_State *L, int state, int mt);
 /* @open-decl:autograd */
 LK_INTERNAL void lk_open_autograd(lua_State *L, int state, int mt);
+/* Anomaly mode, from lk_push with t (owned by the userdata at -1): stamps
+** the creation site on t's new nodes and hands a pending event to Lua. */
+LK_INTERNAL void lk_anomaly_pushed(lua_State *L, lk_state *S, keel_tensor *t);
+/* Hands a pending event to Lua (site 0: the caller's); returns 1 with the
+** error message on the stack when the mode says to raise it. */
+LK_INTERNAL int lk_anomaly_deliver(lua_State *L, lk_state *S);
 /* @open-decl:summary */
 LK_INTERNAL void lk_open_summary(lua_State *L, int state, int mt);
 LK_INTERNAL void lk_open_optim(lua_State *L, int state, int mt);

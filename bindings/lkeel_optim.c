@@ -4,9 +4,13 @@
 **
 ** An optimizer is a full userdata (metatable "keel.Optim") owning a
 ** keel_optim; __gc and __close free it. Hyper-parameters live in the Lua
-** param_groups tables: step() reads them all (a dozen fields per group)
-** and hands them to the engine before stepping, so a change made by a
-** schedule or by hand is seen at the next step.
+** param_groups tables: prepare() reads them all (a dozen fields per group)
+** and hands them to the engine before the statistics pass, so a change
+** made by a schedule or by hand is seen at the next step.
+**
+** A step is prepare (statistics, decisions, nothing changes), then apply
+** or cancel; optim.lua runs the on_grad hooks and the guard in between.
+** The report is one table that prepare makes and apply/cancel update.
 */
 #include <math.h>
 #include <string.h>
@@ -103,15 +107,23 @@ static keel_tensor **tensor_list(lua_State *L, int i, const char *fn, const char
 static void set_num(lua_State *L, const char *k, double v) { lua_pushnumber(L, v); lua_setfield(L, -2, k); }
 static void set_int(lua_State *L, const char *k, int64_t v) { lua_pushinteger(L, (lua_Integer)v); lua_setfield(L, -2, k); }
 
-static void push_stats(lua_State *L, const keel_grad_stats *s) {
-  lua_createtable(L, 0, 7);
+static void push_stats(lua_State *L, const keel_grad_stats *s, int nrec) {
+  lua_createtable(L, 0, nrec);
   set_int(L, "numel", s->numel);
   set_int(L, "nan", s->nan);
   set_int(L, "inf", s->inf);
+  set_int(L, "zeros", s->zeros);
+  set_num(L, "sum", s->sum);
   set_num(L, "sumsq", s->sumsq);
   set_num(L, "sum_abs", s->sum_abs);
   set_num(L, "max_abs", s->max_abs);
   set_num(L, "norm", sqrt(s->sumsq));
+}
+
+/* ||dw|| / ||w before||: 0 for no change, inf for a change of a zero weight. */
+static double update_ratio(const keel_update_stats *u) {
+  if (u->update_sumsq == 0) return 0;
+  return u->w_sumsq > 0 ? sqrt(u->update_sumsq) / sqrt(u->w_sumsq) : INFINITY;
 }
 
 /* }====================================================================== */
@@ -219,7 +231,26 @@ static int l_set_nonfinite(lua_State *L) {
 
 /* step(h, groups): pushes every group's hyper-parameters, steps, and
 ** returns the report table. */
-static int l_step(lua_State *L) {
+/* Writes r into the table on top of the stack (every field: a table
+** from prepare is updated in place by apply or cancel). */
+static void fill_report(lua_State *L, const keel_step_report *r) {
+  lua_pushboolean(L, r->applied); lua_setfield(L, -2, "applied");
+  if (r->reason) lua_pushstring(L, r->reason); else lua_pushnil(L);
+  lua_setfield(L, -2, "reason");
+  set_num(L, "grad_norm", r->grad_norm);
+  set_num(L, "clip_coef", r->clip_coef);
+  lua_pushboolean(L, r->clipped); lua_setfield(L, -2, "clipped");
+  set_int(L, "nonfinite", r->nonfinite);
+  set_int(L, "step", r->step);
+  set_int(L, "n_updated", r->n_updated);
+  if (r->top_param >= 0) lua_pushinteger(L, r->top_param + 1); else lua_pushnil(L);
+  lua_setfield(L, -2, "top_param");
+  set_num(L, "top_share", r->top_share);
+}
+
+/* prepare(h, groups): pushes every group's hyper-parameters, prepares the
+** step and returns the report table (applied = false). */
+static int l_prepare(lua_State *L) {
   lk_state *S = lk_S(L);
   keel_optim *o = check_optim(L, 1);
   keel_step_report r;
@@ -236,16 +267,100 @@ static int l_step(lua_State *L) {
     lua_pop(L, 1);
     lk_check(L, S, keel_optim_set_hparams(o, g, &h));
   }
-  lk_check(L, S, keel_optim_step(o, &r));
-  lua_createtable(L, 0, 9);
-  lua_pushboolean(L, r.applied); lua_setfield(L, -2, "applied");
-  if (r.reason) { lua_pushstring(L, r.reason); lua_setfield(L, -2, "reason"); }
-  set_num(L, "grad_norm", r.grad_norm);
-  set_num(L, "clip_coef", r.clip_coef);
-  lua_pushboolean(L, r.clipped); lua_setfield(L, -2, "clipped");
-  set_int(L, "nonfinite", r.nonfinite);
+  lk_check(L, S, keel_optim_prepare(o, &r));
+  lua_createtable(L, 0, 12);
+  fill_report(L, &r);
+  return 1;
+}
+
+/* apply(h, lr_scale, report): applies the prepared step with lr times
+** lr_scale and updates the report; raises the error policy's error. */
+static int l_apply(lua_State *L) {
+  lk_state *S = lk_S(L);
+  keel_optim *o = check_optim(L, 1);
+  keel_step_report r;
+  keel_status st;
+  double scale = luaL_checknumber(L, 2);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  if ((st = keel_optim_set_lr_scale(o, scale))) {
+    keel_optim_discard(o);   /* a bad scale aborts the step before anything */
+    lk_check(L, S, st);
+  }
+  st = keel_optim_apply(o, &r);
+  lua_settop(L, 3);
+  fill_report(L, &r);
+  lk_check(L, S, st);
+  return 1;
+}
+
+/* cancel(h, report): records the prepared step as cancelled; the report
+** keeps what prepare measured (grad_norm, nonfinite, top_param, ...). */
+static int l_cancel(lua_State *L) {
+  keel_optim *o = check_optim(L, 1);
+  keel_step_report r;
+  luaL_checktype(L, 2, LUA_TTABLE);
+  keel_optim_cancel(o, &r);
+  lua_settop(L, 2);
+  lua_pushboolean(L, 0); lua_setfield(L, 2, "applied");
+  lua_pushstring(L, r.reason); lua_setfield(L, 2, "reason");
+  set_num(L, "clip_coef", 1);
+  lua_pushboolean(L, 0); lua_setfield(L, 2, "clipped");
+  set_int(L, "n_updated", 0);
   set_int(L, "step", r.step);
-  set_int(L, "n_updated", r.n_updated);
+  return 1;
+}
+
+/* discard(h): drops the prepared step, recording nothing. */
+static int l_discard(lua_State *L) {
+  keel_optim_discard(check_optim(L, 1));
+  return 0;
+}
+
+/* param_stats(h, i, step [, grad]): the on_grad hooks' statistics of
+** parameter i, from the last prepare or (grad given) computed afresh:
+** {norm, max_abs, mean, std, rms, nonfinite, nan, inf, zeros, numel,
+** weight_norm, update_ratio (nil before the first update), step}. Mean,
+** std (population) and rms are over the finite elements. */
+static int l_param_stats(lua_State *L) {
+  lk_state *S = lk_S(L);
+  keel_optim *o = check_optim(L, 1);
+  int i = (int)luaL_checkinteger(L, 2) - 1;
+  lua_Integer step = luaL_checkinteger(L, 3);
+  keel_grad_stats fresh;
+  const keel_grad_stats *s;
+  const keel_update_stats *u;
+  double nf, mean = 0, var = 0, rms = 0;
+  if (i < 0 || i >= keel_optim_param_count(o))
+    return luaL_error(L, "optim: no parameter %d", i + 1);
+  if (!lua_isnoneornil(L, 4)) {
+    keel_tensor *g = lk_to(L, 4);
+    if (!g) return luaL_error(L, "optim: gradient must be a keel.Tensor, got %s", lk_typename(L, 4));
+    lk_check(L, S, keel_optim_param_stats(o, i, g, &fresh));
+    s = &fresh;
+  } else {
+    s = &keel_optim_last_stats(o)[i];
+  }
+  u = &keel_optim_last_updates(o)[i];
+  nf = (double)(s->numel - s->nan - s->inf);
+  if (nf > 0) {
+    mean = s->sum / nf;
+    var = s->sumsq / nf - mean * mean;
+    rms = sqrt(s->sumsq / nf);
+  }
+  lua_createtable(L, 0, 13);
+  set_num(L, "norm", sqrt(s->sumsq));
+  set_num(L, "max_abs", s->max_abs);
+  set_num(L, "mean", mean);
+  set_num(L, "std", var > 0 ? sqrt(var) : 0);
+  set_num(L, "rms", rms);
+  set_int(L, "nonfinite", s->nan + s->inf);
+  set_int(L, "nan", s->nan);
+  set_int(L, "inf", s->inf);
+  set_int(L, "zeros", s->zeros);
+  set_int(L, "numel", s->numel);
+  set_num(L, "weight_norm", sqrt(s->w_sumsq));
+  if (u->step > 0) set_num(L, "update_ratio", update_ratio(u));
+  set_int(L, "step", step);
   return 1;
 }
 
@@ -261,12 +376,13 @@ static int l_step_count(lua_State *L) {
   return 1;
 }
 
-#define COUNTERS(X) X(steps) X(skipped) X(errors) X(no_grad) X(nonfinite_steps) X(nonfinite_elements) X(clipped)
+#define COUNTERS(X) X(steps) X(skipped) X(cancelled) X(errors) X(no_grad) X(nonfinite_steps) \
+  X(nonfinite_elements) X(clipped)
 
 static int l_counters(lua_State *L) {
   keel_optim_counters c;
   keel_optim_get_counters(check_optim(L, 1), &c);
-  lua_createtable(L, 0, 7);
+  lua_createtable(L, 0, 8);
 #define X(f) set_int(L, #f, c.f);
   COUNTERS(X)
 #undef X
@@ -415,13 +531,22 @@ static int l_set_clip_state(lua_State *L) {
   return 0;
 }
 
+/* last_stats(h): per parameter, the statistics of the last prepare and
+** the last applied update (update_sumsq, update_ratio: nil before it). */
 static int l_last_stats(lua_State *L) {
   keel_optim *o = check_optim(L, 1);
   int n = keel_optim_param_count(o);
   const keel_grad_stats *s = keel_optim_last_stats(o);
+  const keel_update_stats *u = keel_optim_last_updates(o);
   lua_createtable(L, n, 0);
   for (int i = 0; i < n; i++) {
-    push_stats(L, &s[i]);
+    push_stats(L, &s[i], 13);
+    set_num(L, "w_sumsq", s[i].w_sumsq);
+    set_num(L, "weight_norm", sqrt(s[i].w_sumsq));
+    if (u[i].step > 0) {
+      set_num(L, "update_sumsq", u[i].update_sumsq);
+      set_num(L, "update_ratio", update_ratio(&u[i]));
+    }
     lua_rawseti(L, -2, i + 1);
   }
   return 1;
@@ -441,7 +566,7 @@ static int l_grad_stats(lua_State *L) {
   lk_check(L, S, keel_grad_stats_compute(S->ctx, n, ts, st));
   lua_createtable(L, n, 0);
   for (int i = 0; i < n; i++) {
-    push_stats(L, &st[i]);
+    push_stats(L, &st[i], 9);
     lua_rawseti(L, -2, i + 1);
   }
   return 1;
@@ -479,7 +604,8 @@ static int l_clip_grad_agc(lua_State *L) {
 static const luaL_Reg optim_fns[] = {
   {"new", l_new}, {"add_group", l_add_group}, {"set_group", l_set_group},
   {"set_clip", l_set_clip}, {"set_clip_threshold", l_set_clip_threshold},
-  {"set_nonfinite", l_set_nonfinite}, {"step", l_step}, {"zero_grad", l_zero_grad},
+  {"set_nonfinite", l_set_nonfinite}, {"prepare", l_prepare}, {"apply", l_apply}, {"cancel", l_cancel},
+  {"discard", l_discard}, {"param_stats", l_param_stats}, {"zero_grad", l_zero_grad},
   {"step_count", l_step_count}, {"counters", l_counters}, {"set_counters", l_set_counters},
   {"params", l_params}, {"get_state", l_get_state}, {"set_state", l_set_state},
   {"get_clip_state", l_get_clip_state}, {"set_clip_state", l_set_clip_state},

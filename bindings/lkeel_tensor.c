@@ -669,12 +669,59 @@ static int t_index_select(lua_State *L) {
 ** Autograd
 ** ======================================================================= */
 
+/* Post-accumulate-grad hooks: keel.autograd keeps, in the registry table
+** "keel.post_hooks", engine handle (light userdata) -> list of {fn = f}
+** with list.owner the tensor userdata. After a successful pass the engine
+** names each tensor it committed; its list, if any, goes on the stack. */
+typedef struct post_ud { lua_State *L; int tab, n; } post_ud;
+
+static void post_collect(void *ud, keel_tensor *t) {
+  post_ud *p = (post_ud *)ud;
+  /* no allocation, nothing that can raise: the engine is still running */
+  if (!lua_checkstack(p->L, 4)) return;
+  if (lua_rawgetp(p->L, p->tab, t) == LUA_TTABLE) p->n++;
+  else lua_pop(p->L, 1);
+}
+
+static int traceback(lua_State *L);
+
+/* Calls each list's hooks in order: fn(owner). The lists are the n values
+** on top of the stack. */
+static void post_run(lua_State *L, int n) {
+  int first = lua_gettop(L) - n + 1;
+  lua_pushcfunction(L, traceback);
+  for (int k = 0; k < n; k++) {
+    int list = first + k, m;
+    /* a snapshot: a hook that removes itself or adds another does not
+    ** change this pass */
+    m = (int)lua_rawlen(L, list);
+    lua_createtable(L, m, 0);
+    for (int j = 1; j <= m; j++) {
+      lua_rawgeti(L, list, j);
+      lua_rawseti(L, -2, j);
+    }
+    for (int j = 1; j <= m; j++) {
+      lua_rawgeti(L, -1, j);
+      lua_getfield(L, -1, "fn");
+      lua_getfield(L, list, "owner");
+      if (lua_pcall(L, 1, 0, first + n) != LUA_OK) {
+        lua_pushfstring(L, "post_accumulate_grad hook: %s", lua_tostring(L, -1));
+        lua_error(L);
+      }
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+  }
+  lua_settop(L, first - 1);
+}
+
 static int t_backward(lua_State *L) {
   lk_state *S = lk_S(L);
   keel_tensor *t = self(L, "backward"), *g = lk_to(L, 2);
   int retain = 0, opts = (g || lua_isnil(L, 2)) ? 3 : 2;
   keel_status st;
   lua_State *prev = S->running;
+  post_ud post = {L, 0, 0};
   if (!g && !lua_isnoneornil(L, 2) && !lua_istable(L, 2))
     return luaL_error(L, "backward: argument #1: expected a gradient tensor or an options table, got %s",
                       lk_typename(L, 2));
@@ -683,10 +730,23 @@ static int t_backward(lua_State *L) {
     retain = lua_toboolean(L, -1);
     lua_pop(L, 1);
   }
+  lua_settop(L, 3);
+  if (lua_getfield(L, LUA_REGISTRYINDEX, "keel.post_hooks") == LUA_TTABLE) {
+    lua_pushnil(L);
+    if (lua_next(L, -2)) {   /* some hook is registered */
+      lua_pop(L, 2);
+      post.tab = lua_gettop(L);
+    }
+  }
+  if (!post.tab) lua_pop(L, 1);
   S->running = L;
-  st = keel_backward(S->ctx, t, g, retain);
+  st = post.tab ? keel_backward_observe(S->ctx, t, g, retain, post_collect, &post)
+                : keel_backward(S->ctx, t, g, retain);
   S->running = prev;
+  /* anomaly mode: the event names the op; in error mode it is the error */
+  if (S->anomaly && keel_anomaly_pending(S->ctx) && lk_anomaly_deliver(L, S)) lua_error(L);
   lk_check(L, S, st);
+  if (post.n) post_run(L, post.n);
   return 0;
 }
 

@@ -9,6 +9,8 @@
 **   keel -i script          run the script, then the REPL
 **   keel -                  read the script from stdin
 **   keel                    REPL: `keel> `, `  >> ` for an incomplete chunk
+**   keel plot RUN_DIR -o f.png   draw a run's metrics.jsonl (keel.plot's main;
+**                           a script named "plot" runs as `keel ./plot`)
 **
 ** Before anything runs, the standard libraries are open, "keel.core" is
 ** in package.preload, <root>/bindings is on package.path (root from
@@ -60,8 +62,10 @@ static void print_usage(FILE *f) {
     "  -h        show this help\n"
     "  --        stop handling options\n"
     "  -         run the script from stdin and stop handling options\n"
-    "Without a script or -e, %s starts the REPL.\n",
-    progname, progname);
+    "Without a script or -e, %s starts the REPL.\n"
+    "Subcommands:\n"
+    "  %s plot RUN_DIR [-o out.png]   draw loss and gradient norms of a run\n",
+    progname, progname, progname);
   fflush(f);
 }
 
@@ -506,11 +510,33 @@ static int run_args(lua_State *L, char **argv, int n) {
   return 1;
 }
 
+/* `keel plot ARGS...`: require("keel.plot").main({ARGS...}). */
+static int run_plot(lua_State *L, char **argv, int argc) {
+  int i;
+  luaL_openlibs(L);
+  create_arg_table(L, argv, argc, 1);
+  if (!setup_keel(L)) return 0;
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "keel.plot");
+  if (report(L, docall(L, 1, 1)) != LUA_OK) return 0;
+  lua_getfield(L, -1, "main");
+  lua_createtable(L, argc - 2, 0);
+  for (i = 2; i < argc; i++) {
+    lua_pushstring(L, argv[i]);
+    lua_rawseti(L, -2, i - 1);
+  }
+  if (report(L, docall(L, 1, 0)) != LUA_OK) return 0;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 static int pmain(lua_State *L) {
   int argc = (int)lua_tointeger(L, 1);
   char **argv = (char **)lua_touserdata(L, 2);
   int script = argc;
-  int flags = collect_args(argv, argc, &script);
+  int flags;
+  if (argc >= 2 && strcmp(argv[1], "plot") == 0) return run_plot(L, argv, argc);
+  flags = collect_args(argv, argc, &script);
   luaL_checkversion(L);
   if (flags & HAS_ERROR) {
     if (script < argc) fprintf(stderr, "%s: bad option '%s'\n", progname, argv[script]);

@@ -7,6 +7,9 @@
 ** Leaf gradients are staged and committed only when the whole pass has
 ** succeeded, so an error (or a failing hook) never leaves .grad half
 ** updated.
+**
+** Anomaly mode (anomaly.c) adds one check to kl_record and one to each
+** input gradient a backward rule makes; off, each is a single branch.
 */
 #include <stdlib.h>
 #include <string.h>
@@ -53,6 +56,7 @@ kl_node *kl_record(keel_ctx *ctx, int op, int n, keel_tensor *const *in, keel_te
   memcpy(node->out_shape, out->shape, sizeof(int64_t) * (size_t)out->ndim);
   kl_ctx_ref(ctx);
   out->grad_fn = node;
+  if (ctx->anomaly) kl_anomaly_record(ctx, node, n, in, out);
   return node;
 }
 
@@ -366,10 +370,14 @@ static keel_status run_node(pass *p, kl_node *n, int retain) {
   keel_tensor **gv = gin;
   keel_tensor *g = n->pending;
   keel_status st = KEEL_OK;
+  int g_state = n->an_gstate;   /* anomaly mode: what is known of g's values */
   n->pending = NULL;
   if (g) {
     if ((st = check_saved(ctx, n))) goto done;
-    if (n->hooks && (st = run_hooks(ctx, n->hooks, &g))) goto done;
+    if (n->hooks) {
+      if ((st = run_hooks(ctx, n->hooks, &g))) goto done;
+      g_state = KL_AN_UNKNOWN;
+    }
     if (n->retained) {
       if ((st = stage_add(p, n->retained, NULL, keel_tensor_retain(g)))) goto done;
     }
@@ -386,9 +394,22 @@ static keel_status run_node(pass *p, kl_node *n, int retain) {
       gv[i] = NULL;
       if (!gi) continue;
       if (st || (!e->fn && !e->leaf)) { keel_tensor_release(gi); continue; }
-      if ((st = fit_to_edge(ctx, e, gi, &gi))) continue;
-      if (e->fn) st = accumulate(ctx, &e->fn->pending, gi);
-      else st = stage_add(p, e->leaf, e->leaf->hooks, gi);
+      {
+        keel_tensor *before = gi;
+        int gi_state = KL_AN_UNKNOWN;
+        if ((st = fit_to_edge(ctx, e, gi, &gi))) continue;
+        if (ctx->anomaly && (st = kl_anomaly_grad(ctx, n, g, &g_state, gi, i, gi != before, &gi_state))) {
+          keel_tensor_release(gi);
+          continue;
+        }
+        if (e->fn) {
+          /* a sum of several gradients is not known to be finite */
+          e->fn->an_gstate = (uint8_t)(e->fn->pending ? KL_AN_UNKNOWN : gi_state);
+          st = accumulate(ctx, &e->fn->pending, gi);
+        } else {
+          st = stage_add(p, e->leaf, e->leaf->hooks, gi);
+        }
+      }
     }
     if (gv != gin) free(gv);
   }
@@ -441,6 +462,11 @@ static keel_status commit(pass *p) {
 }
 
 keel_status keel_backward(keel_ctx *ctx, keel_tensor *root, keel_tensor *grad, int retain_graph) {
+  return keel_backward_observe(ctx, root, grad, retain_graph, NULL, NULL);
+}
+
+keel_status keel_backward_observe(keel_ctx *ctx, keel_tensor *root, keel_tensor *grad, int retain_graph,
+                                  keel_commit_fn fn, void *ud) {
   pass p;
   keel_tensor *seed = NULL;
   keel_status st = KEEL_OK;
@@ -476,10 +502,11 @@ keel_status keel_backward(keel_ctx *ctx, keel_tensor *root, keel_tensor *grad, i
     st = stage_add(&p, root, root->hooks, seed);
     seed = NULL;
     if (!st) st = commit(&p);
-    goto out;
+    goto committed;
   }
   if ((st = collect(&p, root->grad_fn))) goto out;
   root->grad_fn->pending = seed;
+  root->grad_fn->an_gstate = KL_AN_UNKNOWN;
   seed = NULL;
   if (!grow((void **)&p.ready, &p.cap_ready, 1, sizeof(kl_node *))) { st = nomem(ctx); goto out; }
   p.ready[p.n_ready++] = root->grad_fn;
@@ -488,6 +515,10 @@ keel_status keel_backward(keel_ctx *ctx, keel_tensor *root, keel_tensor *grad, i
     if ((st = run_node(&p, n, retain_graph))) break;
   }
   if (!st) st = commit(&p);
+committed:
+  /* every .grad is in place: post-accumulate-grad hooks may read them */
+  if (!st && fn)
+    for (int i = 0; i < p.n_st; i++) fn(ud, p.st[i].target);
 out:
   /* on failure, drop whatever is still in flight */
   for (int i = 0; i < p.n_order; i++) kl_release(&p.order[i]->pending);

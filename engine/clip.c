@@ -18,6 +18,11 @@
 **
 ** Thresholds: the value bound, max norms, the AGC factor, the percentile
 ** and the z threshold may change every step (keel_optim_set_clip_threshold).
+**
+** Evaluating a chain changes no adaptive state (percentile history, ZClip
+** EMA): kl_clip_eval computes what the state would become and
+** kl_clip_commit makes it so, once the optimizer applies the step. A step
+** that is prepared and then cancelled leaves the chain exactly as it was.
 */
 #include <math.h>
 #include <stdlib.h>
@@ -40,6 +45,11 @@ typedef struct clip_item {
   int64_t n, head, cap;
   double mean, var;
   int initialized;
+  /* what the last kl_clip_eval would make of the state: the norm it saw
+  ** and the zscore EMA after it; kl_clip_commit makes it so */
+  int pending;
+  double p_norm, p_mean, p_var;
+  int p_init;
 } clip_item;
 
 struct kl_clip_chain {
@@ -249,6 +259,7 @@ keel_status kl_clip_chain_set_state(keel_ctx *ctx, kl_clip_chain *c, int i, cons
   it->mean = s->mean;
   it->var = s->var;
   it->initialized = s->initialized != 0;
+  it->pending = 0;
   return KEEL_OK;
 }
 
@@ -280,19 +291,60 @@ static void history_push(clip_item *it, double x) {
   it->n++;
 }
 
+/* The sorted history as history_push(it, x) would leave it, without
+** changing it: the removed entry (the oldest, when the window is full)
+** sits at rem in it->sorted (-1: none), x goes in at ins of the array
+** without it, and element k is read through these indices. */
+typedef struct virt_sorted {
+  const double *s;
+  int64_t n, rem, ins;
+  double x;
+} virt_sorted;
+
+static void virt_init(virt_sorted *vs, const clip_item *it, double x) {
+  int64_t lo = 0, hi = it->n, ub;
+  vs->s = it->sorted;
+  vs->x = x;
+  vs->rem = -1;
+  if (it->spec.window > 0 && it->n == it->spec.window) {
+    double old = it->ring[it->head];
+    int64_t l = 0, h = it->n - 1;
+    while (l < h) {   /* the occurrence history_push removes */
+      int64_t mid = l + (h - l) / 2;
+      if (it->sorted[mid] < old) l = mid + 1; else h = mid;
+    }
+    vs->rem = l;
+  }
+  while (lo < hi) {   /* entries <= x */
+    int64_t mid = lo + (hi - lo) / 2;
+    if (it->sorted[mid] <= x) lo = mid + 1; else hi = mid;
+  }
+  ub = lo;
+  vs->ins = vs->rem >= 0 && vs->rem < ub ? ub - 1 : ub;
+  vs->n = it->n - (vs->rem >= 0) + 1;
+}
+
+static double virt_at(const virt_sorted *vs, int64_t k) {
+  int64_t j;
+  if (k == vs->ins) return vs->x;
+  j = k < vs->ins ? k : k - 1;             /* index in the array without x */
+  return vs->s[vs->rem >= 0 && j >= vs->rem ? j + 1 : j];
+}
+
 /* numpy.percentile(history, q) with the default "linear" method, step by
 ** step as numpy 1.24 computes it (index (n - 1) q, then _lerp). */
-static double percentile(const double *s, int64_t n, double q) {
+static double percentile(const virt_sorted *vs, double q) {
+  int64_t n = vs->n;
   double vi = (double)(n - 1) * (q / 100), prev, gamma, a, b, d, r;
   int64_t ip, in;
-  if (vi >= (double)(n - 1)) return s[n - 1];
-  if (vi < 0) return s[0];
+  if (vi >= (double)(n - 1)) return virt_at(vs, n - 1);
+  if (vi < 0) return virt_at(vs, 0);
   prev = floor(vi);
   ip = (int64_t)prev;
   in = ip + 1;
   gamma = vi - prev;
-  a = s[ip];
-  b = s[in];
+  a = virt_at(vs, ip);
+  b = virt_at(vs, in);
   d = b - a;
   r = a + d * gamma;
   if (gamma >= 0.5) r = b - d * (1 - gamma);
@@ -389,14 +441,19 @@ static void stats_add(keel_grad_stats *acc, const keel_grad_stats *s) {
   acc->numel += s->numel;
   acc->nan += s->nan;
   acc->inf += s->inf;
+  acc->zeros += s->zeros;
+  acc->sum += s->sum;
   acc->sumsq += s->sumsq;
   acc->sum_abs += s->sum_abs;
   acc->max_abs = s->max_abs > acc->max_abs ? s->max_abs : acc->max_abs;
+  acc->w_sumsq += s->w_sumsq;
 }
 
 /* Statistics of the m gradients g (contiguous) for a step under chain c
 ** (NULL: none): units, raw statistics, the raw global L2 norm and the
-** non-finite count; the parameters p are read for AGC's weight norms. */
+** non-finite count. The parameters p (NULL: none; else contiguous, of the
+** gradients' shapes and dtypes) are read in the same pass, for their sums
+** of squares (AGC's weight norms, the optimizer's statistics). */
 keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w, int m,
                           keel_tensor *const *g, keel_tensor *const *p) {
   int agc = chain_has(c, KEEL_CLIP_AGC);
@@ -419,10 +476,13 @@ keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w
     w->u0[k] = nu;
     for (int64_t u = nu; u < nu + n; u++) { w->a[u] = 1; w->v[u] = INFINITY; w->spow[u] = 0; w->wsq[u] = 0; }
     st = be->grad_stats(ctx, g[k], n, NULL, NULL, w->pw, w->us + nu, w->pw > 0 ? w->spow + nu : NULL,
-                        agc ? p[k] : NULL, agc ? w->wsq + nu : NULL);
+                        p ? p[k] : NULL);
     if (st) return st;
     memset(ts, 0, sizeof *ts);
-    for (int64_t u = nu; u < nu + n; u++) stats_add(ts, &w->us[u]);
+    for (int64_t u = nu; u < nu + n; u++) {
+      stats_add(ts, &w->us[u]);
+      w->wsq[u] = w->us[u].w_sumsq;
+    }
     sumsq += ts->sumsq;
     w->nonfinite += ts->nan + ts->inf;
     nu += n;
@@ -479,21 +539,28 @@ static double torch_coef(double max_norm, double total) {
 **   capped by max_norm; the EMA is updated with the clipped value:
 **   mean = alpha mean + (1 - alpha) x;  var = alpha var + (1 - alpha)(x - mean)^2
 ** (var uses the new mean, as the reference does). */
+/* Here the state after the step goes to it->p_* (kl_clip_commit). The
+** warm-up statistics run over the buffer with norm appended, in the
+** order the buffer holds them. */
 static double zscore_coef(clip_item *it, double norm) {
   const keel_clip_spec *s = &it->spec;
-  double clip_val = 0, eff, x, std, z;
+  double clip_val = 0, eff, x, std, z, mean;
   int spike = 0;
+  it->p_init = it->initialized;
+  it->p_mean = it->mean;
+  it->p_var = it->var;
   if (!it->initialized) {
-    int64_t warm = s->window > 0 ? s->window : 1;
+    int64_t warm = s->window > 0 ? s->window : 1, n = it->n + 1;
     double sum = 0, var = 0;
-    it->ring[it->n++] = norm;
-    if (it->n >= warm) {
+    if (n >= warm) {
       for (int64_t j = 0; j < it->n; j++) sum += it->ring[j];
-      it->mean = sum / (double)it->n;
-      for (int64_t j = 0; j < it->n; j++) var += (it->ring[j] - it->mean) * (it->ring[j] - it->mean);
-      it->var = var / (double)it->n;
-      it->initialized = 1;
-      it->n = 0;
+      sum += norm;
+      mean = sum / (double)n;
+      for (int64_t j = 0; j < it->n; j++) var += (it->ring[j] - mean) * (it->ring[j] - mean);
+      var += (norm - mean) * (norm - mean);
+      it->p_mean = mean;
+      it->p_var = var / (double)n;
+      it->p_init = 1;
     }
     return s->max_norm > 0 ? torch_coef(s->max_norm, norm) : 1;
   }
@@ -506,8 +573,9 @@ static double zscore_coef(clip_item *it, double norm) {
   eff = spike ? clip_val : norm;
   if (s->max_norm > 0 && s->max_norm < eff) eff = s->max_norm;
   x = spike ? clip_val : norm;
-  it->mean = s->alpha * it->mean + (1 - s->alpha) * x;
-  it->var = s->alpha * it->var + (1 - s->alpha) * (x - it->mean) * (x - it->mean);
+  mean = s->alpha * it->mean + (1 - s->alpha) * x;
+  it->p_mean = mean;
+  it->p_var = s->alpha * it->var + (1 - s->alpha) * (x - mean) * (x - mean);
   return norm > eff ? eff / (norm + TORCH_EPS) : 1;
 }
 
@@ -520,7 +588,7 @@ static keel_status restat(keel_ctx *ctx, kl_clip_work *w, keel_tensor *const *g,
     const kl_backend *be = kl_backend_for(ctx, g[k]->storage->device);
     int64_t u0 = w->u0[k], n = w->u0[k + 1] - u0;
     if ((st = be->grad_stats(ctx, g[k], n, w->a + u0, w->v + u0, w->pw, w->us + u0,
-                             w->pw > 0 ? w->spow + u0 : NULL, NULL, NULL)))
+                             w->pw > 0 ? w->spow + u0 : NULL, NULL)))
       return st;
   }
   return KEEL_OK;
@@ -528,13 +596,14 @@ static keel_status restat(keel_ctx *ctx, kl_clip_work *w, keel_tensor *const *g,
 
 /* Runs chain c over the statistics of kl_clip_stats, leaving the scale and
 ** bound of every unit in w->a, w->v, and w->coef (product of the global
-** factors) and w->clipped. Updates the adaptive state: all allocation
-** happens first, and after that only the statistics kernels run, which
-** do not fail, so a failed call leaves the state as it was. */
+** factors) and w->clipped. The adaptive state does not change: what it
+** would become is kept aside for kl_clip_commit. Room for the history is
+** made first (capacity only: nothing a reader sees). */
 keel_status kl_clip_eval(keel_ctx *ctx, kl_clip_chain *c, kl_clip_work *w, keel_tensor *const *g) {
   int valid = 1;
   keel_status st;
   if (!c) return KEEL_OK;
+  for (int i = 0; i < c->n; i++) c->items[i].pending = 0;
   /* room for one more norm in every unbounded history, before any change */
   for (int i = 0; i < c->n; i++) {
     clip_item *it = &c->items[i];
@@ -585,10 +654,15 @@ keel_status kl_clip_eval(keel_ctx *ctx, kl_clip_chain *c, kl_clip_work *w, keel_
           /* AutoClip (Seetharaman et al. 2020, github.com/pseeth/autoclip):
           ** the current norm joins the history first, then the clip
           ** value is np.percentile(history, p) and clip_grad_norm_ uses it. */
-          history_push(it, norm);
-          coef = torch_coef(percentile(it->sorted, it->n, t), norm);
+          virt_sorted vs;
+          virt_init(&vs, it, norm);
+          coef = torch_coef(percentile(&vs, t), norm);
         } else {
           coef = zscore_coef(it, norm);
+        }
+        if (s->kind != KEEL_CLIP_GLOBAL_NORM) {
+          it->pending = 1;
+          it->p_norm = norm;
         }
         units_scale(w, 0, w->nu, coef);
         w->coef *= coef;
@@ -597,6 +671,36 @@ keel_status kl_clip_eval(keel_ctx *ctx, kl_clip_chain *c, kl_clip_work *w, keel_
     }
   }
   return KEEL_OK;
+}
+
+/* Makes the adaptive state what the last kl_clip_eval computed (room was
+** made there, so this cannot fail); a second call does nothing. */
+void kl_clip_commit(kl_clip_chain *c) {
+  for (int i = 0; c && i < c->n; i++) {
+    clip_item *it = &c->items[i];
+    if (!it->pending) continue;
+    it->pending = 0;
+    if (it->spec.kind == KEEL_CLIP_PERCENTILE) {
+      history_push(it, it->p_norm);
+    } else if (!it->initialized) {
+      if (it->p_init) {   /* warm-up done: the buffer is spent */
+        it->n = 0;
+        it->initialized = 1;
+      } else {
+        it->ring[it->n++] = it->p_norm;
+      }
+      it->mean = it->p_mean;
+      it->var = it->p_var;
+    } else {
+      it->mean = it->p_mean;
+      it->var = it->p_var;
+    }
+  }
+}
+
+/* Drops what kl_clip_eval kept aside. */
+void kl_clip_discard(kl_clip_chain *c) {
+  for (int i = 0; c && i < c->n; i++) c->items[i].pending = 0;
 }
 
 /* }====================================================================== */
@@ -614,7 +718,7 @@ keel_status keel_grad_stats_compute(keel_ctx *ctx, int n, keel_tensor *const *ts
     if ((st = kl_check_same_ctx(ctx, "grad_stats", t)) || (st = kl_check_float(ctx, "grad_stats", t)))
       return st;
     if ((st = keel_contiguous(ctx, t, &c))) return st;
-    st = kl_backend_for(ctx, c->storage->device)->grad_stats(ctx, c, 1, NULL, NULL, 0, &out[k], NULL, NULL, NULL);
+    st = kl_backend_for(ctx, c->storage->device)->grad_stats(ctx, c, 1, NULL, NULL, 0, &out[k], NULL, NULL);
     keel_tensor_release(c);
     if (st) return st;
   }
@@ -697,7 +801,7 @@ keel_status keel_clip_grad_norm(keel_ctx *ctx, int n, keel_tensor *const *params
     double sp = 0;
     st = kl_backend_for(ctx, G.g[k]->storage->device)->grad_stats(ctx, G.g[k], 1, NULL, NULL,
                                                                   is_plain_p(p) ? 0 : p, &s,
-                                                                  is_plain_p(p) ? NULL : &sp, NULL, NULL);
+                                                                  is_plain_p(p) ? NULL : &sp, NULL);
     if (st) goto done;
     nan += s.nan;
     inf += s.inf;

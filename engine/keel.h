@@ -348,6 +348,13 @@ KEEL_API keel_status keel_retain_grad(keel_ctx *ctx, keel_tensor *t);
 ** Without retain_graph the graph's saved tensors are freed afterwards. */
 KEEL_API keel_status keel_backward(keel_ctx *ctx, keel_tensor *root, keel_tensor *grad,
                                    int retain_graph);
+/* keel_backward, then, once every .grad is committed, fn(ud, t) for each
+** tensor whose .grad the pass changed (leaves and retain_grad tensors), in
+** the order they first received a gradient: post-accumulate-grad hooks.
+** fn is not called when the pass fails. */
+typedef void (*keel_commit_fn)(void *ud, keel_tensor *t);
+KEEL_API keel_status keel_backward_observe(keel_ctx *ctx, keel_tensor *root, keel_tensor *grad,
+                                           int retain_graph, keel_commit_fn fn, void *ud);
 
 /* A gradient hook: called with the gradient flowing into t; set *replace
 ** to a new reference to substitute it (or leave NULL). A non-OK return
@@ -646,13 +653,23 @@ KEEL_API const char *keel_safetensors_metadata_value(const keel_safetensors *st,
 ** Optimizers and gradient clipping (optim.c, clip.c).
 **
 ** keel_optim_step makes two passes over memory. The statistics pass reads
-** every gradient once and fills a keel_grad_stats per parameter (sum of
-** squares in double, in a fixed order, so the norm has the same bits on
-** any thread count; max |g|; NaN/Inf counts). The clip chain turns those
-** into one scale (and clamp bound) per tensor or per AGC unit, and the
-** update pass applies them inside the optimizer's own loop: clipping never
-** costs a pass of its own, and .grad is left as backward made it.
+** every gradient, and its parameter in the same loop, once and fills a
+** keel_grad_stats per parameter (sums in double, in a fixed order, so the
+** norm has the same bits on any thread count; max |g|; NaN/Inf/zero
+** counts; the weight's sum of squares). The clip chain turns those into
+** one scale (and clamp bound) per tensor or per AGC unit, and the update
+** pass applies them inside the optimizer's own loop: clipping never costs
+** a pass of its own, and .grad is left as backward made it. The update
+** pass also sums the squares of the changes it makes (keel_update_stats).
 ** Update formulas are PyTorch 1.13's single-tensor (foreach=False) ones.
+**
+** A step can be taken in two halves, so that a caller can look at the
+** statistics and decide: keel_optim_prepare runs the statistics pass and
+** decides clipping and the non-finite policy while changing nothing
+** (parameters, state, step counts, counters, adaptive clip state);
+** keel_optim_apply then runs the update pass and commits, or
+** keel_optim_cancel records a cancelled step and changes nothing else.
+** keel_optim_step is prepare followed by apply.
 */
 
 typedef struct keel_optim keel_optim;
@@ -715,30 +732,49 @@ typedef enum keel_nonfinite {
 } keel_nonfinite;
 
 /* Statistics of one tensor (or one AGC unit) from a single pass. Sums run
-** over finite elements only; non-finite ones are counted. */
+** over finite elements only; non-finite ones are counted. The mean is
+** sum / (numel - nan - inf). */
 typedef struct keel_grad_stats {
   int64_t numel;
   int64_t nan, inf;         /* NaN and +-Inf elements */
+  int64_t zeros;            /* elements equal to 0 */
+  double sum;               /* sum of x */
   double sumsq;             /* sum of squares, accumulated in double */
   double sum_abs;           /* sum of |x| */
   double max_abs;           /* max |x| */
+  double w_sumsq;           /* the parameter's sum of squares, every element (optimizer
+                            ** statistics; 0 where no parameter was read) */
 } keel_grad_stats;
+
+/* The last applied update of one parameter. update_sumsq / w_sumsq is
+** the squared update-to-weight ratio. */
+typedef struct keel_update_stats {
+  int64_t step;             /* the optimizer's step count after that update; 0: never updated */
+  double update_sumsq;      /* sum of squares of (after - before), each change taken in the
+                            ** parameter's dtype and summed in double */
+  double w_sumsq;           /* sum of squares of the parameter before the update */
+} keel_update_stats;
 
 typedef struct keel_step_report {
   int applied;              /* parameters were updated */
-  const char *reason;       /* why not: "nonfinite", "no_grad"; NULL when applied */
+  const char *reason;       /* why not: "nonfinite", "no_grad", "cancelled"; NULL when
+                            ** applied (after prepare: why it would not be) */
   double grad_norm;         /* global L2 norm before clipping (NaN/Inf when the
-                            ** gradient is non-finite and the step was skipped) */
+                            ** gradient is non-finite and the step is skipped or refused) */
   double clip_coef;         /* product of the global scale factors (1: none) */
   int clipped;              /* some transform changed some gradient element */
   int64_t nonfinite;        /* NaN/Inf gradient elements seen */
   int64_t step;             /* applied steps so far, this one included */
-  int n_updated;            /* parameters that had a gradient */
+  int n_updated;            /* parameters updated (after prepare: with a gradient) */
+  int top_param;            /* parameter with the largest sum of squares (its share of
+                            ** the global one); -1 when that is 0 */
+  double top_share;         /* that share, 0..1 */
 } keel_step_report;
 
 typedef struct keel_optim_counters {
   int64_t steps;            /* applied */
   int64_t skipped;          /* not applied: non-finite gradient (skip policy) */
+  int64_t cancelled;        /* not applied: cancelled after prepare (keel_optim_cancel) */
   int64_t errors;           /* refused: non-finite gradient (error policy) */
   int64_t no_grad;          /* not applied: no parameter had a gradient */
   int64_t nonfinite_steps;  /* steps that saw a NaN/Inf gradient, whatever the policy */
@@ -781,8 +817,37 @@ KEEL_API keel_status keel_optim_set_nonfinite(keel_optim *opt, keel_nonfinite po
 ** others are skipped, as PyTorch). r may be NULL. A step that is not
 ** applied (skip policy, no gradient at all) returns KEEL_OK with
 ** r->applied == 0; the error policy returns KEEL_ERR_ARG. Either way no
-** parameter, state or step count changes. */
+** parameter, state or step count changes. Same as prepare, then apply. */
 KEEL_API keel_status keel_optim_step(keel_optim *opt, keel_step_report *r);
+/* The first half of a step: collects the gradients (retained until apply,
+** cancel or discard), runs the statistics pass (keel_optim_last_stats),
+** evaluates the clip chain and the non-finite policy, and fills r with
+** what apply would do (applied = 0; reason NULL: it would update,
+** "nonfinite": skip or error policy, "no_grad"). Changes no parameter,
+** state, step count, counter or adaptive clip state; fails only on bad
+** gradients or memory. A second prepare replaces the first. */
+KEEL_API keel_status keel_optim_prepare(keel_optim *opt, keel_step_report *r);
+/* Carries out the prepared step with the hyper-parameters now set (lr
+** times the lr scale): the update pass, adaptive clip state, step counts
+** and counters; or records the skip, the no-gradient step or (error
+** policy) the refusal, which returns KEEL_ERR_ARG as keel_optim_step
+** does. KEEL_ERR_ARG also when nothing is prepared, or when the prepared
+** step is stale (add_group, set_clip or set_clip_state since prepare: a
+** rollback; cancel it instead). */
+KEEL_API keel_status keel_optim_apply(keel_optim *opt, keel_step_report *r);
+/* Drops the prepared step (stale or not) and counts it in
+** counters.cancelled (and the non-finite counters when it saw NaN/Inf);
+** nothing else changes. r (may be NULL) gets prepare's report with
+** applied 0, reason "cancelled", clip_coef 1, clipped 0, n_updated 0.
+** Works with nothing prepared too. */
+KEEL_API void keel_optim_cancel(keel_optim *opt, keel_step_report *r);
+/* Drops the prepared step without recording anything. */
+KEEL_API void keel_optim_discard(keel_optim *opt);
+/* Multiplies every group's lr at apply time (default 1), without touching
+** the groups: a back-off that schedules do not undo. Must be >= 0 and
+** finite. */
+KEEL_API keel_status keel_optim_set_lr_scale(keel_optim *opt, double scale);
+KEEL_API double keel_optim_get_lr_scale(const keel_optim *opt);
 /* Sets every parameter's .grad to NULL (set_to_none), or fills it with 0. */
 KEEL_API keel_status keel_optim_zero_grad(keel_optim *opt, int set_to_none);
 
@@ -795,9 +860,16 @@ KEEL_API void keel_optim_set_counters(keel_optim *opt, const keel_optim_counters
 KEEL_API int keel_optim_param_count(const keel_optim *opt);
 /* Borrowed; *group (may be NULL) gets its group. NULL when i is out of range. */
 KEEL_API keel_tensor *keel_optim_param(const keel_optim *opt, int i, int *group);
-/* Statistics of each parameter's gradient at the last step that got that
-** far (param_count records; numel 0 for parameters without a gradient). */
+/* Statistics of each parameter's gradient (and weight) at the last prepare
+** that got that far (param_count records; numel 0 for parameters without
+** a gradient). */
 KEEL_API const keel_grad_stats *keel_optim_last_stats(const keel_optim *opt);
+/* Each parameter's last applied update (param_count records). */
+KEEL_API const keel_update_stats *keel_optim_last_updates(const keel_optim *opt);
+/* The statistics the step's pass gives parameter i for gradient g (NULL:
+** its .grad; none gives a zero record): for a gradient a hook replaced. */
+KEEL_API keel_status keel_optim_param_stats(const keel_optim *opt, int i, keel_tensor *g,
+                                            keel_grad_stats *out);
 
 /* Per-parameter state, named as in PyTorch's state_dict: "momentum_buffer"
 ** (SGD, RMSprop), "exp_avg", "exp_avg_sq", "max_exp_avg_sq" (Adam, AdamW),
@@ -837,8 +909,116 @@ KEEL_API keel_status keel_clip_grad_agc(keel_ctx *ctx, int n, keel_tensor *const
 /* }==================================================================== */
 
 /* @api:anomaly */
+/* {====================================================================
+** Anomaly detection: which op made the first NaN or Inf
+**
+** While a mode is set, every op recorded on the tape checks its output
+** (one vectorised scan, ops that only make views excepted) and keeps a
+** finite flag in its node. The first op whose output holds NaN or Inf
+** while its inputs are finite fills the context's event slot (inputs
+** that are not op outputs, such as parameters and data, are scanned only
+** then). Backward scans each input gradient a node produces; the first
+** non-finite one made from a finite incoming gradient fills the slot, and
+** in KEEL_ANOMALY_ERROR mode fails the pass (KEEL_ERR_ARG) before any
+** .grad changes. The slot keeps its first event until the host takes it.
+** Off, the cost is one branch per recorded op.
+** ===================================================================== */
+
+typedef enum keel_anomaly_mode {
+  KEEL_ANOMALY_OFF = 0,
+  KEEL_ANOMALY_ERROR,   /* backward fails at the event; forward only records (the host raises) */
+  KEEL_ANOMALY_WARN,    /* record; the host warns */
+  KEEL_ANOMALY_RECORD
+} keel_anomaly_mode;
+
+typedef enum keel_anomaly_cause {
+  KEEL_ANOMALY_OP = 0,  /* the op made NaN/Inf from finite values */
+  KEEL_ANOMALY_INPUT    /* forward: input `input` is no op output and already held NaN/Inf */
+} keel_anomaly_cause;
+
+#define KEEL_ANOMALY_MAX_IN 8
+
+typedef struct keel_anomaly_event {
+  int backward;                 /* 0: forward, 1: backward */
+  keel_anomaly_cause cause;
+  int op;                       /* index in the op table: keel_op_name(op) */
+  uint32_t site;                /* the node's site (keel_anomaly_stamp); 0: not stamped yet */
+  int input;                    /* 0-based: backward, the input whose gradient went
+                                ** non-finite; KEEL_ANOMALY_INPUT, the non-finite input */
+  int n_in;                     /* inputs described below (the op's present inputs, at most
+                                ** KEEL_ANOMALY_MAX_IN) */
+  int in_index[KEEL_ANOMALY_MAX_IN];          /* 0-based position of each among the op's inputs */
+  int in_ndim[KEEL_ANOMALY_MAX_IN];
+  int64_t in_shape[KEEL_ANOMALY_MAX_IN][KEEL_MAX_DIMS];
+  int64_t nan, inf, numel;      /* of the output (forward) or of that gradient (backward) */
+  /* full mode only (has_stats): finite minimum and maximum, non-finite count.
+  ** Forward: of each input above; backward: in_* of the incoming gradient. */
+  int has_stats;
+  double in_min[KEEL_ANOMALY_MAX_IN], in_max[KEEL_ANOMALY_MAX_IN];
+  int64_t in_nonfinite[KEEL_ANOMALY_MAX_IN];
+  double grad_min, grad_max;    /* backward: the incoming gradient */
+} keel_anomaly_event;
+
+/* full: also gather statistics (min, max) of the inputs of an event. */
+KEEL_API void keel_anomaly_set_mode(keel_ctx *ctx, keel_anomaly_mode mode, int full);
+KEEL_API keel_anomaly_mode keel_anomaly_get_mode(const keel_ctx *ctx);
+KEEL_API int keel_anomaly_pending(const keel_ctx *ctx);
+/* Moves the pending event into *ev and empties the slot; 0 when none. */
+KEEL_API int keel_anomaly_take(keel_ctx *ctx, keel_anomaly_event *ev);
+/* 1 when t was made by an op recorded in anomaly mode whose site is not
+** stamped yet. */
+KEEL_API int keel_anomaly_unstamped(const keel_tensor *t);
+/* Gives site to t's node and to every unstamped node behind it (ops run
+** inside one host call), so a backward event can name where it was made. */
+KEEL_API keel_status keel_anomaly_stamp(keel_ctx *ctx, keel_tensor *t, uint32_t site);
+/* t's node's site (0: none or not stamped); for tests. */
+KEEL_API uint32_t keel_anomaly_site(const keel_tensor *t);
+/* Counts NaN and Inf elements of a float tensor (0 for int64). */
+KEEL_API keel_status keel_count_nonfinite(keel_ctx *ctx, const keel_tensor *t, int64_t *nan,
+                                          int64_t *inf);
+
+/* }==================================================================== */
+
 
 /* @api:summary */
+/* Monitoring helpers (summary.c): TensorBoard's record checksums, tensor
+** histograms, PNG for plots. */
+
+/* CRC-32C (Castagnoli) of n bytes, continuing from crc (0 to start):
+** keel_crc32c(0, "123456789", 9) == 0xE3069283. */
+KEEL_API uint32_t keel_crc32c(uint32_t crc, const void *data, size_t n);
+/* The masked CRC that TFRecord files store: ((crc >> 15) | (crc << 17)) +
+** 0xa282ead8. */
+KEEL_API uint32_t keel_crc32c_mask(uint32_t crc);
+
+typedef struct keel_histogram {
+  int64_t count;            /* finite elements (binned, below or above) */
+  int64_t nan, inf;         /* non-finite elements, skipped */
+  int64_t below, above;     /* finite elements outside [lo, hi], not in counts */
+  double min, max;          /* of the finite elements (0 when there are none) */
+  double sum, sumsq;        /* of the finite elements, accumulated in double */
+  double lo, hi;            /* the range binned */
+} keel_histogram;
+
+/* Histogram of t's elements (float32, float64 or int64; CPU) into
+** counts[nbins]. The data is read twice, a moments loop then a bucket loop
+** (two lean loops run faster than one that does both):
+** - edges != NULL: nbins + 1 strictly increasing finite edges; bucket i
+**   holds edges[i] <= x < edges[i+1], the last bucket also x == edges[nbins];
+** - edges == NULL and lo < hi: nbins uniform buckets over [lo, hi];
+** - edges == NULL and lo >= hi: uniform over the data's [min, max]; when
+**   every finite value is equal, counts[0] holds them.
+** NaN and Inf elements are counted in out and otherwise skipped. */
+KEEL_API keel_status keel_histogram_compute(keel_ctx *ctx, keel_tensor *t, int nbins, const double *edges,
+                                            double lo, double hi, double *counts, keel_histogram *out);
+
+/* Receives encoded bytes; returns nonzero to report a failure. */
+typedef int (*keel_png_write_fn)(void *ud, const void *data, size_t n);
+/* Encodes w x h pixels (comp bytes each: 1 gray, 2 gray+alpha, 3 RGB,
+** 4 RGBA; rows top to bottom, no padding) as a PNG and hands the bytes to
+** fn (stb_image_write, deflated by zlib). */
+KEEL_API keel_status keel_png_encode(keel_ctx *ctx, int w, int h, int comp, const unsigned char *pixels,
+                                     keel_png_write_fn fn, void *ud);
 
 #ifdef __cplusplus
 }

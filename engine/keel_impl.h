@@ -52,6 +52,13 @@ struct keel_ctx {
   uint64_t next_hook_id;
   unsigned mark;                /* generation counter for graph walks */
   /* @ctx:anomaly */
+  /* Anomaly detection (anomaly.c). anomaly is the keel_anomaly_mode, 0 when
+  ** off: the only field the hot paths (kl_record, backward) read. One
+  ** event slot: the first event waits here until the host takes it. */
+  int anomaly;
+  int anomaly_full;             /* also gather input statistics */
+  int anomaly_pending;
+  keel_anomaly_event anomaly_event;
   keel_memory_stats mem;
   /* Freed storage blocks, by size class: big temporaries would otherwise
   ** return to the kernel and page-fault again on the next step. */
@@ -202,6 +209,12 @@ struct kl_node {
   keel_tensor *pending;
   kl_node *next_dead;           /* free list while unreferencing */
   /* @node:anomaly */
+  /* Set only while anomaly detection is on (anomaly.c). */
+  uint32_t an_site;             /* creation site, interned by the host (keel_anomaly_stamp) */
+  uint16_t an_absent;           /* bit i: input i was NULL (not described in events) */
+  uint8_t an_state;             /* KL_AN_UNKNOWN, KL_AN_FINITE or KL_AN_NONFINITE: the output's values */
+  uint8_t an_unstamped;         /* recorded in anomaly mode, site not given yet */
+  uint8_t an_gstate;            /* backward: pending's values (KL_AN_*) */
 };
 
 typedef struct kl_op_info {
@@ -239,6 +252,17 @@ KEEL_INTERNAL int kl_needs_grad(const keel_ctx *ctx, int n, keel_tensor *const *
 ** caller can fill saved tensors and params, or NULL on allocation failure. */
 KEEL_INTERNAL kl_node *kl_record(keel_ctx *ctx, int op, int n, keel_tensor *const *in,
                                  keel_tensor *out);
+/* Anomaly mode (anomaly.c): kl_record calls the first for every node it
+** makes (out already holds the op's values); backward calls the second for
+** each input gradient gi that node n produced from g (*g_state: what is
+** known of g; reshaped: gi was summed or cast to fit its input), which
+** sets *gi_state and fails (error mode) when gi is the first non-finite
+** gradient made from a finite g. */
+enum { KL_AN_UNKNOWN, KL_AN_FINITE, KL_AN_NONFINITE };
+KEEL_INTERNAL void kl_anomaly_record(keel_ctx *ctx, kl_node *node, int n, keel_tensor *const *in,
+                                     const keel_tensor *out);
+KEEL_INTERNAL keel_status kl_anomaly_grad(keel_ctx *ctx, kl_node *n, const keel_tensor *g, int *g_state,
+                                          const keel_tensor *gi, int i, int reshaped, int *gi_state);
 /* Saves t (retained, as an alias outside the graph) in slot i of n. */
 KEEL_INTERNAL keel_status kl_save(keel_ctx *ctx, kl_node *n, int i, keel_tensor *t);
 KEEL_INTERNAL void kl_node_unref(kl_node *n);
@@ -491,11 +515,12 @@ struct kl_backend {
   /* @slots:optim */
   /* Statistics of contiguous g split into nunits equal runs (st[u]), seen
   ** through x -> clamp(x * a[u], -v[u], v[u]) when a != NULL; spow[u] gets
-  ** sum |x|^pw when spow != NULL; wsq[u] the sum of squares of the same
-  ** elements of w (the parameter, for AGC) when w != NULL. */
+  ** sum |x|^pw when spow != NULL; st[u].w_sumsq the sum of squares of the
+  ** same elements of w (contiguous, same shape: the parameter) when w !=
+  ** NULL, read in the same loop as g when a == NULL. */
   keel_status (*grad_stats)(keel_ctx *ctx, const keel_tensor *g, int64_t nunits, const double *a,
                             const double *v, double pw, keel_grad_stats *st, double *spow,
-                            const keel_tensor *w, double *wsq);
+                            const keel_tensor *w);
   /* g = clamp(g * a[u], -v[u], v[u]) in place (contiguous g). */
   keel_status (*grad_scale_)(keel_ctx *ctx, keel_tensor *g, int64_t nunits, const double *a,
                              const double *v);
@@ -503,11 +528,12 @@ struct kl_backend {
   ** (already incremented) and state buffers as optim.c lays them out; bit
   ** 0 of fresh: SGD's momentum buffer is new. Gradient elements of unit u
   ** are clipped to clamp(g * a[u], -v[u], v[u]); nf is ZERO or KEEP when g
-  ** has non-finite elements, anything else when it has none. */
+  ** has non-finite elements, anything else when it has none. *dsq (may be
+  ** NULL) gets the sum of squares of the changes made to p. */
   keel_status (*optim_update)(keel_ctx *ctx, keel_optim_kind kind, const keel_optim_hparams *h,
                               int64_t step, keel_tensor *p, const keel_tensor *g,
                               keel_tensor *const *state, unsigned fresh, int64_t nunits,
-                              const double *a, const double *v, keel_nonfinite nf);
+                              const double *a, const double *v, keel_nonfinite nf, double *dsq);
 };
 
 KEEL_INTERNAL const kl_backend kl_cpu_backend;
@@ -517,8 +543,7 @@ KEEL_INTERNAL const kl_backend *kl_backend_for(keel_ctx *ctx, keel_device dev);
 ** the clip chain that optim.c runs (clip.c). */
 KEEL_INTERNAL keel_status kl_cpu_grad_stats(keel_ctx *ctx, const keel_tensor *g, int64_t nunits,
                                             const double *a, const double *v, double pw,
-                                            keel_grad_stats *st, double *spow, const keel_tensor *w,
-                                            double *wsq);
+                                            keel_grad_stats *st, double *spow, const keel_tensor *w);
 KEEL_INTERNAL keel_status kl_cpu_grad_scale_(keel_ctx *ctx, keel_tensor *g, int64_t nunits,
                                              const double *a, const double *v);
 KEEL_INTERNAL keel_status kl_cpu_optim_update(keel_ctx *ctx, keel_optim_kind kind,
@@ -526,7 +551,7 @@ KEEL_INTERNAL keel_status kl_cpu_optim_update(keel_ctx *ctx, keel_optim_kind kin
                                               keel_tensor *p, const keel_tensor *g,
                                               keel_tensor *const *state, unsigned fresh,
                                               int64_t nunits, const double *a, const double *v,
-                                              keel_nonfinite nf);
+                                              keel_nonfinite nf, double *dsq);
 
 typedef struct kl_clip_chain kl_clip_chain;
 /* One step's clip work: units (one per tensor, or per AGC unit), each
@@ -556,6 +581,10 @@ KEEL_INTERNAL keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, k
                                         keel_tensor *const *g, keel_tensor *const *p);
 KEEL_INTERNAL keel_status kl_clip_eval(keel_ctx *ctx, kl_clip_chain *c, kl_clip_work *w,
                                        keel_tensor *const *g);
+/* kl_clip_eval changes no adaptive state; commit makes it what the last
+** eval computed (cannot fail), discard drops that. */
+KEEL_INTERNAL void kl_clip_commit(kl_clip_chain *c);
+KEEL_INTERNAL void kl_clip_discard(kl_clip_chain *c);
 KEEL_INTERNAL void kl_clip_work_free(keel_ctx *ctx, kl_clip_work *w);
 KEEL_INTERNAL int64_t kl_clip_agc_units(const keel_tensor *t);
 

@@ -3,15 +3,21 @@
 ** multi-tensor object: parameter groups, per-parameter state, the clip
 ** chain and the non-finite policy, and the step.
 **
-** A step (keel_optim_step) is all or nothing. It first collects the
-** parameters that have a gradient and makes sure every state buffer they
-** need exists (allocation is the only thing that can fail), then reads
-** every gradient once for statistics (clip.c), applies the non-finite
-** policy, lets the clip chain turn the statistics into a scale and bound
-** per unit, and finally runs one update per parameter (the backend's
-** optim_update) that clips each gradient element as it reads it. Until the
-** update pass starts nothing visible has changed, and from then on
-** nothing can fail.
+** A step (keel_optim_step) is all or nothing, and comes in two halves.
+** keel_optim_prepare collects the parameters that have a gradient (the
+** gradients are retained until the step is applied or dropped), makes sure
+** every state buffer they need exists (allocation is the only thing that
+** can fail; a buffer is not visible until an update marks it valid), reads
+** every gradient and its parameter once for statistics (clip.c), decides
+** the non-finite policy, and lets the clip chain turn the statistics into
+** a scale and bound per unit, keeping the chain's new adaptive state
+** aside. Nothing visible has changed then: a caller (the Lua step, its
+** hooks and guard) can look and decide. keel_optim_apply runs one update
+** per parameter (the backend's optim_update, which clips each gradient
+** element as it reads it and sums the squares of the changes it makes)
+** and commits the counters, step counts and adaptive clip state; from its
+** update pass on nothing can fail. keel_optim_cancel records the step as
+** cancelled instead.
 */
 #include <math.h>
 #include <stdlib.h>
@@ -40,13 +46,25 @@ struct keel_optim {
   int64_t step_count;
   keel_optim_counters counters;
   keel_grad_stats *last;        /* cap_p records */
+  keel_update_stats *upd;       /* cap_p records */
+  double lr_scale;
   kl_clip_work work;
   /* scratch of a step: active parameter indices, their gradients
-  ** (contiguous: maybe copies) and the parameters */
+  ** (contiguous: maybe copies; retained while m > 0) and the parameters */
   int *act;
   keel_tensor **ag, **ap;
   int cap_act;
+  int m;
+  /* the prepared step: what apply will do, and the report of prepare;
+  ** stale: something it was decided under changed (apply refuses it,
+  ** cancel still records it) */
+  int prepared, stale;
+  int decision;
+  keel_step_report prep;
 };
+
+/* What a prepared step does when applied. */
+enum { DO_APPLY, DO_SKIP, DO_REFUSE, DO_NO_GRAD };
 
 static const char *kind_names[KEEL_OPTIM_KIND_COUNT] = {"SGD", "Adam", "AdamW", "RMSprop", "Adagrad"};
 
@@ -98,6 +116,7 @@ keel_status keel_optim_new(keel_ctx *ctx, keel_optim_kind kind, keel_optim **out
   o->ctx = ctx;
   o->kind = kind;
   o->nonfinite = KEEL_NONFINITE_ERROR;
+  o->lr_scale = 1;
   kl_ctx_ref(ctx);
   *out = o;
   return KEEL_OK;
@@ -115,12 +134,14 @@ void keel_optim_free(keel_optim *o) {
   keel_ctx *ctx;
   if (!o) return;
   ctx = o->ctx;
+  keel_optim_discard(o);
   for (int i = 0; i < o->np; i++) {
     keel_tensor_release(o->params[i].p);
     for (int k = 0; k < MAX_STATE; k++) keel_tensor_release(o->params[i].state[k]);
   }
   kl_free(ctx, o->params, sizeof(oparam) * (size_t)o->cap_p);
   kl_free(ctx, o->last, sizeof(keel_grad_stats) * (size_t)o->cap_p);
+  kl_free(ctx, o->upd, sizeof(keel_update_stats) * (size_t)o->cap_p);
   kl_free(ctx, o->groups, sizeof(keel_optim_hparams) * (size_t)o->cap_g);
   kl_clip_chain_free(o->clip);
   kl_clip_work_free(ctx, &o->work);
@@ -234,19 +255,24 @@ keel_status keel_optim_add_group(keel_optim *o, int n, keel_tensor *const *param
     int cap = o->np + n > 2 * o->cap_p ? o->np + n : 2 * o->cap_p;
     oparam *p = (oparam *)kl_malloc(ctx, sizeof *p * (size_t)cap);
     keel_grad_stats *last = (keel_grad_stats *)kl_malloc(ctx, sizeof *last * (size_t)cap);
-    if (!p || !last) {
+    keel_update_stats *upd = (keel_update_stats *)kl_malloc(ctx, sizeof *upd * (size_t)cap);
+    if (!p || !last || !upd) {
       kl_free(ctx, p, sizeof *p * (size_t)cap);
       kl_free(ctx, last, sizeof *last * (size_t)cap);
+      kl_free(ctx, upd, sizeof *upd * (size_t)cap);
       return kl_error(ctx, KEEL_ERR_NOMEM, "%s: out of memory", kn);
     }
     if (o->np) {
       memcpy(p, o->params, sizeof *p * (size_t)o->np);
       memcpy(last, o->last, sizeof *last * (size_t)o->np);
+      memcpy(upd, o->upd, sizeof *upd * (size_t)o->np);
     }
     kl_free(ctx, o->params, sizeof *p * (size_t)o->cap_p);
     kl_free(ctx, o->last, sizeof *last * (size_t)o->cap_p);
+    kl_free(ctx, o->upd, sizeof *upd * (size_t)o->cap_p);
     o->params = p;
     o->last = last;
+    o->upd = upd;
     o->cap_p = cap;
   }
   for (int i = 0; i < n; i++) {
@@ -255,6 +281,7 @@ keel_status keel_optim_add_group(keel_optim *o, int n, keel_tensor *const *param
     op->p = params[i];
     op->group = o->ng;
     memset(&o->last[o->np + i], 0, sizeof o->last[0]);
+    memset(&o->upd[o->np + i], 0, sizeof o->upd[0]);
     /* Adagrad's state exists from the start, as PyTorch's */
     if (o->kind == KEEL_OPTIM_ADAGRAD) {
       if ((st = new_state(o, op, 0, h->initial_accumulator_value))) {
@@ -264,6 +291,7 @@ keel_status keel_optim_add_group(keel_optim *o, int n, keel_tensor *const *param
       op->valid = 1;
     }
   }
+  o->stale = 1;   /* a prepared step knows the parameters of its time only */
   for (int i = 0; i < n; i++) keel_tensor_retain(params[i]);
   o->np += n;
   o->groups[o->ng] = *h;
@@ -310,6 +338,7 @@ keel_status keel_optim_set_clip(keel_optim *o, int n, const keel_clip_spec *spec
   kl_clip_chain *c = NULL;
   keel_status st;
   if (n > 0 && (st = kl_clip_chain_new(o->ctx, n, specs, &c))) return st;
+  o->stale = 1;   /* a prepared step's clip decisions belong to the old chain */
   kl_clip_chain_free(o->clip);
   o->clip = c;
   return KEEL_OK;
@@ -384,16 +413,44 @@ static keel_status nonfinite_error(keel_optim *o, int m) {
   }
 }
 
-keel_status keel_optim_step(keel_optim *o, keel_step_report *r) {
+static void release_grads(keel_optim *o) {
+  for (int k = 0; k < o->m; k++) keel_tensor_release(o->ag[k]);
+  o->m = 0;
+}
+
+void keel_optim_discard(keel_optim *o) {
+  release_grads(o);
+  kl_clip_discard(o->clip);
+  o->prepared = 0;
+  o->stale = 0;
+}
+
+/* Every state buffer the active parameters need under the current
+** hyper-parameters exists (zeros, not yet valid): allocation is the only
+** step of an update that can fail, so it happens first. */
+static keel_status ensure_state(keel_optim *o) {
+  keel_status st;
+  for (int k = 0; k < o->m; k++) {
+    oparam *op = &o->params[o->act[k]];
+    unsigned need = needed_state(o->kind, &o->groups[op->group]);
+    for (int j = 0; j < MAX_STATE; j++)
+      if ((need >> j & 1u) && !op->state[j] && (st = new_state(o, op, j, 0))) return st;
+  }
+  return KEEL_OK;
+}
+
+keel_status keel_optim_prepare(keel_optim *o, keel_step_report *r) {
   keel_ctx *ctx = o->ctx;
   const char *kn = kind_names[o->kind];
   keel_step_report rep;
   keel_status st = KEEL_OK;
-  int m = 0;
   kl_clip_work *w = &o->work;
+  double total = 0, top = 0;
+  keel_optim_discard(o);
   memset(&rep, 0, sizeof rep);
   rep.clip_coef = 1;
   rep.step = o->step_count;
+  rep.top_param = -1;
   if ((st = scratch_reserve(o, o->np))) goto out;
   /* the parameters that take part, and their gradients made contiguous */
   for (int i = 0; i < o->np; i++) {
@@ -418,76 +475,172 @@ keel_status keel_optim_step(keel_optim *o, keel_step_report *r) {
     } else {
       keel_tensor_retain(g);
     }
-    o->act[m] = i;
-    o->ag[m] = g;
-    o->ap[m] = op->p;
-    m++;
+    o->act[o->m] = i;
+    o->ag[o->m] = g;
+    o->ap[o->m] = op->p;
+    o->m++;
   }
   for (int i = 0; i < o->np; i++) memset(&o->last[i], 0, sizeof o->last[i]);
-  if (m == 0) {
-    o->counters.no_grad++;
+  if (o->m == 0) {
+    o->decision = DO_NO_GRAD;
     rep.reason = "no_grad";
     goto out;
   }
-  /* every state buffer exists before anything changes */
-  for (int k = 0; k < m; k++) {
-    oparam *op = &o->params[o->act[k]];
-    unsigned need = needed_state(o->kind, &o->groups[op->group]);
-    for (int j = 0; j < MAX_STATE; j++)
-      if ((need >> j & 1u) && !op->state[j] && (st = new_state(o, op, j, 0))) goto out;
+  if ((st = ensure_state(o))) goto out;
+  if ((st = kl_clip_stats(ctx, o->clip, w, o->m, o->ag, o->ap))) goto out;
+  for (int k = 0; k < o->m; k++) {
+    o->last[o->act[k]] = w->ts[k];
+    total += w->ts[k].sumsq;
+    if (w->ts[k].sumsq > top) { top = w->ts[k].sumsq; rep.top_param = o->act[k]; }
   }
-  if ((st = kl_clip_stats(ctx, o->clip, w, m, o->ag, o->ap))) goto out;
-  for (int k = 0; k < m; k++) o->last[o->act[k]] = w->ts[k];
+  /* an overflowed total leaves the overflowed parameter on top, with all of it */
+  rep.top_share = !(total > 0) ? 0 : isinf(total) ? (isinf(top) ? 1 : 0) : top / total;
+  if (!(total > 0)) rep.top_param = -1;
   rep.grad_norm = w->grad_norm;
   rep.nonfinite = w->nonfinite;
-  if (w->nonfinite) {
+  rep.n_updated = o->m;
+  if (w->nonfinite && (o->nonfinite == KEEL_NONFINITE_ERROR || o->nonfinite == KEEL_NONFINITE_SKIP)) {
     int64_t nan = 0;
-    for (int k = 0; k < m; k++) nan += w->ts[k].nan;
-    o->counters.nonfinite_steps++;
-    o->counters.nonfinite_elements += w->nonfinite;
-    if (o->nonfinite == KEEL_NONFINITE_ERROR || o->nonfinite == KEEL_NONFINITE_SKIP) {
-      rep.grad_norm = nan ? NAN : INFINITY;
-      if (o->nonfinite == KEEL_NONFINITE_ERROR) {
-        o->counters.errors++;
-        st = nonfinite_error(o, m);
-      } else {
-        o->counters.skipped++;
-        rep.reason = "nonfinite";
-      }
-      goto out;
-    }
+    for (int k = 0; k < o->m; k++) nan += w->ts[k].nan;
+    rep.grad_norm = nan ? NAN : INFINITY;   /* as torch's total norm */
+    rep.reason = "nonfinite";
+    o->decision = o->nonfinite == KEEL_NONFINITE_ERROR ? DO_REFUSE : DO_SKIP;
+    goto out;
   }
   if ((st = kl_clip_eval(ctx, o->clip, w, o->ag))) goto out;
-  /* the update pass: nothing fails from here on */
-  for (int k = 0; k < m; k++) {
-    oparam *op = &o->params[o->act[k]];
-    const keel_optim_hparams *h = &o->groups[op->group];
-    unsigned need = needed_state(o->kind, h);
-    keel_tensor *state[MAX_STATE] = {NULL, NULL, NULL};
-    keel_nonfinite nf = w->ts[k].nan + w->ts[k].inf ? o->nonfinite : KEEL_NONFINITE_ERROR;
-    int64_t u0 = w->u0[k], nu = w->u0[k + 1] - u0;
-    for (int j = 0; j < MAX_STATE; j++)
-      if (need >> j & 1u) state[j] = op->state[j];
-    st = kl_backend_for(ctx, op->p->storage->device)
-             ->optim_update(ctx, o->kind, h, op->step + 1, op->p, o->ag[k], state, (~op->valid) & need, nu,
-                            w->a + u0, w->v + u0, nf);
-    if (st) goto out;   /* a backend that cannot fail after its checks; kept for safety */
-    op->step++;
-    op->valid |= need;
-  }
-  o->step_count++;
-  o->counters.steps++;
-  if (w->clipped) o->counters.clipped++;
-  rep.applied = 1;
+  o->decision = DO_APPLY;
   rep.clip_coef = w->coef;
   rep.clipped = w->clipped;
-  rep.n_updated = m;
-  rep.step = o->step_count;
 out:
-  for (int k = 0; k < m; k++) keel_tensor_release(o->ag[k]);
+  if (st) {
+    keel_optim_discard(o);
+  } else {
+    o->prepared = 1;
+    o->prep = rep;
+  }
   if (r) *r = rep;
   return st;
 }
+
+/* The non-finite counters of a step that saw NaN/Inf, whatever became of it. */
+static void count_nonfinite(keel_optim *o) {
+  if (o->prep.nonfinite) {
+    o->counters.nonfinite_steps++;
+    o->counters.nonfinite_elements += o->prep.nonfinite;
+  }
+}
+
+keel_status keel_optim_apply(keel_optim *o, keel_step_report *r) {
+  keel_ctx *ctx = o->ctx;
+  keel_step_report rep;
+  keel_status st = KEEL_OK;
+  kl_clip_work *w = &o->work;
+  if (!o->prepared || o->stale) {
+    memset(&rep, 0, sizeof rep);
+    rep.clip_coef = 1;
+    rep.step = o->step_count;
+    rep.top_param = -1;
+    if (r) *r = rep;
+    st = kl_error(ctx, KEEL_ERR_ARG,
+                  o->prepared ? "%s.apply: the prepared step is stale (add_group, set_clip or set_clip_state "
+                                "since prepare): prepare again or cancel"
+                              : "%s.apply: no prepared step (prepare first)", kind_names[o->kind]);
+    keel_optim_discard(o);
+    return st;
+  }
+  rep = o->prep;
+  switch (o->decision) {
+    case DO_NO_GRAD:
+      o->counters.no_grad++;
+      break;
+    case DO_SKIP:
+      count_nonfinite(o);
+      o->counters.skipped++;
+      rep.n_updated = 0;
+      break;
+    case DO_REFUSE:
+      count_nonfinite(o);
+      o->counters.errors++;
+      rep.n_updated = 0;
+      st = nonfinite_error(o, o->m);
+      break;
+    default:
+      /* the hyper-parameters may have changed since prepare */
+      if ((st = ensure_state(o))) {
+        rep.n_updated = 0;
+        break;
+      }
+      count_nonfinite(o);
+      /* the update pass: nothing fails from here on */
+      for (int k = 0; k < o->m; k++) {
+        oparam *op = &o->params[o->act[k]];
+        keel_optim_hparams h = o->groups[op->group];
+        unsigned need = needed_state(o->kind, &h);
+        keel_tensor *state[MAX_STATE] = {NULL, NULL, NULL};
+        keel_nonfinite nf = w->ts[k].nan + w->ts[k].inf ? o->nonfinite : KEEL_NONFINITE_ERROR;
+        int64_t u0 = w->u0[k], nu = w->u0[k + 1] - u0;
+        double dsq = 0;
+        h.lr *= o->lr_scale;
+        for (int j = 0; j < MAX_STATE; j++)
+          if (need >> j & 1u) state[j] = op->state[j];
+        st = kl_backend_for(ctx, op->p->storage->device)
+                 ->optim_update(ctx, o->kind, &h, op->step + 1, op->p, o->ag[k], state, (~op->valid) & need, nu,
+                                w->a + u0, w->v + u0, nf, &dsq);
+        if (st) break;   /* a backend that cannot fail after its checks; kept for safety */
+        op->step++;
+        op->valid |= need;
+        o->upd[o->act[k]].step = o->step_count + 1;
+        o->upd[o->act[k]].update_sumsq = dsq;
+        o->upd[o->act[k]].w_sumsq = w->ts[k].w_sumsq;
+      }
+      if (st) break;
+      kl_clip_commit(o->clip);
+      o->step_count++;
+      o->counters.steps++;
+      if (w->clipped) o->counters.clipped++;
+      rep.applied = 1;
+      rep.step = o->step_count;
+      break;
+  }
+  keel_optim_discard(o);
+  if (r) *r = rep;
+  return st;
+}
+
+void keel_optim_cancel(keel_optim *o, keel_step_report *r) {
+  keel_step_report rep;
+  if (o->prepared) {
+    rep = o->prep;
+    count_nonfinite(o);
+  } else {
+    memset(&rep, 0, sizeof rep);
+    rep.step = o->step_count;
+    rep.top_param = -1;
+  }
+  o->counters.cancelled++;
+  rep.applied = 0;
+  rep.reason = "cancelled";
+  rep.clip_coef = 1;
+  rep.clipped = 0;
+  rep.n_updated = 0;
+  keel_optim_discard(o);
+  if (r) *r = rep;
+}
+
+keel_status keel_optim_step(keel_optim *o, keel_step_report *r) {
+  keel_status st = keel_optim_prepare(o, r);
+  return st ? st : keel_optim_apply(o, r);
+}
+
+keel_status keel_optim_set_lr_scale(keel_optim *o, double scale) {
+  if (!(scale >= 0) || isinf(scale))
+    return kl_error(o->ctx, KEEL_ERR_ARG, "%s: lr_scale must be a finite number >= 0, got %g", kind_names[o->kind],
+                    scale);
+  o->lr_scale = scale;
+  return KEEL_OK;
+}
+
+double keel_optim_get_lr_scale(const keel_optim *o) { return o->lr_scale; }
 
 keel_status keel_optim_zero_grad(keel_optim *o, int set_to_none) {
   keel_status st;
@@ -515,6 +668,28 @@ void keel_optim_get_counters(const keel_optim *o, keel_optim_counters *c) { *c =
 void keel_optim_set_counters(keel_optim *o, const keel_optim_counters *c) { o->counters = *c; }
 int keel_optim_param_count(const keel_optim *o) { return o->np; }
 const keel_grad_stats *keel_optim_last_stats(const keel_optim *o) { return o->last; }
+const keel_update_stats *keel_optim_last_updates(const keel_optim *o) { return o->upd; }
+
+static keel_status check_param(const keel_optim *o, int i);
+
+keel_status keel_optim_param_stats(const keel_optim *o, int i, keel_tensor *g, keel_grad_stats *out) {
+  keel_ctx *ctx = o->ctx;
+  keel_tensor *p, *c = NULL;
+  keel_status st;
+  memset(out, 0, sizeof *out);
+  if ((st = check_param(o, i))) return st;
+  p = o->params[i].p;
+  if (!g) g = p->grad;
+  if (!g) return KEEL_OK;
+  if ((st = kl_check_same_ctx(ctx, "param_stats", g))) return st;
+  if (g->dtype != p->dtype || g->ndim != p->ndim || memcmp(g->shape, p->shape, sizeof(int64_t) * (size_t)g->ndim))
+    return kl_error(ctx, KEEL_ERR_SHAPE, "%s: gradient for parameter %d does not match it in shape or dtype",
+                    kind_names[o->kind], i + ctx->index_base);
+  if ((st = keel_contiguous(ctx, g, &c))) return st;
+  st = kl_backend_for(ctx, c->storage->device)->grad_stats(ctx, c, 1, NULL, NULL, 0, out, NULL, p);
+  keel_tensor_release(c);
+  return st;
+}
 
 keel_tensor *keel_optim_param(const keel_optim *o, int i, int *group) {
   if (i < 0 || i >= o->np) return NULL;
@@ -611,7 +786,9 @@ keel_status keel_optim_get_clip_state(const keel_optim *o, int i, keel_clip_stat
 }
 
 keel_status keel_optim_set_clip_state(keel_optim *o, int i, const keel_clip_state *s) {
-  return kl_clip_chain_set_state(o->ctx, o->clip, i, s);
+  keel_status st = kl_clip_chain_set_state(o->ctx, o->clip, i, s);
+  if (!st) o->stale = 1;   /* a prepared step's decisions came from the replaced state */
+  return st;
 }
 
 /* }====================================================================== */

@@ -2,12 +2,14 @@
 -- token + position embeddings, pre-norm blocks (LayerNorm -> causal
 -- MultiheadAttention -> residual, LayerNorm -> MLP with GELU -> residual),
 -- a final LayerNorm and a linear head. AdamW, linear warmup then cosine
--- decay, global-norm clipping at 1; prints the loss and a sample.
+-- decay, global-norm clipping at 1, and keel.guard (a loss or grad-norm
+-- spike or a non-finite gradient skips the step and halves the lr for a
+-- while); prints the loss, the guard's summary and a sample.
 --
 --   keel scripts/gpt.lua [--data FILE] [--steps 200] [--block 64] [--batch 16]
 --                        [--dim 128] [--heads 4] [--layers 2] [--lr 1e-3]
 --                        [--warmup 20] [--temperature 0.8] [--sample 200]
---                        [--out gpt.safetensors]
+--                        [--out gpt.safetensors] [--no-guard]
 --
 -- Without --data it reads /work/shared/data/tinyshakespeare/input.txt when
 -- that exists, else a built-in paragraph. The weights are saved with keel.save.
@@ -20,7 +22,7 @@ local nn, optim, clip = keel.nn, keel.optim, keel.clip
 local opt = args.parse(arg, {
   data = false, steps = 200, block = 64, batch = 16, dim = 128, heads = 4, layers = 2,
   lr = 1e-3, weight_decay = 0.1, warmup = 20, temperature = 0.8, sample = 200, seed = 1,
-  log_every = 20, out = "gpt.safetensors", _strings = {"data"},
+  log_every = 20, out = "gpt.safetensors", guard = true, _strings = {"data"},
 }, "usage: keel scripts/gpt.lua [--data FILE] [--steps N] [--block T] [--dim D] [--layers N]")
 keel.manual_seed(opt.seed)
 math.randomseed(opt.seed)
@@ -73,6 +75,14 @@ local optimizer = optim.AdamW(model:parameters(), {lr = opt.lr, weight_decay = o
                                                    betas = {0.9, 0.95}, clip = clip.global_norm(1.0)})
 local schedule = optim.schedule.cosine(optimizer, {warmup = math.min(opt.warmup, opt.steps - 1),
                                                    total = opt.steps, min_lr = opt.lr / 10})
+-- the guard reads the loss and the grad norm of each step before it is
+-- applied: a spike beyond 6 robust standard deviations of the last 200
+-- accepted steps, or a NaN/Inf gradient, is skipped and the lr halved
+-- (doubled back every 100 clean steps); 4 bad steps in a row stop the run.
+local guard = opt.guard and keel.guard(optimizer, {
+  spike = {z = 6, window = 200}, on_spike = "skip", on_nonfinite = "skip",
+  lr_backoff = 0.5, max_retries = 3, model = model,
+}) or nil
 
 -- training -----------------------------------------------------------------
 local t0, t_log, last = args.now(), args.now(), 0
@@ -81,7 +91,7 @@ for step = 1, opt.steps do
   local loss = nn.cross_entropy(model(x):reshape{-1, V}, y:reshape{-1})
   optimizer:zero_grad()
   loss:backward()
-  local r = optimizer:step()
+  local r = optimizer:step(loss)
   schedule:step()
   if step % opt.log_every == 0 or step == 1 or step == opt.steps then
     local t = args.now()
@@ -91,6 +101,7 @@ for step = 1, opt.steps do
   end
 end
 print(("trained %d steps in %.1f s"):format(opt.steps, args.now() - t0))
+if guard then print(guard:summary()) end
 keel.save(opt.out, model:state_dict(), {metadata = {script = "gpt.lua", vocab = table.concat(ds.vocab)}})
 print("saved the weights to " .. opt.out)
 

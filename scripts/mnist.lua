@@ -2,10 +2,14 @@
 -- clipping and a warmup + cosine schedule; evaluates on the test set and
 -- saves a training checkpoint (atomically) after every epoch, and the final
 -- weights as safetensors (they load in PyTorch; scripts/finetune.lua uses them).
+-- keel.guard watches every step (a loss or grad-norm spike or a NaN/Inf
+-- gradient is skipped and the lr backed off), and --log DIR writes the run's
+-- metrics (JSONL + TensorBoard; `keel plot DIR -o grads.png` draws them).
 --
 --   keel scripts/mnist.lua [--data DIR] [--epochs 5] [--batch 64] [--lr 2e-3]
 --                          [--out mnist.ckpt] [--weights mnist.safetensors]
 --                          [--resume] [--limit N] [--log-every 100]
+--                          [--log DIR] [--no-guard] [--anomaly]
 --
 -- --data DIR reads DIR/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz];
 -- without it the script trains on a built-in synthetic digit set (see
@@ -20,9 +24,9 @@ local nn, optim, clip = keel.nn, keel.optim, keel.clip
 local opt = args.parse(arg, {
   data = false, epochs = 5, batch = 64, lr = 2e-3, weight_decay = 1e-2, warmup = 200,
   out = "mnist.ckpt", weights = "mnist.safetensors", resume = false, limit = 0, seed = 1, log_every = 100,
-  _strings = {"data"},
+  log = false, guard = true, anomaly = false, _strings = {"data", "log"},
 }, "usage: keel scripts/mnist.lua [--data DIR] [--epochs N] [--batch N] [--lr X] [--out FILE]\n"
-  .. "                              [--weights FILE] [--resume] [--limit N]")
+  .. "                              [--weights FILE] [--resume] [--limit N] [--log DIR] [--no-guard] [--anomaly]")
 keel.manual_seed(opt.seed)
 
 -- data ---------------------------------------------------------------------
@@ -40,7 +44,14 @@ local model = digits.cnn()
 local optimizer = optim.AdamW(model:parameters(), {lr = opt.lr, weight_decay = opt.weight_decay,
                                                    clip = clip.global_norm(1.0)})
 local schedule = optim.schedule.cosine(optimizer, {warmup = math.min(opt.warmup, total // 10), total = total})
-local state = {model = model, optimizer = optimizer, schedule = schedule, loader = train, step = 0}
+-- DESIGN.md's guard and monitoring lines
+local guard = opt.guard and keel.guard(optimizer, {
+  spike = {z = 6, window = 200}, on_spike = "skip", on_nonfinite = "skip",
+  lr_backoff = 0.5, max_retries = 3, model = model,
+}) or nil
+local monitor = opt.log and keel.monitor.log(opt.log, {every = 10, model = model}) or nil
+if opt.anomaly then keel.autograd.detect_anomaly(true, {mode = "warn"}) end
+local state = {model = model, optimizer = optimizer, schedule = schedule, loader = train, step = 0, guard = guard}
 local first_epoch = 1
 if opt.resume then
   state.step = keel.checkpoint.load(opt.out, state).step
@@ -56,7 +67,7 @@ for epoch = first_epoch, opt.epochs do
     local loss = nn.cross_entropy(model(x), y)
     optimizer:zero_grad()
     loss:backward()
-    local r = optimizer:step()
+    local r = optimizer:step(loss)
     schedule:step()
     state.step, seen = state.step + 1, seen + y:numel()
     if state.step % opt.log_every == 0 or state.step == total then
@@ -68,9 +79,15 @@ for epoch = first_epoch, opt.epochs do
   end
   local train_time = args.now() - t0
   local acc = digits.accuracy(model, test)
+  if monitor then monitor:scalar("test/accuracy", acc) end
   keel.checkpoint.save(opt.out, state)
   print(("epoch %d: test accuracy %.2f%%  (%.1f s, %.0f img/s; checkpoint %s)"):format(
     epoch, acc, train_time, seen / math.max(train_time, 1e-3), opt.out))
+end
+if guard then print(guard:summary()) end
+if monitor then
+  monitor:close()
+  print(("metrics in %s (keel plot %s -o grads.png)"):format(opt.log, opt.log))
 end
 keel.save(opt.weights, model:state_dict(), {metadata = {script = "mnist.lua", steps = tostring(state.step)}})
 print(("total %.1f s; weights in %s"):format(args.now() - t_start, opt.weights))

@@ -52,6 +52,52 @@ end
 keel.save(out, model:state_dict(), {metadata = {lr = ("%a"):format(opt.param_groups[1].lr)}})
 ]=]
 
+-- The same run with keel.guard: planted loss spikes at steps 70 and 140 are
+-- skipped and back the lr off (still backed off at the checkpoint, and the
+-- second spike is only caught with the restored window: min_samples = 50).
+local TRAIN_GUARD = [=[
+local keel = require "keel"
+local nn, F = keel.nn, keel.nn.functional
+local mode, ckpt, out = arg[1], arg[2], arg[3]
+keel.manual_seed(123)
+local model = nn.Sequential{nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.25), nn.Linear(16, 3)}
+local opt = keel.optim.AdamW(model:parameters(), {lr = 1e-2, weight_decay = 1e-2,
+                                                  clip = keel.clip.global_norm(0.5)})
+local sched = keel.optim.schedule.cosine(opt, {warmup = 10, total = 200, min_lr = 1e-4})
+local guard = keel.guard(opt, {spike = {z = 6, window = 100, min_samples = 50}, on_spike = "skip",
+                               lr_backoff = 0.5, recover_after = 80, verbose = false, model = model})
+local X = keel.randn(64, 4)
+local Y = X:matmul(keel.randn(4, 3)):argmax(2)
+local step = 0
+local function train(n)
+  model:train()
+  for _ = 1, n do
+    step = step + 1
+    local i0 = (step * 16) % 64
+    local xb = X:narrow(1, i0 + 1, 16) + keel.randn(16, 4) * 0.05
+    local loss = F.cross_entropy(model(xb), Y:narrow(1, i0 + 1, 16))
+    if step == 70 or step == 140 then loss = loss * 1e3 end
+    opt:zero_grad()
+    loss:backward()
+    opt:step(loss)
+    sched:step()
+  end
+end
+if mode == "straight" then
+  train(200)
+elseif mode == "first" then
+  train(100)
+  assert(guard:stats().spike_loss == 1 and opt.lr_scale == 0.5, "the first spike was not caught")
+  keel.checkpoint.save(ckpt, {model = model, optimizer = opt, schedule = sched, guard = guard, step = step})
+else
+  local r = keel.checkpoint.load(ckpt, {model = model, optimizer = opt, schedule = sched, guard = guard})
+  step = r.step
+  train(100)
+end
+assert(guard:stats().spike_loss == (mode == "first" and 1 or 2), "spikes: " .. guard:summary())
+keel.save(out, model:state_dict(), {metadata = {lr = ("%a"):format(opt.param_groups[1].lr)}})
+]=]
+
 local function run_lua(script, ...)
   local args = {}
   for i, a in ipairs{...} do args[i] = ("%q"):format(a) end
@@ -87,6 +133,60 @@ describe("checkpoint", function()
     assert.is_true(a == b, "final parameters differ between the straight and the resumed run")
     -- and the run actually trained: the halfway parameters differ
     assert.is_false(read_bytes(base .. ".half") == a)
+  end)
+
+  it("integration: resumes exactly with a guard (guard = g): windows, counters and lr back-off", function()
+    local script = base .. ".train.lua"
+    local f = assert(io.open(script, "w"))
+    f:write(TRAIN_GUARD)
+    f:close()
+    local ckpt, straight, resumed = base .. ".ckpt", base .. ".straight", base .. ".resumed"
+    local ok, out = run_lua(script, "straight", ckpt, straight)
+    assert.is_true(ok, out)
+    ok, out = run_lua(script, "first", ckpt, base .. ".half")
+    assert.is_true(ok, out)
+    ok, out = run_lua(script, "resume", ckpt, resumed)
+    assert.is_true(ok, out)
+    assert.is_true(read_bytes(straight) == read_bytes(resumed),
+      "final parameters differ between the straight and the resumed guarded run")
+  end)
+
+  it("saves and restores a guard's state (guard = g) and keeps the guard's policy on the optimizer", function()
+    local w = keel.nn.Parameter(keel.zeros(3))
+    local opt = keel.optim.SGD({w}, {lr = 0.1})
+    local g = keel.guard(opt, {verbose = false, spike = {z = 6, window = 20, min_samples = 5}})
+    for i = 1, 12 do g:_decide(opt, {grad_norm = 1 + i / 100, nonfinite = 0}, 2 - i / 100) end
+    g:_decide(opt, {grad_norm = 1e3, nonfinite = 0}, 2)
+    local path = base .. ".ckpt"
+    keel.checkpoint.save(path, {optimizer = opt, guard = g})
+    local _, meta = keel.load(path)
+    assert.is_string(meta.guard)
+
+    local w2 = keel.nn.Parameter(keel.zeros(3))
+    local opt2 = keel.optim.SGD({w2}, {lr = 0.1})
+    local g2 = keel.guard(opt2, {verbose = false, spike = {z = 6, window = 20, min_samples = 5}})
+    keel.checkpoint.load(path, {optimizer = opt2, guard = g2})
+    assert.are.same(g:state_dict(), g2:state_dict())
+    assert.are.equal(0.5, opt2.lr_scale)
+    assert.are.equal("skip", opt2.nonfinite)
+    -- an optimizer state saved without a guard does not undo the guard's policy
+    local opt3 = keel.optim.SGD({keel.nn.Parameter(keel.zeros(3))}, {lr = 0.1})
+    keel.checkpoint.save(path, {optimizer = opt3})
+    keel.checkpoint.load(path, {optimizer = opt2})
+    assert.are.equal("skip", opt2.nonfinite)
+    assert.are.equal(0.5, opt2.lr_scale)
+    -- a file without guard state, or a corrupt one, changes nothing
+    local ok, err = pcall(keel.checkpoint.load, path, {optimizer = opt2, guard = g2})
+    assert.is_false(ok)
+    assert.is_truthy(tostring(err):find("holds no guard state"), err)
+    local t, m = keel.load(base .. ".ckpt")
+    m.guard = '{"version":7}'
+    keel.save(base .. ".bad", t, {metadata = m})
+    local before = g2:state_dict()
+    ok, err = pcall(keel.checkpoint.load, base .. ".bad", {guard = g2})
+    assert.is_false(ok)
+    assert.is_truthy(tostring(err):find("guard.load_state_dict: state version 7"), err)
+    assert.are.same(before, g2:state_dict())
   end)
 
   it("stores model tensors under model.* and the rest as metadata", function()

@@ -1,9 +1,9 @@
 -- keel.checkpoint: a whole training state in one safetensors file.
 --
 --   keel.checkpoint.save(path, {model = m, optimizer = opt, schedule = s,
---                               loader = l, step = n, extra = {...}})
+--                               loader = l, guard = g, step = n, extra = {...}})
 --   keel.checkpoint.load(path, {model = m, optimizer = opt, schedule = s,
---                               loader = l [, rng = false]}) -> {step = n, extra = ...}
+--                               loader = l, guard = g [, rng = false]}) -> {step = n, extra = ...}
 --
 -- Layout: the model's state_dict as tensors "model.<name>" (so the file
 -- loads in PyTorch's safetensors like any weights file); every other tensor
@@ -11,10 +11,12 @@
 -- "loader.<path>" or "extra.<path>"; everything else as JSON strings in
 -- __metadata__: format, step, rng (keel.get_rng_state(), 64-bit exact),
 -- optimizer (opt:state_dict() less its tensors), schedule
--- (sched:state_dict()), loader (l:state()), extra. Every part is optional
--- on save; load restores the parts it is given (the model strictly, with
--- load_state_dict) and the RNG unless rng = false. The write is atomic, so
--- a crash leaves the previous checkpoint intact.
+-- (sched:state_dict()), loader (l:state()), guard (g:state_dict(): its
+-- windows, counters, back-off and retries; not its in-memory snapshots),
+-- extra. Every part is optional on save; load restores the parts it is
+-- given (the model strictly, with load_state_dict) and the RNG unless
+-- rng = false. The write is atomic, so a crash leaves the previous
+-- checkpoint intact.
 
 local keel = require "keel"
 local kio = require "keel.io"
@@ -83,6 +85,9 @@ function checkpoint.save(path, opts)
     if opts.loader ~= nil then
       meta.loader = kio.json_encode(split(opts.loader:state(), "loader", tensors, {}))
     end
+    if opts.guard ~= nil then
+      meta.guard = kio.json_encode(split(opts.guard:state_dict(), "guard", tensors, {}))
+    end
     if opts.extra ~= nil then meta.extra = kio.json_encode(split(opts.extra, "extra", tensors, {})) end
     if opts.step ~= nil then
       if math.type(opts.step) ~= "integer" then
@@ -117,13 +122,13 @@ function checkpoint.load(path, opts)
       error(("checkpoint.load: %s has checkpoint version %s, expected %s"):format(path, tostring(meta.version),
         VERSION), 0)
     end
-    for _, part in ipairs{"optimizer", "schedule", "loader"} do
+    for _, part in ipairs{"optimizer", "schedule", "loader", "guard"} do
       if opts[part] ~= nil and meta[part] == nil then
         error(("checkpoint.load: %s holds no %s state"):format(path, part), 0)
       end
     end
     -- decode everything before changing anything
-    local msd, osd, ssd, lsd
+    local msd, osd, ssd, lsd, gsd
     if opts.model ~= nil then
       msd = {}
       for k, t in pairs(tensors) do
@@ -134,17 +139,27 @@ function checkpoint.load(path, opts)
     if opts.optimizer ~= nil then osd = join(decode(meta, "optimizer"), tensors, "optimizer state") end
     if opts.schedule ~= nil then ssd = join(decode(meta, "schedule"), tensors, "schedule state") end
     if opts.loader ~= nil then lsd = join(decode(meta, "loader"), tensors, "loader state") end
+    if opts.guard ~= nil then
+      gsd = join(decode(meta, "guard"), tensors, "guard state")
+      if opts.guard._check_state then opts.guard:_check_state(gsd) end
+    end
     local rng = meta.rng and decode(meta, "rng")
     local out = {}
     if meta.step then out.step = decode(meta, "step") end
     if meta.extra then out.extra = join(decode(meta, "extra"), tensors, "extra") end
     if msd then opts.model:load_state_dict(msd) end
-    if osd then opts.optimizer:load_state_dict(osd) end
+    if osd then
+      opts.optimizer:load_state_dict(osd)
+      -- a guarded optimizer keeps the guard's non-finite policy and lr scale
+      local g = rawget(opts.optimizer, "_guard")
+      if g and g._sync then g:_sync() end
+    end
     if ssd then opts.schedule:load_state_dict(ssd) end
     if lsd then
       local l = opts.loader
       if l.load_state then l:load_state(lsd) else l:set_state(lsd) end
     end
+    if gsd then opts.guard:load_state_dict(gsd) end
     if rng and opts.rng ~= false then keel.set_rng_state(rng) end
     return out
   end)

@@ -19,7 +19,7 @@
 --   clip.clip_grad_norm_(params, max_norm, {p = 2, error_if_nonfinite = false}) -> total norm
 --   clip.clip_grad_value_(params, v)
 --   clip.agc_(params, clipping, {eps = 1e-3})
---   clip.grad_stats(tensors) -> {{numel, nan, inf, sumsq, sum_abs, max_abs, norm}, ...}
+--   clip.grad_stats(tensors) -> {{numel, nan, inf, zeros, sum, sumsq, sum_abs, max_abs, norm}, ...}
 
 local core = require "keel.core"
 local C = core._optim

@@ -5,7 +5,8 @@
 --                                               clip = keel.clip.global_norm(1.0),
 --                                               nonfinite = "skip"})
 --   local r = opt:step()  --> {applied = true, grad_norm = 3.2, clip_coef = 0.31, clipped = true,
---                         --    lr = 1e-3, step = 1, nonfinite = 0, n_updated = 4}
+--                         --    lr = 1e-3, step = 1, nonfinite = 0, n_updated = 4,
+--                         --    top_param = 3, top_share = 0.82, loss = nil}
 --
 -- The step runs in C over every parameter at once (optim.c). Options and
 -- their defaults are PyTorch 1.13's; `params` is a list of tensors, a
@@ -16,10 +17,40 @@
 --   nonfinite "error" (default: raise, nothing changes), "skip" (the step
 --             is not applied), "zero" (NaN/Inf elements count as 0),
 --             "keep" (those elements, parameter and state, stay as they were)
+--
+-- opt:step([closure | loss]), in this order:
+--   1. statistics pass in C over every gradient and its weight; the clip
+--      chain and the non-finite policy are decided; nothing changes yet
+--   2. on_grad hooks (require("keel.hooks").grad[p], from model:on_grad):
+--      for each parameter p with a gradient, in parameter order, each
+--      entry's fn(name, p.grad, stats), stats = {norm, max_abs, mean, std,
+--      rms, nonfinite, nan, inf, zeros, numel, weight_norm, update_ratio
+--      (of p's last applied update; nil before), step (the step this
+--      gradient is for: opt.step_count + 1)}; mean, std (population) and
+--      rms over the finite elements. A hook returning a tensor (p's shape
+--      and dtype) replaces p.grad (later hooks see it and its statistics;
+--      the pass of step 1 is rerun once). A hook's error aborts the step
+--      with nothing changed and carries the hook's traceback.
+--   3. guard: opt._guard:_decide(opt, r, loss) -> "apply" | "skip"
+--   4. the update pass in C (lr times opt.lr_scale; it also measures each
+--      update's size), or the cancelled step: r.applied = false,
+--      r.reason = "guard"
+--   5. require("keel.hooks").emit("step", opt, r, loss)
+-- loss: the closure's result, a number or a one-element tensor (recorded
+-- as r.loss, a number). r.reason: nil (applied), "nonfinite", "no_grad" or
+-- "guard"; r.lr = param_groups[1].lr * opt.lr_scale; r.top_param is the
+-- index of the parameter with the largest share r.top_share of the global
+-- sum of squares (nil when all gradients are 0).
+-- opt.lr_scale (default 1; a number >= 0) multiplies every group's lr at
+-- apply time without touching param_groups, so schedules keep working
+-- under it; it is not part of state_dict (its owner, the guard, saves it).
+-- opt.counters: steps, skipped (non-finite policy), cancelled (guard),
+-- errors, no_grad, nonfinite_steps, nonfinite_elements, clipped.
 
 local keel = require "keel"
 local core = require "keel.core"
 local clip = require "keel.clip"
+local hooks = require "keel.hooks"
 local C = core._optim
 
 local optim = {}
@@ -160,20 +191,118 @@ function methods:set_nonfinite(policy)
   self.nonfinite = policy
 end
 
--- One step. closure (optional) is called first (with grad on) and its
--- result is returned as r.loss, as PyTorch's step(closure).
-function methods:step(closure)
-  local loss
-  if closure ~= nil then
-    if type(closure) ~= "function" then
-      error(("%s.step: argument #1: expected a closure or nothing, got %s"):format(self.name, type(closure)), 0)
+-- A loss as the report records it: a number, or nil.
+local function loss_value(self, v, from_closure)
+  if type(v) == "number" or v == nil then return v end
+  if core.is_tensor(v) then
+    if v:numel() ~= 1 then
+      if from_closure then return nil end
+      error(("%s.step: argument #1: the loss must have one element, got %d"):format(self.name, v:numel()), 0)
     end
-    loss = keel.enable_grad(closure)
+    return v:item()
   end
+  if from_closure then return nil end
+  error(("%s.step: argument #1: expected a closure, a loss (number or one-element tensor) or nothing, got %s")
+    :format(self.name, type(v)), 0)
+end
+
+local function same_shape(a, b)
+  if #a ~= #b then return false end
+  for i = 1, #a do if a[i] ~= b[i] then return false end end
+  return true
+end
+
+-- Step 2: the on_grad hooks of this optimizer's parameters. Returns the
+-- report of a rerun prepare when a hook replaced a gradient, else r.
+local function run_grad_hooks(self, r, reg)
+  local h, name = self._h, self.name
+  local step = C.step_count(h) + 1
+  local index, replaced = 0, false
+  for _, g in ipairs(self.param_groups) do
+    for _, p in ipairs(g.params) do
+      index = index + 1
+      local list = reg[p]
+      local grad = list and #list > 0 and p.requires_grad and p.grad
+      if grad then
+        local stats = C.param_stats(h, index, step)
+        -- a hook may remove itself (or others) while the list is walked
+        for _, e in ipairs(table.move(list, 1, #list, 1, {})) do
+          local ok, ret = xpcall(e.fn, debug.traceback, e.name, grad, stats)
+          if not ok then
+            C.discard(h)
+            if type(ret) ~= "string" then error(ret, 0) end
+            error(("%s.step: on_grad hook for '%s' failed: %s"):format(name, tostring(e.name), ret), 0)
+          end
+          if ret ~= nil then
+            if not core.is_tensor(ret) or ret.dtype ~= grad.dtype or not same_shape(ret.shape, grad.shape) then
+              C.discard(h)
+              local what = core.is_tensor(ret) and ("a %s tensor of shape {%s}"):format(ret.dtype,
+                table.concat(ret.shape, ",")) or type(ret)
+              error(("%s.step: on_grad hook for '%s' returned %s; expected nil or a %s tensor of shape {%s}")
+                :format(name, tostring(e.name), what, grad.dtype, table.concat(grad.shape, ",")), 0)
+            end
+            p.grad = ret
+            grad = ret
+            replaced = true
+            stats = C.param_stats(h, index, step, ret)
+          end
+        end
+      end
+    end
+  end
+  if replaced then return C.prepare(h, self.param_groups) end
+  return r
+end
+
+-- opt.lr_scale, checked (nil counts as 1).
+local function lr_scale(self)
+  local scale = rawget(self, "lr_scale")
+  if scale == nil then return 1 end
+  if type(scale) ~= "number" or not (scale >= 0 and scale < math.huge) then
+    error(("%s.step: lr_scale must be a finite number >= 0, got %s"):format(self.name, tostring(scale)), 0)
+  end
+  return scale
+end
+
+-- One step (the order is in this file's header). arg: a closure (called
+-- first, with grad on, as PyTorch's step(closure); its result is the
+-- loss), a loss (number or one-element tensor), or nothing.
+function methods:step(arg)
+  local h, loss = self._h, nil
+  if type(arg) == "function" then
+    loss = loss_value(self, keel.enable_grad(arg), true)
+  elseif arg ~= nil then
+    loss = loss_value(self, arg, false)
+  end
+  local scale = lr_scale(self)
   push_thresholds(self)
-  local r = C.step(self._h, self.param_groups)
-  r.lr = self.param_groups[1].lr
+  local r = C.prepare(h, self.param_groups)
+  local reg = hooks.grad
+  if next(reg) ~= nil then r = run_grad_hooks(self, r, reg) end
+  local guard = rawget(self, "_guard")
+  local action = "apply"
+  if guard then
+    r.lr = self.param_groups[1].lr * scale
+    r.loss = loss
+    local ok, res = pcall(guard._decide, guard, self, r, loss)
+    if not ok then C.discard(h); error(res, 0) end
+    action = res
+    ok, scale = pcall(lr_scale, self)   -- the guard may back off
+    if not ok then C.discard(h); error(scale, 0) end
+  end
+  if action == "skip" then
+    C.cancel(h, r)
+    r.reason = "guard"
+  elseif action == "apply" then
+    C.apply(h, scale, r)
+  else
+    C.discard(h)
+    error(("%s.step: the guard's _decide returned %s, expected \"apply\" or \"skip\""):format(self.name,
+      tostring(action)), 0)
+  end
+  r.lr = self.param_groups[1].lr * scale
   r.loss = loss
+  hooks.emit("step", self, r, loss)
   return r
 end
 
@@ -185,8 +314,14 @@ function methods:zero_grad(opts)
   C.zero_grad(self._h, to_none)
 end
 
--- Statistics of each parameter's gradient at the last step:
--- {{numel, nan, inf, sumsq, sum_abs, max_abs, norm}, ...} in parameter order.
+-- Statistics of each parameter at the last step, in parameter order:
+-- {{numel, nan, inf, zeros, sum, sumsq, sum_abs, max_abs, norm, w_sumsq,
+--   weight_norm, update_sumsq, update_ratio}, ...}. The gradient's sums
+-- run over its finite elements (numel 0: no gradient at that step);
+-- w_sumsq and weight_norm are the weight's before the step;
+-- update_sumsq = ||w_after - w_before||^2 and update_ratio =
+-- ||w_after - w_before|| / ||w_before|| of the parameter's last applied
+-- update (nil before its first; inf when a zero weight moved).
 function methods:grad_stats() return C.last_stats(self._h) end
 
 -- All parameters, in order (groups one after the other).
@@ -325,7 +460,7 @@ local function new(kind, params, opts)
     end
   end
   local self = setmetatable({_h = C.new(kind), kind = kind, name = K.name, defaults = defaults,
-                             param_groups = {}}, Optimizer)
+                             param_groups = {}, lr_scale = 1}, Optimizer)
   for _, g in ipairs(groups_of(K.name, params)) do methods.add_param_group(self, g) end
   self:set_clip(opts.clip)
   self:set_nonfinite(opts.nonfinite or "error")

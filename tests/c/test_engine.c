@@ -485,6 +485,225 @@ static void test_nomem(void) {
   CHECK(c.blocks == 0 && c.bytes == 0, "nomem: everything freed");
 }
 
+
+/* {====================================================================
+** Optimizers: hand-computed steps, the statistics pass, prepare/cancel
+** ===================================================================== */
+
+/* A float64 vector parameter with a gradient (both from values). */
+static keel_tensor *param_with_grad(keel_ctx *ctx, int n, const double *w, const double *g) {
+  int64_t s[1];
+  keel_tensor *p, *gt;
+  s[0] = n;
+  p = from(ctx, KEEL_F64, 1, s, w);
+  if (!p) return NULL;
+  keel_set_requires_grad(ctx, p, 1);
+  if (g) {
+    gt = from(ctx, KEEL_F64, 1, s, g);
+    keel_set_grad(ctx, p, gt);
+    keel_tensor_release(gt);
+  }
+  return p;
+}
+
+static void set_grad_values(keel_ctx *ctx, keel_tensor *p, int n, const double *g) {
+  int64_t s[1];
+  keel_tensor *gt;
+  s[0] = n;
+  gt = from(ctx, KEEL_F64, 1, s, g);
+  keel_set_grad(ctx, p, gt);
+  keel_tensor_release(gt);
+}
+
+/* SGD with momentum 0.9, lr 0.1, two steps worked by hand:
+** buf1 = g1, p1 = p0 - 0.1 buf1; buf2 = 0.9 buf1 + g2, p2 = p1 - 0.1 buf2. */
+static void test_optim_sgd(void) {
+  keel_ctx *ctx = NULL;
+  keel_optim *o = NULL;
+  keel_optim_hparams h;
+  keel_step_report r;
+  keel_tensor *p;
+  double w0[2] = {1.0, -2.0}, g1[2] = {0.5, 1.0}, g2[2] = {1.0, -1.0}, got[2];
+  const keel_update_stats *u;
+  keel_ctx_new(&ctx, NULL, NULL);
+  p = param_with_grad(ctx, 2, w0, g1);
+  CHECK_OK(ctx, keel_optim_new(ctx, KEEL_OPTIM_SGD, &o), "optim: SGD created");
+  keel_optim_hparams_default(KEEL_OPTIM_SGD, &h);
+  h.lr = 0.1;
+  h.momentum = 0.9;
+  CHECK_OK(ctx, keel_optim_add_group(o, 1, &p, &h, NULL), "optim: add_group");
+  CHECK_OK(ctx, keel_optim_step(o, &r), "optim: SGD step 1");
+  read_all(ctx, p, got, 2);
+  CHECK(near(got[0], 1.0 - 0.1 * 0.5, 1e-15) && near(got[1], -2.0 - 0.1 * 1.0, 1e-15), "SGD step 1 by hand");
+  CHECK(r.applied && r.step == 1 && r.n_updated == 1 && near(r.grad_norm, sqrt(1.25), 1e-15),
+        "SGD step 1 report");
+  u = keel_optim_last_updates(o);
+  CHECK(u[0].step == 1 && near(u[0].update_sumsq, 0.05 * 0.05 + 0.1 * 0.1, 1e-16) && u[0].w_sumsq == 5.0,
+        "SGD step 1 update size and weight before it");
+  set_grad_values(ctx, p, 2, g2);
+  CHECK_OK(ctx, keel_optim_step(o, &r), "optim: SGD step 2");
+  read_all(ctx, p, got, 2);
+  {
+    double b0 = 0.9 * 0.5 + 1.0, b1 = 0.9 * 1.0 - 1.0;
+    CHECK(near(got[0], 0.95 - 0.1 * b0, 1e-15) && near(got[1], -2.1 - 0.1 * b1, 1e-15), "SGD momentum step 2 by hand");
+  }
+  /* lr_scale multiplies lr at apply time; the group's lr stays */
+  CHECK_OK(ctx, keel_optim_set_lr_scale(o, 0.0), "optim: lr_scale 0");
+  CHECK(keel_optim_set_lr_scale(o, -1.0) == KEEL_ERR_ARG && keel_optim_get_lr_scale(o) == 0.0,
+        "optim: negative lr_scale refused");
+  {
+    double before[2];
+    read_all(ctx, p, before, 2);
+    CHECK_OK(ctx, keel_optim_step(o, &r), "optim: step with lr_scale 0");
+    read_all(ctx, p, got, 2);
+    keel_optim_get_hparams(o, 0, &h);
+    CHECK(got[0] == before[0] && got[1] == before[1] && h.lr == 0.1 && keel_optim_step_count(o) == 3,
+          "lr_scale 0: parameters unchanged, lr kept, step counted");
+  }
+  keel_tensor_release(p);
+  keel_optim_free(o);
+  keel_ctx_free(ctx);
+}
+
+/* One statistics pass: counts, sums over finite elements, the weight. */
+static void test_optim_stats(void) {
+  keel_ctx *ctx = NULL;
+  keel_optim *o = NULL;
+  keel_optim_hparams h;
+  keel_step_report r;
+  keel_optim_counters c;
+  keel_tensor *p, *q;
+  double w[4] = {1, 2, 2, 0}, g[4] = {3, 0, -4, NAN}, w2[2] = {1, 1}, g2[2] = {1, 1};
+  const keel_grad_stats *s;
+  keel_status st;
+  keel_ctx_new(&ctx, NULL, NULL);
+  p = param_with_grad(ctx, 4, w, g);
+  q = param_with_grad(ctx, 2, w2, g2);
+  keel_optim_new(ctx, KEEL_OPTIM_ADAM, &o);
+  keel_optim_hparams_default(KEEL_OPTIM_ADAM, &h);
+  {
+    keel_tensor *ps[2];
+    ps[0] = p;
+    ps[1] = q;
+    keel_optim_add_group(o, 2, ps, &h, NULL);
+  }
+  CHECK(keel_optim_apply(o, &r) == KEEL_ERR_ARG, "apply with nothing prepared is refused");
+  CHECK_OK(ctx, keel_optim_prepare(o, &r), "prepare with a NaN (error policy) does not fail");
+  CHECK(!r.applied && r.reason && strcmp(r.reason, "nonfinite") == 0 && r.nonfinite == 1 && r.n_updated == 2,
+        "prepare reports the non-finite step it would refuse");
+  s = keel_optim_last_stats(o);
+  CHECK(s[0].numel == 4 && s[0].nan == 1 && s[0].inf == 0 && s[0].zeros == 1, "stats: counts");
+  CHECK(s[0].sum == -1 && s[0].sumsq == 25 && s[0].sum_abs == 7 && s[0].max_abs == 4, "stats: finite sums");
+  CHECK(s[0].w_sumsq == 9 && s[1].w_sumsq == 2 && s[1].sumsq == 2, "stats: the weight's sum of squares");
+  CHECK(r.top_param == 0 && near(r.top_share, 25.0 / 27.0, 1e-15), "prepare: top parameter and share");
+  keel_optim_get_counters(o, &c);
+  CHECK(c.errors == 0 && c.nonfinite_steps == 0, "prepare counts nothing");
+  st = keel_optim_apply(o, &r);
+  keel_optim_get_counters(o, &c);
+  CHECK(st == KEEL_ERR_ARG && strstr(keel_last_error(ctx), "non-finite gradient") && c.errors == 1 &&
+        c.nonfinite_steps == 1 && c.nonfinite_elements == 1 && keel_optim_step_count(o) == 0,
+        "apply refuses the non-finite step (error policy) and counts it");
+  CHECK(keel_optim_apply(o, &r) == KEEL_ERR_ARG, "a prepared step is applied once");
+  {
+    keel_grad_stats one;
+    CHECK_OK(ctx, keel_optim_param_stats(o, 1, NULL, &one), "param_stats of a parameter");
+    CHECK(one.numel == 2 && one.sumsq == 2 && one.w_sumsq == 2, "param_stats: gradient and weight");
+    CHECK(keel_optim_param_stats(o, 0, keel_tensor_grad(q), &one) == KEEL_ERR_SHAPE,
+          "param_stats: a gradient of another shape is refused");
+  }
+  keel_tensor_release(p);
+  keel_tensor_release(q);
+  keel_optim_free(o);
+  keel_ctx_free(ctx);
+}
+
+/* prepare then cancel: parameters, state, counters, step counts and the
+** adaptive clip state are byte for byte as before (cancelled + 1). */
+static void test_optim_cancel(void) {
+  counter cnt = {0, 0, 0, 0};
+  keel_ctx *ctx = NULL;
+  keel_optim *o = NULL;
+  keel_optim_hparams h;
+  keel_clip_spec spec[2];
+  keel_step_report r;
+  keel_optim_counters c0, c1;
+  keel_clip_state cs;
+  keel_tensor *p;
+  double w[3] = {0.5, -1.5, 2.0}, g[3] = {0.1, 0.2, -0.3}, big[3] = {30, -20, 10};
+  double pw0[3], pw1[3], m0[3], m1[3], v0[3], v1[3], hist0[8], hist1[8], mean0, var0;
+  int64_t n0, n1;
+  keel_ctx_new(&ctx, counting_alloc, &cnt);
+  p = param_with_grad(ctx, 3, w, g);
+  keel_optim_new(ctx, KEEL_OPTIM_ADAM, &o);
+  keel_optim_hparams_default(KEEL_OPTIM_ADAM, &h);
+  h.lr = 0.01;
+  keel_optim_add_group(o, 1, &p, &h, NULL);
+  keel_clip_spec_default(KEEL_CLIP_PERCENTILE, &spec[0]);
+  spec[0].threshold = 50;
+  spec[0].window = 3;
+  keel_clip_spec_default(KEEL_CLIP_ZSCORE, &spec[1]);
+  spec[1].window = 2;
+  CHECK_OK(ctx, keel_optim_set_clip(o, 2, spec), "cancel: clip chain set");
+  for (int t = 0; t < 4; t++) keel_optim_step(o, NULL);
+  set_grad_values(ctx, p, 3, big);
+#define SNAP(PW, M, V, HIST, N) do { \
+    keel_tensor *s_; \
+    read_all(ctx, p, PW, 3); \
+    keel_optim_get_state(o, 0, "exp_avg", &s_); read_all(ctx, s_, M, 3); keel_tensor_release(s_); \
+    keel_optim_get_state(o, 0, "exp_avg_sq", &s_); read_all(ctx, s_, V, 3); keel_tensor_release(s_); \
+    keel_optim_get_clip_state(o, 0, &cs); N = cs.n_history; \
+    memcpy(HIST, cs.history, sizeof(double) * (size_t)cs.n_history); \
+  } while (0)
+  SNAP(pw0, m0, v0, hist0, n0);
+  keel_optim_get_clip_state(o, 1, &cs);
+  mean0 = cs.mean;
+  var0 = cs.var;
+  keel_optim_get_counters(o, &c0);
+  CHECK_OK(ctx, keel_optim_prepare(o, &r), "cancel: prepare");
+  CHECK(r.clipped && r.clip_coef < 1, "cancel: the prepared step would clip");
+  keel_optim_cancel(o, &r);
+  SNAP(pw1, m1, v1, hist1, n1);
+  keel_optim_get_counters(o, &c1);
+  CHECK(!memcmp(pw0, pw1, sizeof pw0) && !memcmp(m0, m1, sizeof m0) && !memcmp(v0, v1, sizeof v0),
+        "cancel: parameter and state byte-identical");
+  CHECK(n0 == 3 && n1 == n0 && !memcmp(hist0, hist1, sizeof(double) * 3), "cancel: percentile history identical");
+  keel_optim_get_clip_state(o, 1, &cs);
+  CHECK(!memcmp(&mean0, &cs.mean, sizeof mean0) && !memcmp(&var0, &cs.var, sizeof var0) && cs.initialized,
+        "cancel: zscore EMA identical");
+  CHECK(c1.cancelled == c0.cancelled + 1 && c1.steps == c0.steps && c1.skipped == c0.skipped &&
+        c1.clipped == c0.clipped && keel_optim_step_count(o) == 4 && keel_optim_get_param_step(o, 0) == 4,
+        "cancel: counted as cancelled, nothing else");
+  CHECK(!r.applied && r.reason && strcmp(r.reason, "cancelled") == 0, "cancel: report");
+  /* the same step applied now moves the history as a plain step would */
+  CHECK_OK(ctx, keel_optim_step(o, &r), "cancel: the step afterwards");
+  keel_optim_get_clip_state(o, 0, &cs);
+  CHECK(cs.n_history == 3 && cs.history[2] == r.grad_norm, "the applied step commits its norm to the history");
+  /* a rollback between the halves makes the prepared step stale */
+  {
+    keel_clip_state saved;
+    double h3[3];
+    int64_t steps = keel_optim_step_count(o);
+    keel_optim_get_clip_state(o, 0, &saved);
+    memcpy(h3, saved.history, sizeof h3);
+    saved.history = h3;
+    keel_optim_prepare(o, NULL);
+    keel_optim_set_clip_state(o, 0, &saved);
+    CHECK(keel_optim_apply(o, &r) == KEEL_ERR_ARG && strstr(keel_last_error(ctx), "stale") &&
+          keel_optim_step_count(o) == steps, "apply refuses a step prepared before a rollback");
+    keel_optim_get_counters(o, &c0);
+    keel_optim_prepare(o, NULL);
+    keel_optim_set_clip_state(o, 0, &saved);
+    keel_optim_cancel(o, &r);
+    keel_optim_get_counters(o, &c1);
+    CHECK(c1.cancelled == c0.cancelled + 1 && keel_optim_step_count(o) == steps, "cancel takes a stale step");
+  }
+  keel_tensor_release(p);
+  keel_optim_free(o);
+  keel_ctx_free(ctx);
+  CHECK(cnt.blocks == 0 && cnt.bytes == 0, "optim: everything freed");
+#undef SNAP
+}
+
 /* }==================================================================== */
 
 int main(void) {
@@ -496,6 +715,9 @@ int main(void) {
   test_hooks();
   test_ctx_outlived();
   test_nomem();
+  test_optim_sgd();
+  test_optim_stats();
+  test_optim_cancel();
   printf("%d passed, %d failed\n", n_pass, n_fail);
   return n_fail ? 1 : 0;
 }
