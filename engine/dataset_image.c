@@ -17,6 +17,8 @@
 #pragma GCC diagnostic ignored "-Wunused-parameter"
 #pragma GCC diagnostic ignored "-Wimplicit-fallthrough"
 #endif
+/* static: a C host that compiles stb_image itself links without clashes */
+#define STB_IMAGE_STATIC
 #define STB_IMAGE_IMPLEMENTATION
 #define STBI_ONLY_PNG
 #define STBI_ONLY_JPEG
@@ -28,6 +30,9 @@
 #include <stb/stb_image.h>
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop
+/* stb declares static prototypes that STBI_ONLY_* leaves undefined; GCC
+** reports them at the end of the file, outside the push/pop above */
+#pragma GCC diagnostic ignored "-Wunused-function"
 #endif
 
 /* Largest decoded image, in pixels: 64 Mpx. */
