@@ -10,16 +10,27 @@ usual entry point. Everything generated lands under build/:
   build/<cfg>/lua/keel/core.so         the Lua module (bindings/*.c minus repl.c)
   build/<cfg>/bin/keel                 the REPL / script runner (static Lua)
   build/<cfg>/bin/keel_ctest           the Lua-free C test (tests/c/*.c)
+  build/<cfg>/lib/libkeel_cuda.so      the CUDA plugin (kernels/*.cu), when nvcc is found
+  build/<cfg>/lib/libkeel_fakecuda.so  a host-memory stand-in for it, for the tests
   build/obj/<cfg>/<project>/           object files
+  build/cuda.txt                       what was decided about CUDA (tools/build.sh shows it)
 
 Configurations: release (-O2), debug (-O0 -g, KEEL_DEBUG), asan (-O1 -g,
 AddressSanitizer + UBSan).
 
 Sources are globbed when the makefiles are generated: rerun premake after
 adding a .c file (tools/build.sh always does).
+
+CUDA: the plugin is built when nvcc is on PATH or at /usr/local/cuda/bin
+(--with-cuda: its absence is an error; --without-cuda: never built). The
+engine itself never links CUDA: it opens the plugin at run time, so the
+CPU build is the same with or without nvcc.
 ]]
 
 local CONFIGS = { "release", "debug", "asan" }
+
+newoption { trigger = "with-cuda", description = "Build the CUDA plugin; fail when nvcc is not found" }
+newoption { trigger = "without-cuda", description = "Do not build the CUDA plugin, even when nvcc is found" }
 local LUA_INC = "/usr/include/lua5.4"
 local LUA_STATIC = "/usr/lib/x86_64-linux-gnu/liblua5.4.a"
 
@@ -55,7 +66,7 @@ workspace_ "keel"
   location "build"
   language "C"
 
-  includedirs { "engine", LUA_INC }
+  includedirs { "engine", "kernels", LUA_INC }
   buildoptions {
     "-std=c11", "-D_GNU_SOURCE",
     "-Wall", "-Wextra", "-Wshadow", "-Wmissing-prototypes",
@@ -97,14 +108,43 @@ local function binding_files(with_repl)
   if not with_repl then removefiles_ { "bindings/repl.c" } end
 end
 
---[[ CUDA (later): kernels/*.cu will be compiled by nvcc from a pre-build step
-(`+$(MAKE) -f cuda.mk`, premake4 has no per-file rules) into
-build/<cfg>/lib/libkeel_cuda.a, listed in `links` of every project below that
-links keel_static (in `links`, not `linkoptions`, so that it lands after the
-objects), with -lcublas -lcudart -lstdc++ and an rpath to the toolkit. The step
-goes in keel_static (a project with C sources, as premake5 requires) and must
-delete the linked outputs when it rebuilds the archive. A CPU-only build stays
-the default. ]]
+-- {==================================================================
+-- CUDA: found or not, decided once here. kernels/*.cu are compiled by nvcc
+-- from a pre-build step of keel_static (premake4 has no per-file rules;
+-- premake5 runs pre-build steps only in projects with C sources) through
+-- kernels/cuda.mk, into build/<cfg>/lib/libkeel_cuda.so. That is a plugin
+-- the engine dlopens (engine/device.c): no project links it, so nothing
+-- has to relink when it changes, and a machine without CUDA runs the same
+-- binaries.
+-- ===================================================================
+
+local function find_nvcc()
+  local dir = os.pathsearch("nvcc", os.getenv("PATH") or "")
+  if dir then return dir .. "/nvcc" end
+  if os.isfile("/usr/local/cuda/bin/nvcc") then return "/usr/local/cuda/bin/nvcc" end
+  return nil
+end
+
+local NVCC, CUDA_NOTE = nil, nil
+if _OPTIONS["without-cuda"] then
+  CUDA_NOTE = "off: --without-cuda"
+else
+  NVCC = find_nvcc()
+  if NVCC then
+    CUDA_NOTE = "on " .. NVCC
+  elseif _OPTIONS["with-cuda"] then
+    error("--with-cuda: nvcc was not found on PATH or in /usr/local/cuda/bin", 0)
+  else
+    CUDA_NOTE = "off: nvcc not found on PATH or in /usr/local/cuda/bin"
+  end
+end
+if _ACTION then
+  os.mkdir("build")
+  local f = io.open("build/cuda.txt", "w")
+  if f then f:write(CUDA_NOTE, "\n"); f:close() end
+end
+
+-- }==================================================================
 
 -- {==================================================================
 -- The engine: libkeel.a and libkeel.so
@@ -123,7 +163,15 @@ project "keel_static"
     when(cfg)
       targetdir("build/obj/" .. cfg .. "/libkeel")
       objdir("build/obj/" .. cfg .. "/keel_static")
-      -- commands run in build/, where the makefiles are
+      -- commands run in build/, where the makefiles are. `+` hands make's
+      -- jobserver to the nested make. The asan configuration shares the
+      -- release objects (device code is not instrumented).
+      if NVCC then
+        prebuildcommands {
+          "+$(MAKE) --no-print-directory -f ../kernels/cuda.mk ROOT=.. NVCC=" .. NVCC .. " CFG=" .. cfg ..
+            " OBJ=obj/" .. (cfg == "asan" and "release" or cfg) .. "/cuda LIB=" .. cfg .. "/lib/libkeel_cuda.so",
+        }
+      end
       postbuildcommands {
         "mkdir -p " .. cfg .. "/lib",
         "cp -f obj/" .. cfg .. "/libkeel/libkeel.a " .. cfg .. "/lib/libkeel.a",
@@ -135,7 +183,7 @@ project "keel_shared"
   kind "SharedLib"
   targetname "keel"
   files { "engine/*.c", "engine/*.h" }
-  links { "openblas", "z", "pthread", "m" }
+  links { "openblas", "z", "pthread", "m", "dl" }
   outputs("keel_shared", "lib")
 
 -- }==================================================================
@@ -150,7 +198,7 @@ project "keel_lua"
   targetname "core"
   targetprefix ""
   binding_files()
-  links { "keel_static", "openblas", "z", "pthread", "m" }
+  links { "keel_static", "openblas", "z", "pthread", "m", "dl" }
   outputs("keel_lua", "lua/keel")
 
 -- }==================================================================
@@ -180,8 +228,24 @@ if #os.matchfiles("tests/c/*.c") > 0 then
     kind "ConsoleApp"
     targetname "keel_ctest"
     files { "tests/c/*.c", "tests/c/*.h" }
-    links { "keel_static", "openblas", "z", "pthread", "m" }
+    links { "keel_static", "openblas", "z", "pthread", "m", "dl" }
     outputs("keel_ctest", "bin")
+end
+
+-- }==================================================================
+
+-- {==================================================================
+-- A stand-in CUDA plugin in host memory (tests/plugin/fake_cuda.c): the
+-- tests load it to run the device layer (dispatch, caching allocator,
+-- copies, to(), model:to) on machines without a GPU. Built always.
+-- ===================================================================
+
+if #os.matchfiles("tests/plugin/*.c") > 0 then
+  project "keel_fakecuda"
+    kind "SharedLib"
+    targetname "keel_fakecuda"
+    files { "tests/plugin/*.c" }
+    outputs("keel_fakecuda", "lib")
 end
 
 -- }==================================================================

@@ -4,6 +4,8 @@
 ** grad mode, joining, memory) and the helpers the other binding files use.
 */
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include "lkeel.h"
 
@@ -73,11 +75,17 @@ void lk_push(lua_State *L, lk_state *S, keel_tensor *t) {
     /* Backstop for a host that runs the generational collector: there,
     ** tensors that outlive a minor collection wait for a major one, which
     ** Lua's own (small) heap never triggers. */
+    keel_cuda_memory_stats cm;
+    size_t live;
     keel_memory_stats_get(S->ctx, &m);
-    if (m.live_bytes > S->gc_ceiling) {
+    keel_cuda_memory_stats_get(S->ctx, &cm);   /* device memory must not wait for the GC either */
+    live = m.live_bytes + cm.allocated_bytes;
+    if (live > S->gc_ceiling) {
       lua_gc(L, LUA_GCCOLLECT);
       keel_memory_stats_get(S->ctx, &m);
-      S->gc_ceiling = 2 * m.live_bytes > LK_GC_FLOOR ? 2 * m.live_bytes : LK_GC_FLOOR;
+      keel_cuda_memory_stats_get(S->ctx, &cm);
+      live = m.live_bytes + cm.allocated_bytes;
+      S->gc_ceiling = 2 * live > LK_GC_FLOOR ? 2 * live : LK_GC_FLOOR;
     }
   }
 }
@@ -208,6 +216,27 @@ keel_dtype lk_opt_dtype_field(lua_State *L, int i, const char *fn, keel_dtype de
   return dt;
 }
 
+int lk_to_device(const char *s, keel_device *dev) {
+  if (!s) return -1;
+  if (!strcmp(s, "cpu")) { *dev = KEEL_CPU; return 0; }
+  if (!strcmp(s, "cuda") || !strcmp(s, "cuda:0")) { *dev = KEEL_CUDA; return 0; }
+  if (!strncmp(s, "cuda:", 5) && s[5] >= '0' && s[5] <= '9') return 1;   /* another GPU: refused */
+  return -1;
+}
+
+keel_device lk_check_device(lua_State *L, int i, const char *fn) {
+  keel_device dev = KEEL_CPU;
+  const char *s = lua_type(L, i) == LUA_TSTRING ? lua_tostring(L, i) : NULL;
+  int r = lk_to_device(s, &dev);
+  if (r == 1)
+    luaL_error(L, "%s: device \"%s\": keel uses one GPU per process, \"cuda\" or \"cuda:0\" "
+               "(choose which with CUDA_VISIBLE_DEVICES)", fn, s);
+  if (r < 0)
+    luaL_error(L, "%s: unknown device %s%s%s (expected \"cpu\", \"cuda\" or \"cuda:0\")", fn, s ? "\"" : "",
+               s ? s : luaL_typename(L, i), s ? "\"" : "");
+  return dev;
+}
+
 /* }====================================================================== */
 
 /* {======================================================================
@@ -224,6 +253,37 @@ static void apply_requires_grad(lua_State *L, lk_state *S, int i) {
   if (on) lk_check(L, S, keel_set_requires_grad(S->ctx, lk_to(L, -1), 1));
 }
 
+/* Makes opts.device of the table at i (if any) the context's default
+** device for one creation; returns the device to restore afterwards
+** (with bit 8 set when opts named one). */
+static int push_device(lua_State *L, lk_state *S, int i, const char *fn) {
+  int prev = (int)keel_get_default_device(S->ctx);
+  if (lua_istable(L, i)) {
+    if (lua_getfield(L, i, "device") != LUA_TNIL) {
+      keel_set_default_device(S->ctx, lk_check_device(L, -1, fn));
+      prev |= 0x100;
+    }
+    lua_pop(L, 1);
+  }
+  return prev;
+}
+
+/* Ends a creation begun with push_device: restores, then raises or pushes.
+** A device error on the default device that KEEL_DEVICE chose says so:
+** the script may not mention a device anywhere. */
+static void pop_device(lua_State *L, lk_state *S, int prev, keel_status st, const char *fn, keel_tensor *t) {
+  keel_set_default_device(S->ctx, (keel_device)(prev & 0xff));
+  if (st == KEEL_ERR_DEVICE && !(prev & 0x100) && S->device_env[0]) {
+    const char *msg = keel_last_error(S->ctx), *colon = strchr(msg, ':');
+    luaL_where(L, 1);
+    lua_pushfstring(L, "%s%s (the default device, from KEEL_DEVICE=%s)", fn, colon ? colon : msg, S->device_env);
+    lua_concat(L, 2);
+    lua_error(L);
+  }
+  lk_check_as(L, S, st, fn);
+  lk_push(L, S, t);
+}
+
 typedef keel_status (*shape_ctor)(keel_ctx *, keel_dtype, int, const int64_t *, keel_tensor **);
 
 static int create(lua_State *L, const char *fn, shape_ctor ctor) {
@@ -231,9 +291,10 @@ static int create(lua_State *L, const char *fn, shape_ctor ctor) {
   int64_t shape[KEEL_MAX_DIMS];
   int next, nd = lk_check_shape(L, 1, fn, shape, &next);
   keel_dtype dt = lk_opt_dtype_field(L, next, fn, KEEL_F32);
-  keel_tensor *t;
-  lk_check(L, S, ctor(S->ctx, dt, nd, shape, &t));
-  lk_push(L, S, t);
+  int prev = push_device(L, S, next, fn);
+  keel_tensor *t = NULL;
+  keel_status st = ctor(S->ctx, dt, nd, shape, &t);
+  pop_device(L, S, prev, st, fn, t);
   apply_requires_grad(L, S, next);
   return 1;
 }
@@ -250,9 +311,10 @@ static int l_full(lua_State *L) {
   int next, nd = lk_check_shape(L, 1, "full", shape, &next);
   double v = luaL_checknumber(L, next);
   keel_dtype dt = lk_opt_dtype_field(L, next + 1, "full", KEEL_F32);
-  keel_tensor *t;
-  lk_check(L, S, keel_full(S->ctx, dt, nd, shape, v, &t));
-  lk_push(L, S, t);
+  int prev = push_device(L, S, next + 1, "full");
+  keel_tensor *t = NULL;
+  keel_status st = keel_full(S->ctx, dt, nd, shape, v, &t);
+  pop_device(L, S, prev, st, "full", t);
   apply_requires_grad(L, S, next + 1);
   return 1;
 }
@@ -261,14 +323,17 @@ static int l_arange(lua_State *L) {
   lk_state *S = lk_S(L);
   int nnum = 0;
   double a[3];
-  keel_tensor *t;
+  keel_tensor *t = NULL;
   keel_dtype dt = KEEL_F32;
+  int prev;
+  keel_status st;
   while (nnum < 3 && lua_type(L, nnum + 1) == LUA_TNUMBER) { a[nnum] = lua_tonumber(L, nnum + 1); nnum++; }
   if (nnum == 0) return luaL_error(L, "arange: expected arange([start,] stop [, step])");
   dt = lk_opt_dtype_field(L, nnum + 1, "arange", dt);
-  if (nnum == 1) lk_check(L, S, keel_arange(S->ctx, dt, 0, a[0], 1, &t));
-  else lk_check(L, S, keel_arange(S->ctx, dt, a[0], a[1], nnum == 3 ? a[2] : 1, &t));
-  lk_push(L, S, t);
+  prev = push_device(L, S, nnum + 1, "arange");
+  if (nnum == 1) st = keel_arange(S->ctx, dt, 0, a[0], 1, &t);
+  else st = keel_arange(S->ctx, dt, a[0], a[1], nnum == 3 ? a[2] : 1, &t);
+  pop_device(L, S, prev, st, "arange", t);
   apply_requires_grad(L, S, nnum + 1);
   return 1;
 }
@@ -277,9 +342,11 @@ static int l_linspace(lua_State *L) {
   lk_state *S = lk_S(L);
   double a = luaL_checknumber(L, 1), b = luaL_checknumber(L, 2);
   lua_Integer n = luaL_checkinteger(L, 3);
-  keel_tensor *t;
-  lk_check(L, S, keel_linspace(S->ctx, lk_opt_dtype_field(L, 4, "linspace", KEEL_F32), a, b, n, &t));
-  lk_push(L, S, t);
+  keel_dtype dt = lk_opt_dtype_field(L, 4, "linspace", KEEL_F32);
+  int prev = push_device(L, S, 4, "linspace");
+  keel_tensor *t = NULL;
+  keel_status st = keel_linspace(S->ctx, dt, a, b, n, &t);
+  pop_device(L, S, prev, st, "linspace", t);
   return 1;
 }
 
@@ -288,10 +355,15 @@ static int l_eye(lua_State *L) {
   lua_Integer n = luaL_checkinteger(L, 1);
   lua_Integer m = lua_type(L, 2) == LUA_TNUMBER ? luaL_checkinteger(L, 2) : n;
   int opt = lua_type(L, 2) == LUA_TNUMBER ? 3 : 2;
-  keel_tensor *t;
+  keel_tensor *t = NULL;
+  keel_dtype dt;
+  int prev;
+  keel_status st;
   if (n < 0 || m < 0) return luaL_error(L, "eye: sizes must be >= 0");
-  lk_check(L, S, keel_eye(S->ctx, lk_opt_dtype_field(L, opt, "eye", KEEL_F32), n, m, &t));
-  lk_push(L, S, t);
+  dt = lk_opt_dtype_field(L, opt, "eye", KEEL_F32);
+  prev = push_device(L, S, opt, "eye");
+  st = keel_eye(S->ctx, dt, n, m, &t);
+  pop_device(L, S, prev, st, "eye", t);
   return 1;
 }
 
@@ -335,8 +407,13 @@ static int l_tensor(lua_State *L) {
   keel_tensor *t, *src = lk_to(L, 1);
   double *buf;
   int nd;
-  if (src) {  /* a copy outside any graph */
+  if (src) {  /* a copy outside any graph, on opts.device or src's own */
     keel_tensor *d;
+    keel_device dev = keel_tensor_device(src);
+    if (lua_istable(L, 2)) {
+      if (lua_getfield(L, 2, "device") != LUA_TNIL) dev = lk_check_device(L, -1, "tensor");
+      lua_pop(L, 1);
+    }
     lk_check(L, S, keel_detach(S->ctx, src, &d));
     if (keel_tensor_dtype(d) == dt || !lua_istable(L, 2)) {
       keel_status st = keel_clone(S->ctx, d, &t);
@@ -346,6 +423,13 @@ static int l_tensor(lua_State *L) {
       keel_status st = keel_to_dtype(S->ctx, d, dt, &t);
       keel_tensor_release(d);
       lk_check(L, S, st);
+    }
+    if (dev != keel_tensor_device(t)) {
+      keel_tensor *m;
+      keel_status st = keel_to_device(S->ctx, t, dev, 0, &m);
+      keel_tensor_release(t);
+      lk_check_as(L, S, st, "tensor");
+      t = m;
     }
     lk_push(L, S, t);
     apply_requires_grad(L, S, 2);
@@ -361,9 +445,12 @@ static int l_tensor(lua_State *L) {
   lua_pushvalue(L, 1);
   data_fill(L, 0, nd, shape, buf, &k);
   lua_pop(L, 1);
-  lk_check(L, S, keel_from_doubles(S->ctx, dt, nd, shape, buf, &t));
-  lua_pop(L, 1);
-  lk_push(L, S, t);
+  {
+    int prev = push_device(L, S, 2, "tensor");
+    keel_status st = keel_from_doubles(S->ctx, dt, nd, shape, buf, &t);
+    lua_pop(L, 1);   /* buf */
+    pop_device(L, S, prev, st, "tensor", t);
+  }
   apply_requires_grad(L, S, 2);
   return 1;
 }
@@ -496,6 +583,20 @@ static int l_memory_trim(lua_State *L) {
   return 0;
 }
 
+/* keel.set_default_device(dev) -> the previous one: the device of the
+** creation functions (KEEL_DEVICE sets it when keel loads). */
+static int l_set_default_device(lua_State *L) {
+  lk_state *S = lk_S(L);
+  keel_device prev = keel_set_default_device(S->ctx, lk_check_device(L, 1, "set_default_device"));
+  lua_pushstring(L, keel_device_name(prev));
+  return 1;
+}
+
+static int l_get_default_device(lua_State *L) {
+  lua_pushstring(L, keel_device_name(keel_get_default_device(lk_S(L)->ctx)));
+  return 1;
+}
+
 static int l_ops(lua_State *L) {
   int n = keel_op_count();
   lua_createtable(L, n, 0);
@@ -537,6 +638,7 @@ static const luaL_Reg module_fns[] = {
   {"cat", l_cat}, {"stack", l_stack}, {"where", l_where},
   {"set_grad_enabled", l_set_grad_enabled}, {"is_grad_enabled", l_is_grad_enabled},
   {"memory_stats", l_memory_stats}, {"memory_trim", l_memory_trim},
+  {"set_default_device", l_set_default_device}, {"get_default_device", l_get_default_device},
   {"ops", l_ops}, {"is_tensor", l_is_tensor},
   {NULL, NULL},
 };
@@ -550,19 +652,28 @@ int luaopen_keel_core(lua_State *L) {
   lk_state *S;
   keel_ctx *ctx;
   int state_i, mt_i;
+  const char *env;
+  keel_device dev = KEEL_CPU;
   /* one context per Lua state, shared by every require */
   if (lua_getfield(L, LUA_REGISTRYINDEX, LK_STATE_KEY) != LUA_TNIL) {
     lua_getfield(L, LUA_REGISTRYINDEX, "keel.module");
     return 1;
   }
   lua_pop(L, 1);
+  /* checked before anything is made: a typo must not pass for "cpu" */
+  env = getenv("KEEL_DEVICE");
+  if (env && *env && lk_to_device(env, &dev) != 0)
+    return luaL_error(L, "keel: KEEL_DEVICE=%s: expected cpu, cuda or cuda:0", env);
   if (keel_ctx_new(&ctx, NULL, NULL) != KEEL_OK) return luaL_error(L, "keel: cannot create a context (out of memory)");
+  /* CUDA's availability is not checked here: the first tensor made says why it is not */
+  keel_set_default_device(ctx, dev);
   keel_set_index_base(ctx, 1);
   S = (lk_state *)lua_newuserdatauv(L, sizeof *S, 0);
   memset(S, 0, sizeof *S);
   S->ctx = ctx;
   S->hook_error_ref = LUA_NOREF;
   S->gc_ceiling = LK_GC_FLOOR;
+  if (dev != KEEL_CPU) snprintf(S->device_env, sizeof S->device_env, "%s", env);
   /* lua.c starts Lua in generational mode; the incremental collector is
   ** the one whose pace follows the engine memory reported in lk_push. */
   lua_gc(L, LUA_GCINC, 0, 0, 0);
@@ -626,6 +737,11 @@ int luaopen_keel_core(lua_State *L) {
   /* @open:summary */
   lk_open_summary(L, state_i, mt_i);
   lua_setfield(L, -2, "_summary");
+  /* CUDA devices and memory: keel.core._cuda (keel.cuda in Lua) */
+  lua_newtable(L);
+  /* @open:cuda */
+  lk_open_cuda(L, state_i, mt_i);
+  lua_setfield(L, -2, "_cuda");
   lua_pushvalue(L, -1);
   lua_setfield(L, LUA_REGISTRYINDEX, "keel.module");
   return 1;

@@ -31,6 +31,7 @@ typedef struct lk_state {
   size_t gc_ceiling;    /* engine live bytes that force a full collection */
   int hook_error_ref;   /* error value raised by a hook, or LUA_NOREF */
   int anomaly;          /* anomaly detection on: lk_push stamps sites (lkeel_autograd.c) */
+  char device_env[16];  /* KEEL_DEVICE when it set the default device (for error messages), else "" */
   struct lk_anomaly *an;
 } lk_state;
 
@@ -61,6 +62,11 @@ LK_INTERNAL int lk_opt_dims(lua_State *L, int i, const char *fn, int *dims);
 LK_INTERNAL keel_dtype lk_check_dtype(lua_State *L, int i, const char *fn);
 /* opts.dtype of the table at i, else def. */
 LK_INTERNAL keel_dtype lk_opt_dtype_field(lua_State *L, int i, const char *fn, keel_dtype def);
+/* A device name: "cpu", "cuda" or "cuda:0" (one GPU per process: choose
+** it with CUDA_VISIBLE_DEVICES). lk_to_device returns -1 for a string that
+** is no device; lk_check_device raises, naming fn. */
+LK_INTERNAL int lk_to_device(const char *s, keel_device *dev);
+LK_INTERNAL keel_device lk_check_device(lua_State *L, int i, const char *fn);
 LK_INTERNAL const char *lk_typename(lua_State *L, int i);
 
 LK_INTERNAL void lk_open_tensor(lua_State *L);   /* methods into the table at -1 */
@@ -94,6 +100,8 @@ LK_INTERNAL void lk_anomaly_pushed(lua_State *L, lk_state *S, keel_tensor *t);
 LK_INTERNAL int lk_anomaly_deliver(lua_State *L, lk_state *S);
 /* @open-decl:summary */
 LK_INTERNAL void lk_open_summary(lua_State *L, int state, int mt);
+/* @open-decl:cuda */
+LK_INTERNAL void lk_open_cuda(lua_State *L, int state, int mt);
 LK_INTERNAL void lk_open_optim(lua_State *L, int state, int mt);
 
 #endif

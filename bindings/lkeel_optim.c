@@ -11,6 +11,8 @@
 ** A step is prepare (statistics, decisions, nothing changes), then apply
 ** or cancel; optim.lua runs the on_grad hooks and the guard in between.
 ** The report is one table that prepare makes and apply/cancel update.
+** prepare also sets the step's loss scale (keel.amp's fused unscale):
+** every prepare says whether there is one, so none outlives its step.
 */
 #include <math.h>
 #include <string.h>
@@ -248,14 +250,22 @@ static void fill_report(lua_State *L, const keel_step_report *r) {
   set_num(L, "top_share", r->top_share);
 }
 
-/* prepare(h, groups): pushes every group's hyper-parameters, prepares the
+/* prepare(h, groups [, inv_scale, found_inf]): pushes every group's
+** hyper-parameters and the loss scale (inv_scale nil: none), prepares the
 ** step and returns the report table (applied = false). */
 static int l_prepare(lua_State *L) {
   lk_state *S = lk_S(L);
   keel_optim *o = check_optim(L, 1);
   keel_step_report r;
+  keel_loss_scale ls;
   int ng = keel_optim_group_count(o);
   luaL_checktype(L, 2, LUA_TTABLE);
+  memset(&ls, 0, sizeof ls);
+  if (!lua_isnoneornil(L, 3)) {
+    ls.enabled = 1;
+    ls.inv_scale = luaL_checknumber(L, 3);
+    ls.found_inf = lua_toboolean(L, 4);
+  }
   if ((int)luaL_len(L, 2) != ng)
     return luaL_error(L, "%s.step: param_groups has %d groups, the optimizer %d (use add_param_group)",
                       keel_optim_kind_name(keel_optim_get_kind(o)), (int)luaL_len(L, 2), ng);
@@ -267,8 +277,9 @@ static int l_prepare(lua_State *L) {
     lua_pop(L, 1);
     lk_check(L, S, keel_optim_set_hparams(o, g, &h));
   }
+  lk_check(L, S, keel_optim_set_loss_scale(o, &ls));
   lk_check(L, S, keel_optim_prepare(o, &r));
-  lua_createtable(L, 0, 12);
+  lua_createtable(L, 0, 14);
   fill_report(L, &r);
   return 1;
 }
@@ -377,12 +388,12 @@ static int l_step_count(lua_State *L) {
 }
 
 #define COUNTERS(X) X(steps) X(skipped) X(cancelled) X(errors) X(no_grad) X(nonfinite_steps) \
-  X(nonfinite_elements) X(clipped)
+  X(nonfinite_elements) X(clipped) X(overflow)
 
 static int l_counters(lua_State *L) {
   keel_optim_counters c;
   keel_optim_get_counters(check_optim(L, 1), &c);
-  lua_createtable(L, 0, 8);
+  lua_createtable(L, 0, 9);
 #define X(f) set_int(L, #f, c.f);
   COUNTERS(X)
 #undef X
@@ -552,6 +563,61 @@ static int l_last_stats(lua_State *L) {
   return 1;
 }
 
+/* any_grad(h): whether some parameter that requires grad has a .grad
+** (a step would see a gradient). */
+static int l_any_grad(lua_State *L) {
+  keel_optim *o = check_optim(L, 1);
+  int n = keel_optim_param_count(o), any = 0;
+  for (int i = 0; i < n && !any; i++) {
+    keel_tensor *p = keel_optim_param(o, i, NULL);
+    any = keel_requires_grad(p) && keel_tensor_grad(p) != NULL;
+  }
+  lua_pushboolean(L, any);
+  return 1;
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Loss scaling (keel.amp)
+** ======================================================================= */
+
+/* unscale(h, inv_scale) -> nonfinite, ngrads: every .grad of the
+** optimizer's parameters times inv_scale in place (GradScaler.unscale_). */
+static int l_unscale(lua_State *L) {
+  lk_state *S = lk_S(L);
+  keel_optim *o = check_optim(L, 1);
+  double inv = luaL_checknumber(L, 2);
+  int n = keel_optim_param_count(o), ng = 0;
+  int64_t bad = 0;
+  keel_tensor **ps = (keel_tensor **)lua_newuserdatauv(L, sizeof *ps * (size_t)(n ? n : 1), 0);
+  for (int i = 0; i < n; i++) ps[i] = keel_optim_param(o, i, NULL);
+  lk_check(L, S, keel_grad_unscale(S->ctx, n, ps, inv, &bad, &ng));
+  lua_pushinteger(L, (lua_Integer)bad);
+  lua_pushinteger(L, ng);
+  return 2;
+}
+
+/* scale_update(scale, tracker, found_inf, growth, backoff, interval) ->
+** scale, tracker (keel_loss_scale_update). */
+static int l_scale_update(lua_State *L) {
+  double scale = luaL_checknumber(L, 1);
+  int64_t tracker = (int64_t)luaL_checkinteger(L, 2);
+  keel_loss_scale_update(&scale, &tracker, lua_toboolean(L, 3), luaL_checknumber(L, 4), luaL_checknumber(L, 5),
+                         (int64_t)luaL_checkinteger(L, 6));
+  lua_pushnumber(L, scale);
+  lua_pushinteger(L, (lua_Integer)tracker);
+  return 2;
+}
+
+/* f32(x): x rounded to float32 (the scale's dtype in torch); beyond its
+** range, +-inf (a plain cast would be undefined there). */
+static int l_f32(lua_State *L) {
+  double x = luaL_checknumber(L, 1);
+  lua_pushnumber(L, x >= 0x1.ffffffp+127 ? HUGE_VAL : x <= -0x1.ffffffp+127 ? -HUGE_VAL : (double)(float)x);
+  return 1;
+}
+
 /* }====================================================================== */
 
 /* {======================================================================
@@ -611,7 +677,8 @@ static const luaL_Reg optim_fns[] = {
   {"get_clip_state", l_get_clip_state}, {"set_clip_state", l_set_clip_state},
   {"last_stats", l_last_stats}, {"grad_stats", l_grad_stats},
   {"clip_grad_norm", l_clip_grad_norm}, {"clip_grad_value", l_clip_grad_value},
-  {"clip_grad_agc", l_clip_grad_agc},
+  {"clip_grad_agc", l_clip_grad_agc}, {"any_grad", l_any_grad}, {"unscale", l_unscale},
+  {"scale_update", l_scale_update}, {"f32", l_f32},
   {NULL, NULL},
 };
 

@@ -218,7 +218,8 @@ static int t_index(lua_State *L) {
   if (!strcmp(k, "grad")) { lk_push(L, S, keel_tensor_retain(keel_tensor_grad(t))); return 1; }
   if (!strcmp(k, "requires_grad")) { lua_pushboolean(L, keel_requires_grad(t)); return 1; }
   if (!strcmp(k, "dtype")) { lua_pushstring(L, keel_dtype_name(keel_tensor_dtype(t))); return 1; }
-  if (!strcmp(k, "device")) { lua_pushstring(L, keel_tensor_device(t) == KEEL_CPU ? "cpu" : "cuda"); return 1; }
+  if (!strcmp(k, "device")) { lua_pushstring(L, keel_device_name(keel_tensor_device(t))); return 1; }
+  if (!strcmp(k, "is_cuda")) { lua_pushboolean(L, keel_tensor_device(t) == KEEL_CUDA); return 1; }
   if (!strcmp(k, "ndim")) { lua_pushinteger(L, keel_tensor_ndim(t)); return 1; }
   if (!strcmp(k, "is_leaf")) { lua_pushboolean(L, keel_is_leaf(t)); return 1; }
   if (!strcmp(k, "is_closed")) { lua_pushboolean(L, 0); return 1; }
@@ -381,13 +382,68 @@ static int t_detach(lua_State *L) {
   RET(keel_detach(S->ctx, t, &out));
 }
 
+/* Pushes out, or the tensor argument itself (self) when out is t: a
+** conversion that changes nothing returns its receiver, as torch does. */
+static int push_same(lua_State *L, lk_state *S, keel_tensor *t, keel_tensor *out) {
+  if (out == t) {
+    keel_tensor_release(out);
+    lua_settop(L, 1);
+    return 1;
+  }
+  lk_push(L, S, out);
+  return 1;
+}
+
+/* to(target [, opts]): target is a dtype name, a device ("cpu", "cuda",
+** "cuda:0") or a tensor (its dtype and device); opts.copy makes a new
+** tensor even when nothing changes. Differentiable either way. */
 static int t_to(lua_State *L) {
   lk_state *S = lk_S(L);
-  keel_tensor *t = self(L, "to"), *out;
-  const char *s = lua_tostring(L, 2);
-  if (s && !strcmp(s, "cpu")) { lua_settop(L, 1); return 1; }
-  if (s && !strcmp(s, "cuda")) return luaL_error(L, "to: CUDA is not available in this build");
-  RET(keel_to_dtype(S->ctx, t, lk_check_dtype(L, 2, "to"), &out));
+  keel_tensor *t = self(L, "to"), *out, *mid, *other = lk_to(L, 2);
+  keel_dtype dt = keel_tensor_dtype(t);
+  keel_device dev = keel_tensor_device(t);
+  int copy = 0;
+  keel_status st;
+  if (lua_istable(L, 3)) {
+    lua_getfield(L, 3, "copy");
+    copy = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+  }
+  if (other) {
+    dt = keel_tensor_dtype(other);
+    dev = keel_tensor_device(other);
+  } else if (lua_type(L, 2) == LUA_TSTRING && lk_to_device(lua_tostring(L, 2), &dev) >= 0) {
+    dev = lk_check_device(L, 2, "to");   /* raises for another GPU */
+  } else if (lua_type(L, 2) == LUA_TSTRING) {
+    dt = lk_check_dtype(L, 2, "to");
+  } else {
+    return luaL_error(L, "to: argument #1: expected a dtype, a device or a tensor, got %s", lk_typename(L, 2));
+  }
+  /* the device first: a dtype change then runs where the data ends up */
+  lk_check(L, S, keel_to_device(S->ctx, t, dev, copy && dt == keel_tensor_dtype(t), &mid));
+  st = dt == keel_tensor_dtype(mid) ? KEEL_OK : keel_to_dtype(S->ctx, mid, dt, &out);
+  if (dt == keel_tensor_dtype(mid)) out = mid;
+  else keel_tensor_release(mid);
+  lk_check(L, S, st);
+  return push_same(L, S, t, out);
+}
+
+/* cpu(), cuda(): to() with the device in OP_UV */
+static int t_to_device(lua_State *L) {
+  lk_state *S = lk_S(L);
+  keel_device dev = (keel_device)lua_tointeger(L, OP_UV);
+  keel_tensor *t = self(L, keel_device_name(dev)), *out;
+  lk_check_as(L, S, keel_to_device(S->ctx, t, dev, 0, &out), keel_device_name(dev));
+  return push_same(L, S, t, out);
+}
+
+/* set_data(src): t takes src's data in place (device, dtype; same shape). */
+static int t_set_data(lua_State *L) {
+  lk_state *S = lk_S(L);
+  keel_tensor *t = self(L, "set_data"), *src = lk_check_tensor(L, 2, "set_data");
+  lk_check(L, S, keel_tensor_set_data(S->ctx, t, src));
+  lua_settop(L, 1);
+  return 1;
 }
 
 static int t_cast(lua_State *L) {   /* float(), double(), long(): dtype in OP_UV */
@@ -871,7 +927,7 @@ static const luaL_Reg methods[] = {
   {"view", t_view}, {"reshape", t_reshape}, {"expand", t_expand}, {"transpose", t_transpose},
   {"t", t_t}, {"permute", t_permute}, {"narrow", t_narrow}, {"select", t_select},
   {"squeeze", t_squeeze}, {"unsqueeze", t_unsqueeze}, {"contiguous", t_contiguous},
-  {"clone", t_clone}, {"detach", t_detach}, {"to", t_to},
+  {"clone", t_clone}, {"detach", t_detach}, {"to", t_to}, {"set_data", t_set_data},
   {"clamp", t_clamp}, {"clamp_", t_clamp_}, {"fill_", t_fill_}, {"zero_", t_zero_},
   {"copy_", t_copy_}, {"uniform_", t_uniform_}, {"normal_", t_normal_},
   {"norm", t_norm},
@@ -935,6 +991,8 @@ void lk_open_tensor(lua_State *L) {
   reg_op(L, state, mt, "float", t_cast, KEEL_F32);
   reg_op(L, state, mt, "double", t_cast, KEEL_F64);
   reg_op(L, state, mt, "long", t_cast, KEEL_I64);
+  reg_op(L, state, mt, "cpu", t_to_device, KEEL_CPU);
+  reg_op(L, state, mt, "cuda", t_to_device, KEEL_CUDA);
   lua_pushvalue(L, -1);
   lua_setfield(L, mt, "__methods");
   /* __index finds methods through an upvalue: no lookup of the table */

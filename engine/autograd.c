@@ -148,6 +148,9 @@ keel_status keel_set_grad(keel_ctx *ctx, keel_tensor *t, keel_tensor *g) {
     if (g->dtype != t->dtype)
       return kl_error(ctx, KEEL_ERR_TYPE, "grad: gradient dtype %s differs from tensor dtype %s",
                       keel_dtype_name(g->dtype), keel_dtype_name(t->dtype));
+    if (g->storage->device != t->storage->device)
+      return kl_error(ctx, KEEL_ERR_DEVICE, "grad: gradient on %s assigned to a tensor on %s",
+                      keel_device_name(g->storage->device), keel_device_name(t->storage->device));
     keel_tensor_retain(g);
   }
   keel_tensor_release(t->grad);
@@ -477,7 +480,8 @@ keel_status keel_backward_observe(keel_ctx *ctx, keel_tensor *root, keel_tensor 
                     "backward: tensor does not require grad (no input of it has requires_grad set)");
   if (grad) {
     char b1[128], b2[128];
-    if ((st = kl_check_same_ctx(ctx, "backward", grad))) return st;
+    if ((st = kl_check_same_ctx(ctx, "backward", grad)) || (st = kl_check_device(ctx, "backward", root, grad)))
+      return st;
     if (grad->ndim != root->ndim || memcmp(grad->shape, root->shape, sizeof(int64_t) * (size_t)root->ndim))
       return kl_error(ctx, KEEL_ERR_SHAPE, "backward: gradient has shape %s, tensor has shape %s",
                       kl_shape_str(b1, sizeof b1, grad->ndim, grad->shape),

@@ -24,6 +24,7 @@
 ** kl_clip_commit makes it so, once the optimizer applies the step. A step
 ** that is prepared and then cancelled leaves the chain exactly as it was.
 */
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -449,13 +450,57 @@ static void stats_add(keel_grad_stats *acc, const keel_grad_stats *s) {
   acc->w_sumsq += s->w_sumsq;
 }
 
+/* Whether x is a power of two: then g * x is exact for every g whose
+** product stays normal, and the statistics of g * x are those of g scaled
+** (sums of squares by x^2, the others by x), to the bit. */
+static int is_pow2(double x) {
+  int e;
+  return x > 0 && isfinite(x) && frexp(x, &e) == 0.5;
+}
+
+/* Statistics of units [u0, u0 + n) of gradient g seen through the loss
+** scale's unscale, g * gs, as torch's unscale_ computes it (in the
+** gradient's dtype). A power of two takes the fast pass over the raw
+** values and scales its results, unless some |g| * gs leaves the dtype's
+** range (those elements become Inf and must be counted): then, as for any
+** other scale or a general norm order, the elementwise pass with a = gs
+** (a and v of the units hold gs and +inf). */
+static keel_status unscaled_stats(keel_ctx *ctx, kl_clip_work *w, keel_tensor *g, keel_tensor *p, int64_t u0,
+                                  int64_t n, double gs) {
+  const kl_backend *be = kl_backend_for(ctx, g->storage->device);
+  double big = g->dtype == KEEL_F32 ? FLT_MAX : DBL_MAX;
+  double *spow = w->pw > 0 ? w->spow + u0 : NULL;
+  int exact = gs == 1 || (is_pow2(gs) && !(w->pw > 0) &&
+                          (g->dtype != KEEL_F32 || (gs >= FLT_MIN && gs <= FLT_MAX)));   /* (float)gs == gs */
+  keel_status st;
+  if (exact) {
+    if ((st = be->grad_stats(ctx, g, n, NULL, NULL, w->pw, w->us + u0, spow, p))) return st;
+    if (gs == 1) return KEEL_OK;
+    for (int64_t u = u0; u < u0 + n; u++)
+      if (!(w->us[u].max_abs * gs <= big)) exact = 0;
+    if (exact) {
+      for (int64_t u = u0; u < u0 + n; u++) {
+        keel_grad_stats *s = &w->us[u];
+        s->sum *= gs;
+        s->sumsq *= gs * gs;
+        s->sum_abs *= gs;
+        s->max_abs *= gs;
+      }
+      return KEEL_OK;
+    }
+  }
+  return be->grad_stats(ctx, g, n, w->a + u0, w->v + u0, w->pw, w->us + u0, spow, p);
+}
+
 /* Statistics of the m gradients g (contiguous) for a step under chain c
-** (NULL: none): units, raw statistics, the raw global L2 norm and the
-** non-finite count. The parameters p (NULL: none; else contiguous, of the
+** (NULL: none) and loss-scale inverse gs (1: none): units, the statistics
+** of g * gs, its global L2 norm and non-finite count; every unit's scale a
+** starts at gs, so that the clip chain and the update see the unscaled
+** gradient too. The parameters p (NULL: none; else contiguous, of the
 ** gradients' shapes and dtypes) are read in the same pass, for their sums
 ** of squares (AGC's weight norms, the optimizer's statistics). */
 keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w, int m,
-                          keel_tensor *const *g, keel_tensor *const *p) {
+                          keel_tensor *const *g, keel_tensor *const *p, double gs) {
   int agc = chain_has(c, KEEL_CLIP_AGC);
   int64_t nu = 0;
   double sumsq = 0;
@@ -470,13 +515,11 @@ keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w
   w->clipped = 0;
   nu = 0;
   for (int k = 0; k < m; k++) {
-    const kl_backend *be = kl_backend_for(ctx, g[k]->storage->device);
     int64_t n = agc ? kl_clip_agc_units(g[k]) : 1;
     keel_grad_stats *ts = &w->ts[k];
     w->u0[k] = nu;
-    for (int64_t u = nu; u < nu + n; u++) { w->a[u] = 1; w->v[u] = INFINITY; w->spow[u] = 0; w->wsq[u] = 0; }
-    st = be->grad_stats(ctx, g[k], n, NULL, NULL, w->pw, w->us + nu, w->pw > 0 ? w->spow + nu : NULL,
-                        p ? p[k] : NULL);
+    for (int64_t u = nu; u < nu + n; u++) { w->a[u] = gs; w->v[u] = INFINITY; w->spow[u] = 0; w->wsq[u] = 0; }
+    st = unscaled_stats(ctx, w, g[k], p ? p[k] : NULL, nu, n, gs);
     if (st) return st;
     memset(ts, 0, sizeof *ts);
     for (int64_t u = nu; u < nu + n; u++) {
@@ -841,6 +884,35 @@ keel_status keel_clip_grad_value(keel_ctx *ctx, int n, keel_tensor *const *param
   return st;
 }
 
+/* torch's _amp_foreach_non_finite_check_and_unscale_ (with the check on
+** the unscaled values, which also catches a finite value that overflows
+** when a scale below 1 is undone): the in-place product (a pass that
+** writes), then the count (a pass that reads). */
+keel_status keel_grad_unscale(keel_ctx *ctx, int n, keel_tensor *const *params, double inv_scale,
+                              int64_t *nonfinite, int *ngrads) {
+  grads G;
+  keel_status st = KEEL_OK;
+  double inf_v = INFINITY;
+  int64_t bad = 0;
+  if (nonfinite) *nonfinite = 0;
+  if (ngrads) *ngrads = 0;
+  if (!(inv_scale > 0))
+    return kl_error(ctx, KEEL_ERR_ARG, "unscale_: the inverse scale must be > 0, got %g", inv_scale);
+  if ((st = grads_collect(ctx, "unscale_", n, params, &G))) return st;
+  for (int k = 0; k < G.m && !st; k++) {
+    keel_grad_stats s;
+    if ((st = grads_apply(ctx, &G, k, 1, &inv_scale, &inf_v))) break;
+    st = kl_backend_for(ctx, G.g[k]->storage->device)->grad_stats(ctx, G.g[k], 1, NULL, NULL, 0, &s, NULL, NULL);
+    if (!st) bad += s.nan + s.inf;
+  }
+  if (!st) {
+    if (nonfinite) *nonfinite = bad;
+    if (ngrads) *ngrads = G.m;
+  }
+  grads_free(ctx, &G, n);
+  return st;
+}
+
 keel_status keel_clip_grad_agc(keel_ctx *ctx, int n, keel_tensor *const *params, double clipping, double eps) {
   grads G;
   keel_status st;
@@ -865,7 +937,7 @@ keel_status keel_clip_grad_agc(keel_ctx *ctx, int n, keel_tensor *const *params,
     else
       st = keel_contiguous(ctx, G.par[k], &pc[k]);
   }
-  if (!st) st = kl_clip_stats(ctx, chain, &w, G.m, G.g, pc);
+  if (!st) st = kl_clip_stats(ctx, chain, &w, G.m, G.g, pc, 1);
   if (!st) st = kl_clip_eval(ctx, chain, &w, G.g);
   for (int k = 0; k < G.m && !st; k++)
     st = grads_apply(ctx, &G, k, w.u0[k + 1] - w.u0[k], w.a + w.u0[k], w.v + w.u0[k]);

@@ -54,6 +54,7 @@ static void spare_drain(keel_ctx *ctx, void **list, int *count, size_t n) {
 }
 
 static void ctx_destroy(keel_ctx *ctx) {
+  kl_cuda_shutdown(ctx);
   cache_drain(ctx);
   spare_drain(ctx, &ctx->spare_tensors, &ctx->n_spare_tensors, sizeof(keel_tensor));
   spare_drain(ctx, &ctx->spare_storages, &ctx->n_spare_storages, sizeof(kl_storage));
@@ -114,7 +115,7 @@ void kl_free(keel_ctx *ctx, void *p, size_t n) {
 ** Size classes: four per power of two from 256 bytes up, so a rounded
 ** block wastes at most 25%. Blocks under 256 bytes use class 0.
 */
-static int size_class(size_t n, size_t *rounded) {
+int kl_size_class(size_t n, size_t *rounded) {
   size_t base = 256;
   int c = 0;
   if (n <= base) { *rounded = base; return 0; }
@@ -129,7 +130,7 @@ static int size_class(size_t n, size_t *rounded) {
 
 static void *cpu_alloc(keel_ctx *ctx, size_t nbytes) {
   size_t rounded;
-  int c = size_class(nbytes, &rounded);
+  int c = kl_size_class(nbytes, &rounded);
   void *p;
   ctx->mem.allocs++;
   if (c < KL_CACHE_CLASSES && ctx->cache[c]) {
@@ -153,7 +154,7 @@ static void *cpu_alloc(keel_ctx *ctx, size_t nbytes) {
 
 static void cpu_free(keel_ctx *ctx, void *p, size_t nbytes) {
   size_t rounded;
-  int c = size_class(nbytes, &rounded);
+  int c = kl_size_class(nbytes, &rounded);
   if (!p) return;
   ctx->mem.live_bytes -= rounded;
   if (c < KL_CACHE_CLASSES && !ctx->closed &&
@@ -246,8 +247,9 @@ double kl_rng_uniform(keel_ctx *ctx) {
 ** ======================================================================= */
 
 const kl_backend *kl_backend_for(keel_ctx *ctx, keel_device dev) {
-  (void)ctx;
   if (dev == KEEL_CPU) return &kl_cpu_backend;
+  /* the first CUDA request opens the plugin (device.c); later ones read a flag */
+  if (dev == KEEL_CUDA && kl_cuda_ready(ctx)) return &kl_cuda_backend;
   return NULL;
 }
 

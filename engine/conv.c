@@ -182,8 +182,7 @@ keel_status keel_conv2d(keel_ctx *ctx, keel_tensor *x, keel_tensor *w, keel_tens
   if (w->shape[2] < 1 || w->shape[3] < 1)
     return kl_error(ctx, KEEL_ERR_SHAPE, "conv2d: weight of shape %s has an empty kernel",
                     kl_shape_str(b1, sizeof b1, w->ndim, w->shape));
-  if (w->storage->device != x->storage->device || (b && b->storage->device != x->storage->device))
-    return kl_error(ctx, KEEL_ERR_DEVICE, "conv2d: input, weight and bias are on different devices");
+  if ((st = kl_check_device(ctx, "conv2d", x, w)) || (st = kl_check_device(ctx, "conv2d", x, b))) return st;
   if (w->dtype != x->dtype)
     return kl_error(ctx, KEEL_ERR_TYPE, "conv2d: input is %s but weight is %s, expected the same dtype",
                     keel_dtype_name(x->dtype), keel_dtype_name(w->dtype));

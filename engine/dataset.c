@@ -261,7 +261,7 @@ keel_status keel_read_idx_mem(keel_ctx *ctx, const void *data, size_t n, const c
                     (unsigned long long)nbytes, (unsigned long long)(s.n - s.pos));
     goto done;
   }
-  st = keel_empty(ctx, (tc == 0x0C || tc == 0x0E) ? KEEL_F64 : KEEL_F32, nd, shape, &t);
+  st = kl_new(ctx, (tc == 0x0C || tc == 0x0E) ? KEEL_F64 : KEEL_F32, KEEL_CPU, nd, shape, &t);
   if (st != KEEL_OK) goto done;
   while (done < numel) {
     size_t k = (sizeof chunk) / esize;
@@ -338,9 +338,9 @@ static keel_status cifar_decode(keel_ctx *ctx, const char *name, const unsigned 
 
 static keel_status cifar_alloc(keel_ctx *ctx, int64_t n, keel_tensor **images, keel_tensor **labels) {
   int64_t ishape[4] = {n, 3, 32, 32};
-  keel_status st = keel_empty(ctx, KEEL_F32, 4, ishape, images);
+  keel_status st = kl_new(ctx, KEEL_F32, KEEL_CPU, 4, ishape, images);
   if (st != KEEL_OK) return st;
-  st = keel_empty(ctx, KEEL_I64, 1, &n, labels);
+  st = kl_new(ctx, KEEL_I64, KEEL_CPU, 1, &n, labels);
   if (st != KEEL_OK) {
     keel_tensor_release(*images);
     *images = NULL;
@@ -505,7 +505,7 @@ keel_status keel_read_csv_mem(keel_ctx *ctx, const void *data, size_t n, const c
     return kl_error(ctx, KEEL_ERR_IO, "read_csv: %s has no data rows, expected at least one", name);
   shape[0] = rows;
   shape[1] = cols;
-  if ((st = keel_empty(ctx, KEEL_F64, 2, shape, &t)) != KEEL_OK) return st;
+  if ((st = kl_new(ctx, KEEL_F64, KEEL_CPU, 2, shape, &t)) != KEEL_OK) return st;
   /* the fields are now known to fit: rows * cols matches what pass 0 saw */
   {
     int64_t r2, c2 = cols;
@@ -552,7 +552,7 @@ keel_status keel_encode_bytes(keel_ctx *ctx, const void *data, size_t n, const i
     if (map[p[i]] < 0)
       return kl_error(ctx, KEEL_ERR_ARG, "encode_bytes: byte %d at position %zu is not in the vocabulary",
                       p[i], i + 1);
-  if ((st = keel_empty(ctx, KEEL_I64, 1, &len, out)) != KEEL_OK) return st;
+  if ((st = kl_new(ctx, KEEL_I64, KEEL_CPU, 1, &len, out)) != KEEL_OK) return st;
   d = (int64_t *)keel_tensor_data(*out);
   for (i = 0; i < n; i++) d[i] = map[p[i]];
   return KEEL_OK;

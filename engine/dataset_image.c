@@ -171,7 +171,7 @@ static keel_status decode(keel_ctx *ctx, const void *data, size_t n, const char 
   if (h == 0) { h = ih; w = iw; }
   if (!dst) {
     int64_t shape[3] = {channels, h, w};
-    keel_status st = keel_empty(ctx, KEEL_F32, 3, shape, out);
+    keel_status st = kl_new(ctx, KEEL_F32, KEEL_CPU, 3, shape, out);
     if (st != KEEL_OK) { stbi_image_free(px); return st; }
     dst = (float *)keel_tensor_data(*out);
   }
@@ -240,7 +240,7 @@ keel_status keel_read_images(keel_ctx *ctx, const char *const *paths, int npaths
       return kl_error(ctx, KEEL_ERR_ARG, "read_images: %d images of %dx%dx%d, expected at most 2^31 values",
                       npaths, channels, h, w);
     }
-    if ((st = keel_empty(ctx, KEEL_F32, 4, shape, out)) != KEEL_OK) {
+    if ((st = kl_new(ctx, KEEL_F32, KEEL_CPU, 4, shape, out)) != KEEL_OK) {
       if (first) keel_tensor_release(first);
       return st;
     }

@@ -31,11 +31,7 @@ static const kl_backend *backend(keel_ctx *ctx, const keel_tensor *t) {
   return kl_backend_for(ctx, t->storage->device);
 }
 
-static keel_status same_device(keel_ctx *ctx, const char *fn, const keel_tensor *a,
-                               const keel_tensor *b) {
-  if (a->storage->device == b->storage->device) return KEEL_OK;
-  return kl_error(ctx, KEEL_ERR_DEVICE, "%s: tensors are on different devices", fn);
-}
+#define same_device kl_check_device
 
 /*
 ** t seen with dtype dt through the broadcast shape, in *view (a stack
@@ -55,9 +51,11 @@ static keel_status operand(keel_ctx *ctx, keel_tensor *t, keel_dtype dt, int ndi
   return KEEL_OK;
 }
 
-static keel_status scalar_tensor(keel_ctx *ctx, keel_dtype dt, double s, keel_tensor **out) {
-  keel_status st = kl_new(ctx, dt, KEEL_CPU, 0, NULL, out);
-  if (st) return st;
+/* A 0-d tensor on dev: a number taking part in an op on dev's tensors. */
+static keel_status scalar_tensor(keel_ctx *ctx, keel_dtype dt, keel_device dev, double s, keel_tensor **out) {
+  keel_status st;
+  if (dev != KEEL_CPU) return kl_full(ctx, dt, dev, 0, NULL, s, out);
+  if ((st = kl_new(ctx, dt, KEEL_CPU, 0, NULL, out))) return st;
   kl_store(kl_data(*out), dt, s);
   return KEEL_OK;
 }
@@ -123,7 +121,7 @@ keel_status keel_binary_scalar(keel_ctx *ctx, keel_binop op, keel_tensor *a, dou
   if ((st = kl_check_same_ctx(ctx, "binary", a))) return st;
   /* a Lua number keeps the tensor's dtype, except a fraction with int64 */
   if (dt == KEEL_I64 && s != floor(s)) dt = KEEL_F32;
-  if ((st = scalar_tensor(ctx, dt, s, &sc))) return st;
+  if ((st = scalar_tensor(ctx, dt, a->storage->device, s, &sc))) return st;
   st = scalar_first ? keel_binary(ctx, op, sc, a, out) : keel_binary(ctx, op, a, sc, out);
   keel_tensor_release(sc);
   return st;
@@ -208,7 +206,7 @@ keel_status keel_where(keel_ctx *ctx, keel_tensor *cond, keel_tensor *a, keel_te
   if ((st = kl_check_same_ctx(ctx, "where", cond)) || (st = kl_check_same_ctx(ctx, "where", a)) ||
       (st = kl_check_same_ctx(ctx, "where", b)))
     return st;
-  if ((st = same_device(ctx, "where", cond, a)) || (st = same_device(ctx, "where", a, b))) return st;
+  if ((st = same_device(ctx, "where", a, b)) || (st = same_device(ctx, "where", a, cond))) return st;
   if ((st = kl_broadcast_shape(ctx, "where", cond->ndim, cond->shape, a->ndim, a->shape, &n1, s1)) ||
       (st = kl_broadcast_shape(ctx, "where", n1, s1, b->ndim, b->shape, &ndim, shape)))
     return st;
@@ -346,7 +344,7 @@ keel_status keel_binary_scalar_(keel_ctx *ctx, keel_binop op, keel_tensor *a, do
   keel_tensor *sc;
   keel_status st;
   if ((st = kl_check_same_ctx(ctx, "binary_", a))) return st;
-  if ((st = scalar_tensor(ctx, a->dtype, s, &sc))) return st;
+  if ((st = scalar_tensor(ctx, a->dtype, a->storage->device, s, &sc))) return st;
   st = keel_binary_(ctx, op, a, sc);
   keel_tensor_release(sc);
   return st;
@@ -361,12 +359,22 @@ keel_status keel_fill_(keel_ctx *ctx, keel_tensor *a, double v) {
 }
 
 keel_status keel_copy_(keel_ctx *ctx, keel_tensor *dst, keel_tensor *src) {
-  keel_tensor v, *owned;
+  keel_tensor v, *owned, *moved = NULL;
   keel_status st;
   if ((st = kl_check_same_ctx(ctx, "copy_", dst)) || (st = kl_check_writable(ctx, "copy_", dst))) return st;
-  if ((st = inplace_operand(ctx, "copy_", dst, src, &v, &owned))) return st;
-  st = backend(ctx, dst)->copy(ctx, dst, &v);
+  if ((st = kl_check_same_ctx(ctx, "copy_", src))) return st;
+  /* from another device: brought over first (in dst's dtype), so that the
+  ** copy itself runs on one device, broadcasting included */
+  if (src->storage->device != dst->storage->device) {
+    if ((st = kl_transfer(ctx, src, dst->storage->device, dst->dtype, &moved))) return st;
+    src = moved;
+  }
+  /* v points into moved (or owned): both live until the copy is done */
+  st = inplace_operand(ctx, "copy_", dst, src, &v, &owned);
+  if (!st) st = backend(ctx, dst)->copy(ctx, dst, &v);
+  keel_tensor_release(moved);
   keel_tensor_release(owned);
+  if (st) return st;
   dst->storage->version++;
   return st;
 }
@@ -436,7 +444,7 @@ KL_BACKWARD(kl_pow_backward) {
   keel_tensor *a = n->saved[0], *b = n->saved[1], *out = n->saved[2];
   keel_tensor *t1 = NULL, *t2 = NULL, *t3 = NULL, *zero = NULL, *mask = NULL;
   keel_status st = KEEL_OK;
-  TRY(scalar_tensor(ctx, gout->dtype, 0.0, &zero));
+  TRY(scalar_tensor(ctx, gout->dtype, gout->storage->device, 0.0, &zero));
   if (KL_NEEDS(n, 0)) {
     TRY(keel_binary_scalar(ctx, KEEL_BIN_SUB, b, 1.0, 0, &t1));   /* b - 1 */
     TRY(keel_binary(ctx, KEEL_BIN_POW, a, t1, &t2));             /* a^(b-1) */
@@ -567,7 +575,7 @@ done:
 KL_BACKWARD(kl_where_backward) {
   keel_tensor *zero = NULL;
   keel_status st = KEEL_OK;
-  TRY(scalar_tensor(ctx, gout->dtype, 0.0, &zero));
+  TRY(scalar_tensor(ctx, gout->dtype, gout->storage->device, 0.0, &zero));
   if (KL_NEEDS(n, 1)) TRY(keel_where(ctx, n->saved[0], gout, zero, &gin[1]));
   if (KL_NEEDS(n, 2)) TRY(keel_where(ctx, n->saved[0], zero, gout, &gin[2]));
 done:

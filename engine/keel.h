@@ -137,12 +137,14 @@ KEEL_API int64_t keel_tensor_numel(const keel_tensor *t);
 KEEL_API keel_dtype keel_tensor_dtype(const keel_tensor *t);
 KEEL_API keel_device keel_tensor_device(const keel_tensor *t);
 KEEL_API int keel_tensor_is_contiguous(const keel_tensor *t);
-/* Address of element 0 (CPU tensors). Writing through it bypasses autograd. */
+/* Address of element 0 (a device address for a CUDA tensor). Writing
+** through it bypasses autograd. */
 KEEL_API void *keel_tensor_data(const keel_tensor *t);
 /* True when both views share one storage. */
 KEEL_API int keel_tensor_same_storage(const keel_tensor *a, const keel_tensor *b);
 
-/* Element access; idx has ndim entries, 0-based. */
+/* Element access; idx has ndim entries, 0-based. These and the two below
+** read CUDA tensors too (copying what they read to the host). */
 KEEL_API keel_status keel_tensor_get(keel_ctx *ctx, const keel_tensor *t,
                                      const int64_t *idx, double *v);
 KEEL_API keel_status keel_tensor_set(keel_ctx *ctx, keel_tensor *t,
@@ -670,6 +672,24 @@ KEEL_API const char *keel_safetensors_metadata_value(const keel_safetensors *st,
 ** keel_optim_apply then runs the update pass and commits, or
 ** keel_optim_cancel records a cancelled step and changes nothing else.
 ** keel_optim_step is prepare followed by apply.
+**
+** Loss scaling (mixed precision; keel.amp.GradScaler drives it, a C host
+** may too). With a loss scale set, the step reads every gradient element
+** as g * inv_scale: statistics, the non-finite check, every clip transform
+** and the update see the unscaled gradient, while .grad keeps the scaled
+** values. The unscale costs no pass of its own: it is the starting value
+** of the per-unit scale that the clip chain multiplies and the update pass
+** applies, so it works on any backend that implements the optim slots.
+** A step whose unscaled gradient holds NaN or Inf, or that is told
+** found_inf (keel_grad_unscale found one before), is an overflow: it is
+** skipped whatever the non-finite policy (reason "overflow",
+** counters.overflow; the non-finite counters are left to real trouble).
+** The results are those of unscaling .grad in place first
+** (keel_grad_unscale, torch's GradScaler.unscale_) and stepping on that,
+** to the bit when inv_scale is a power of two (the statistics then scale
+** exactly; elements whose unscaled value is subnormal excepted); other
+** scales take a scalar statistics pass (exact) and round the unscale and
+** a clip factor once together in the update instead of twice.
 */
 
 typedef struct keel_optim keel_optim;
@@ -757,8 +777,9 @@ typedef struct keel_update_stats {
 
 typedef struct keel_step_report {
   int applied;              /* parameters were updated */
-  const char *reason;       /* why not: "nonfinite", "no_grad", "cancelled"; NULL when
-                            ** applied (after prepare: why it would not be) */
+  const char *reason;       /* why not: "nonfinite", "overflow" (loss scaling), "no_grad",
+                            ** "cancelled"; NULL when applied (after prepare: why it
+                            ** would not be) */
   double grad_norm;         /* global L2 norm before clipping (NaN/Inf when the
                             ** gradient is non-finite and the step is skipped or refused) */
   double clip_coef;         /* product of the global scale factors (1: none) */
@@ -780,7 +801,15 @@ typedef struct keel_optim_counters {
   int64_t nonfinite_steps;  /* steps that saw a NaN/Inf gradient, whatever the policy */
   int64_t nonfinite_elements;
   int64_t clipped;          /* applied steps in which clipping changed something */
+  int64_t overflow;         /* not applied: loss-scale overflow (keel_optim_set_loss_scale) */
 } keel_optim_counters;
+
+/* The loss scale of the next steps (keel_optim_set_loss_scale). */
+typedef struct keel_loss_scale {
+  int enabled;              /* 0: no loss scaling (the default; the fields below are ignored) */
+  double inv_scale;         /* 1 / scale as the scaler rounds it (float32 in torch); > 0 */
+  int found_inf;            /* an overflow was already found (by keel_grad_unscale) */
+} keel_loss_scale;
 
 /* Adaptive state of one clip transform (percentile, zscore). */
 typedef struct keel_clip_state {
@@ -812,6 +841,18 @@ KEEL_API keel_status keel_optim_set_clip(keel_optim *opt, int n, const keel_clip
 /* Changes transform i's threshold and keeps its adaptive state. */
 KEEL_API keel_status keel_optim_set_clip_threshold(keel_optim *opt, int i, double threshold);
 KEEL_API keel_status keel_optim_set_nonfinite(keel_optim *opt, keel_nonfinite policy);
+/* Loss scaling (see above), from the next prepare on; ls == NULL turns it
+** off. A prepared step keeps the scale it was prepared with. */
+KEEL_API keel_status keel_optim_set_loss_scale(keel_optim *opt, const keel_loss_scale *ls);
+KEEL_API void keel_optim_get_loss_scale(const keel_optim *opt, keel_loss_scale *ls);
+/* The dynamic loss scale's update, torch's _amp_update_scale_: the scale
+** is float32 (the product is taken in double and rounded). found_inf:
+** scale * backoff_factor, tracker 0; else tracker + 1, and when that
+** equals growth_interval, scale * growth_factor (kept only when finite)
+** and tracker 0. */
+KEEL_API void keel_loss_scale_update(double *scale, int64_t *growth_tracker, int found_inf,
+                                     double growth_factor, double backoff_factor,
+                                     int64_t growth_interval);
 
 /* One step over every parameter that requires grad and has a .grad (the
 ** others are skipped, as PyTorch). r may be NULL. A step that is not
@@ -867,7 +908,8 @@ KEEL_API const keel_grad_stats *keel_optim_last_stats(const keel_optim *opt);
 /* Each parameter's last applied update (param_count records). */
 KEEL_API const keel_update_stats *keel_optim_last_updates(const keel_optim *opt);
 /* The statistics the step's pass gives parameter i for gradient g (NULL:
-** its .grad; none gives a zero record): for a gradient a hook replaced. */
+** its .grad; none gives a zero record): for a gradient a hook replaced.
+** Seen through the loss scale when one is set, as the step sees it. */
 KEEL_API keel_status keel_optim_param_stats(const keel_optim *opt, int i, keel_tensor *g,
                                             keel_grad_stats *out);
 
@@ -902,6 +944,13 @@ KEEL_API keel_status keel_clip_grad_norm(keel_ctx *ctx, int n, keel_tensor *cons
                                          double *total);
 KEEL_API keel_status keel_clip_grad_value(keel_ctx *ctx, int n, keel_tensor *const *params,
                                           double clip_value);
+/* Loss scaling's explicit unscale (torch's GradScaler.unscale_): every
+** .grad of the n parameters (those without one are skipped) times
+** inv_scale in place, in the gradient's dtype; *nonfinite (may be NULL)
+** gets the NaN/Inf elements of the results, *ngrads (may be NULL) how
+** many gradients there were. */
+KEEL_API keel_status keel_grad_unscale(keel_ctx *ctx, int n, keel_tensor *const *params, double inv_scale,
+                                       int64_t *nonfinite, int *ngrads);
 /* Optax adaptive_grad_clip(clipping, eps) on each parameter's .grad. */
 KEEL_API keel_status keel_clip_grad_agc(keel_ctx *ctx, int n, keel_tensor *const *params,
                                         double clipping, double eps);
@@ -1019,6 +1068,82 @@ typedef int (*keel_png_write_fn)(void *ud, const void *data, size_t n);
 ** fn (stb_image_write, deflated by zlib). */
 KEEL_API keel_status keel_png_encode(keel_ctx *ctx, int w, int h, int comp, const unsigned char *pixels,
                                      keel_png_write_fn fn, void *ud);
+
+/* @api:cuda */
+/* {====================================================================
+** Devices and CUDA
+**
+** The CUDA backend is a plugin, libkeel_cuda.so, opened with dlopen the
+** first time a context needs it (nothing here links CUDA). It is looked
+** for at $KEEL_CUDA_PLUGIN when set, else beside the library, module or
+** program that holds the engine (its directory, then ../lib and
+** ../../lib from it), else on the dynamic linker's search path. When it
+** cannot be used, every CUDA request fails with KEEL_ERR_DEVICE and a
+** one-line reason (plugin not found, not a plugin, no CUDA driver, no
+** device, ...). One GPU per context: device 0 of what CUDA sees (choose
+** it with CUDA_VISIBLE_DEVICES).
+**
+** Device memory goes through a caching allocator per context: freed
+** blocks are kept by size class and reused, and are returned to the
+** device by keel_cuda_empty_cache, when an allocation fails (then it is
+** retried once), and when the context is freed.
+** ===================================================================== */
+
+KEEL_API const char *keel_device_name(keel_device dev);   /* "cpu", "cuda" */
+/* The device of the creation functions (keel_empty, keel_zeros, keel_ones,
+** keel_full, keel_from_doubles, keel_arange, keel_linspace, keel_eye,
+** keel_rand, keel_randn): KEEL_CPU until set. Setting KEEL_CUDA checks
+** nothing; the first creation reports why CUDA is unavailable. Random
+** values are drawn on the host either way (a seed gives the same numbers
+** on every device). Returns the previous device. */
+KEEL_API keel_device keel_set_default_device(keel_ctx *ctx, keel_device dev);
+KEEL_API keel_device keel_get_default_device(const keel_ctx *ctx);
+
+/* 1 when CUDA tensors can be made (opens the plugin on first call); else
+** 0, with the reason in why (may be NULL). */
+KEEL_API int keel_cuda_available(keel_ctx *ctx, char *why, size_t n);
+/* Opens the plugin at path (NULL: the search above) now. After a failed
+** attempt it tries again; once one is open, asking for another fails. */
+KEEL_API keel_status keel_cuda_load(keel_ctx *ctx, const char *path);
+/* The open plugin's path and description; NULL when none is open. */
+KEEL_API const char *keel_cuda_plugin_path(const keel_ctx *ctx);
+KEEL_API const char *keel_cuda_plugin_description(const keel_ctx *ctx);
+/* Devices CUDA sees; 0 when unavailable. */
+KEEL_API int keel_cuda_device_count(keel_ctx *ctx);
+KEEL_API keel_status keel_cuda_device_name(keel_ctx *ctx, int device, char *buf, size_t n);
+/* Waits for the work queued on the context's stream. */
+KEEL_API keel_status keel_cuda_synchronize(keel_ctx *ctx);
+/* Free and total memory of the device, as the driver reports them. */
+KEEL_API keel_status keel_cuda_mem_get_info(keel_ctx *ctx, size_t *free_bytes, size_t *total_bytes);
+
+typedef struct keel_cuda_memory_stats {
+  size_t allocated_bytes;       /* held by live storages (rounded to the cache's size classes) */
+  size_t reserved_bytes;        /* obtained from the device and not given back: allocated + cached */
+  size_t peak_allocated_bytes;
+  size_t peak_reserved_bytes;
+  uint64_t allocs;              /* allocation requests */
+  uint64_t frees;
+  uint64_t device_mallocs;      /* requests the cache could not serve (one cudaMalloc each) */
+  uint64_t device_frees;        /* blocks given back to the device */
+  uint64_t cache_flushes;       /* failed device allocations that emptied the cache and retried */
+} keel_cuda_memory_stats;
+/* All zero while the plugin is not open (does not open it). */
+KEEL_API void keel_cuda_memory_stats_get(const keel_ctx *ctx, keel_cuda_memory_stats *out);
+/* Returns the cached (unused) device blocks to the device. */
+KEEL_API void keel_cuda_empty_cache(keel_ctx *ctx);
+
+/* a on device dev (same dtype, contiguous): differentiable, the gradient
+** goes back to a's device. The same device returns a itself (retained)
+** unless copy is set, which always makes a new tensor. */
+KEEL_API keel_status keel_to_device(keel_ctx *ctx, keel_tensor *a, keel_device dev, int copy,
+                                    keel_tensor **out);
+/* Makes leaf tensor t use src's data (storage, dtype, strides; shapes must
+** be equal) in place: every holder of the handle t (an optimizer, hooks)
+** sees the moved data, as torch's `t.data = src`. Fails when t's .grad
+** would then differ from t in device or dtype: move or clear it first. */
+KEEL_API keel_status keel_tensor_set_data(keel_ctx *ctx, keel_tensor *t, keel_tensor *src);
+
+/* }==================================================================== */
 
 #ifdef __cplusplus
 }

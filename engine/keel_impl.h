@@ -68,6 +68,9 @@ struct keel_ctx {
   ** spend a fifth of its time in malloc and free. */
   void *spare_tensors, *spare_storages;
   int n_spare_tensors, n_spare_storages;
+  /* @ctx:cuda */
+  keel_device default_device;   /* of the public creation functions */
+  struct kl_cuda *cuda;         /* device.c: NULL until CUDA is first asked for */
 };
 
 KEEL_INTERNAL keel_status kl_error(keel_ctx *ctx, keel_status st, const char *fmt, ...);
@@ -80,6 +83,9 @@ KEEL_INTERNAL void kl_ctx_ref(keel_ctx *ctx);
 KEEL_INTERNAL void kl_ctx_unref(keel_ctx *ctx);
 KEEL_INTERNAL uint64_t kl_rng_next(keel_ctx *ctx);
 KEEL_INTERNAL double kl_rng_uniform(keel_ctx *ctx);       /* [0, 1) */
+/* The allocation size class of n bytes (KL_CACHE_CLASSES or more: too big
+** to cache) and its rounded size; the CPU and device caches share it. */
+KEEL_INTERNAL int kl_size_class(size_t n, size_t *rounded);
 KEEL_INTERNAL void *kl_cpu_alloc(keel_ctx *ctx, size_t nbytes);
 KEEL_INTERNAL void kl_cpu_free(keel_ctx *ctx, void *p, size_t nbytes);
 
@@ -242,6 +248,8 @@ enum {
   /* in keel_rnn_mode order: rnn.c adds the mode to the first of each four */
   KL_OP_RNN_TANH_CELL, KL_OP_RNN_RELU_CELL, KL_OP_LSTM_CELL, KL_OP_GRU_CELL,
   KL_OP_RNN_TANH_LAYER, KL_OP_RNN_RELU_LAYER, KL_OP_LSTM_LAYER, KL_OP_GRU_LAYER,
+  /* @ops:cuda */
+  KL_OP_TO_DEVICE,
   KL_OP_COUNT
 };
 KEEL_INTERNAL const kl_op_info kl_ops[];
@@ -537,7 +545,39 @@ struct kl_backend {
 };
 
 KEEL_INTERNAL const kl_backend kl_cpu_backend;
+/* NULL when dev cannot be used (CUDA: see kl_cuda_ready). */
 KEEL_INTERNAL const kl_backend *kl_backend_for(keel_ctx *ctx, keel_device dev);
+
+/* @decl:cuda: the device layer (device.c) and the CUDA backend
+** (backend_cuda.c), which calls the plugin (kernels/keel_cuda.h). */
+KEEL_INTERNAL const kl_backend kl_cuda_backend;
+/* Opens the plugin on first use; 1 when CUDA tensors can be made. */
+KEEL_INTERNAL int kl_cuda_ready(keel_ctx *ctx);
+/* Why CUDA is unavailable (one line), after kl_cuda_ready said 0. */
+KEEL_INTERNAL const char *kl_cuda_why(const keel_ctx *ctx);
+KEEL_INTERNAL void kl_cuda_shutdown(keel_ctx *ctx);       /* context teardown */
+/* The open plugin's table and this context's plugin state (after
+** kl_cuda_ready said 1), and a plugin status code as the context's error,
+** naming fn (KEEL_ERR_NOMEM for device memory, else KEEL_ERR_DEVICE). */
+KEEL_INTERNAL const struct keel_cuda_table *kl_cuda_table(const keel_ctx *ctx);
+KEEL_INTERNAL struct kc_state *kl_cuda_state(const keel_ctx *ctx);
+KEEL_INTERNAL keel_status kl_cuda_error(keel_ctx *ctx, const char *fn, int code);
+/* The context's caching device allocator. alloc sets the context's error
+** (naming fn) and returns NULL on failure. */
+KEEL_INTERNAL void *kl_cuda_alloc(keel_ctx *ctx, size_t nbytes);
+KEEL_INTERNAL void kl_cuda_free(keel_ctx *ctx, void *p, size_t nbytes);
+/* Fails with KEEL_ERR_DEVICE naming fn and both devices when b (may be
+** NULL) is not on a's device. Every op with several tensor inputs calls it. */
+KEEL_INTERNAL keel_status kl_check_device(keel_ctx *ctx, const char *fn, const keel_tensor *a,
+                                          const keel_tensor *b);
+/* A new contiguous tensor on dev with dtype dt holding src's values (any
+** devices, any strides); not recorded. */
+KEEL_INTERNAL keel_status kl_transfer(keel_ctx *ctx, const keel_tensor *src, keel_device dev,
+                                      keel_dtype dt, keel_tensor **out);
+/* A new tensor on dev filled with v; not recorded. */
+KEEL_INTERNAL keel_status kl_full(keel_ctx *ctx, keel_dtype dt, keel_device dev, int ndim,
+                                  const int64_t *shape, double v, keel_tensor **out);
+KL_BACKWARD(kl_to_device_backward);
 
 /* @decl:optim: the optimizer area's CPU kernels (backend_cpu_optim.c) and
 ** the clip chain that optim.c runs (clip.c). */
@@ -564,7 +604,7 @@ typedef struct kl_clip_work {
   keel_grad_stats *us;          /* per unit: statistics of the current view */
   double *spow, *wsq;           /* per unit: sum |x|^pw, sum of the parameter's squares */
   double pw;                    /* order of spow (0: none) */
-  keel_grad_stats *ts;          /* per tensor: raw statistics */
+  keel_grad_stats *ts;          /* per tensor: statistics of g * gs (the unscaled gradient) */
   double grad_norm, coef;
   int clipped;
   int64_t nonfinite;
@@ -577,8 +617,9 @@ KEEL_INTERNAL keel_status kl_clip_chain_get_state(keel_ctx *ctx, kl_clip_chain *
                                                   keel_clip_state *s);
 KEEL_INTERNAL keel_status kl_clip_chain_set_state(keel_ctx *ctx, kl_clip_chain *c, int i,
                                                   const keel_clip_state *s);
+/* gs: the loss scale's inverse (1: none); every unit's scale a starts at it. */
 KEEL_INTERNAL keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w, int m,
-                                        keel_tensor *const *g, keel_tensor *const *p);
+                                        keel_tensor *const *g, keel_tensor *const *p, double gs);
 KEEL_INTERNAL keel_status kl_clip_eval(keel_ctx *ctx, kl_clip_chain *c, kl_clip_work *w,
                                        keel_tensor *const *g);
 /* kl_clip_eval changes no adaptive state; commit makes it what the last

@@ -117,8 +117,7 @@ keel_status keel_matmul(keel_ctx *ctx, keel_tensor *a, keel_tensor *b, keel_tens
   keel_status st;
   *out = NULL;
   if ((st = kl_check_same_ctx(ctx, "matmul", a)) || (st = kl_check_same_ctx(ctx, "matmul", b))) return st;
-  if (a->storage->device != b->storage->device)
-    return kl_error(ctx, KEEL_ERR_DEVICE, "matmul: tensors are on different devices");
+  if ((st = kl_check_device(ctx, "matmul", a, b))) return st;
   if (a->ndim == 0 || b->ndim == 0)
     return kl_error(ctx, KEEL_ERR_SHAPE, "matmul: both arguments need at least one dimension (got %dd and %dd)",
                     a->ndim, b->ndim);
@@ -196,8 +195,7 @@ keel_status keel_cat(keel_ctx *ctx, int n, keel_tensor *const *ts, int dim, keel
   shape[d] = 0;
   for (int i = 0; i < n; i++) {
     const keel_tensor *t = ts[i];
-    if (t->storage->device != ts[0]->storage->device)
-      return kl_error(ctx, KEEL_ERR_DEVICE, "cat: tensors are on different devices");
+    if ((st = kl_check_device(ctx, "cat", ts[0], t))) return st;
     if (t->ndim != ts[0]->ndim)
       return kl_error(ctx, KEEL_ERR_SHAPE, "cat: tensor %d has %d dimensions, tensor %d has %d",
                       i + ctx->index_base, t->ndim, ctx->index_base, ts[0]->ndim);
@@ -379,8 +377,7 @@ keel_status keel_scatter_add(keel_ctx *ctx, keel_tensor *a, int dim, keel_tensor
   keel_status st;
   *out = NULL;
   if ((st = kl_check_same_ctx(ctx, "scatter_add", a)) || (st = kl_check_same_ctx(ctx, "scatter_add", src))) return st;
-  if (a->storage->device != src->storage->device)
-    return kl_error(ctx, KEEL_ERR_DEVICE, "scatter_add: tensors are on different devices");
+  if ((st = kl_check_device(ctx, "scatter_add", a, src))) return st;
   if ((st = kl_check_dim(ctx, "scatter_add", dim, a->ndim, &d))) return st;
   if (src->ndim != a->ndim)
     return kl_error(ctx, KEEL_ERR_SHAPE, "scatter_add: source has %d dimensions, input has %d", src->ndim, a->ndim);
@@ -448,7 +445,7 @@ KL_BACKWARD(kl_gather_backward) {
   kl_edge *e = &n->in[0];
   keel_tensor *z = NULL;
   keel_status st = KEEL_OK;
-  TRY(keel_zeros(ctx, gout->dtype, e->ndim, e->shape, &z));
+  TRY(kl_full(ctx, gout->dtype, gout->storage->device, e->ndim, e->shape, 0.0, &z));
   TRY(keel_scatter_add(ctx, z, (int)n->iparam[0], n->saved[0], gout, &gin[0]));
 done:
   keel_tensor_release(z);
@@ -467,7 +464,7 @@ KL_BACKWARD(kl_scatter_add_backward) {
     return KEEL_OK;
   }
   /* source larger than the index: the rest of it received nothing */
-  TRY(keel_zeros(ctx, gout->dtype, e->ndim, e->shape, &z));
+  TRY(kl_full(ctx, gout->dtype, gout->storage->device, e->ndim, e->shape, 0.0, &z));
   TRY(kl_alias(ctx, z, g->ndim, g->shape, z->stride, 0, &slot));
   TRY(backend(ctx, z)->copy(ctx, slot, g));
   gin[1] = z;
@@ -486,7 +483,7 @@ KL_BACKWARD(kl_index_select_backward) {
   keel_tensor *z = NULL, *v = NULL, *ex = NULL;
   keel_status st = KEEL_OK;
   for (int i = 0; i < e->ndim; i++) shape[i] = i == d ? n->saved[0]->numel : 1;
-  TRY(keel_zeros(ctx, gout->dtype, e->ndim, e->shape, &z));
+  TRY(kl_full(ctx, gout->dtype, gout->storage->device, e->ndim, e->shape, 0.0, &z));
   TRY(keel_reshape(ctx, n->saved[0], e->ndim, shape, &v));
   TRY(keel_expand(ctx, v, gout->ndim, gout->shape, &ex));
   TRY(keel_scatter_add(ctx, z, d, ex, gout, &gin[0]));

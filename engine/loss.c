@@ -30,10 +30,7 @@ static int same_shape(const keel_tensor *a, const keel_tensor *b) {
   return a->ndim == b->ndim && !memcmp(a->shape, b->shape, sizeof(int64_t) * (size_t)a->ndim);
 }
 
-static keel_status same_device(keel_ctx *ctx, const char *fn, const keel_tensor *a, const keel_tensor *b) {
-  if (a->storage->device == b->storage->device) return KEEL_OK;
-  return kl_error(ctx, KEEL_ERR_DEVICE, "%s: tensors are on different devices", fn);
-}
+#define same_device kl_check_device
 
 /* The float dtype both operands are computed in. */
 static keel_status loss_dtype(keel_ctx *ctx, const char *fn, const keel_tensor *x, const keel_tensor *y,

@@ -62,7 +62,8 @@ static keel_status check_param(keel_ctx *ctx, const char *fn, const char *what, 
     return kl_error(ctx, KEEL_ERR_TYPE, "%s: %s must be a float32 or float64 tensor, got %s", fn, what,
                     keel_dtype_name(p->dtype));
   if (p->storage->device != x->storage->device)
-    return kl_error(ctx, KEEL_ERR_DEVICE, "%s: %s is on another device than the input", fn, what);
+    return kl_error(ctx, KEEL_ERR_DEVICE, "%s: %s is on %s, the input on %s; expected one device", fn, what,
+                    keel_device_name(p->storage->device), keel_device_name(x->storage->device));
   if (p->numel != count)
     return kl_error(ctx, KEEL_ERR_SHAPE, "%s: %s has shape %s (%lld elements), expected %lld elements", fn, what,
                     kl_shape_str(b1, sizeof b1, p->ndim, p->shape), (long long)p->numel, (long long)count);
@@ -495,7 +496,7 @@ KL_BACKWARD(kl_embedding_backward) {
   keel_status st = KEEL_OK;
   TRY(dense(ctx, gout, gout->dtype, &g));
   TRY(reshaped(ctx, g, 2, s2, &g2));
-  TRY(keel_zeros(ctx, gout->dtype, 2, n->in[0].shape, &gw));
+  TRY(kl_full(ctx, gout->dtype, gout->storage->device, 2, n->in[0].shape, 0.0, &gw));
   TRY(backend(ctx, g)->embedding_backward(ctx, gw, g2, idx, n->iparam[0]));
   gin[0] = gw;
   gw = NULL;

@@ -75,6 +75,8 @@ const kl_op_info kl_ops[] = {
   [KL_OP_RNN_RELU_LAYER] = {"rnn_relu_layer", kl_rnn_backward},
   [KL_OP_LSTM_LAYER] = {"lstm_layer", kl_rnn_backward},
   [KL_OP_GRU_LAYER] = {"gru_layer", kl_rnn_backward},
+  /* @table:cuda */
+  [KL_OP_TO_DEVICE] = {"to_device", kl_to_device_backward},
 };
 
 /* the last entry fixes the size: an op added to the enum but not here fails */

@@ -18,6 +18,12 @@
 ** and commits the counters, step counts and adaptive clip state; from its
 ** update pass on nothing can fail. keel_optim_cancel records the step as
 ** cancelled instead.
+**
+** Loss scaling rides on the clip chain's per-unit scale: the statistics
+** pass reports the gradient times the loss scale's inverse (clip.c), every
+** unit's scale starts at that inverse, and the update pass applies it with
+** the clip factors as it reads each element. An overflow (NaN/Inf in the
+** unscaled gradient) is the scaler's to handle: a skip of its own kind.
 */
 #include <math.h>
 #include <stdlib.h>
@@ -43,6 +49,7 @@ struct keel_optim {
   int ng, cap_g;
   kl_clip_chain *clip;
   keel_nonfinite nonfinite;
+  keel_loss_scale ls;           /* enabled 0: none */
   int64_t step_count;
   keel_optim_counters counters;
   keel_grad_stats *last;        /* cap_p records */
@@ -64,7 +71,7 @@ struct keel_optim {
 };
 
 /* What a prepared step does when applied. */
-enum { DO_APPLY, DO_SKIP, DO_REFUSE, DO_NO_GRAD };
+enum { DO_APPLY, DO_SKIP, DO_REFUSE, DO_NO_GRAD, DO_OVERFLOW };
 
 static const char *kind_names[KEEL_OPTIM_KIND_COUNT] = {"SGD", "Adam", "AdamW", "RMSprop", "Adagrad"};
 
@@ -116,6 +123,7 @@ keel_status keel_optim_new(keel_ctx *ctx, keel_optim_kind kind, keel_optim **out
   o->ctx = ctx;
   o->kind = kind;
   o->nonfinite = KEEL_NONFINITE_ERROR;
+  o->ls.inv_scale = 1;
   o->lr_scale = 1;
   kl_ctx_ref(ctx);
   *out = o;
@@ -355,6 +363,51 @@ keel_status keel_optim_set_nonfinite(keel_optim *o, keel_nonfinite policy) {
   return KEEL_OK;
 }
 
+keel_status keel_optim_set_loss_scale(keel_optim *o, const keel_loss_scale *ls) {
+  if (!ls || !ls->enabled) {
+    memset(&o->ls, 0, sizeof o->ls);
+    o->ls.inv_scale = 1;
+    return KEEL_OK;
+  }
+  if (!(ls->inv_scale > 0))
+    return kl_error(o->ctx, KEEL_ERR_ARG, "%s: the loss scale's inverse must be > 0, got %g", kind_names[o->kind],
+                    ls->inv_scale);
+  o->ls.enabled = 1;
+  o->ls.inv_scale = ls->inv_scale;
+  o->ls.found_inf = ls->found_inf != 0;
+  return KEEL_OK;
+}
+
+void keel_optim_get_loss_scale(const keel_optim *o, keel_loss_scale *ls) { *ls = o->ls; }
+
+/* x rounded to float; beyond its range +-inf (a plain cast is undefined there). */
+static float to_f32(double x) {
+  if (x >= 0x1.ffffffp+127) return INFINITY;
+  if (x <= -0x1.ffffffp+127) return -INFINITY;
+  return (float)x;
+}
+
+/* As torch's _amp_update_scale_ kernels: the scale lives in a float, the
+** factors are doubles, the product is rounded to float when stored. */
+void keel_loss_scale_update(double *scale, int64_t *growth_tracker, int found_inf, double growth_factor,
+                            double backoff_factor, int64_t growth_interval) {
+  float s = to_f32(*scale);
+  if (found_inf) {
+    s = to_f32((double)s * backoff_factor);
+    *growth_tracker = 0;
+  } else {
+    int64_t successful = *growth_tracker + 1;
+    if (successful == growth_interval) {
+      float ns = to_f32((double)s * growth_factor);
+      if (isfinite(ns)) s = ns;
+      *growth_tracker = 0;
+    } else {
+      *growth_tracker = successful;
+    }
+  }
+  *scale = (double)s;
+}
+
 /* }====================================================================== */
 
 /* {======================================================================
@@ -487,7 +540,7 @@ keel_status keel_optim_prepare(keel_optim *o, keel_step_report *r) {
     goto out;
   }
   if ((st = ensure_state(o))) goto out;
-  if ((st = kl_clip_stats(ctx, o->clip, w, o->m, o->ag, o->ap))) goto out;
+  if ((st = kl_clip_stats(ctx, o->clip, w, o->m, o->ag, o->ap, o->ls.enabled ? o->ls.inv_scale : 1))) goto out;
   for (int k = 0; k < o->m; k++) {
     o->last[o->act[k]] = w->ts[k];
     total += w->ts[k].sumsq;
@@ -499,10 +552,18 @@ keel_status keel_optim_prepare(keel_optim *o, keel_step_report *r) {
   rep.grad_norm = w->grad_norm;
   rep.nonfinite = w->nonfinite;
   rep.n_updated = o->m;
-  if (w->nonfinite && (o->nonfinite == KEEL_NONFINITE_ERROR || o->nonfinite == KEEL_NONFINITE_SKIP)) {
+  if (w->nonfinite &&
+      (o->ls.enabled || o->nonfinite == KEEL_NONFINITE_ERROR || o->nonfinite == KEEL_NONFINITE_SKIP)) {
     int64_t nan = 0;
     for (int k = 0; k < o->m; k++) nan += w->ts[k].nan;
     rep.grad_norm = nan ? NAN : INFINITY;   /* as torch's total norm */
+  }
+  if (o->ls.enabled && (w->nonfinite || o->ls.found_inf)) {
+    rep.reason = "overflow";   /* the loss scaler's skip, whatever the policy */
+    o->decision = DO_OVERFLOW;
+    goto out;
+  }
+  if (w->nonfinite && (o->nonfinite == KEEL_NONFINITE_ERROR || o->nonfinite == KEEL_NONFINITE_SKIP)) {
     rep.reason = "nonfinite";
     o->decision = o->nonfinite == KEEL_NONFINITE_ERROR ? DO_REFUSE : DO_SKIP;
     goto out;
@@ -522,9 +583,10 @@ out:
   return st;
 }
 
-/* The non-finite counters of a step that saw NaN/Inf, whatever became of it. */
+/* The non-finite counters of a step that saw NaN/Inf, whatever became of
+** it; a loss-scale overflow is not such trouble (counters.overflow). */
 static void count_nonfinite(keel_optim *o) {
-  if (o->prep.nonfinite) {
+  if (o->prep.nonfinite && o->decision != DO_OVERFLOW) {
     o->counters.nonfinite_steps++;
     o->counters.nonfinite_elements += o->prep.nonfinite;
   }
@@ -556,6 +618,10 @@ keel_status keel_optim_apply(keel_optim *o, keel_step_report *r) {
     case DO_SKIP:
       count_nonfinite(o);
       o->counters.skipped++;
+      rep.n_updated = 0;
+      break;
+    case DO_OVERFLOW:
+      o->counters.overflow++;
       rep.n_updated = 0;
       break;
     case DO_REFUSE:
@@ -686,7 +752,13 @@ keel_status keel_optim_param_stats(const keel_optim *o, int i, keel_tensor *g, k
     return kl_error(ctx, KEEL_ERR_SHAPE, "%s: gradient for parameter %d does not match it in shape or dtype",
                     kind_names[o->kind], i + ctx->index_base);
   if ((st = keel_contiguous(ctx, g, &c))) return st;
-  st = kl_backend_for(ctx, c->storage->device)->grad_stats(ctx, c, 1, NULL, NULL, 0, out, NULL, p);
+  if (o->ls.enabled && o->ls.inv_scale != 1) {
+    /* the unscaled view, element by element (a hook's gradient: not the hot path) */
+    double a = o->ls.inv_scale, v = INFINITY;
+    st = kl_backend_for(ctx, c->storage->device)->grad_stats(ctx, c, 1, &a, &v, 0, out, NULL, p);
+  } else {
+    st = kl_backend_for(ctx, c->storage->device)->grad_stats(ctx, c, 1, NULL, NULL, 0, out, NULL, p);
+  }
   keel_tensor_release(c);
   return st;
 }

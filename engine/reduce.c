@@ -335,7 +335,7 @@ KL_BACKWARD(kl_max_dim_backward) {
     kshape[i] = n->iparam[i] ? 1 : e->shape[i];
     if (n->iparam[i]) dim = i;
   }
-  TRY(keel_zeros(ctx, gout->dtype, e->ndim, e->shape, &z));
+  TRY(kl_full(ctx, gout->dtype, gout->storage->device, e->ndim, e->shape, 0.0, &z));
   TRY(keel_reshape(ctx, gout, e->ndim, kshape, &k));
   TRY(keel_scatter_add(ctx, z, dim, n->saved[2], k, &gin[0]));
 done:
@@ -352,8 +352,7 @@ KL_BACKWARD(kl_norm_backward) {
   keel_status st = KEEL_OK;
   for (int i = 0; i < n->in[0].ndim; i++) if (n->iparam[i]) dims[nd++] = i;
   TRY(expand_back(ctx, n, gout, &g));
-  TRY(kl_new(ctx, gout->dtype, KEEL_CPU, 0, NULL, &zero));
-  kl_store(kl_data(zero), zero->dtype, 0.0);
+  TRY(kl_full(ctx, gout->dtype, gout->storage->device, 0, NULL, 0.0, &zero));
   if (isinf(p)) {          /* like amax over |a|, with the sign of a */
     TRY(keel_unary(ctx, KEEL_UN_ABS, a, &t1));
     TRY(keel_binary(ctx, KEEL_BIN_EQ, t1, nk, &mask));

@@ -70,7 +70,8 @@ static keel_status check_arg(keel_ctx *ctx, const char *fn, const char *what, co
     return kl_error(ctx, KEEL_ERR_TYPE, "%s: %s has dtype %s, expected %s (the input's)", fn, what,
                     keel_dtype_name(t->dtype), keel_dtype_name(x->dtype));
   if (t->storage->device != x->storage->device)
-    return kl_error(ctx, KEEL_ERR_DEVICE, "%s: %s and the input are on different devices", fn, what);
+    return kl_error(ctx, KEEL_ERR_DEVICE, "%s: %s is on %s, the input on %s; expected one device", fn, what,
+                    keel_device_name(t->storage->device), keel_device_name(x->storage->device));
   if (t->ndim != ndim || memcmp(t->shape, shape, sizeof(int64_t) * (size_t)ndim))
     return kl_error(ctx, KEEL_ERR_SHAPE, "%s: %s has shape %s, expected %s (%s)", fn, what,
                     kl_shape_str(b1, sizeof b1, t->ndim, t->shape), kl_shape_str(b2, sizeof b2, ndim, shape),

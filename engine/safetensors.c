@@ -629,7 +629,7 @@ static keel_status load_src(keel_ctx *ctx, const char *what, st_src *src, keel_s
     st_entry *e = &st->e[i];
     const st_dtype *dt = &DTYPES[e->src];
     size_t nbytes = (size_t)(e->end - e->begin);
-    if ((s = keel_empty(ctx, dt->to, e->ndim, e->shape, &e->t)) != KEEL_OK) goto done;
+    if ((s = kl_new(ctx, dt->to, KEEL_CPU, e->ndim, e->shape, &e->t)) != KEEL_OK) goto done;
     if (!strcmp(dt->name, SAVE_NAMES[dt->to])) {
       if (src_read(src, 8 + hlen + e->begin, keel_tensor_data(e->t), nbytes)) {
         s = kl_error(ctx, KEEL_ERR_IO, FN_LOAD ": %s: cannot read tensor '%.80s'", what, e->name);

@@ -297,7 +297,7 @@ KL_BACKWARD(kl_permute_backward) {
 static keel_status embed(keel_ctx *ctx, kl_node *n, keel_tensor *gout, keel_tensor **gin, int select) {
   kl_edge *e = &n->in[0];
   keel_tensor *z, *slot;
-  keel_status st = keel_zeros(ctx, gout->dtype, e->ndim, e->shape, &z);
+  keel_status st = kl_full(ctx, gout->dtype, gout->storage->device, e->ndim, e->shape, 0.0, &z);
   if (st) return st;
   st = select ? keel_select(ctx, z, (int)n->iparam[0], n->iparam[1], &slot)
               : keel_narrow(ctx, z, (int)n->iparam[0], n->iparam[1], gout->shape[n->iparam[0]], &slot);

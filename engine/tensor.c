@@ -137,14 +137,19 @@ keel_status kl_new(keel_ctx *ctx, keel_dtype dt, keel_device dev, int ndim,
   *out = NULL;
   if (st) return st;
   if ((unsigned)dt >= KEEL_DTYPE_COUNT) return kl_error(ctx, KEEL_ERR_TYPE, "tensor: unknown dtype %d", (int)dt);
-  if (!kl_backend_for(ctx, dev))
-    return kl_error(ctx, KEEL_ERR_DEVICE, "tensor: device %s is not available in this build",
-                    dev == KEEL_CUDA ? "cuda" : "?");
+  if (!kl_backend_for(ctx, dev)) {
+    if (dev == KEEL_CUDA) return kl_error(ctx, KEEL_ERR_DEVICE, "tensor: CUDA is not available: %s", kl_cuda_why(ctx));
+    return kl_error(ctx, KEEL_ERR_DEVICE, "tensor: unknown device %d", (int)dev);
+  }
   n = kl_numel(ndim, shape);
+  /* the device allocator names its own failure: start from a clean slot */
+  if (dev != KEEL_CPU) ctx->status = KEEL_OK;
   s = storage_new(ctx, dev, (size_t)n * kl_dtype_size[dt]);
-  if (!s)
+  if (!s) {
+    if (dev != KEEL_CPU && ctx->status != KEEL_OK) return ctx->status;
     return kl_error(ctx, KEEL_ERR_NOMEM, "tensor: out of memory allocating %lld bytes",
                     (long long)(n * (int64_t)kl_dtype_size[dt]));
+  }
   t = handle_new(ctx, s);
   storage_release(s);
   if (!t) return kl_error(ctx, KEEL_ERR_NOMEM, "tensor: out of memory");
@@ -175,6 +180,31 @@ keel_status kl_alias(keel_ctx *ctx, const keel_tensor *a, int ndim, const int64_
   t->offset = offset;
   t->numel = kl_numel(ndim, shape);
   *out = t;
+  return KEEL_OK;
+}
+
+keel_status keel_tensor_set_data(keel_ctx *ctx, keel_tensor *t, keel_tensor *src) {
+  keel_status st;
+  char b1[128], b2[128];
+  if ((st = kl_check_same_ctx(ctx, "set_data", t)) || (st = kl_check_same_ctx(ctx, "set_data", src))) return st;
+  if (t->grad_fn)
+    return kl_error(ctx, KEEL_ERR_STATE, "set_data: only a leaf tensor's data can be replaced (this one was made by %s)",
+                    kl_ops[t->grad_fn->op].name);
+  if (t->ndim != src->ndim || memcmp(t->shape, src->shape, sizeof(int64_t) * (size_t)t->ndim))
+    return kl_error(ctx, KEEL_ERR_SHAPE, "set_data: new data has shape %s, the tensor has shape %s",
+                    kl_shape_str(b1, sizeof b1, src->ndim, src->shape), kl_shape_str(b2, sizeof b2, t->ndim, t->shape));
+  if (t->grad && (t->grad->storage->device != src->storage->device || t->grad->dtype != src->dtype))
+    return kl_error(ctx, KEEL_ERR_STATE,
+                    "set_data: the tensor's .grad is %s on %s, the new data %s on %s; move or clear .grad first",
+                    keel_dtype_name(t->grad->dtype), keel_device_name(t->grad->storage->device),
+                    keel_dtype_name(src->dtype), keel_device_name(src->storage->device));
+  /* retain first: src may be a view of t's own storage */
+  src->storage->refcount++;
+  storage_release(t->storage);
+  t->storage = src->storage;
+  t->dtype = src->dtype;
+  memcpy(t->stride, src->stride, sizeof t->stride);
+  t->offset = src->offset;
   return KEEL_OK;
 }
 
@@ -323,11 +353,10 @@ void kl_store(void *p, keel_dtype dt, double v) {
 ** Element access
 ** ======================================================================= */
 
-static keel_status elem_ptr(keel_ctx *ctx, const char *fn, const keel_tensor *t,
-                            const int64_t *idx, void **p) {
+/* The element's offset in its storage (elements). */
+static keel_status elem_offset(keel_ctx *ctx, const char *fn, const keel_tensor *t,
+                               const int64_t *idx, int64_t *off_out) {
   int64_t off = t->offset;
-  if (t->storage->device != KEEL_CPU)
-    return kl_error(ctx, KEEL_ERR_DEVICE, "%s: element access needs a CPU tensor", fn);
   for (int i = 0; i < t->ndim; i++) {
     if (idx[i] < 0 || idx[i] >= t->shape[i])
       return kl_error(ctx, KEEL_ERR_INDEX, "%s: index %lld out of range for dimension %d of size %lld",
@@ -335,26 +364,40 @@ static keel_status elem_ptr(keel_ctx *ctx, const char *fn, const keel_tensor *t,
                       (long long)t->shape[i]);
     off += idx[i] * t->stride[i];
   }
-  *p = (char *)t->storage->data + off * (int64_t)kl_dtype_size[t->dtype];
+  *off_out = off;
   return KEEL_OK;
 }
 
-keel_status keel_tensor_get(keel_ctx *ctx, const keel_tensor *t, const int64_t *idx, double *v) {
-  void *p;
-  keel_status st = elem_ptr(ctx, "get", t, idx, &p);
+/* Another device's element: a 0-d alias of it, copied or filled there. */
+static keel_status device_elem(keel_ctx *ctx, const keel_tensor *t, int64_t off, int set, double *v) {
+  keel_tensor *e, *h = NULL;
+  keel_status st = kl_alias(ctx, t, 0, NULL, NULL, off, &e);
   if (st) return st;
-  *v = kl_load(p, t->dtype);
+  if (set) st = kl_backend_for(ctx, t->storage->device)->fill(ctx, e, *v);
+  else if (!(st = kl_transfer(ctx, e, KEEL_CPU, t->dtype, &h))) *v = kl_load(kl_data(h), t->dtype);
+  keel_tensor_release(h);
+  keel_tensor_release(e);
+  return st;
+}
+
+keel_status keel_tensor_get(keel_ctx *ctx, const keel_tensor *t, const int64_t *idx, double *v) {
+  int64_t off;
+  keel_status st = elem_offset(ctx, "get", t, idx, &off);
+  if (st) return st;
+  if (t->storage->device != KEEL_CPU) return device_elem(ctx, t, off, 0, v);
+  *v = kl_load((char *)t->storage->data + off * (int64_t)kl_dtype_size[t->dtype], t->dtype);
   return KEEL_OK;
 }
 
 keel_status keel_tensor_set(keel_ctx *ctx, keel_tensor *t, const int64_t *idx, double v) {
-  void *p;
+  int64_t off;
   keel_status st = kl_check_writable(ctx, "set", t);
   if (st) return st;
-  if ((st = elem_ptr(ctx, "set", t, idx, &p))) return st;
-  kl_store(p, t->dtype, v);
+  if ((st = elem_offset(ctx, "set", t, idx, &off))) return st;
+  if (t->storage->device != KEEL_CPU) st = device_elem(ctx, t, off, 1, &v);
+  else kl_store((char *)t->storage->data + off * (int64_t)kl_dtype_size[t->dtype], t->dtype, v);
   t->storage->version++;
-  return KEEL_OK;
+  return st;
 }
 
 keel_status keel_item(keel_ctx *ctx, const keel_tensor *t, double *v) {
@@ -371,8 +414,14 @@ keel_status keel_tensor_read(keel_ctx *ctx, const keel_tensor *t, double *dst, i
   if (n < t->numel)
     return kl_error(ctx, KEEL_ERR_ARG, "read: buffer holds %lld values, tensor has %lld",
                     (long long)n, (long long)t->numel);
-  if (t->storage->device != KEEL_CPU)
-    return kl_error(ctx, KEEL_ERR_DEVICE, "read: needs a CPU tensor");
+  if (t->storage->device != KEEL_CPU) {   /* one copy to the host, then read that */
+    keel_tensor *h;
+    keel_status st = kl_transfer(ctx, t, KEEL_CPU, t->dtype, &h);
+    if (st) return st;
+    st = keel_tensor_read(ctx, h, dst, n);
+    keel_tensor_release(h);
+    return st;
+  }
   for (int64_t k = 0; k < t->numel; k++) {
     int64_t off = t->offset;
     for (int i = 0; i < t->ndim; i++) off += idx[i] * t->stride[i];
@@ -388,21 +437,48 @@ keel_status keel_tensor_read(keel_ctx *ctx, const keel_tensor *t, double *dst, i
 /* }====================================================================== */
 
 /* {======================================================================
-** Creation
+** Creation, on the context's default device. Values that are computed
+** (data, ranges) are made on the host and copied once.
 ** ======================================================================= */
+
+keel_status kl_full(keel_ctx *ctx, keel_dtype dt, keel_device dev, int ndim, const int64_t *shape, double v,
+                    keel_tensor **out) {
+  keel_status st = kl_new(ctx, dt, dev, ndim, shape, out);
+  if (st) return st;
+  if ((st = kl_backend_for(ctx, dev)->fill(ctx, *out, v))) kl_release(out);
+  return st;
+}
+
+/* Hands back host tensor *t on the default device (releasing the host one). */
+static keel_status to_default(keel_ctx *ctx, keel_tensor **t) {
+  keel_tensor *d;
+  keel_status st;
+  if (ctx->default_device == KEEL_CPU) return KEEL_OK;
+  st = kl_transfer(ctx, *t, ctx->default_device, (*t)->dtype, &d);
+  kl_release(t);
+  if (st) return st;
+  *t = d;
+  return KEEL_OK;
+}
+
+/* A new host tensor, or a failure that names the default device when it
+** is the one that cannot be used (before any host work is done). */
+static keel_status host_new(keel_ctx *ctx, keel_dtype dt, int ndim, const int64_t *shape, keel_tensor **out) {
+  if (ctx->default_device != KEEL_CPU && !kl_backend_for(ctx, ctx->default_device)) {
+    *out = NULL;
+    return kl_new(ctx, dt, ctx->default_device, ndim, shape, out);   /* fails, saying why */
+  }
+  return kl_new(ctx, dt, KEEL_CPU, ndim, shape, out);
+}
 
 keel_status keel_empty(keel_ctx *ctx, keel_dtype dt, int ndim, const int64_t *shape,
                        keel_tensor **out) {
-  return kl_new(ctx, dt, KEEL_CPU, ndim, shape, out);
+  return kl_new(ctx, dt, ctx->default_device, ndim, shape, out);
 }
 
 keel_status keel_full(keel_ctx *ctx, keel_dtype dt, int ndim, const int64_t *shape, double value,
                       keel_tensor **out) {
-  keel_status st = kl_new(ctx, dt, KEEL_CPU, ndim, shape, out);
-  if (st) return st;
-  st = kl_cpu_backend.fill(ctx, *out, value);
-  if (st) kl_release(out);
-  return st;
+  return kl_full(ctx, dt, ctx->default_device, ndim, shape, value, out);
 }
 
 keel_status keel_zeros(keel_ctx *ctx, keel_dtype dt, int ndim, const int64_t *shape,
@@ -417,13 +493,13 @@ keel_status keel_ones(keel_ctx *ctx, keel_dtype dt, int ndim, const int64_t *sha
 
 keel_status keel_from_doubles(keel_ctx *ctx, keel_dtype dt, int ndim, const int64_t *shape,
                               const double *data, keel_tensor **out) {
-  keel_status st = kl_new(ctx, dt, KEEL_CPU, ndim, shape, out);
+  keel_status st = host_new(ctx, dt, ndim, shape, out);
   char *p;
   if (st) return st;
   p = (char *)kl_data(*out);
   for (int64_t i = 0; i < (*out)->numel; i++)
     kl_store(p + i * (int64_t)kl_dtype_size[dt], dt, data[i]);
-  return KEEL_OK;
+  return to_default(ctx, out);
 }
 
 keel_status keel_arange(keel_ctx *ctx, keel_dtype dt, double start, double end, double step,
@@ -438,10 +514,10 @@ keel_status keel_arange(keel_ctx *ctx, keel_dtype dt, double start, double end, 
   count = ceil((end - start) / step);
   if (count > 1e12) return kl_error(ctx, KEEL_ERR_ARG, "arange: too many elements");
   n = count > 0 ? (int64_t)count : 0;
-  if ((st = kl_new(ctx, dt, KEEL_CPU, 1, &n, out))) return st;
+  if ((st = host_new(ctx, dt, 1, &n, out))) return st;
   p = (char *)kl_data(*out);
   for (int64_t i = 0; i < n; i++) kl_store(p + i * (int64_t)kl_dtype_size[dt], dt, start + (double)i * step);
-  return KEEL_OK;
+  return to_default(ctx, out);
 }
 
 keel_status keel_linspace(keel_ctx *ctx, keel_dtype dt, double start, double end, int64_t n,
@@ -450,7 +526,7 @@ keel_status keel_linspace(keel_ctx *ctx, keel_dtype dt, double start, double end
   char *p;
   *out = NULL;
   if (n < 0) return kl_error(ctx, KEEL_ERR_ARG, "linspace: number of points must be >= 0, got %lld", (long long)n);
-  if ((st = kl_new(ctx, dt, KEEL_CPU, 1, &n, out))) return st;
+  if ((st = host_new(ctx, dt, 1, &n, out))) return st;
   p = (char *)kl_data(*out);
   for (int64_t i = 0; i < n; i++) {
     /* symmetric formula, as torch: exact at both ends */
@@ -459,18 +535,19 @@ keel_status keel_linspace(keel_ctx *ctx, keel_dtype dt, double start, double end
                          : end - (end - start) / (double)(n - 1) * (double)(n - 1 - i);
     kl_store(p + i * (int64_t)kl_dtype_size[dt], dt, v);
   }
-  return KEEL_OK;
+  return to_default(ctx, out);
 }
 
 keel_status keel_eye(keel_ctx *ctx, keel_dtype dt, int64_t n, int64_t m, keel_tensor **out) {
   int64_t shape[2] = {n, m < 0 ? n : m};
-  keel_status st = keel_zeros(ctx, dt, 2, shape, out);
+  keel_status st = host_new(ctx, dt, 2, shape, out);
   char *p;
   if (st) return st;
+  if ((st = kl_cpu_backend.fill(ctx, *out, 0.0))) { kl_release(out); return st; }
   p = (char *)kl_data(*out);
   for (int64_t i = 0; i < shape[0] && i < shape[1]; i++)
     kl_store(p + (i * shape[1] + i) * (int64_t)kl_dtype_size[dt], dt, 1.0);
-  return KEEL_OK;
+  return to_default(ctx, out);
 }
 
 /* }====================================================================== */
@@ -489,8 +566,20 @@ static keel_status random_fill(keel_ctx *ctx, const char *fn, keel_tensor *t, in
   int have_spare = 0;
   if (st) return st;
   if ((st = kl_check_writable(ctx, fn, t))) return st;
-  if (t->storage->device != KEEL_CPU)
-    return kl_error(ctx, KEEL_ERR_DEVICE, "%s: CPU tensors only", fn);
+  if (t->storage->device != KEEL_CPU) {
+    /* drawn on the host in the same order, then copied: the same numbers
+    ** as a CPU tensor from the same seed */
+    keel_tensor *h, *d;
+    if ((st = kl_new(ctx, t->dtype, KEEL_CPU, t->ndim, t->shape, &h))) return st;
+    if (!(st = random_fill(ctx, fn, h, normal, a, b)) &&
+        !(st = kl_transfer(ctx, h, t->storage->device, t->dtype, &d))) {
+      st = kl_backend_for(ctx, t->storage->device)->copy(ctx, t, d);
+      keel_tensor_release(d);
+    }
+    keel_tensor_release(h);
+    if (!st) t->storage->version++;
+    return st;
+  }
   for (int64_t k = 0; k < t->numel; k++) {
     int64_t off = t->offset;
     double v;
@@ -535,7 +624,7 @@ keel_status keel_normal_(keel_ctx *ctx, keel_tensor *t, double mean, double std)
 
 keel_status keel_rand(keel_ctx *ctx, keel_dtype dt, int ndim, const int64_t *shape,
                       keel_tensor **out) {
-  keel_status st = kl_new(ctx, dt, KEEL_CPU, ndim, shape, out);
+  keel_status st = kl_new(ctx, dt, ctx->default_device, ndim, shape, out);
   if (st) return st;
   if ((st = random_fill(ctx, "rand", *out, 0, 0.0, 1.0))) kl_release(out);
   return st;
@@ -543,7 +632,7 @@ keel_status keel_rand(keel_ctx *ctx, keel_dtype dt, int ndim, const int64_t *sha
 
 keel_status keel_randn(keel_ctx *ctx, keel_dtype dt, int ndim, const int64_t *shape,
                        keel_tensor **out) {
-  keel_status st = kl_new(ctx, dt, KEEL_CPU, ndim, shape, out);
+  keel_status st = kl_new(ctx, dt, ctx->default_device, ndim, shape, out);
   if (st) return st;
   if ((st = random_fill(ctx, "randn", *out, 1, 0.0, 1.0))) kl_release(out);
   return st;

@@ -98,6 +98,51 @@ assert(guard:stats().spike_loss == (mode == "first" and 1 or 2), "spikes: " .. g
 keel.save(out, model:state_dict(), {metadata = {lr = ("%a"):format(opt.param_groups[1].lr)}})
 ]=]
 
+-- The same run with a keel.amp.GradScaler (growth every 7 clean steps,
+-- overflows planted at steps 30, 31 and 130): the scale, its growth count
+-- and the parameters resume exactly (scaler = sc).
+local TRAIN_AMP = [=[
+local keel = require "keel"
+local nn, F = keel.nn, keel.nn.functional
+local mode, ckpt, out = arg[1], arg[2], arg[3]
+keel.manual_seed(123)
+local model = nn.Sequential{nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)}
+local opt = keel.optim.AdamW(model:parameters(), {lr = 1e-2, weight_decay = 1e-2,
+                                                  clip = keel.clip.global_norm(0.5)})
+local scaler = keel.amp.GradScaler{growth_interval = 7}
+local X = keel.randn(64, 4)
+local Y = X:matmul(keel.randn(4, 3)):argmax(2)
+local step = 0
+local function train(n)
+  for _ = 1, n do
+    step = step + 1
+    local i0 = (step * 16) % 64
+    local loss = F.cross_entropy(model(X:narrow(1, i0 + 1, 16)), Y:narrow(1, i0 + 1, 16))
+    opt:zero_grad()
+    scaler:scale(loss):backward()
+    if step == 30 or step == 31 or step == 130 then
+      keel.no_grad(function() model[3].bias.grad[1] = math.huge end)
+    end
+    scaler:step(opt, loss)
+    scaler:update()
+  end
+end
+if mode == "straight" then
+  train(200)
+elseif mode == "first" then
+  train(100)
+  keel.checkpoint.save(ckpt, {model = model, optimizer = opt, scaler = scaler, step = step})
+else
+  local fresh = keel.amp.GradScaler{growth_interval = 7}
+  local r = keel.checkpoint.load(ckpt, {model = model, optimizer = opt, scaler = fresh})
+  scaler, step = fresh, r.step
+  train(100)
+end
+assert(opt.counters.overflow == (mode == "first" and 2 or 3) or mode == "resume", "overflows")
+keel.save(out, model:state_dict(), {metadata = {scale = ("%a"):format(scaler:get_scale()),
+                                                tracker = tostring(scaler:get_growth_tracker())}})
+]=]
+
 local function run_lua(script, ...)
   local args = {}
   for i, a in ipairs{...} do args[i] = ("%q"):format(a) end
@@ -149,6 +194,31 @@ describe("checkpoint", function()
     assert.is_true(ok, out)
     assert.is_true(read_bytes(straight) == read_bytes(resumed),
       "final parameters differ between the straight and the resumed guarded run")
+  end)
+
+  it("resumes exactly with a loss scaler (scaler = sc): scale, growth count, parameters", function()
+    local script = base .. ".train.lua"
+    local f = assert(io.open(script, "w"))
+    f:write(TRAIN_AMP)
+    f:close()
+    local ckpt, straight, resumed = base .. ".ckpt", base .. ".straight", base .. ".resumed"
+    local ok, out = run_lua(script, "straight", ckpt, straight)
+    assert.is_true(ok, out)
+    ok, out = run_lua(script, "first", ckpt, base .. ".half")
+    assert.is_true(ok, out)
+    ok, out = run_lua(script, "resume", ckpt, resumed)
+    assert.is_true(ok, out)
+    assert.is_true(read_bytes(straight) == read_bytes(resumed),
+      "final parameters or scale differ between the straight and the resumed run")
+    local _, m1 = keel.load(straight)
+    local _, m2 = keel.load(base .. ".half")
+    assert.are_not.equal(m1.scale, m2.scale)   -- the scale moved after the checkpoint
+    -- a checkpoint without scaler state refuses a scaler
+    local sc = keel.amp.GradScaler()
+    keel.checkpoint.save(base .. ".noscaler", {step = 1})
+    local ok2, err = pcall(keel.checkpoint.load, base .. ".noscaler", {scaler = sc})
+    assert.is_false(ok2)
+    assert.is_truthy(tostring(err):find("holds no scaler state"), err)
   end)
 
   it("saves and restores a guard's state (guard = g) and keeps the guard's policy on the optimizer", function()

@@ -197,6 +197,16 @@ describe("keel.guard", function()
   end)
 
   describe("decisions", function()
+    it("lets a loss scaler's overflow through uncounted as a decision: the optimizer skips it", function()
+      local opt = small_opt()
+      local g = quiet(opt)
+      assert.are.equal("apply", g:_decide(opt, {reason = "overflow", grad_norm = math.huge, nonfinite = 3}, 1))
+      local st = g:stats()
+      assert.are.same({0, 0, 1, 1}, {st.decisions, st.events, st.overflow, g.lr_scale})
+      assert.are.same({}, st.last_grad_norms)
+      assert.matches("no events in 0 steps, 1 overflow skip %(loss scaler%)", g:summary())
+    end)
+
     it("lets clean steps through and counts them", function()
       local opt = small_opt()
       local g = quiet(opt)
@@ -758,6 +768,82 @@ describe("keel.guard", function()
         "2 skipped", "last grad norms", "last losses")
       assert.are.equal(pm["1.weight"], model_bytes(m)["1.weight"])
       assert.are.equal(10, opt.step_count)
+    end)
+
+    it("integration: a loss scaler's overflow is the scaler's business (no event, back-off, retry or window entry)",
+      function()
+      local m, opt = setup_model()
+      local g = quiet(opt, {model = m, max_retries = 1, spike = {z = 6, window = 30, min_samples = 8}})
+      local sc = keel.amp.GradScaler{growth_interval = 1000}
+      local evs = {}
+      g:on_event(function(e) evs[#evs + 1] = e end)
+      local function step(plant)
+        local loss = forward(m)
+        opt:zero_grad()
+        sc:scale(loss):backward()
+        if plant then keel.no_grad(function() m[5].weight.grad:fill_(plant) end) end
+        local r = sc:step(opt, loss)
+        sc:update()
+        return r
+      end
+      for _ = 1, 10 do assert.is_true(step().applied) end
+      local W = G._window
+      local wg, wl = W.values(g._grad), W.values(g._loss)
+      local recent = {table.unpack(g:stats().last_grad_norms)}
+      local function param_bytes()
+        local out = {}
+        for name, p in m:named_parameters() do out[name] = bytes(p) end
+        return out
+      end
+      local pm, po = param_bytes(), opt_bytes(opt)
+      -- three overflows in a row: more than max_retries events would have been
+      for i = 1, 3 do
+        local r = step(i == 2 and 0 / 0 or math.huge)
+        assert.is_false(r.applied)
+        assert.are.equal("overflow", r.reason)
+      end
+      assert.are.equal(65536 / 8, sc:get_scale())
+      same_bytes(pm, param_bytes(), "parameters")
+      assert.are.equal(po, opt_bytes(opt))
+      assert.are.equal(0, #evs)
+      local st = g:stats()
+      assert.are.same({0, 0, 0, 1, 3, 10}, {st.events, st.nonfinite, st.retries, st.lr_scale, st.overflow,
+                                            st.decisions})
+      assert.are.same(wg, W.values(g._grad))
+      assert.are.same(wl, W.values(g._loss))
+      assert.are.same(recent, st.last_grad_norms)
+      assert.matches("3 overflow skips %(loss scaler%)", g:summary())
+      assert.matches("no events in 10 steps", g:summary())
+      -- and training goes on, judged as before
+      assert.is_true(step().applied)
+      assert.are.equal(11, g:stats().applied)
+      -- the count is part of the guard's state; an older state without it loads
+      local sd = g:state_dict()
+      assert.are.equal(3, sd.counts.overflow)
+      local _, opt2 = setup_model()
+      local g2 = quiet(opt2, {spike = {z = 6, window = 30, min_samples = 8}})
+      g2:load_state_dict(sd)
+      assert.are.equal(3, g2:stats().overflow)
+      sd.counts.overflow = nil
+      g2:load_state_dict(sd)
+      assert.are.equal(0, g2:stats().overflow)
+    end)
+
+    it("integration: with a loss scaler the guard judges unscaled grad norms (a growing scale is no spike)", function()
+      local m, opt = setup_model()
+      local g = quiet(opt, {spike = {z = 6, window = 30, min_samples = 5}})
+      local sc = keel.amp.GradScaler{init_scale = 2, growth_interval = 1}   -- doubles every step
+      for i = 1, 30 do
+        local loss = forward(m)
+        opt:zero_grad()
+        sc:scale(loss):backward()
+        local r = sc:step(opt, loss)
+        assert.is_true(r.applied, "step " .. i)
+        assert.are.equal(2.0 ^ i, r.scale)
+        sc:update()
+        assert.is_true(r.grad_norm < 1e3)
+      end
+      assert.are.equal(0, g:stats().events)
     end)
 
     it("integration: after remove(), a NaN gradient raises again (the policy is back to error)", function()

@@ -577,4 +577,32 @@ function H.rss_bytes()
   return tonumber(resident) * 4096
 end
 
+-- {======================================================================
+-- GPU tests. H.gpu() is true when CUDA tensors can be made (asked on first
+-- call: opening the plugin costs a moment), with the reason when not.
+-- H.gpu_it(it, pending) makes a function (name, fn) that is `it` on a GPU
+-- and a visible skip elsewhere: a pending test whose name ends in
+-- H.GPU_MARK, which tools/test.sh counts. (busted's it and pending live in
+-- the spec's environment, so the spec hands them over.)
+-- =======================================================================
+
+local gpu_state
+function H.gpu()
+  if gpu_state == nil then
+    local ok, why = keel.cuda.is_available()
+    gpu_state = {ok = ok, why = why}
+  end
+  return gpu_state.ok, gpu_state.why
+end
+
+H.GPU_MARK = " [gpu]"
+
+function H.gpu_it(it, pending)
+  return function(name, fn)
+    if H.gpu() then it(name, fn) else pending(name .. H.GPU_MARK) end
+  end
+end
+
+-- }======================================================================
+
 return H

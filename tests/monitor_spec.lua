@@ -390,6 +390,35 @@ describe("keel.monitor", function()
     assert.are.equal(2, #records(dir .. "/metrics.jsonl", "skip"))
   end)
 
+  it("logs the loss scale of keel.amp steps and their overflow skips", function()
+    local w = keel.nn.Parameter(keel.tensor({1.0, 2.0}))
+    local opt = keel.optim.SGD({w}, {lr = 0.1})
+    local sc = keel.amp.GradScaler{init_scale = 1024}
+    local m = monitor.log(dir, {every = 1, tensorboard = false})
+    for i = 1, 3 do
+      opt:zero_grad()
+      local loss = (w * w):sum()
+      sc:scale(loss):backward()
+      if i == 2 then keel.no_grad(function() w.grad[1] = math.huge end) end
+      sc:step(opt, loss)
+      sc:update()
+    end
+    opt:zero_grad()
+    ;(w * w):sum():backward()
+    opt:step()   -- without the scaler: no scale
+    m:close()
+    local recs = records(dir .. "/metrics.jsonl", "step")
+    assert.are.equal(4, #recs)
+    assert.are.same({1024, 1024, 512}, {recs[1].scale, recs[2].scale, recs[3].scale})
+    assert.is_nil(recs[4].scale)
+    assert.are.equal("overflow", recs[2].reason)
+    local skips = records(dir .. "/metrics.jsonl", "skip")
+    assert.are.equal(1, #skips)
+    assert.are.equal("overflow", skips[1].reason)
+    assert.are.equal(1024, skips[1].scale)
+    assert.are.equal(2, skips[1].step)
+  end)
+
   it("continues the step count of a resumed optimizer", function()
     local opt = fake_opt({keel.randn{2}})
     local m = monitor.log(dir, {every = 5, tensorboard = false})

@@ -3,7 +3,19 @@
 # Builds that configuration (incrementally), runs the busted specs in tests/
 # against build/<config>/lua/keel/core.so, then the C test keel_ctest, and
 # ends with one line: "N passed, N failed" (totals). Exits non-zero when
-# anything failed or nothing ran.
+# anything failed or nothing ran. Before it, a line
+# "cuda: N device(s), M GPU tests skipped" (GPU tests skip visibly).
+#
+# KEEL_DEVICE=cuda tools/test.sh runs the same specs with CUDA as the
+# default device of the creation functions. Without a usable GPU it says
+# so and why, and runs the CPU suite instead (the counts are the CPU
+# run's, the exit status too): a CPU-only machine stays green.
+#
+# On a machine without premake, Lua or busted (the GPU machine), the
+# bundle of tools/gpu_bundle.sh runs this same script with KEEL_NO_BUILD=1
+# (use build/<config> as it is), KEEL_LUA (the interpreter: the keel
+# executable), KEEL_BUSTED (busted's runner script) and KEEL_LUA_PATH /
+# KEEL_LUA_CPATH (where busted's modules are).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 root=$PWD
@@ -14,7 +26,32 @@ case "$cfg" in
   *) echo "usage: tools/test.sh [release|asan|debug]" >&2; exit 2 ;;
 esac
 
-tools/build.sh "$cfg" || { echo "test: build of $cfg failed" >&2; echo "0 passed, 1 failed"; exit 1; }
+if [ -z "${KEEL_NO_BUILD:-}" ]; then
+  tools/build.sh "$cfg" || { echo "test: build of $cfg failed" >&2; echo "0 passed, 1 failed"; exit 1; }
+fi
+lua=${KEEL_LUA:-lua5.4}
+busted=${KEEL_BUSTED:-/usr/bin/busted}
+
+# What CUDA this machine offers, asked of the keel executable (it carries
+# its own Lua and finds the plugin beside itself): device count, reason.
+probe=$(KEEL_DEVICE= ASAN_OPTIONS=detect_leaks=0 "build/$cfg/bin/keel" -e '
+  local ok, why = keel.cuda.is_available()
+  io.write(keel.cuda.device_count(), "\t", ok and "" or why, "\n")' 2>&1 | tail -n 1)
+cuda_devices=${probe%%$'\t'*}
+cuda_why=${probe#*$'\t'}
+[[ "$cuda_devices" =~ ^[0-9]+$ ]] || { cuda_why="probe failed: $probe"; cuda_devices=0; }
+case "${KEEL_DEVICE:-}" in
+  ""|cpu) ;;
+  cuda|cuda:0)
+    if [ "$cuda_devices" -gt 0 ]; then
+      echo "test: KEEL_DEVICE=$KEEL_DEVICE: the specs run with CUDA as the default device"
+    else
+      echo "test: KEEL_DEVICE=$KEEL_DEVICE: GPU run skipped, CUDA is not available: $cuda_why"
+      echo "test: running the CPU suite instead"
+      unset KEEL_DEVICE
+    fi ;;
+  *) echo "test: KEEL_DEVICE=$KEEL_DEVICE: expected cpu, cuda or cuda:0" >&2; echo "0 passed, 1 failed"; exit 1 ;;
+esac
 
 passed=0
 failed=0
@@ -24,8 +61,8 @@ trap 'rm -f "$log"' EXIT
 # ---------------------------------------------------------------- busted
 # lua5.4 explicitly: busted's shebang is `env lua`, which may be another Lua.
 unset LUA_PATH_5_4 LUA_CPATH_5_4 LUA_INIT LUA_INIT_5_4
-export LUA_PATH="bindings/?.lua;bindings/?/init.lua;tests/?.lua;;"
-export LUA_CPATH="build/$cfg/lua/?.so;;"
+export LUA_PATH="bindings/?.lua;bindings/?/init.lua;tests/?.lua;${KEEL_LUA_PATH:+$KEEL_LUA_PATH;};"
+export LUA_CPATH="build/$cfg/lua/?.so;${KEEL_LUA_CPATH:+$KEEL_LUA_CPATH;};"
 export KEEL_BIN="$root/build/$cfg/bin/keel"
 
 busted_env=()
@@ -45,9 +82,10 @@ fi
 specs=$(find tests -name '*_spec.lua' | sort)
 [ -n "$specs" ] || echo "test: no tests/*_spec.lua found" >&2
 pending=0
+gpu_skipped=0
 for spec in $specs; do
   echo "test: busted $spec ($cfg)"
-  env "${busted_env[@]}" lua5.4 /usr/bin/busted --lang=en -o plainTerminal "$spec" 2>&1 | tee "$log"
+  env "${busted_env[@]}" "$lua" "$busted" --lang=en -o plainTerminal "$spec" 2>&1 | tee "$log"
   brc=${PIPESTATUS[0]}
   summary=$(grep -E '^[0-9]+ success(es)? / [0-9]+ failures? / [0-9]+ errors? / [0-9]+ pending' "$log" | tail -n 1)
   if [ -n "$summary" ]; then
@@ -55,6 +93,9 @@ for spec in $specs; do
     passed=$((passed + s))
     failed=$((failed + f + e))
     pending=$((pending + p))
+    # GPU tests skipped without a GPU: pending tests named "... [gpu]" (helper.lua)
+    gs=$(grep -c ' \[gpu\]$' "$log" || true)
+    gpu_skipped=$((gpu_skipped + gs))
     if [ "$brc" -ne 0 ] && [ $((f + e)) -eq 0 ]; then
       echo "test: $spec: busted exited with status $brc despite no failures" >&2
       failed=$((failed + 1))
@@ -106,5 +147,6 @@ else
   echo "test: no tests/c/*.c, keel_ctest skipped"
 fi
 
+echo "cuda: $cuda_devices device(s), $gpu_skipped GPU tests skipped${cuda_why:+ ($cuda_why)}"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ] && [ $((passed + failed)) -gt 0 ]

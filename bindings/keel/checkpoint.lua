@@ -1,9 +1,9 @@
 -- keel.checkpoint: a whole training state in one safetensors file.
 --
 --   keel.checkpoint.save(path, {model = m, optimizer = opt, schedule = s,
---                               loader = l, guard = g, step = n, extra = {...}})
+--                               loader = l, guard = g, scaler = sc, step = n, extra = {...}})
 --   keel.checkpoint.load(path, {model = m, optimizer = opt, schedule = s,
---                               loader = l, guard = g [, rng = false]}) -> {step = n, extra = ...}
+--                               loader = l, guard = g, scaler = sc [, rng = false]}) -> {step = n, extra = ...}
 --
 -- Layout: the model's state_dict as tensors "model.<name>" (so the file
 -- loads in PyTorch's safetensors like any weights file); every other tensor
@@ -13,7 +13,8 @@
 -- optimizer (opt:state_dict() less its tensors), schedule
 -- (sched:state_dict()), loader (l:state()), guard (g:state_dict(): its
 -- windows, counters, back-off and retries; not its in-memory snapshots),
--- extra. Every part is optional on save; load restores the parts it is
+-- scaler (a keel.amp.GradScaler's state_dict: scale, growth tracker and
+-- factors), extra. Every part is optional on save; load restores the parts it is
 -- given (the model strictly, with load_state_dict) and the RNG unless
 -- rng = false. The write is atomic, so a crash leaves the previous
 -- checkpoint intact.
@@ -88,6 +89,9 @@ function checkpoint.save(path, opts)
     if opts.guard ~= nil then
       meta.guard = kio.json_encode(split(opts.guard:state_dict(), "guard", tensors, {}))
     end
+    if opts.scaler ~= nil then
+      meta.scaler = kio.json_encode(split(opts.scaler:state_dict(), "scaler", tensors, {}))
+    end
     if opts.extra ~= nil then meta.extra = kio.json_encode(split(opts.extra, "extra", tensors, {})) end
     if opts.step ~= nil then
       if math.type(opts.step) ~= "integer" then
@@ -122,13 +126,13 @@ function checkpoint.load(path, opts)
       error(("checkpoint.load: %s has checkpoint version %s, expected %s"):format(path, tostring(meta.version),
         VERSION), 0)
     end
-    for _, part in ipairs{"optimizer", "schedule", "loader", "guard"} do
+    for _, part in ipairs{"optimizer", "schedule", "loader", "guard", "scaler"} do
       if opts[part] ~= nil and meta[part] == nil then
         error(("checkpoint.load: %s holds no %s state"):format(path, part), 0)
       end
     end
     -- decode everything before changing anything
-    local msd, osd, ssd, lsd, gsd
+    local msd, osd, ssd, lsd, gsd, csd
     if opts.model ~= nil then
       msd = {}
       for k, t in pairs(tensors) do
@@ -142,6 +146,10 @@ function checkpoint.load(path, opts)
     if opts.guard ~= nil then
       gsd = join(decode(meta, "guard"), tensors, "guard state")
       if opts.guard._check_state then opts.guard:_check_state(gsd) end
+    end
+    if opts.scaler ~= nil then
+      csd = join(decode(meta, "scaler"), tensors, "scaler state")
+      if opts.scaler._check_state then opts.scaler:_check_state(csd) end
     end
     local rng = meta.rng and decode(meta, "rng")
     local out = {}
@@ -160,6 +168,7 @@ function checkpoint.load(path, opts)
       if l.load_state then l:load_state(lsd) else l:set_state(lsd) end
     end
     if gsd then opts.guard:load_state_dict(gsd) end
+    if csd then opts.scaler:load_state_dict(csd) end
     if rng and opts.rng ~= false then keel.set_rng_state(rng) end
     return out
   end)

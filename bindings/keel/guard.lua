@@ -15,7 +15,11 @@
 -- The optimizer calls guard:_decide(opt, r, loss) after its statistics pass
 -- and before it changes anything; "apply" lets the step through, "skip"
 -- makes the optimizer cancel it (a rollback has then already restored the
--- snapshot). Every event is a table (see `new_event`) that goes to the
+-- snapshot). A loss scaler's overflow (r.reason = "overflow", keel.amp) is
+-- the scaler's business: the step is skipped and the scale backs off, so
+-- the guard lets the optimizer carry out that skip and only counts it
+-- (counts.overflow, "N overflow skips" in the summary): no event, no lr
+-- back-off, no retry, and nothing of that step enters the windows. Every event is a table (see `new_event`) that goes to the
 -- guard's own listeners (guard:on_event), to the hooks bus (topic "guard",
 -- which keel.monitor logs) and, unless verbose = false, to io.stderr as one
 -- line.
@@ -235,7 +239,7 @@ end
 
 local function fresh_counts()
   return {decisions = 0, applied = 0, events = 0, skipped = 0, rolled_back = 0, nonfinite = 0,
-          spike_loss = 0, spike_grad = 0, ceiling = 0, clipped = 0}
+          spike_loss = 0, spike_grad = 0, ceiling = 0, clipped = 0, overflow = 0}
 end
 
 -- keel.guard(opt [, opts]) -> guard, attached to opt (opt._guard).
@@ -692,6 +696,11 @@ function Guard:_decide(opt, r, loss)
   end
   if r.reason == "no_grad" then return "apply" end   -- nothing to judge, nothing will change
   local n = self.counts
+  if r.reason == "overflow" then
+    -- the loss scaler skips this step and backs off: counted, not judged
+    n.overflow = n.overflow + 1
+    return "apply"
+  end
   n.decisions = n.decisions + 1
   local gn = r.grad_norm
   -- the number this step gets when applied (r.step is the count before it)
@@ -755,6 +764,9 @@ function Guard:summary(opts)
     text = table.concat(parts, ", ") .. (#acts > 0 and (": " .. table.concat(acts, ", ")) or "")
   end
   if s.lr_scale ~= 1 then text = text .. (", lr x%s"):format(fmt(s.lr_scale)) end
+  if s.overflow > 0 then
+    text = text .. (", %d overflow skip%s (loss scaler)"):format(s.overflow, s.overflow == 1 and "" or "s")
+  end
   if opts and opts.short then return text end
   local tail = {}
   if s.clipped > 0 then
@@ -784,7 +796,7 @@ function Guard:state_dict()
   local top = {}
   for i, e in pairs(self._top) do top[#top + 1] = {i, e.count, e.share} end
   table.sort(top, function(a, b) return a[1] < b[1] end)
-  local counts = {}
+  local counts = {overflow = self.counts.overflow}
   for _, k in ipairs(COUNT_KEYS) do counts[k] = self.counts[k] end
   return {
     version = VERSION, counts = counts,
@@ -821,6 +833,10 @@ function Guard:_check_state(sd)
       error(("guard.load_state_dict: counts.%s must be an integer"):format(k), 0)
     end
   end
+  -- (overflow came later: a state without it counts none)
+  if sd.counts.overflow ~= nil and math.type(sd.counts.overflow) ~= "integer" then
+    error("guard.load_state_dict: counts.overflow must be an integer", 0)
+  end
   for _, k in ipairs{"loss", "grad", "recent_loss", "recent_grad"} do num_list(sd, k) end
   if type(sd.lr_scale) ~= "number" or not (sd.lr_scale > 0 and sd.lr_scale <= 1) then
     error("guard.load_state_dict: lr_scale must be a number in (0, 1]", 0)
@@ -844,6 +860,7 @@ function Guard:load_state_dict(sd)
   self:_check_state(sd)
   self.counts = fresh_counts()
   for _, k in ipairs(COUNT_KEYS) do self.counts[k] = sd.counts[k] end
+  self.counts.overflow = sd.counts.overflow or 0
   local c = self.config
   if c.z then
     self._loss, self._grad = window_new(c.window), window_new(c.window)

@@ -48,9 +48,9 @@ local function like(name, make)
     return make(t, ...)
   end
 end
--- t's dtype unless opts says otherwise
+-- t's dtype and device unless opts says otherwise
 local function like_opts(t, opts)
-  local o = {dtype = t.dtype}
+  local o = {dtype = t.dtype, device = t.device}
   for k, v in pairs(opts or {}) do o[k] = v end
   return o
 end
@@ -96,8 +96,10 @@ function Tensor:T()
 end
 
 -- Functional forms: keel.exp(t), keel.sum(t, 1), keel.matmul(a, b), ...
+-- (not t:cuda() and t:cpu(): keel.cuda is the CUDA module)
+local not_functional = {cuda = true, cpu = true}
 for name, fn in pairs(Tensor) do
-  if keel[name] == nil and type(fn) == "function" then
+  if keel[name] == nil and type(fn) == "function" and not not_functional[name] then
     keel[name] = function(t, ...)
       if not core.is_tensor(t) then
         error(name .. ": argument #1: expected a keel.Tensor, got " .. type(t), 2)
@@ -211,6 +213,7 @@ mt.__tostring = function(t)
   return keel.no_grad(function()
     local d = t:detach()
     if d:numel() == 0 then return header(t) .. "\n[]" end
+    if d.device ~= "cpu" then d = d:cpu() end   -- one copy to the host, not one per row
     local elide = d:numel() > THRESHOLD
     local vals = {}
     collect(d, elide, vals)
@@ -224,7 +227,8 @@ keel.version = core.version
 -- Submodules load on first use: they require "keel" themselves.
 local lazy = {nn = "keel.nn", optim = "keel.optim", clip = "keel.clip", data = "keel.data",
               io = "keel.io", checkpoint = "keel.checkpoint", monitor = "keel.monitor",
-              autograd = "keel.autograd", hooks = "keel.hooks"}
+              autograd = "keel.autograd", hooks = "keel.hooks", amp = "keel.amp",
+              cuda = "keel.cuda"}
 -- keel.save / keel.load are keel.io's (safetensors)
 -- keel.guard(opt, opts) is keel.guard's; keel.progress(total, opts) keel.progress's
 local lazy_fn = {save = "keel.io", load = "keel.io", guard = "keel.guard", progress = "keel.progress"}

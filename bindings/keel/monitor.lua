@@ -17,8 +17,10 @@
 --   opt:grad_stats(), computed in C by the optimizer's statistics pass).
 --   Every `hist_every` steps: histograms of each parameter and its gradient
 --   (keel.core._summary.histogram, one pass in C), TensorBoard only.
--- Always: a line for every step that was not applied ("skip"), and for every
--- "guard" and "anomaly" event on keel.hooks.
+-- Always: a line for every step that was not applied ("skip"; a loss
+-- scaler's overflow has reason "overflow"), and for every "guard" and
+-- "anomaly" event on keel.hooks. Steps of a keel.amp.GradScaler carry the
+-- loss scale (r.scale): it is logged as "scale" in both kinds of line.
 --
 -- Files (append-only, so a resumed run continues its log):
 --   run_dir/metrics.jsonl                 one JSON object per line (see docs/lua-api.md)
@@ -290,7 +292,7 @@ function Monitor:_skip(step, r)
   self._w_skipped = self._w_skipped + 1
   self._skipped_total = self._skipped_total + 1
   local ok, err = pcall(self._write_line, self, jobject("type", "skip", "step", step, "time", S.wall_time(),
-    "reason", r.reason, "grad_norm", r.grad_norm, "nonfinite", r.nonfinite), true)
+    "reason", r.reason, "grad_norm", r.grad_norm, "nonfinite", r.nonfinite, "scale", r.scale), true)
   if not ok then self:_warn(err) end
 end
 
@@ -318,6 +320,7 @@ function Monitor:_record(opt, r, loss, step)
   tbs("clipped_frac", clipped_frac)
   tbs("skipped", self._w_skipped)
   tbs("top_share", r.top_share)
+  tbs("scale", r.scale)
   for i, p in ipairs(params) do
     local s, name = stats[i], names[i]
     local gnorm, wnorm, ratio, max_abs, nonfinite
@@ -355,7 +358,7 @@ function Monitor:_record(opt, r, loss, step)
       "lr", r.lr, "grad_norm", r.grad_norm, "clip_coef", r.clip_coef, "clipped", r.clipped,
       "applied", r.applied, "reason", r.reason, "nonfinite", r.nonfinite, "clipped_frac", clipped_frac,
       "skipped", self._w_skipped, "skipped_total", self._skipped_total, "steps", w_steps,
-      "top_param", top_name, "top_share", r.top_share)
+      "top_param", top_name, "top_share", r.top_share, "scale", r.scale)
     self:_write_line(head:sub(1, -2) .. ',"params":{' .. table.concat(pparts, ",") .. "}}")
   end
   if self._tb then self._tb:add(step, tbv, wall) end

@@ -859,12 +859,16 @@ local DTYPES = {
 }
 
 -- to(x): x is a dtype ("float32", "float64", or a short name), a device
--- ("cpu"), a tensor (its dtype and device), or {dtype =, device =}. A
--- dtype converts the floating-point parameters and buffers (int64 buffers
--- stay); a device moves all of them. A converted tensor replaces the field
--- (a parameter is marked again, with the same requires_grad, and its
--- .grad is converted too); a tensor shared by several fields stays shared.
--- Optimizers hold the old tensors: build them after to(). Returns self.
+-- ("cpu", "cuda", "cuda:0"), a tensor (its dtype and device), or
+-- {dtype =, device =}. A dtype converts the floating-point parameters and
+-- buffers (int64 buffers stay); a device moves all of them. A move to
+-- another device alone happens in place (Tensor:set_data): every
+-- parameter and buffer stays the same tensor, with its .grad moved too,
+-- so hooks and references keep working. A dtype change makes new tensors
+-- that replace the fields (a parameter is marked again, with the same
+-- requires_grad, and its .grad is converted too). A tensor shared by
+-- several fields stays shared. Optimizers keep their state where it was
+-- made: build them after to(). Returns self.
 function Module:to(x)
   local dtype, device
   if type(x) == "string" then
@@ -884,6 +888,17 @@ function Module:to(x)
     device = x.device
   else
     error("to: argument #1: expected a dtype, a device, a tensor or {dtype=, device=}, got " .. type(x), 2)
+  end
+  if device ~= nil then
+    if device == "cuda:0" then device = "cuda" end
+    if device ~= "cpu" and device ~= "cuda" then
+      if type(device) == "string" and device:match("^cuda:%d+$") then
+        error("to: device " .. device .. ": keel uses one GPU per process, \"cuda\" or \"cuda:0\" "
+              .. "(choose which with CUDA_VISIBLE_DEVICES)", 2)
+      end
+      error("to: unknown device or dtype " .. tostring(device)
+            .. " (expected \"cpu\", \"cuda\", \"float32\" or \"float64\")", 2)
+    end
   end
 
   local function convert(t)
@@ -906,7 +921,18 @@ function Module:to(x)
           local n = done[t]
           if n == nil then
             n = convert(t)
-            if n ~= t and is_param[t] then
+            if n ~= t and n.dtype == t.dtype and t.is_leaf then
+              -- Only the device changes: the data moves in place (torch's
+              -- `param.data = ...`), so this tensor stays the one that an
+              -- optimizer, hooks and user code hold. Its .grad follows.
+              local g = t.grad
+              if g ~= nil then t.grad = nil end
+              t:set_data(n)
+              if g ~= nil then t.grad = convert(g) end
+              n = t
+            elseif n ~= t and is_param[t] then
+              -- A dtype change makes a new Parameter: an optimizer's state
+              -- has the old dtype, and must not be handed the new one.
               local g = t.grad
               n = nn.Parameter(n, t.requires_grad)
               if g then n.grad = convert(g) end
@@ -925,6 +951,7 @@ end
 function Module:float() return self:to("float32") end
 function Module:double() return self:to("float64") end
 function Module:cpu() return self:to("cpu") end
+function Module:cuda() return self:to("cuda") end
 
 ---------------------------------------------------------------------------
 -- State dict

@@ -37,15 +37,19 @@
 --      r.reason = "guard"
 --   5. require("keel.hooks").emit("step", opt, r, loss)
 -- loss: the closure's result, a number or a one-element tensor (recorded
--- as r.loss, a number). r.reason: nil (applied), "nonfinite", "no_grad" or
--- "guard"; r.lr = param_groups[1].lr * opt.lr_scale; r.top_param is the
+-- as r.loss, a number). r.reason: nil (applied), "nonfinite", "no_grad",
+-- "guard" or "overflow" (a keel.amp.GradScaler step whose unscaled
+-- gradient held NaN/Inf: skipped, the scaler backs off; such a step also
+-- has r.scale, the loss scale it ran under, and r.overflow);
+-- r.lr = param_groups[1].lr * opt.lr_scale; r.top_param is the
 -- index of the parameter with the largest share r.top_share of the global
 -- sum of squares (nil when all gradients are 0).
 -- opt.lr_scale (default 1; a number >= 0) multiplies every group's lr at
 -- apply time without touching param_groups, so schedules keep working
 -- under it; it is not part of state_dict (its owner, the guard, saves it).
 -- opt.counters: steps, skipped (non-finite policy), cancelled (guard),
--- errors, no_grad, nonfinite_steps, nonfinite_elements, clipped.
+-- errors, no_grad, nonfinite_steps, nonfinite_elements, clipped, overflow
+-- (loss-scale overflows; not in nonfinite_steps).
 
 local keel = require "keel"
 local core = require "keel.core"
@@ -212,9 +216,15 @@ local function same_shape(a, b)
   return true
 end
 
+-- The loss scale of a keel.amp step (nil: none) as prepare takes it.
+local function prepare(self, amp)
+  if amp then return C.prepare(self._h, self.param_groups, amp.inv, amp.found_inf) end
+  return C.prepare(self._h, self.param_groups)
+end
+
 -- Step 2: the on_grad hooks of this optimizer's parameters. Returns the
 -- report of a rerun prepare when a hook replaced a gradient, else r.
-local function run_grad_hooks(self, r, reg)
+local function run_grad_hooks(self, r, reg, amp)
   local h, name = self._h, self.name
   local step = C.step_count(h) + 1
   local index, replaced = 0, false
@@ -250,7 +260,7 @@ local function run_grad_hooks(self, r, reg)
       end
     end
   end
-  if replaced then return C.prepare(h, self.param_groups) end
+  if replaced then return prepare(self, amp) end
   return r
 end
 
@@ -266,8 +276,10 @@ end
 
 -- One step (the order is in this file's header). arg: a closure (called
 -- first, with grad on, as PyTorch's step(closure); its result is the
--- loss), a loss (number or one-element tensor), or nothing.
-function methods:step(arg)
+-- loss), a loss (number or one-element tensor), or nothing. amp (keel.amp's
+-- GradScaler only): {scale =, inv =, found_inf =}, the loss scale the
+-- gradients carry; the C step unscales them as it reads them.
+local function step(self, arg, amp)
   local h, loss = self._h, nil
   if type(arg) == "function" then
     loss = loss_value(self, keel.enable_grad(arg), true)
@@ -276,9 +288,13 @@ function methods:step(arg)
   end
   local scale = lr_scale(self)
   push_thresholds(self)
-  local r = C.prepare(h, self.param_groups)
+  local r = prepare(self, amp)
   local reg = hooks.grad
-  if next(reg) ~= nil then r = run_grad_hooks(self, r, reg) end
+  if next(reg) ~= nil then r = run_grad_hooks(self, r, reg, amp) end
+  if amp then
+    r.scale = amp.scale
+    r.overflow = r.reason == "overflow"
+  end
   local guard = rawget(self, "_guard")
   local action = "apply"
   if guard then
@@ -302,9 +318,22 @@ function methods:step(arg)
   end
   r.lr = self.param_groups[1].lr * scale
   r.loss = loss
+  if amp then r.overflow = r.reason == "overflow" end
   hooks.emit("step", self, r, loss)
   return r
 end
+
+function methods:step(arg) return step(self, arg, nil) end
+
+-- keel.amp.GradScaler's step (see there).
+function methods:_amp_step(arg, amp) return step(self, arg, amp) end
+
+-- keel.amp's explicit unscale: every .grad times inv in place; returns
+-- the NaN/Inf count of the results and the number of gradients.
+function methods:_unscale_grads(inv) return C.unscale(self._h, inv) end
+
+-- keel.amp: whether a step would see some gradient.
+function methods:_any_grad() return C.any_grad(self._h) end
 
 -- Sets every parameter's .grad to nil (or fills it with zeros when
 -- opts.set_to_none is false).

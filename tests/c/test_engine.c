@@ -706,6 +706,9 @@ static void test_optim_cancel(void) {
 
 /* }==================================================================== */
 
+/* tests/c/test_device.c */
+void keel_test_device(void (*check_fn)(int ok, const char *what, const char *detail));
+
 int main(void) {
   test_basics();
   test_creation();
@@ -718,6 +721,7 @@ int main(void) {
   test_optim_sgd();
   test_optim_stats();
   test_optim_cancel();
+  keel_test_device(check);
   printf("%d passed, %d failed\n", n_pass, n_fail);
   return n_fail ? 1 : 0;
 }

@@ -1,0 +1,56 @@
+# kernels/cuda.mk: builds the CUDA plugin libkeel_cuda.so with nvcc.
+#
+# premake4 has no rules for .cu files, so the generated makefiles call this
+# one from keel_static's pre-build step (premake5.lua), in build/:
+#   make -f ../kernels/cuda.mk NVCC=... CFG=release OBJ=obj/release/cuda LIB=release/lib/libkeel_cuda.so
+# It is incremental: objects depend on their .cu and on the headers nvcc
+# reports (-MD), the library on the objects.
+#
+# The plugin is dlopened by the engine (engine/device.c); nothing links it.
+# Targets: sm_80 (A100), sm_90 (H100/H200) and compute_90 PTX, which newer
+# GPUs compile when they load it. Device code is never instrumented: the
+# asan configuration reuses the release objects (OBJ), so a CI run that
+# builds both compiles the kernels once.
+
+NVCC ?= nvcc
+CFG ?= release
+ROOT ?= ..
+OBJ ?= obj/$(CFG)/cuda
+LIB ?= $(CFG)/lib/libkeel_cuda.so
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+# the toolkit's libraries: lib64 on Linux installs, targets/... in some
+CUDA_LIBDIR ?= $(firstword $(wildcard $(CUDA_HOME)/lib64 $(CUDA_HOME)/targets/x86_64-linux/lib) $(CUDA_HOME)/lib64)
+
+ARCH := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+        -gencode arch=compute_90,code=compute_90
+TARGETS := sm_80 sm_90 compute_90
+
+ifeq ($(CFG),debug)
+OPT := -O0 -g -lineinfo -Xcompiler -O0
+else
+OPT := -O3 -lineinfo
+endif
+
+FLAGS := -std=c++17 $(OPT) -Xcompiler -fPIC,-fvisibility=hidden,-Wall \
+         -I$(ROOT)/engine -I$(ROOT)/kernels -DKC_TARGETS='"$(TARGETS)"' $(ARCH)
+# -lstdc++ for the guard of the table's function-local static
+LIBS := -L$(CUDA_LIBDIR) -Xlinker -rpath=$(CUDA_LIBDIR) -lcublas -lcudart -lstdc++
+
+SRC := $(wildcard $(ROOT)/kernels/*.cu)
+OBJS := $(patsubst $(ROOT)/kernels/%.cu,$(OBJ)/%.o,$(SRC))
+
+all: $(LIB)
+
+$(LIB): $(OBJS)
+	@mkdir -p $(dir $@)
+	@echo "nvcc: linking $(notdir $@) ($(CFG))"
+	@$(NVCC) -shared -o $@ $(OBJS) $(LIBS)
+
+$(OBJ)/%.o: $(ROOT)/kernels/%.cu
+	@mkdir -p $(OBJ)
+	@echo "nvcc: $(notdir $<) ($(TARGETS))"
+	@$(NVCC) $(FLAGS) -MD -MF $(@:.o=.d) -c $< -o $@
+
+-include $(OBJS:.o=.d)
+
+.PHONY: all
