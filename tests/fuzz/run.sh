@@ -19,7 +19,7 @@ out=build/fuzz
 mkdir -p "$out/obj"
 
 san="-fsanitize=address,undefined -fno-sanitize-recover=undefined"
-cflags="-std=c11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer $san -Iengine -w"
+cflags="-std=c11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer $san -Iengine -Ikernels -w"
 
 # The engine, into one archive (objects rebuilt when their source or a header changed).
 objs=()
@@ -27,7 +27,7 @@ pids=()
 for src in engine/*.c; do
   obj="$out/obj/$(basename "${src%.c}").o"
   objs+=("$obj")
-  if [ ! -f "$obj" ] || [ "$src" -nt "$obj" ] || [ engine/keel.h -nt "$obj" ] || [ engine/keel_impl.h -nt "$obj" ]; then
+  if [ ! -f "$obj" ] || [ "$src" -nt "$obj" ] || [ engine/keel.h -nt "$obj" ] || [ engine/keel_impl.h -nt "$obj" ] || [ kernels/keel_cuda.h -nt "$obj" ]; then
     $cc $cflags -fsanitize=fuzzer-no-link -c "$src" -o "$obj" &
     pids+=($!)
     if [ ${#pids[@]} -ge "${FUZZ_JOBS:-2}" ]; then
