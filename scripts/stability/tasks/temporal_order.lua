@@ -11,26 +11,33 @@
 local keel = keel or require "keel"
 local onehot = require "stability.onehot"
 
-local task = {name = "temporal order", input_size = 6, output_size = 4, kind = "classification", target = "last"}
+-- A temporal order task with relevant symbols at the given slots (each
+-- [lo, lo + 10%) of T); temporal_order3 builds its three-slot form here.
+local function make(name, slots)
+  local task = {name = name, input_size = 6, output_size = 1 << #slots, kind = "classification",
+                target = "last", slots = slots}
 
--- the positions (fractions of T) of the relevant symbols: [lo, lo + 10%)
-task.slots = {0.1, 0.5}
-
-function task.sample(B, T, rng)
-  local sym, y = {}, {}
-  for i = 1, T * B do sym[i] = 2 + rng:int(4) end          -- distractors, 0-based symbols 2..5
-  local width = math.max(T // 10, 1)
-  for b = 0, B - 1 do
-    local class = 0
-    for k, lo in ipairs(task.slots) do
-      local p = math.floor(T * lo) + rng:int(width)
-      local v = rng:bit()
-      sym[p * B + b + 1] = v
-      class = class + v * (1 << (k - 1))
+  function task.sample(B, T, rng)
+    local sym, y = {}, {}
+    for i = 1, T * B do sym[i] = 2 + rng:int(4) end          -- distractors, 0-based symbols 2..5
+    local width = math.max(T // 10, 1)
+    for b = 0, B - 1 do
+      local class = 0
+      for k, lo in ipairs(task.slots) do
+        local p = math.floor(T * lo) + rng:int(width)
+        local v = rng:bit()
+        sym[p * B + b + 1] = v
+        class = class + v * (1 << (k - 1))
+      end
+      y[b + 1] = class + 1
     end
-    y[b + 1] = class + 1
+    return onehot(sym, T, B, task.input_size), keel.tensor(y, {dtype = "int64"})
   end
-  return onehot(sym, T, B, task.input_size), keel.tensor(y, {dtype = "int64"})
+
+  return task
 end
 
+-- the positions (fractions of T) of the relevant symbols: [lo, lo + 10%)
+local task = make("temporal order", {0.1, 0.5})
+task.make = make
 return task
