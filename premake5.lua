@@ -11,6 +11,7 @@ usual entry point. Everything generated lands under build/:
   build/<cfg>/bin/keel                 the REPL / script runner (static Lua)
   build/<cfg>/bin/keel_ctest           the Lua-free C test (tests/c/*.c)
   build/<cfg>/lib/libkeel_cuda.so      the CUDA plugin (kernels/*.cu), when nvcc is found
+  build/<cfg>/lib/libkeel_cuda_sim.so  the same kernels on a CPU simulator (kernels/sim/), always
   build/<cfg>/lib/libkeel_fakecuda.so  a host-memory stand-in for it, for the tests
   build/obj/<cfg>/<project>/           object files
   build/cuda.txt                       what was decided about CUDA (tools/build.sh shows it)
@@ -24,7 +25,9 @@ adding a .c file (tools/build.sh always does).
 CUDA: the plugin is built when nvcc is on PATH or at /usr/local/cuda/bin
 (--with-cuda: its absence is an error; --without-cuda: never built). The
 engine itself never links CUDA: it opens the plugin at run time, so the
-CPU build is the same with or without nvcc.
+CPU build is the same with or without nvcc. The simulator plugin needs
+only g++ and is built in every case (KEEL_CUDA_PLUGIN=<its path> selects
+it; tools/test.sh runs the CUDA specs on it).
 ]]
 
 local CONFIGS = { "release", "debug", "asan" }
@@ -166,12 +169,16 @@ project "keel_static"
       -- commands run in build/, where the makefiles are. `+` hands make's
       -- jobserver to the nested make. The asan configuration shares the
       -- release objects (device code is not instrumented).
+      local pre = {}
       if NVCC then
-        prebuildcommands {
-          "+$(MAKE) --no-print-directory -f ../kernels/cuda.mk ROOT=.. NVCC=" .. NVCC .. " CFG=" .. cfg ..
-            " OBJ=obj/" .. (cfg == "asan" and "release" or cfg) .. "/cuda LIB=" .. cfg .. "/lib/libkeel_cuda.so",
-        }
+        pre[#pre + 1] = "+$(MAKE) --no-print-directory -f ../kernels/cuda.mk ROOT=.. NVCC=" .. NVCC .. " CFG=" .. cfg ..
+          " OBJ=obj/" .. (cfg == "asan" and "release" or cfg) .. "/cuda LIB=" .. cfg .. "/lib/libkeel_cuda.so"
       end
+      -- the CPU simulator plugin (kernels/sim/): g++ only, so always; the
+      -- asan configuration instruments it (its own objects)
+      pre[#pre + 1] = "+$(MAKE) --no-print-directory -f ../kernels/cuda.mk sim ROOT=.. CFG=" .. cfg ..
+        " SIMOBJ=obj/" .. cfg .. "/cuda_sim SIMLIB=" .. cfg .. "/lib/libkeel_cuda_sim.so"
+      prebuildcommands(pre)
       postbuildcommands {
         "mkdir -p " .. cfg .. "/lib",
         "cp -f obj/" .. cfg .. "/libkeel/libkeel.a " .. cfg .. "/lib/libkeel.a",

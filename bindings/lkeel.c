@@ -592,6 +592,30 @@ static int l_set_default_device(lua_State *L) {
   return 1;
 }
 
+/* keel.set_float32_matmul_precision(p) -> the previous one. Names: keel's
+** format names, and torch's ("high": TF32, "medium": bfloat16). */
+static const char *const precision_names[] = {"highest", "tf32", "bfloat16", "float16", "high", "medium", NULL};
+static const keel_matmul_precision precision_values[] = {KEEL_MATMUL_HIGHEST, KEEL_MATMUL_TF32, KEEL_MATMUL_BF16,
+                                                         KEEL_MATMUL_F16, KEEL_MATMUL_TF32, KEEL_MATMUL_BF16};
+
+static int l_set_matmul_precision(lua_State *L) {
+  lk_state *S = lk_S(L);
+  const char *name = luaL_checkstring(L, 1);
+  for (int i = 0; precision_names[i]; i++)
+    if (strcmp(name, precision_names[i]) == 0) {
+      keel_matmul_precision prev = keel_set_matmul_precision(S->ctx, precision_values[i]);
+      lua_pushstring(L, precision_names[prev]);
+      return 1;
+    }
+  return luaL_error(L, "set_float32_matmul_precision: argument #1: expected \"highest\", \"tf32\" (\"high\"), "
+                       "\"bfloat16\" (\"medium\") or \"float16\", got \"%s\"", name);
+}
+
+static int l_get_matmul_precision(lua_State *L) {
+  lua_pushstring(L, precision_names[keel_get_matmul_precision(lk_S(L)->ctx)]);
+  return 1;
+}
+
 static int l_get_default_device(lua_State *L) {
   lua_pushstring(L, keel_device_name(keel_get_default_device(lk_S(L)->ctx)));
   return 1;
@@ -639,6 +663,7 @@ static const luaL_Reg module_fns[] = {
   {"set_grad_enabled", l_set_grad_enabled}, {"is_grad_enabled", l_is_grad_enabled},
   {"memory_stats", l_memory_stats}, {"memory_trim", l_memory_trim},
   {"set_default_device", l_set_default_device}, {"get_default_device", l_get_default_device},
+  {"set_float32_matmul_precision", l_set_matmul_precision}, {"get_float32_matmul_precision", l_get_matmul_precision},
   {"ops", l_ops}, {"is_tensor", l_is_tensor},
   {NULL, NULL},
 };

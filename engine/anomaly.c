@@ -131,9 +131,31 @@ static int any_bad(void *ud, double v) {
   return 1;
 }
 
+/* A device tensor's NaN/Inf count from its backend's statistics kernel
+** (one small copy back per call: anomaly mode trades speed for the
+** answer, on every device). A backend that cannot say counts as finite,
+** and its error message is not kept: the op being checked succeeded. */
+static int device_nonfinite(const keel_tensor *t) {
+  keel_ctx *ctx = t->ctx;
+  keel_tensor *c = NULL;
+  keel_grad_stats s;
+  keel_status saved = ctx->status;
+  char msg[sizeof ctx->err];
+  int bad = 0;
+  memcpy(msg, ctx->err, sizeof msg);
+  if (keel_contiguous(ctx, (keel_tensor *)t, &c) == KEEL_OK &&
+      kl_backend_for(ctx, c->storage->device)->grad_stats(ctx, c, 1, NULL, NULL, 0, &s, NULL, NULL) == KEEL_OK)
+    bad = s.nan + s.inf > 0;
+  keel_tensor_release(c);
+  ctx->status = saved;
+  memcpy(ctx->err, msg, sizeof msg);
+  return bad;
+}
+
 /* Nonzero when t holds NaN or Inf: the fast scan. */
 static int has_nonfinite(const keel_tensor *t) {
-  if (!is_float(t) || t->numel == 0 || t->storage->device != KEEL_CPU) return 0;
+  if (!is_float(t) || t->numel == 0) return 0;
+  if (t->storage->device != KEEL_CPU) return device_nonfinite(t);
   if (kl_is_contiguous(t))
     return (t->dtype == KEEL_F32 ? count_f32(kl_data(t), t->numel) : count_f64(kl_data(t), t->numel)) != 0;
   {
@@ -159,7 +181,21 @@ static int add_tally(void *ud, double v) {
 /* The rare path: NaN and Inf counts, finite range (every element). */
 static tally count_all(const keel_tensor *t) {
   tally s = {0, 0, INFINITY, -INFINITY};
-  if (is_float(t) && t->storage->device == KEEL_CPU) visit(t, 0, add_tally, &s);
+  if (is_float(t) && t->storage->device == KEEL_CPU) {
+    visit(t, 0, add_tally, &s);
+  } else if (is_float(t)) {
+    /* a device tensor comes over once (events are rare); a failed copy
+    ** counts nothing and leaves no error behind (as device_nonfinite) */
+    keel_ctx *ctx = t->ctx;
+    keel_tensor *h = NULL;
+    keel_status saved = ctx->status;
+    char msg[sizeof ctx->err];
+    memcpy(msg, ctx->err, sizeof msg);
+    if (kl_transfer(ctx, t, KEEL_CPU, t->dtype, &h) == KEEL_OK) visit(h, 0, add_tally, &s);
+    keel_tensor_release(h);
+    ctx->status = saved;
+    memcpy(ctx->err, msg, sizeof msg);
+  }
   if (s.lo > s.hi) s.lo = s.hi = NAN;   /* no finite element */
   return s;
 }

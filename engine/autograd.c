@@ -53,6 +53,7 @@ kl_node *kl_record(keel_ctx *ctx, int op, int n, keel_tensor *const *in, keel_te
   }
   node->out_dtype = out->dtype;
   node->out_ndim = out->ndim;
+  node->gemm_prec = (uint8_t)ctx->gemm_prec;
   memcpy(node->out_shape, out->shape, sizeof(int64_t) * (size_t)out->ndim);
   kl_ctx_ref(ctx);
   out->grad_fn = node;
@@ -390,7 +391,13 @@ static keel_status run_node(pass *p, kl_node *n, int retain) {
     } else {
       memset(gin, 0, sizeof(keel_tensor *) * (size_t)n->n_in);
     }
-    st = kl_ops[n->op].backward(ctx, n, g, gv);
+    {
+      /* a product in backward rounds as its forward did (keel.h) */
+      int prec = ctx->gemm_prec;
+      ctx->gemm_prec = n->gemm_prec;
+      st = kl_ops[n->op].backward(ctx, n, g, gv);
+      ctx->gemm_prec = prec;
+    }
     for (int i = 0; i < n->n_in; i++) {
       kl_edge *e = &n->in[i];
       keel_tensor *gi = gv[i];

@@ -540,16 +540,13 @@ static keel_status cpu_matmul(keel_ctx *ctx, keel_tensor *out, const keel_tensor
   for (int64_t i = 0; i < B; i++) {
     char *xa = pa + i * a->stride[0] * (int64_t)es, *xb = pb + i * b->stride[0] * (int64_t)es;
     char *xo = po + i * M * N * (int64_t)es;
-    if (out->dtype == KEEL_F32)
-      cblas_sgemm(CblasRowMajor, ta, tb, (int)M, (int)N, (int)K, 1.0f, (const float *)xa, (int)lda,
-                  (const float *)xb, (int)ldb, 0.0f, (float *)xo, (int)N);
-    else
-      cblas_dgemm(CblasRowMajor, ta, tb, (int)M, (int)N, (int)K, 1.0, (const double *)xa, (int)lda,
-                  (const double *)xb, (int)ldb, 0.0, (double *)xo, (int)N);
+    if ((st = kl_cpu_gemm(ctx, out->dtype, ta == CblasTrans, tb == CblasTrans, M, N, K, xa, lda, xb, ldb, 0.0,
+                          xo, N)))
+      break;
   }
   keel_tensor_release(ca);
   keel_tensor_release(cb);
-  return KEEL_OK;
+  return st;
 }
 
 /* }====================================================================== */

@@ -22,7 +22,6 @@
 #include <limits.h>
 #include <math.h>
 #include <string.h>
-#include <cblas.h>
 #include "keel_impl.h"
 
 #define TRY(call) do { if ((st = (call)) != KEEL_OK) goto done; } while (0)
@@ -35,25 +34,6 @@
 /* {======================================================================
 ** Helpers
 ** ======================================================================= */
-
-/* C[m,n] = A[m,k] B[k,n] + beta C, row-major, op() by the flags. */
-static void gemm(keel_dtype dt, int ta, int tb, int64_t m, int64_t n, int64_t k, const void *a,
-                 int64_t lda, const void *b, int64_t ldb, double beta, void *c, int64_t ldc) {
-  CBLAS_TRANSPOSE A = ta ? CblasTrans : CblasNoTrans, B = tb ? CblasTrans : CblasNoTrans;
-  if (m == 0 || n == 0) return;
-  if (k == 0) {  /* BLAS would reject the leading dimensions */
-    size_t es = kl_dtype_size[dt];
-    if (beta == 0)
-      for (int64_t i = 0; i < m; i++) memset((char *)c + i * ldc * (int64_t)es, 0, (size_t)n * es);
-    return;
-  }
-  if (dt == KEEL_F32)
-    cblas_sgemm(CblasRowMajor, A, B, (int)m, (int)n, (int)k, 1.0f, (const float *)a, (int)lda,
-                (const float *)b, (int)ldb, (float)beta, (float *)c, (int)ldc);
-  else
-    cblas_dgemm(CblasRowMajor, A, B, (int)m, (int)n, (int)k, 1.0, (const double *)a, (int)lda,
-                (const double *)b, (int)ldb, beta, (double *)c, (int)ldc);
-}
 
 static keel_status scratch(keel_ctx *ctx, keel_dtype dt, int64_t n, keel_tensor **out) {
   return kl_new(ctx, dt, KEEL_CPU, 1, &n, out);
@@ -267,8 +247,8 @@ keel_status kl_cpu_conv2d(keel_ctx *ctx, const kl_win2d *g, keel_tensor *out, co
     /* bias first, then accumulate the product onto it */
     fill_bias(dt, dst, pb, g->oc, L, L);
     for (int64_t k = 0; k < g->groups; k++)
-      gemm(dt, 0, 0, og, L, kg, pw + k * og * kg * (int64_t)es, kg, cp + k * kg * L * (int64_t)es, L, 1.0,
-           dst + k * og * L * (int64_t)es, L);
+      TRY(kl_cpu_gemm(ctx, dt, 0, 0, og, L, kg, pw + k * og * kg * (int64_t)es, kg, cp + k * kg * L * (int64_t)es, L, 1.0,
+           dst + k * og * L * (int64_t)es, L));
     if (nb > 1)  /* [oc, nb*P] back to [nb, oc, P] */
       for (int64_t i = 0; i < nb; i++)
         for (int64_t o = 0; o < g->oc; o++)
@@ -350,14 +330,14 @@ keel_status kl_cpu_conv2d_backward(keel_ctx *ctx, const kl_win2d *g, const keel_
         cp = (const char *)kl_data(col);
       }
       for (int64_t k = 0; k < g->groups; k++)
-        gemm(dt, 0, 1, og, kg, L, gp + k * og * L * (int64_t)es, L, cp + k * kg * L * (int64_t)es, L, 1.0,
-             (char *)kl_data(gw) + k * og * kg * (int64_t)es, kg);
+        TRY(kl_cpu_gemm(ctx, dt, 0, 1, og, kg, L, gp + k * og * L * (int64_t)es, L, cp + k * kg * L * (int64_t)es, L, 1.0,
+             (char *)kl_data(gw) + k * og * kg * (int64_t)es, kg));
     }
     if (gx) {
       char *dst = direct ? (char *)kl_data(gx) + n0 * chw * (int64_t)es : (char *)kl_data(dcol);
       for (int64_t k = 0; k < g->groups; k++)
-        gemm(dt, 1, 0, kg, L, og, (const char *)kl_data(w) + k * og * kg * (int64_t)es, kg,
-             gp + k * og * L * (int64_t)es, L, 0.0, dst + k * kg * L * (int64_t)es, L);
+        TRY(kl_cpu_gemm(ctx, dt, 1, 0, kg, L, og, (const char *)kl_data(w) + k * og * kg * (int64_t)es, kg,
+             gp + k * og * L * (int64_t)es, L, 0.0, dst + k * kg * L * (int64_t)es, L));
       if (!direct)
         for (int64_t i = 0; i < nb; i++)
           col2im(g, dt, (const char *)kl_data(dcol) + i * P * (int64_t)es, L,

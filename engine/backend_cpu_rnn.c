@@ -22,7 +22,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#include <cblas.h>
 #include "keel_impl.h"
 
 typedef struct ws_layout { int64_t hp, hn, c, c0, g, tc, total; } ws_layout;
@@ -49,24 +48,11 @@ static ws_layout layout(const kl_rnn_args *a) {
   return w;
 }
 
-/* C = op(A) op(B) + beta C, row-major, in dt; any size may be 0. */
-static void gemm(keel_dtype dt, int ta, int tb, int64_t M, int64_t N, int64_t K, const void *A,
-                 int64_t lda, const void *B, int64_t ldb, double beta, void *C, int64_t ldc) {
-  CBLAS_TRANSPOSE TA = ta ? CblasTrans : CblasNoTrans, TB = tb ? CblasTrans : CblasNoTrans;
-  size_t es = kl_dtype_size[dt];
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (beta == 0)
-      for (int64_t i = 0; i < M; i++) memset((char *)C + i * ldc * (int64_t)es, 0, (size_t)N * es);
-    return;
-  }
-  if (dt == KEEL_F32)
-    cblas_sgemm(CblasRowMajor, TA, TB, (int)M, (int)N, (int)K, 1.0f, (const float *)A, (int)lda,
-                (const float *)B, (int)ldb, (float)beta, (float *)C, (int)ldc);
-  else
-    cblas_dgemm(CblasRowMajor, TA, TB, (int)M, (int)N, (int)K, 1.0, (const double *)A, (int)lda,
-                (const double *)B, (int)ldb, beta, (double *)C, (int)ldc);
-}
+int64_t kl_rnn_ws_numel(const kl_rnn_args *a) { return layout(a).total; }
+
+/* C = op(A) op(B) + beta C, row-major, in dt (the matmul precision
+** applies: gemm.c); any size may be 0. Needs st and a done label. */
+#define GEMM(...) do { if ((st = kl_cpu_gemm(ctx, __VA_ARGS__))) goto done; } while (0)
 
 /* out[j] = sum over rows of A[row][j], accumulated in double. */
 static keel_status colsum(keel_ctx *ctx, keel_dtype dt, const char *A, int64_t rows, int64_t cols,
@@ -370,8 +356,8 @@ keel_status kl_cpu_rnn_forward(keel_ctx *ctx, kl_rnn_args *a) {
   }
   W = (char *)kl_data(ws);
   /* x W_ih^T for every step: into the gates (row stride 4H), or the states */
-  if (lstm || gru) gemm(dt, 0, 1, T * B, GH, In, X, In, Wi, In, 0, W + w.g * es, 4 * H);
-  else gemm(dt, 0, 1, T * B, H, In, X, In, Wi, In, 0, W + w.hn * es, H);
+  if (lstm || gru) GEMM(dt, 0, 1, T * B, GH, In, X, In, Wi, In, 0, W + w.g * es, 4 * H);
+  else GEMM(dt, 0, 1, T * B, H, In, X, In, Wi, In, 0, W + w.hn * es, H);
   if (lstm) {
     if (a->c0) memcpy(W + w.c0 * es, kl_data(a->c0), (size_t)(S * es));
     else memset(W + w.c0 * es, 0, (size_t)(S * es));
@@ -386,15 +372,15 @@ keel_status kl_cpu_rnn_forward(keel_ctx *ctx, kl_rnn_args *a) {
       char *g = W + (w.g + t * B * 4 * H) * es;
       const char *cp = s == 0 ? W + w.c0 * es : W + (w.c + t_prev * S) * es;
       char *cn = W + (w.c + t * S) * es, *tc = W + (w.tc + t * S) * es;
-      gemm(dt, 0, 1, B, GH, H, hp, H, Wh, H, 1.0, g, 4 * H);
+      GEMM(dt, 0, 1, B, GH, H, hp, H, Wh, H, 1.0, g, 4 * H);
       if (dt == KEEL_F32) LSTM_FWD(float, sigmoid_f32, tanh_f32); else LSTM_FWD(double, sigmoid_f64, tanh_f64);
     } else if (gru) {
       char *g = W + (w.g + t * B * 4 * H) * es, *gh = (char *)kl_data(scratch);
-      gemm(dt, 0, 1, B, GH, H, hp, H, Wh, H, 0.0, gh, GH);
+      GEMM(dt, 0, 1, B, GH, H, hp, H, Wh, H, 0.0, gh, GH);
       if (dt == KEEL_F32) GRU_FWD(float, sigmoid_f32, tanh_f32); else GRU_FWD(double, sigmoid_f64, tanh_f64);
     } else {
       char *pre = W + (w.hn + t * S) * es;
-      gemm(dt, 0, 1, B, H, H, hp, H, Wh, H, 1.0, pre, H);
+      GEMM(dt, 0, 1, B, H, H, hp, H, Wh, H, 1.0, pre, H);
       if (dt == KEEL_F32) RNN_FWD(float, tanh_f32); else RNN_FWD(double, tanh_f64);
       memcpy(ho, pre, (size_t)(S * es));
     }
@@ -404,6 +390,10 @@ keel_status kl_cpu_rnn_forward(keel_ctx *ctx, kl_rnn_args *a) {
   keel_tensor_release(scratch);
   a->ws = ws;
   return KEEL_OK;
+done:
+  keel_tensor_release(scratch);
+  keel_tensor_release(ws);
+  return st;
 }
 
 keel_status kl_cpu_rnn_backward(keel_ctx *ctx, kl_rnn_args *a) {
@@ -452,13 +442,13 @@ keel_status kl_cpu_rnn_backward(keel_ctx *ctx, kl_rnn_args *a) {
     /* dh of the state the step started from: through W_hh (and, for a
     ** GRU, the z * h term already in dh) */
     if (s > 0 || a->dh0)
-      gemm(dt, 0, 0, B, H, GH, dGh + t * B * GH * es, GH, Wh, H, gru ? 1.0 : 0.0, dh, H);
+      GEMM(dt, 0, 0, B, H, GH, dGh + t * B * GH * es, GH, Wh, H, gru ? 1.0 : 0.0, dh, H);
   }
   if (a->dh0) memcpy(kl_data(a->dh0), dh, (size_t)(S * es));
   if (a->dc0) memcpy(kl_data(a->dc0), dc, (size_t)(S * es));
-  if (a->dw_hh) gemm(dt, 1, 0, GH, H, T * B, dGh, GH, W + w.hp * es, H, 0.0, kl_data(a->dw_hh), H);
-  if (a->dw_ih) gemm(dt, 1, 0, GH, In, T * B, dGi, GH, X, In, 0.0, kl_data(a->dw_ih), In);
-  if (a->dx) gemm(dt, 0, 0, T * B, In, GH, dGi, GH, Wi, In, 0.0, kl_data(a->dx), In);
+  if (a->dw_hh) GEMM(dt, 1, 0, GH, H, T * B, dGh, GH, W + w.hp * es, H, 0.0, kl_data(a->dw_hh), H);
+  if (a->dw_ih) GEMM(dt, 1, 0, GH, In, T * B, dGi, GH, X, In, 0.0, kl_data(a->dw_ih), In);
+  if (a->dx) GEMM(dt, 0, 0, T * B, In, GH, dGi, GH, Wi, In, 0.0, kl_data(a->dx), In);
   if (a->db_ih && (st = colsum(ctx, dt, dGi, T * B, GH, a->db_ih))) goto done;
   if (a->db_hh) {
     if (!gru && a->db_ih) memcpy(kl_data(a->db_hh), kl_data(a->db_ih), (size_t)(GH * es));  /* same sum */

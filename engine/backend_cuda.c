@@ -16,6 +16,9 @@
 #include "keel_impl.h"
 #include "keel_cuda.h"
 
+/* optim.c keeps at most this many state buffers per parameter */
+#define KL_OPTIM_MAX_STATE 3
+
 /* {======================================================================
 ** Helpers
 ** ======================================================================= */
@@ -74,6 +77,39 @@ static keel_status done(keel_ctx *ctx, const char *fn, int code) {
 
 #define PL (kl_cuda_table(ctx))
 #define ST (kl_cuda_state(ctx))
+
+/* The ops check index tensors on the host (linalg.c, loss.c, norm.c) and
+** hand the checked copy over as a CPU int64 tensor counted from base;
+** kernels read a dense device copy counted from 0. A device index (one
+** the caller made for the kernel) passes through. */
+static keel_status device_index(keel_ctx *ctx, const char *fn, const keel_tensor *idx, int64_t base,
+                                keel_tensor **out) {
+  keel_tensor *h = NULL;
+  keel_status st;
+  *out = NULL;
+  if (idx->storage->device == KEEL_CUDA) {
+    *out = keel_tensor_retain((keel_tensor *)idx);
+    return KEEL_OK;
+  }
+  if (idx->dtype != KEEL_I64) return kl_error(ctx, KEEL_ERR_TYPE, "%s: index tensor is not int64", fn);
+  if ((st = kl_new(ctx, KEEL_I64, KEEL_CPU, idx->ndim, idx->shape, &h))) return st;
+  if ((st = kl_cpu_backend.copy(ctx, h, idx))) goto done;
+  if (base) {
+    int64_t *v = (int64_t *)kl_data(h);
+    for (int64_t i = 0; i < h->numel; i++) v[i] -= base;
+  }
+  st = keel_to_device(ctx, h, KEEL_CUDA, 0, out);
+done:
+  keel_tensor_release(h);
+  return st;
+}
+
+/* The context's matmul precision, handed to the plugin before a product
+** (one store there: cheaper than tracking what it last saw). */
+static keel_status gemm_precision(keel_ctx *ctx, const char *fn) {
+  if (!PL->set_gemm_precision) return ctx->gemm_prec ? no_kernel(ctx, fn) : KEEL_OK;
+  return done(ctx, fn, PL->set_gemm_precision(ST, ctx->gemm_prec));
+}
 
 /* }====================================================================== */
 
@@ -144,7 +180,7 @@ static keel_status cuda_reduce(keel_ctx *ctx, keel_redop op, keel_tensor *out, k
   keel_status st;
   if (!PL->reduce) return no_kernel(ctx, fn);
   if ((st = on_gpu(ctx, fn, out, OPT(idx), a, NULL))) return st;
-  return done(ctx, fn, PL->reduce(ST, op, view(out, &vo), view(idx, &vi), view(a, &va), reduce));
+  return done(ctx, fn, PL->reduce(ST, op, view(out, &vo), view(idx, &vi), view(a, &va), reduce, ctx->index_base));
 }
 
 static keel_status cuda_norm(keel_ctx *ctx, keel_tensor *out, const keel_tensor *a, const int *reduce, double p) {
@@ -159,7 +195,7 @@ static keel_status cuda_matmul(keel_ctx *ctx, keel_tensor *out, const keel_tenso
   kc_view vo, va, vb;
   keel_status st;
   if (!PL->matmul) return no_kernel(ctx, "matmul");
-  if ((st = on_gpu(ctx, "matmul", out, a, b, NULL))) return st;
+  if ((st = on_gpu(ctx, "matmul", out, a, b, NULL)) || (st = gemm_precision(ctx, "matmul"))) return st;
   return done(ctx, "matmul", PL->matmul(ST, view(out, &vo), view(a, &va), view(b, &vb)));
 }
 
@@ -167,27 +203,41 @@ static keel_status cuda_gather(keel_ctx *ctx, keel_tensor *out, const keel_tenso
                                const keel_tensor *index) {
   kc_view vo, va, vi;
   keel_status st;
+  keel_tensor *di = NULL;
   if (!PL->gather) return no_kernel(ctx, "gather");
-  if ((st = on_gpu(ctx, "gather", out, a, index, NULL))) return st;
-  return done(ctx, "gather", PL->gather(ST, view(out, &vo), view(a, &va), dim, view(index, &vi)));
+  if ((st = on_gpu(ctx, "gather", out, a, NULL)) || (st = device_index(ctx, "gather", index, ctx->index_base, &di)))
+    return st;
+  st = done(ctx, "gather", PL->gather(ST, view(out, &vo), view(a, &va), dim, view(di, &vi)));
+  keel_tensor_release(di);
+  return st;
 }
 
 static keel_status cuda_scatter_add(keel_ctx *ctx, keel_tensor *out, int dim, const keel_tensor *index,
                                     const keel_tensor *src) {
   kc_view vo, vi, vs;
   keel_status st;
+  keel_tensor *di = NULL;
   if (!PL->scatter_add) return no_kernel(ctx, "scatter_add");
-  if ((st = on_gpu(ctx, "scatter_add", out, index, src, NULL))) return st;
-  return done(ctx, "scatter_add", PL->scatter_add(ST, view(out, &vo), dim, view(index, &vi), view(src, &vs)));
+  if ((st = on_gpu(ctx, "scatter_add", out, src, NULL)) ||
+      (st = device_index(ctx, "scatter_add", index, ctx->index_base, &di)))
+    return st;
+  st = done(ctx, "scatter_add", PL->scatter_add(ST, view(out, &vo), dim, view(di, &vi), view(src, &vs)));
+  keel_tensor_release(di);
+  return st;
 }
 
 static keel_status cuda_index_select(keel_ctx *ctx, keel_tensor *out, const keel_tensor *a, int dim,
                                      const keel_tensor *index) {
   kc_view vo, va, vi;
   keel_status st;
+  keel_tensor *di = NULL;
   if (!PL->index_select) return no_kernel(ctx, "index_select");
-  if ((st = on_gpu(ctx, "index_select", out, a, index, NULL))) return st;
-  return done(ctx, "index_select", PL->index_select(ST, view(out, &vo), view(a, &va), dim, view(index, &vi)));
+  if ((st = on_gpu(ctx, "index_select", out, a, NULL)) ||
+      (st = device_index(ctx, "index_select", index, ctx->index_base, &di)))
+    return st;
+  st = done(ctx, "index_select", PL->index_select(ST, view(out, &vo), view(a, &va), dim, view(di, &vi)));
+  keel_tensor_release(di);
+  return st;
 }
 
 static keel_status cuda_act(keel_ctx *ctx, int op, keel_tensor *out, const keel_tensor *a, const double *p) {
@@ -231,122 +281,323 @@ static keel_status cuda_softmax_backward(keel_ctx *ctx, int log_out, keel_tensor
 /* }====================================================================== */
 
 /* {======================================================================
-** Slots whose kernels take engine structures: no ABI entry yet (see the
-** end of kernels/keel_cuda.h)
+** Slots whose kernels take engine structures (mirrored in keel_cuda.h)
 ** ======================================================================= */
+
+static const kc_win2d *win(const kl_win2d *g, kc_win2d *w) {
+  w->n = g->n; w->c = g->c; w->h = g->h; w->w = g->w;
+  w->oc = g->oc; w->oh = g->oh; w->ow = g->ow;
+  for (int i = 0; i < 2; i++) {
+    w->k[i] = g->k[i]; w->s[i] = g->s[i]; w->pad[i] = g->pad[i]; w->dil[i] = g->dil[i];
+  }
+  w->groups = g->groups;
+  w->divisor = g->divisor;
+  w->count_include_pad = g->count_include_pad;
+  w->adaptive = g->adaptive;
+  w->index_base = g->index_base;
+  return w;
+}
 
 static keel_status cuda_conv2d(keel_ctx *ctx, const kl_win2d *g, keel_tensor *out, const keel_tensor *x,
                                const keel_tensor *w, const keel_tensor *b) {
-  (void)g; (void)out; (void)x; (void)w; (void)b;
-  return no_kernel(ctx, "conv2d");
+  kc_win2d kw;
+  kc_view vo, vx, vw, vb;
+  keel_status st;
+  if (!PL->conv2d) return no_kernel(ctx, "conv2d");
+  if ((st = on_gpu(ctx, "conv2d", out, x, w, OPT(b), NULL)) || (st = gemm_precision(ctx, "conv2d"))) return st;
+  return done(ctx, "conv2d", PL->conv2d(ST, win(g, &kw), view(out, &vo), view(x, &vx), view(w, &vw), view(b, &vb)));
 }
 static keel_status cuda_conv2d_backward(keel_ctx *ctx, const kl_win2d *g, const keel_tensor *gout,
                                         const keel_tensor *x, const keel_tensor *w, keel_tensor *gx,
                                         keel_tensor *gw, keel_tensor *gb) {
-  (void)g; (void)gout; (void)x; (void)w; (void)gx; (void)gw; (void)gb;
-  return no_kernel(ctx, "conv2d backward");
+  kc_win2d kw;
+  kc_view vg, vx, vw, vgx, vgw, vgb;
+  keel_status st;
+  if (!PL->conv2d_backward) return no_kernel(ctx, "conv2d backward");
+  if ((st = on_gpu(ctx, "conv2d backward", gout, x, w, OPT(gx), OPT(gw), OPT(gb), NULL)) ||
+      (st = gemm_precision(ctx, "conv2d backward")))
+    return st;
+  return done(ctx, "conv2d backward",
+              PL->conv2d_backward(ST, win(g, &kw), view(gout, &vg), view(x, &vx), view(w, &vw), view(gx, &vgx),
+                                  view(gw, &vgw), view(gb, &vgb)));
 }
 static keel_status cuda_max_pool2d(keel_ctx *ctx, const kl_win2d *g, keel_tensor *out, keel_tensor *idx,
                                    const keel_tensor *x) {
-  (void)g; (void)out; (void)idx; (void)x;
-  return no_kernel(ctx, "max_pool2d");
+  kc_win2d kw;
+  kc_view vo, vi, vx;
+  keel_status st;
+  if (!PL->max_pool2d) return no_kernel(ctx, "max_pool2d");
+  if ((st = on_gpu(ctx, "max_pool2d", out, OPT(idx), x, NULL))) return st;
+  return done(ctx, "max_pool2d", PL->max_pool2d(ST, win(g, &kw), view(out, &vo), view(idx, &vi), view(x, &vx)));
 }
 static keel_status cuda_max_pool2d_backward(keel_ctx *ctx, const kl_win2d *g, keel_tensor *gx,
                                             const keel_tensor *gout, const keel_tensor *idx) {
-  (void)g; (void)gx; (void)gout; (void)idx;
-  return no_kernel(ctx, "max_pool2d backward");
+  kc_win2d kw;
+  kc_view vgx, vg, vi;
+  keel_status st;
+  if (!PL->max_pool2d_backward) return no_kernel(ctx, "max_pool2d backward");
+  if ((st = on_gpu(ctx, "max_pool2d backward", gx, gout, idx, NULL))) return st;
+  return done(ctx, "max_pool2d backward",
+              PL->max_pool2d_backward(ST, win(g, &kw), view(gx, &vgx), view(gout, &vg), view(idx, &vi)));
 }
 static keel_status cuda_avg_pool2d(keel_ctx *ctx, const kl_win2d *g, keel_tensor *out, const keel_tensor *x) {
-  (void)out; (void)x;
-  return no_kernel(ctx, g && g->adaptive ? "adaptive_avg_pool2d" : "avg_pool2d");
+  const char *fn = g && g->adaptive ? "adaptive_avg_pool2d" : "avg_pool2d";
+  kc_win2d kw;
+  kc_view vo, vx;
+  keel_status st;
+  if (!PL->avg_pool2d) return no_kernel(ctx, fn);
+  if ((st = on_gpu(ctx, fn, out, x, NULL))) return st;
+  return done(ctx, fn, PL->avg_pool2d(ST, win(g, &kw), view(out, &vo), view(x, &vx)));
 }
 static keel_status cuda_avg_pool2d_backward(keel_ctx *ctx, const kl_win2d *g, keel_tensor *gx,
                                             const keel_tensor *gout) {
-  (void)gx; (void)gout;
-  return no_kernel(ctx, g && g->adaptive ? "adaptive_avg_pool2d backward" : "avg_pool2d backward");
+  const char *fn = g && g->adaptive ? "adaptive_avg_pool2d backward" : "avg_pool2d backward";
+  kc_win2d kw;
+  kc_view vgx, vg;
+  keel_status st;
+  if (!PL->avg_pool2d_backward) return no_kernel(ctx, fn);
+  if ((st = on_gpu(ctx, fn, gx, gout, NULL))) return st;
+  return done(ctx, fn, PL->avg_pool2d_backward(ST, win(g, &kw), view(gx, &vgx), view(gout, &vg)));
 }
+
 static keel_status cuda_norm_stats(keel_ctx *ctx, keel_tensor *mean, keel_tensor *rstd, keel_tensor *var,
                                    const keel_tensor *x, int64_t groups, double eps) {
-  (void)mean; (void)rstd; (void)var; (void)x; (void)eps;
-  return no_kernel(ctx, groups ? "layer_norm/group_norm" : "batch_norm");
+  const char *fn = groups ? "layer_norm/group_norm" : "batch_norm";
+  kc_view vm, vr, vv, vx;
+  keel_status st;
+  if (!PL->norm_stats) return no_kernel(ctx, fn);
+  if ((st = on_gpu(ctx, fn, mean, rstd, OPT(var), x, NULL))) return st;
+  return done(ctx, fn, PL->norm_stats(ST, view(mean, &vm), view(rstd, &vr), view(var, &vv), view(x, &vx), groups, eps));
 }
 static keel_status cuda_norm_forward(keel_ctx *ctx, keel_tensor *y, const keel_tensor *x, const keel_tensor *mean,
                                      const keel_tensor *rstd, const keel_tensor *weight, const keel_tensor *bias,
                                      int64_t groups) {
-  (void)y; (void)x; (void)mean; (void)rstd; (void)weight; (void)bias;
-  return no_kernel(ctx, groups ? "layer_norm/group_norm" : "batch_norm");
+  const char *fn = groups ? "layer_norm/group_norm" : "batch_norm";
+  kc_view vy, vx, vm, vr, vw, vb;
+  keel_status st;
+  if (!PL->norm_forward) return no_kernel(ctx, fn);
+  if ((st = on_gpu(ctx, fn, y, x, mean, rstd, OPT(weight), OPT(bias), NULL))) return st;
+  return done(ctx, fn, PL->norm_forward(ST, view(y, &vy), view(x, &vx), view(mean, &vm), view(rstd, &vr),
+                                        view(weight, &vw), view(bias, &vb), groups));
 }
 static keel_status cuda_norm_backward(keel_ctx *ctx, keel_tensor *gx, keel_tensor *gw, keel_tensor *gb,
                                       const keel_tensor *gy, const keel_tensor *x, const keel_tensor *mean,
                                       const keel_tensor *rstd, const keel_tensor *weight, int64_t groups,
                                       int stats_of_x) {
-  (void)gx; (void)gw; (void)gb; (void)gy; (void)x; (void)mean; (void)rstd; (void)weight; (void)stats_of_x;
-  return no_kernel(ctx, groups ? "layer_norm/group_norm backward" : "batch_norm backward");
+  const char *fn = groups ? "layer_norm/group_norm backward" : "batch_norm backward";
+  kc_view vgx, vgw, vgb, vgy, vx, vm, vr, vw;
+  keel_status st;
+  if (!PL->norm_backward) return no_kernel(ctx, fn);
+  if ((st = on_gpu(ctx, fn, OPT(gx), OPT(gw), OPT(gb), gy, x, mean, rstd, OPT(weight), NULL))) return st;
+  return done(ctx, fn, PL->norm_backward(ST, view(gx, &vgx), view(gw, &vgw), view(gb, &vgb), view(gy, &vgy),
+                                         view(x, &vx), view(mean, &vm), view(rstd, &vr), view(weight, &vw), groups,
+                                         stats_of_x));
 }
 static keel_status cuda_dropout_mask(keel_ctx *ctx, keel_tensor *mask, double p) {
-  (void)mask; (void)p;
-  return no_kernel(ctx, "dropout");
+  kc_view vm;
+  keel_status st;
+  if (!PL->dropout_mask) return no_kernel(ctx, "dropout");
+  if ((st = on_gpu(ctx, "dropout", mask, NULL))) return st;
+  /* one draw of the context's RNG per mask: seeding keel seeds dropout */
+  return done(ctx, "dropout", PL->dropout_mask(ST, view(mask, &vm), p, kl_rng_next(ctx)));
 }
 static keel_status cuda_embedding(keel_ctx *ctx, keel_tensor *out, const keel_tensor *weight,
                                   const keel_tensor *idx) {
-  (void)out; (void)weight; (void)idx;
-  return no_kernel(ctx, "embedding");
+  kc_view vo, vw, vi;
+  keel_status st;
+  keel_tensor *di = NULL;
+  if (!PL->embedding) return no_kernel(ctx, "embedding");
+  if ((st = on_gpu(ctx, "embedding", out, weight, NULL)) || (st = device_index(ctx, "embedding", idx, 0, &di)))
+    return st;
+  st = done(ctx, "embedding", PL->embedding(ST, view(out, &vo), view(weight, &vw), view(di, &vi)));
+  keel_tensor_release(di);
+  return st;
 }
 static keel_status cuda_embedding_backward(keel_ctx *ctx, keel_tensor *gw, const keel_tensor *gout,
                                            const keel_tensor *idx, int64_t pad) {
-  (void)gw; (void)gout; (void)idx; (void)pad;
-  return no_kernel(ctx, "embedding backward");
+  kc_view vw, vg, vi;
+  keel_status st;
+  keel_tensor *di = NULL;
+  if (!PL->embedding_backward) return no_kernel(ctx, "embedding backward");
+  if ((st = on_gpu(ctx, "embedding backward", gw, gout, NULL)) ||
+      (st = device_index(ctx, "embedding backward", idx, 0, &di)))
+    return st;
+  st = done(ctx, "embedding backward", PL->embedding_backward(ST, view(gw, &vw), view(gout, &vg), view(di, &vi), pad));
+  keel_tensor_release(di);
+  return st;
+}
+
+static const char *op_name(int op, const char *other) {
+  return op >= 0 && op < KL_OP_COUNT ? kl_ops[op].name : other;
 }
 static keel_status cuda_ploss(keel_ctx *ctx, int op, keel_tensor *out, const keel_tensor *x, const keel_tensor *y,
                               double p, int red) {
-  (void)out; (void)x; (void)y; (void)p; (void)red;
-  return no_kernel(ctx, op >= 0 && op < KL_OP_COUNT ? kl_ops[op].name : "loss");
+  const char *fn = op_name(op, "loss");
+  kc_view vo, vx, vy;
+  keel_status st;
+  if (!PL->ploss) return no_kernel(ctx, fn);
+  if ((st = on_gpu(ctx, fn, out, x, y, NULL))) return st;
+  return done(ctx, fn, PL->ploss(ST, op, view(out, &vo), view(x, &vx), view(y, &vy), p, red));
 }
 static keel_status cuda_ploss_backward(keel_ctx *ctx, int op, keel_tensor *gx, const keel_tensor *gout,
                                        const keel_tensor *x, const keel_tensor *y, double p, int red) {
-  (void)gx; (void)gout; (void)x; (void)y; (void)p; (void)red;
-  return no_kernel(ctx, op >= 0 && op < KL_OP_COUNT ? kl_ops[op].name : "loss");
+  const char *fn = op_name(op, "loss");
+  kc_view vgx, vg, vx, vy;
+  keel_status st;
+  if (!PL->ploss_backward) return no_kernel(ctx, fn);
+  if ((st = on_gpu(ctx, fn, gx, gout, x, y, NULL))) return st;
+  return done(ctx, fn, PL->ploss_backward(ST, op, view(gx, &vgx), view(gout, &vg), view(x, &vx), view(y, &vy), p, red));
+}
+static const kc_closs *closs_args(const kl_closs *q, kc_closs *c) {
+  c->n = q->n; c->c = q->c; c->inner = q->inner;
+  c->smoothing = q->smoothing;
+  c->reduction = q->reduction;
+  c->logits = q->logits;
+  c->probs = q->probs;
+  return c;
 }
 static keel_status cuda_closs(keel_ctx *ctx, const kl_closs *q, keel_tensor *out, keel_tensor *lse, double *wsum,
                               const keel_tensor *x, const keel_tensor *target, const keel_tensor *weight) {
-  (void)out; (void)lse; (void)wsum; (void)x; (void)target; (void)weight;
-  return no_kernel(ctx, q && q->logits ? "cross_entropy" : "nll_loss");
+  const char *fn = q->logits ? "cross_entropy" : "nll_loss";
+  kc_closs c;
+  kc_view vo, vl, vx, vt, vw;
+  keel_status st;
+  keel_tensor *dt = NULL;
+  if (!PL->closs) return no_kernel(ctx, fn);
+  if ((st = on_gpu(ctx, fn, out, OPT(lse), x, OPT(weight), NULL)) || (st = device_index(ctx, fn, target, 0, &dt)))
+    return st;
+  st = done(ctx, fn, PL->closs(ST, closs_args(q, &c), view(out, &vo), view(lse, &vl), wsum, view(x, &vx),
+                               view(dt, &vt), view(weight, &vw)));
+  keel_tensor_release(dt);
+  return st;
 }
 static keel_status cuda_closs_backward(keel_ctx *ctx, const kl_closs *q, keel_tensor *gx, keel_tensor *gt,
                                        const keel_tensor *gout, const keel_tensor *x, const keel_tensor *target,
                                        const keel_tensor *weight, const keel_tensor *lse, double wsum) {
-  (void)gx; (void)gt; (void)gout; (void)x; (void)target; (void)weight; (void)lse; (void)wsum;
-  return no_kernel(ctx, q && q->logits ? "cross_entropy backward" : "nll_loss backward");
+  const char *fn = q->logits ? "cross_entropy backward" : "nll_loss backward";
+  kc_closs c;
+  kc_view vgx, vgt, vg, vx, vt, vw, vl;
+  keel_status st;
+  keel_tensor *dt = NULL;
+  if (!PL->closs_backward) return no_kernel(ctx, fn);
+  if ((st = on_gpu(ctx, fn, OPT(gx), OPT(gt), gout, x, OPT(weight), OPT(lse), NULL)) ||
+      (st = device_index(ctx, fn, target, 0, &dt)))
+    return st;
+  st = done(ctx, fn, PL->closs_backward(ST, closs_args(q, &c), view(gx, &vgx), view(gt, &vgt), view(gout, &vg),
+                                        view(x, &vx), view(dt, &vt), view(weight, &vw), view(lse, &vl), wsum));
+  keel_tensor_release(dt);
+  return st;
 }
 static keel_status cuda_bce(keel_ctx *ctx, keel_tensor *out, const keel_tensor *x, const keel_tensor *y,
                             const keel_tensor *w, const keel_tensor *pw, int red) {
-  (void)out; (void)x; (void)y; (void)w; (void)pw; (void)red;
-  return no_kernel(ctx, "binary_cross_entropy_with_logits");
+  const char *fn = "binary_cross_entropy_with_logits";
+  kc_view vo, vx, vy, vw, vp;
+  keel_status st;
+  if (!PL->bce) return no_kernel(ctx, fn);
+  if ((st = on_gpu(ctx, fn, out, x, y, OPT(w), OPT(pw), NULL))) return st;
+  return done(ctx, fn, PL->bce(ST, view(out, &vo), view(x, &vx), view(y, &vy), view(w, &vw), view(pw, &vp), red));
 }
 static keel_status cuda_bce_backward(keel_ctx *ctx, keel_tensor *gx, keel_tensor *gy, const keel_tensor *gout,
                                      const keel_tensor *x, const keel_tensor *y, const keel_tensor *w,
                                      const keel_tensor *pw, int red) {
-  (void)gx; (void)gy; (void)gout; (void)x; (void)y; (void)w; (void)pw; (void)red;
-  return no_kernel(ctx, "binary_cross_entropy_with_logits backward");
+  const char *fn = "binary_cross_entropy_with_logits backward";
+  kc_view vgx, vgy, vg, vx, vy, vw, vp;
+  keel_status st;
+  if (!PL->bce_backward) return no_kernel(ctx, fn);
+  if ((st = on_gpu(ctx, fn, OPT(gx), OPT(gy), gout, x, y, OPT(w), OPT(pw), NULL))) return st;
+  return done(ctx, fn, PL->bce_backward(ST, view(gx, &vgx), view(gy, &vgy), view(gout, &vg), view(x, &vx),
+                                        view(y, &vy), view(w, &vw), view(pw, &vp), red));
 }
+
+/* @region:rnn (the rnn helper's) */
+static const char *const rnn_names[KEEL_RNN_MODE_COUNT] = {"rnn_tanh", "rnn_relu", "lstm", "gru"};
+static const char *const rnn_bwd_names[KEEL_RNN_MODE_COUNT] = {
+  "rnn_tanh backward", "rnn_relu backward", "lstm backward", "gru backward",
+};
+
+/* The plugin's view of the arguments: v holds the 17 views (the kc_rnn
+** fields point into it). */
+static const kc_rnn *rnn_args(const kl_rnn_args *a, kc_rnn *r, kc_view *v) {
+  r->mode = a->mode;
+  r->reverse = a->reverse;
+  r->T = a->T; r->B = a->B; r->In = a->In; r->H = a->H;
+  r->x = view(a->x, &v[0]);
+  r->h0 = view(a->h0, &v[1]);
+  r->c0 = view(a->c0, &v[2]);
+  r->w_ih = view(a->w_ih, &v[3]);
+  r->w_hh = view(a->w_hh, &v[4]);
+  r->b_ih = view(a->b_ih, &v[5]);
+  r->b_hh = view(a->b_hh, &v[6]);
+  r->out = view(a->out, &v[7]);
+  r->ws = view(a->ws, &v[8]);
+  r->gout = view(a->gout, &v[9]);
+  r->dx = view(a->dx, &v[10]);
+  r->dh0 = view(a->dh0, &v[11]);
+  r->dc0 = view(a->dc0, &v[12]);
+  r->dw_ih = view(a->dw_ih, &v[13]);
+  r->dw_hh = view(a->dw_hh, &v[14]);
+  r->db_ih = view(a->db_ih, &v[15]);
+  r->db_hh = view(a->db_hh, &v[16]);
+  return r;
+}
+
+/* Makes a->ws on the device (the CPU backend's layout, which backward
+** reads), then runs the layer; a->ws stays NULL on error. */
 static keel_status cuda_rnn_forward(keel_ctx *ctx, kl_rnn_args *a) {
-  (void)a;
-  return no_kernel(ctx, "rnn");
+  const char *fn = a->mode >= 0 && a->mode < KEEL_RNN_MODE_COUNT ? rnn_names[a->mode] : "rnn";
+  kc_rnn r;
+  kc_view v[17];
+  keel_tensor *ws = NULL;
+  int64_t n;
+  keel_status st;
+  a->ws = NULL;
+  if (!PL->rnn_forward) return no_kernel(ctx, fn);
+  if ((st = on_gpu(ctx, fn, a->x, OPT(a->h0), OPT(a->c0), a->w_ih, a->w_hh, OPT(a->b_ih), OPT(a->b_hh), a->out,
+                   NULL)) ||
+      (st = gemm_precision(ctx, fn)))
+    return st;
+  n = kl_rnn_ws_numel(a);
+  if ((st = kl_new(ctx, a->x->dtype, a->x->storage->device, 1, &n, &ws))) return st;
+  a->ws = ws;
+  st = done(ctx, fn, PL->rnn_forward(ST, rnn_args(a, &r, v)));
+  if (st) {
+    a->ws = NULL;
+    keel_tensor_release(ws);
+  }
+  return st;
 }
 static keel_status cuda_rnn_backward(keel_ctx *ctx, kl_rnn_args *a) {
-  (void)a;
-  return no_kernel(ctx, "rnn backward");
+  const char *fn = a->mode >= 0 && a->mode < KEEL_RNN_MODE_COUNT ? rnn_bwd_names[a->mode] : "rnn backward";
+  kc_rnn r;
+  kc_view v[17];
+  keel_status st;
+  if (!PL->rnn_backward) return no_kernel(ctx, fn);
+  if ((st = on_gpu(ctx, fn, a->x, a->w_ih, a->w_hh, a->ws, a->gout, OPT(a->dx), OPT(a->dh0),
+                   OPT(a->dc0), OPT(a->dw_ih), OPT(a->dw_hh), OPT(a->db_ih), OPT(a->db_hh), NULL)) ||
+      (st = gemm_precision(ctx, fn)))
+    return st;
+  return done(ctx, fn, PL->rnn_backward(ST, rnn_args(a, &r, v)));
 }
+/* @endregion:rnn */
+
 static keel_status cuda_grad_stats(keel_ctx *ctx, const keel_tensor *g, int64_t nunits, const double *a,
                                    const double *v, double pw, keel_grad_stats *st, double *spow,
                                    const keel_tensor *w) {
-  (void)g; (void)nunits; (void)a; (void)v; (void)pw; (void)st; (void)spow; (void)w;
-  return no_kernel(ctx, "grad_stats");
+  kc_view vg, vw;
+  keel_status s;
+  if (!PL->grad_stats) return no_kernel(ctx, "grad_stats");
+  if ((s = on_gpu(ctx, "grad_stats", g, OPT(w), NULL))) return s;
+  return done(ctx, "grad_stats", PL->grad_stats(ST, view(g, &vg), nunits, a, v, pw, st, spow, view(w, &vw)));
 }
 static keel_status cuda_grad_scale_(keel_ctx *ctx, keel_tensor *g, int64_t nunits, const double *a,
                                     const double *v) {
-  (void)g; (void)nunits; (void)a; (void)v;
-  return no_kernel(ctx, "clip");
+  kc_view vg;
+  keel_status s;
+  if (!PL->grad_scale_) return no_kernel(ctx, "clip");
+  if ((s = on_gpu(ctx, "clip", g, NULL))) return s;
+  if ((s = done(ctx, "clip", PL->grad_scale_(ST, view(g, &vg), nunits, a, v)))) return s;
+  g->storage->version++;   /* an in-place write, as the CPU slot counts it */
+  return KEEL_OK;
 }
 static keel_status cuda_optim_update(keel_ctx *ctx, keel_optim_kind kind, const keel_optim_hparams *h,
                                      int64_t step, keel_tensor *p, const keel_tensor *g,
@@ -354,16 +605,27 @@ static keel_status cuda_optim_update(keel_ctx *ctx, keel_optim_kind kind, const 
                                      const double *a, const double *v, keel_nonfinite nf, double *dsq) {
   const char *const *names;
   int ns = keel_optim_state_names(kind, &names);
-  (void)h; (void)step; (void)g; (void)fresh; (void)nunits; (void)a; (void)v; (void)nf; (void)dsq;
+  kc_view vp, vg, vs[KL_OPTIM_MAX_STATE];
+  const kc_view *sv[KL_OPTIM_MAX_STATE];
+  keel_status st;
+  const char *fn = keel_optim_kind_name(kind);
   /* state made while the parameter was on the CPU (the model moved after
   ** the optimizer was built) must not reach a kernel */
   for (int k = 0; k < ns; k++)
     if (state[k] && state[k]->storage->device != p->storage->device)
       return kl_error(ctx, KEEL_ERR_DEVICE,
                       "%s.step: state %s is on %s, its parameter on %s; build the optimizer after moving the model",
-                      keel_optim_kind_name(kind), names[k], keel_device_name(state[k]->storage->device),
+                      fn, names[k], keel_device_name(state[k]->storage->device),
                       keel_device_name(p->storage->device));
-  return no_kernel(ctx, "optimizer step");
+  if (!PL->optim_update) return no_kernel(ctx, "optimizer step");
+  if ((st = on_gpu(ctx, fn, p, g, NULL))) return st;
+  if (ns > KL_OPTIM_MAX_STATE) return kl_error(ctx, KEEL_ERR_STATE, "%s.step: too many state buffers", fn);
+  for (int k = 0; k < ns; k++) sv[k] = view(state[k], &vs[k]);
+  if ((st = done(ctx, fn, PL->optim_update(ST, kind, h, step, view(p, &vp), view(g, &vg), sv, ns, fresh, nunits, a,
+                                           v, nf, dsq))))
+    return st;
+  p->storage->version++;   /* an in-place write, as the CPU slot counts it */
+  return KEEL_OK;
 }
 
 /* }====================================================================== */

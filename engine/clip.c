@@ -501,11 +501,14 @@ static keel_status unscaled_stats(keel_ctx *ctx, kl_clip_work *w, keel_tensor *g
 ** of squares (AGC's weight norms, the optimizer's statistics). */
 keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w, int m,
                           keel_tensor *const *g, keel_tensor *const *p, double gs) {
-  int agc = chain_has(c, KEEL_CLIP_AGC);
+  int agc = chain_has(c, KEEL_CLIP_AGC), dev = 0;
   int64_t nu = 0;
   double sumsq = 0;
-  keel_status st;
-  for (int k = 0; k < m; k++) nu += agc ? kl_clip_agc_units(g[k]) : 1;
+  keel_status st = KEEL_OK, st2;
+  for (int k = 0; k < m; k++) {
+    nu += agc ? kl_clip_agc_units(g[k]) : 1;
+    if (g[k]->storage->device != KEEL_CPU) dev = 1;
+  }
   if ((st = work_reserve(ctx, w, m, nu))) return st;
   w->m = m;
   w->nu = nu;
@@ -513,24 +516,36 @@ keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w
   w->nonfinite = 0;
   w->coef = 1;
   w->clipped = 0;
+  /* Device gradients: every statistics pass is queued first and the host
+  ** waits once for all of them (kl_cuda_defer), so those passes read no
+  ** result on the way: the loss scale goes in as the units' factor. */
+  if (dev && (st = kl_cuda_defer(ctx, "clip", 1))) return st;
   nu = 0;
-  for (int k = 0; k < m; k++) {
+  for (int k = 0; k < m && !st; k++) {
     int64_t n = agc ? kl_clip_agc_units(g[k]) : 1;
-    keel_grad_stats *ts = &w->ts[k];
     w->u0[k] = nu;
     for (int64_t u = nu; u < nu + n; u++) { w->a[u] = gs; w->v[u] = INFINITY; w->spow[u] = 0; w->wsq[u] = 0; }
-    st = unscaled_stats(ctx, w, g[k], p ? p[k] : NULL, nu, n, gs);
-    if (st) return st;
+    if (g[k]->storage->device == KEEL_CPU)
+      st = unscaled_stats(ctx, w, g[k], p ? p[k] : NULL, nu, n, gs);
+    else
+      st = kl_backend_for(ctx, g[k]->storage->device)
+               ->grad_stats(ctx, g[k], n, gs == 1 ? NULL : w->a + nu, gs == 1 ? NULL : w->v + nu, w->pw, w->us + nu,
+                            w->pw > 0 ? w->spow + nu : NULL, p ? p[k] : NULL);
+    nu += n;
+  }
+  if (dev && (st2 = kl_cuda_defer(ctx, "clip", 0)) && !st) st = st2;
+  if (st) return st;
+  w->u0[m] = nu;
+  for (int k = 0; k < m; k++) {
+    keel_grad_stats *ts = &w->ts[k];
     memset(ts, 0, sizeof *ts);
-    for (int64_t u = nu; u < nu + n; u++) {
+    for (int64_t u = w->u0[k]; u < w->u0[k + 1]; u++) {
       stats_add(ts, &w->us[u]);
       w->wsq[u] = w->us[u].w_sumsq;
     }
     sumsq += ts->sumsq;
     w->nonfinite += ts->nan + ts->inf;
-    nu += n;
   }
-  w->u0[m] = nu;
   w->grad_norm = sqrt(sumsq);
   return KEEL_OK;
 }

@@ -263,6 +263,13 @@ keel_status kl_cuda_error(keel_ctx *ctx, const char *fn, int code) { return plug
 const keel_cuda_table *kl_cuda_table(const keel_ctx *ctx) { return ctx->cuda->pl; }
 kc_state *kl_cuda_state(const keel_ctx *ctx) { return ctx->cuda->s; }
 
+keel_status kl_cuda_defer(keel_ctx *ctx, const char *fn, int on) {
+  int code;
+  if (!ctx->cuda || ctx->cuda->state != KL_CUDA_READY || !ctx->cuda->pl->defer_results) return KEEL_OK;
+  if ((code = ctx->cuda->pl->defer_results(ctx->cuda->s, on)) != KC_OK) return plugin_error(ctx, fn, code);
+  return KEEL_OK;
+}
+
 keel_status keel_cuda_device_name(keel_ctx *ctx, int device, char *buf, size_t n) {
   int code;
   if (n) buf[0] = '\0';

@@ -1099,6 +1099,28 @@ KEEL_API const char *keel_device_name(keel_device dev);   /* "cpu", "cuda" */
 KEEL_API keel_device keel_set_default_device(keel_ctx *ctx, keel_device dev);
 KEEL_API keel_device keel_get_default_device(const keel_ctx *ctx);
 
+/* Precision of float32 matrix products (matmul, linear, conv2d, recurrent
+** layers) on every device, torch.set_float32_matmul_precision's idea plus
+** the reduced formats of autocast: the operands of each product are
+** rounded to the format (round to nearest even; float16 also to its range,
+** so magnitudes over 65504 become Inf), the products are summed in
+** float32, and results stay float32 tensors (float32 master weights, no
+** half-precision tensors anywhere). On CUDA the rounding is the tensor
+** cores' (cuBLAS compute types 32F_FAST_TF32, _FAST_16BF, _FAST_16F); on
+** the CPU keel rounds copies of the operands, so both devices give the
+** same numbers within float32 summation order. float64 is never affected.
+** Backward runs each node with the precision its forward ran with.
+** Returns the previous setting. */
+typedef enum keel_matmul_precision {
+  KEEL_MATMUL_HIGHEST = 0,      /* float32 operands as they are */
+  KEEL_MATMUL_TF32,             /* TensorFloat-32: 10 mantissa bits, float32's range */
+  KEEL_MATMUL_BF16,             /* bfloat16: 7 mantissa bits, float32's range */
+  KEEL_MATMUL_F16,              /* float16: 10 mantissa bits, at most 65504 */
+  KEEL_MATMUL_PRECISION_COUNT
+} keel_matmul_precision;
+KEEL_API keel_matmul_precision keel_set_matmul_precision(keel_ctx *ctx, keel_matmul_precision p);
+KEEL_API keel_matmul_precision keel_get_matmul_precision(const keel_ctx *ctx);
+
 /* 1 when CUDA tensors can be made (opens the plugin on first call); else
 ** 0, with the reason in why (may be NULL). */
 KEEL_API int keel_cuda_available(keel_ctx *ctx, char *why, size_t n);

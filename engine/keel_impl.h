@@ -68,6 +68,8 @@ struct keel_ctx {
   ** spend a fifth of its time in malloc and free. */
   void *spare_tensors, *spare_storages;
   int n_spare_tensors, n_spare_storages;
+  /* @ctx:precision */
+  int gemm_prec;                /* keel_matmul_precision of the products made now */
   /* @ctx:cuda */
   keel_device default_device;   /* of the public creation functions */
   struct kl_cuda *cuda;         /* device.c: NULL until CUDA is first asked for */
@@ -221,6 +223,7 @@ struct kl_node {
   uint8_t an_state;             /* KL_AN_UNKNOWN, KL_AN_FINITE or KL_AN_NONFINITE: the output's values */
   uint8_t an_unstamped;         /* recorded in anomaly mode, site not given yet */
   uint8_t an_gstate;            /* backward: pending's values (KL_AN_*) */
+  uint8_t gemm_prec;            /* ctx->gemm_prec when recorded: backward runs with it */
 };
 
 typedef struct kl_op_info {
@@ -406,6 +409,9 @@ typedef struct kl_rnn_args {
 } kl_rnn_args;
 KEEL_INTERNAL keel_status kl_cpu_rnn_forward(keel_ctx *ctx, kl_rnn_args *a);
 KEEL_INTERNAL keel_status kl_cpu_rnn_backward(keel_ctx *ctx, kl_rnn_args *a);
+/* Elements of the workspace forward makes (backend_cpu_rnn.c lays it out;
+** the CUDA backend allocates the same on the device). */
+KEEL_INTERNAL int64_t kl_rnn_ws_numel(const kl_rnn_args *a);
 
 /* }==================================================================== */
 
@@ -545,6 +551,14 @@ struct kl_backend {
 };
 
 KEEL_INTERNAL const kl_backend kl_cpu_backend;
+/* CPU GEMM of every backend_cpu*.c file: C[m,n] = op(A)[m,k] op(B)[k,n] +
+** beta C, row-major, float32 or float64. Under a reduced matmul precision
+** (ctx->gemm_prec) float32 operands are rounded copies (see keel.h). */
+KEEL_INTERNAL keel_status kl_cpu_gemm(keel_ctx *ctx, keel_dtype dt, int ta, int tb, int64_t m, int64_t n,
+                                      int64_t k, const void *a, int64_t lda, const void *b, int64_t ldb,
+                                      double beta, void *c, int64_t ldc);
+/* x rounded to the format of precision p (KEEL_MATMUL_*), as a float. */
+KEEL_INTERNAL float kl_round_to_precision(float x, int p);
 /* NULL when dev cannot be used (CUDA: see kl_cuda_ready). */
 KEEL_INTERNAL const kl_backend *kl_backend_for(keel_ctx *ctx, keel_device dev);
 
@@ -562,6 +576,10 @@ KEEL_INTERNAL void kl_cuda_shutdown(keel_ctx *ctx);       /* context teardown */
 KEEL_INTERNAL const struct keel_cuda_table *kl_cuda_table(const keel_ctx *ctx);
 KEEL_INTERNAL struct kc_state *kl_cuda_state(const keel_ctx *ctx);
 KEEL_INTERNAL keel_status kl_cuda_error(keel_ctx *ctx, const char *fn, int code);
+/* Between on = 1 and on = 0, the CUDA backend's grad_stats and
+** optim_update results reach their host pointers only at on = 0 (one wait
+** for all: keel_cuda.h's defer_results). A no-op without CUDA. */
+KEEL_INTERNAL keel_status kl_cuda_defer(keel_ctx *ctx, const char *fn, int on);
 /* The context's caching device allocator. alloc sets the context's error
 ** (naming fn) and returns NULL on failure. */
 KEEL_INTERNAL void *kl_cuda_alloc(keel_ctx *ctx, size_t nbytes);

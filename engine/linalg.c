@@ -284,15 +284,13 @@ keel_status keel_stack(keel_ctx *ctx, int n, keel_tensor *const *ts, int dim, ke
 ** [base, base + limit). Float index tensors with whole values are
 ** accepted, since Lua numbers make them easily.
 */
-static keel_status index_tensor(keel_ctx *ctx, const char *fn, keel_tensor *index, int64_t limit,
-                                keel_tensor **out) {
+static keel_status index_on_host(keel_ctx *ctx, const char *fn, keel_tensor *index, int64_t limit,
+                                 keel_tensor **out) {
   keel_tensor *c = NULL;
   keel_status st;
   int64_t base = ctx->index_base;
   *out = NULL;
   if ((st = kl_check_same_ctx(ctx, fn, index))) return st;
-  if (index->storage->device != KEEL_CPU)
-    return kl_error(ctx, KEEL_ERR_DEVICE, "%s: index tensors must be on the CPU in this build", fn);
   if (index->dtype != KEEL_I64) {
     double *vals;
     int64_t *dst;
@@ -326,6 +324,23 @@ static keel_status index_tensor(keel_ctx *ctx, const char *fn, keel_tensor *inde
   }
   *out = c;
   return KEEL_OK;
+}
+
+/* The same for an index on any device. Indices are checked on the host,
+** so a device index comes over once; the checked copy stays on the host
+** (the CUDA backend uploads what its kernels read: backend_cuda.c). An
+** index may sit on either device whatever the data's: backward hands the
+** saved host copy, and max/min hand device positions, to these ops. */
+static keel_status index_tensor(keel_ctx *ctx, const char *fn, keel_tensor *index, int64_t limit,
+                                keel_tensor **out) {
+  keel_tensor *h = NULL;
+  keel_status st;
+  if (index->storage->device == KEEL_CPU) return index_on_host(ctx, fn, index, limit, out);
+  *out = NULL;
+  if ((st = kl_check_same_ctx(ctx, fn, index)) || (st = keel_to_device(ctx, index, KEEL_CPU, 0, &h))) return st;
+  st = index_on_host(ctx, fn, h, limit, out);
+  keel_tensor_release(h);
+  return st;
 }
 
 /* index must have a's ndim and fit inside ref outside dim (inside a at dim). */

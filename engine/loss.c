@@ -158,10 +158,15 @@ static keel_status class_targets(keel_ctx *ctx, const char *fn, keel_tensor *tar
   double *vals = NULL;
   int64_t *dst;
   keel_status st = KEEL_OK;
+  keel_tensor *host = NULL;
   *out = NULL;
-  if (target->storage->device != KEEL_CPU)
-    return kl_error(ctx, KEEL_ERR_DEVICE, "%s: targets must be on the CPU in this build", fn);
-  if ((st = kl_new(ctx, KEEL_I64, KEEL_CPU, target->ndim, target->shape, out))) return st;
+  /* checked on the host: a device target comes over once (the CUDA
+  ** backend uploads the checked copy its kernels read) */
+  if (target->storage->device != KEEL_CPU) {
+    if ((st = keel_to_device(ctx, target, KEEL_CPU, 0, &host))) return st;
+    target = host;
+  }
+  if ((st = kl_new(ctx, KEEL_I64, KEEL_CPU, target->ndim, target->shape, out))) goto done;
   dst = (int64_t *)kl_data(*out);
   if (target->dtype == KEEL_I64) {
     keel_tensor *c2 = NULL;
@@ -192,6 +197,7 @@ static keel_status class_targets(keel_ctx *ctx, const char *fn, keel_tensor *tar
   }
 done:
   if (vals) kl_free(ctx, vals, sizeof(double) * (size_t)(n ? n : 1));
+  keel_tensor_release(host);
   if (st) kl_release(out);
   return st;
 }

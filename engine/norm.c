@@ -402,12 +402,16 @@ KL_BACKWARD(kl_dropout_backward) {
 static keel_status embedding_indices(keel_ctx *ctx, const char *fn, keel_tensor *indices, int64_t V,
                                      keel_tensor **out) {
   int64_t base = ctx->index_base, *dst;
-  keel_tensor *c = NULL, *f = NULL;
+  keel_tensor *c = NULL, *f = NULL, *host = NULL;
   keel_status st;
   *out = NULL;
-  if (indices->storage->device != KEEL_CPU)
-    return kl_error(ctx, KEEL_ERR_DEVICE, "%s: index tensors must be on the CPU in this build", fn);
-  if ((st = kl_new(ctx, KEEL_I64, KEEL_CPU, indices->ndim, indices->shape, &c))) return st;
+  /* checked on the host: a device index comes over once (the CUDA backend
+  ** uploads the checked copy its kernels read) */
+  if (indices->storage->device != KEEL_CPU) {
+    if ((st = keel_to_device(ctx, indices, KEEL_CPU, 0, &host))) return st;
+    indices = host;
+  }
+  TRY(kl_new(ctx, KEEL_I64, KEEL_CPU, indices->ndim, indices->shape, &c));
   dst = (int64_t *)kl_data(c);
   if (indices->dtype == KEEL_I64) {
     TRY(backend(ctx, indices)->copy(ctx, c, indices));
@@ -436,6 +440,7 @@ static keel_status embedding_indices(keel_ctx *ctx, const char *fn, keel_tensor 
 done:
   keel_tensor_release(c);
   keel_tensor_release(f);
+  keel_tensor_release(host);
   return st;
 }
 

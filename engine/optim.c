@@ -19,6 +19,12 @@
 ** update pass on nothing can fail. keel_optim_cancel records the step as
 ** cancelled instead.
 **
+** Parameters may live on any device, one group mixing them: every pass
+** runs per parameter on its own device's backend, and only host numbers
+** (statistics, clip factors) meet. State lives with its parameter: made
+** on its device, moved there at the next step when the parameter moved
+** (model:to keeps the handle), loaded there by keel_optim_set_state.
+**
 ** Loss scaling rides on the clip chain's per-unit scale: the statistics
 ** pass reports the gradient times the loss scale's inverse (clip.c), every
 ** unit's scale starts at that inverse, and the update pass applies it with
@@ -245,8 +251,8 @@ keel_status keel_optim_add_group(keel_optim *o, int n, keel_tensor *const *param
                       gi, pi);
     if (!kl_is_contiguous(p))
       return kl_error(ctx, KEEL_ERR_ARG, "%s: group %d: parameter %d is not contiguous", kn, gi, pi);
-    if (p->storage->device != KEEL_CPU)
-      return kl_error(ctx, KEEL_ERR_DEVICE, "%s: group %d: parameter %d is not on the CPU", kn, gi, pi);
+    /* any device, and a group may mix them: every update is per parameter,
+    ** on its device's backend, and only host numbers cross devices */
   }
   if ((st = check_unique(o, n, params))) return st;
   /* room for the group and its parameters */
@@ -478,14 +484,32 @@ void keel_optim_discard(keel_optim *o) {
   o->stale = 0;
 }
 
+/* State follows its parameter: a buffer made while the parameter was on
+** another device (the model moved after some steps: keel_tensor_set_data
+** keeps the handle the optimizer holds) is copied to the parameter's
+** device. The values are the same; only where they live changes. */
+static keel_status follow_param(keel_optim *o, oparam *op) {
+  keel_status st;
+  for (int j = 0; j < MAX_STATE; j++) {
+    keel_tensor *t = op->state[j], *moved;
+    if (!t || t->storage->device == op->p->storage->device) continue;
+    if ((st = kl_transfer(o->ctx, t, op->p->storage->device, op->p->dtype, &moved))) return st;
+    keel_tensor_release(t);
+    op->state[j] = moved;
+  }
+  return KEEL_OK;
+}
+
 /* Every state buffer the active parameters need under the current
-** hyper-parameters exists (zeros, not yet valid): allocation is the only
-** step of an update that can fail, so it happens first. */
+** hyper-parameters exists on the parameter's device (zeros, not yet
+** valid): allocation is the only step of an update that can fail, so it
+** happens first. */
 static keel_status ensure_state(keel_optim *o) {
   keel_status st;
   for (int k = 0; k < o->m; k++) {
     oparam *op = &o->params[o->act[k]];
     unsigned need = needed_state(o->kind, &o->groups[op->group]);
+    if ((st = follow_param(o, op))) return st;
     for (int j = 0; j < MAX_STATE; j++)
       if ((need >> j & 1u) && !op->state[j] && (st = new_state(o, op, j, 0))) return st;
   }
@@ -637,7 +661,12 @@ keel_status keel_optim_apply(keel_optim *o, keel_step_report *r) {
         break;
       }
       count_nonfinite(o);
-      /* the update pass: nothing fails from here on */
+      /* the update pass: nothing fails from here on. Device updates give
+      ** their sizes at the end, one wait for all (kl_cuda_defer). */
+      if ((st = kl_cuda_defer(ctx, kind_names[o->kind], 1))) {
+        rep.n_updated = 0;
+        break;
+      }
       for (int k = 0; k < o->m; k++) {
         oparam *op = &o->params[o->act[k]];
         keel_optim_hparams h = o->groups[op->group];
@@ -645,19 +674,22 @@ keel_status keel_optim_apply(keel_optim *o, keel_step_report *r) {
         keel_tensor *state[MAX_STATE] = {NULL, NULL, NULL};
         keel_nonfinite nf = w->ts[k].nan + w->ts[k].inf ? o->nonfinite : KEEL_NONFINITE_ERROR;
         int64_t u0 = w->u0[k], nu = w->u0[k + 1] - u0;
-        double dsq = 0;
+        keel_update_stats *us = &o->upd[o->act[k]];
         h.lr *= o->lr_scale;
         for (int j = 0; j < MAX_STATE; j++)
           if (need >> j & 1u) state[j] = op->state[j];
         st = kl_backend_for(ctx, op->p->storage->device)
                  ->optim_update(ctx, o->kind, &h, op->step + 1, op->p, o->ag[k], state, (~op->valid) & need, nu,
-                                w->a + u0, w->v + u0, nf, &dsq);
+                                w->a + u0, w->v + u0, nf, &us->update_sumsq);
         if (st) break;   /* a backend that cannot fail after its checks; kept for safety */
         op->step++;
         op->valid |= need;
-        o->upd[o->act[k]].step = o->step_count + 1;
-        o->upd[o->act[k]].update_sumsq = dsq;
-        o->upd[o->act[k]].w_sumsq = w->ts[k].w_sumsq;
+        us->step = o->step_count + 1;
+        us->w_sumsq = w->ts[k].w_sumsq;
+      }
+      {
+        keel_status st2 = kl_cuda_defer(ctx, kind_names[o->kind], 0);
+        if (!st) st = st2;
       }
       if (st) break;
       kl_clip_commit(o->clip);
@@ -834,8 +866,22 @@ keel_status keel_optim_set_state(keel_optim *o, int i, const char *name, keel_te
   if (src->dtype != KEEL_F32 && src->dtype != KEEL_F64)
     return kl_error(ctx, KEEL_ERR_TYPE, "%s: state '%s' of parameter %d is %s, expected a float tensor",
                     kind_names[o->kind], name, i + ctx->index_base, keel_dtype_name(src->dtype));
-  if (!op->state[k] && (st = kl_new_like(ctx, op->p, op->p->dtype, &op->state[k]))) return st;
-  if ((st = kl_backend_for(ctx, op->p->storage->device)->copy(ctx, op->state[k], src))) return st;
+  /* loaded state goes to the parameter's device, whatever src's */
+  if (!op->state[k] || op->state[k]->storage->device != op->p->storage->device) {
+    keel_tensor *t;
+    if ((st = kl_new_like(ctx, op->p, op->p->dtype, &t))) return st;
+    keel_tensor_release(op->state[k]);
+    op->state[k] = t;
+  }
+  if (src->storage->device != op->p->storage->device) {
+    keel_tensor *t;
+    if ((st = kl_transfer(ctx, src, op->p->storage->device, op->p->dtype, &t))) return st;
+    st = kl_backend_for(ctx, op->p->storage->device)->copy(ctx, op->state[k], t);
+    keel_tensor_release(t);
+  } else {
+    st = kl_backend_for(ctx, op->p->storage->device)->copy(ctx, op->state[k], src);
+  }
+  if (st) return st;
   op->state[k]->storage->version++;
   op->valid |= 1u << k;
   return KEEL_OK;

@@ -137,7 +137,7 @@ static keel_status arg_extreme(keel_ctx *ctx, const char *fn, keel_redop op, kee
     int d;
     TRY(kl_check_dim(ctx, fn, dim, 1, &d));
     TRY(kl_new(ctx, KEEL_I64, a->storage->device, 0, NULL, out));
-    *(int64_t *)kl_data(*out) = ctx->index_base;
+    TRY(kl_backend_for(ctx, a->storage->device)->fill(ctx, *out, (double)ctx->index_base));
   } else {
     TRY(keel_reduce(ctx, op, a, 1, &dim, keepdim, &vals, out));
   }
@@ -278,6 +278,13 @@ KL_BACKWARD(kl_prod_backward) {
   TRY(keel_to_dtype(ctx, pa, KEEL_F64, &ca));
   TRY(keel_contiguous(ctx, ca, &other));
   kl_release(&ca);
+  if (other->storage->device != KEEL_CPU) {
+    /* the scans below run on the host: a device slice comes over once */
+    keel_tensor *h = NULL;
+    TRY(keel_to_device(ctx, other, KEEL_CPU, 0, &h));
+    keel_tensor_release(other);
+    other = h;
+  }
   TRY(keel_clone(ctx, other, &ca));  /* exclusive products, written below */
   buf = (double *)malloc(sizeof(double) * (size_t)(len > 0 ? len : 1));
   if (!buf) { st = kl_error(ctx, KEEL_ERR_NOMEM, "prod: out of memory"); goto done; }
@@ -293,6 +300,12 @@ KL_BACKWARD(kl_prod_backward) {
     }
   }
   TRY(keel_permute(ctx, ca, inv, &back));            /* back to a's layout */
+  if (a->storage->device != KEEL_CPU) {
+    keel_tensor *d = NULL;
+    TRY(keel_to_device(ctx, back, a->storage->device, 0, &d));
+    keel_tensor_release(back);
+    back = d;
+  }
   TRY(expand_back(ctx, n, gout, &g));
   TRY(keel_mul(ctx, g, back, &gin[0]));
 done:

@@ -771,6 +771,7 @@ static int cmp_str(const void *a, const void *b) {
 static keel_status check_save(keel_ctx *ctx, int n, const char *const *names, keel_tensor *const *tensors,
                               int n_meta, const char *const *keys, const char *const *values, int *order,
                               int *mord) {
+  keel_status st;
   for (int i = 0; i < n; i++) {
     if (!names[i] || !tensors[i])
       return kl_error(ctx, KEEL_ERR_ARG, FN_SAVE ": entry %d has no %s", i + 1, names[i] ? "tensor" : "name");
@@ -778,8 +779,7 @@ static keel_status check_save(keel_ctx *ctx, int n, const char *const *names, ke
       return kl_error(ctx, KEEL_ERR_ARG, FN_SAVE ": tensor name %d is not valid UTF-8", i + 1);
     if (!strcmp(names[i], "__metadata__"))
       return kl_error(ctx, KEEL_ERR_ARG, FN_SAVE ": '__metadata__' is reserved, expected another tensor name");
-    if (keel_tensor_device(tensors[i]) != KEEL_CPU)
-      return kl_error(ctx, KEEL_ERR_DEVICE, FN_SAVE ": tensor '%.80s' is not on the CPU", names[i]);
+    if ((st = kl_check_same_ctx(ctx, FN_SAVE, tensors[i]))) return st;
     if ((int)keel_tensor_dtype(tensors[i]) < 0 || keel_tensor_dtype(tensors[i]) >= KEEL_DTYPE_COUNT)
       return kl_error(ctx, KEEL_ERR_TYPE, FN_SAVE ": tensor '%.80s' has an unknown dtype", names[i]);
     order[i] = i;
@@ -887,7 +887,12 @@ static keel_status write_file(keel_ctx *ctx, FILE *f, const char *tmp, const sbu
     keel_tensor *t = tensors[order[i]], *c = NULL;
     size_t nbytes = (size_t)keel_tensor_numel(t) * keel_dtype_size(keel_tensor_dtype(t));
     if (nbytes == 0) continue;
-    if (!keel_tensor_is_contiguous(t)) {
+    /* a device tensor comes over one at a time: the host holds at most
+    ** one tensor's copy while the file is written */
+    if (t->storage->device != KEEL_CPU) {
+      if ((s = kl_transfer(ctx, t, KEEL_CPU, t->dtype, &c)) != KEEL_OK) return s;
+      t = c;
+    } else if (!keel_tensor_is_contiguous(t)) {
       if ((s = keel_contiguous(ctx, t, &c)) != KEEL_OK) return s;
       t = c;
     }

@@ -301,8 +301,6 @@ keel_status keel_histogram_compute(keel_ctx *ctx, keel_tensor *t, int nbins, con
   if ((st = kl_check_same_ctx(ctx, fn, t))) return st;
   if (nbins < 1 || nbins > (1 << 24))
     return kl_error(ctx, KEEL_ERR_ARG, "%s: bins must be in 1..16777216, got %d", fn, nbins);
-  if (t->storage->device != KEEL_CPU)
-    return kl_error(ctx, KEEL_ERR_DEVICE, "%s: only CPU tensors are supported", fn);
   if (edges) {
     for (i = 0; i <= nbins; i++) {
       if (!isfinite(edges[i]))
@@ -316,8 +314,9 @@ keel_status keel_histogram_compute(keel_ctx *ctx, keel_tensor *t, int nbins, con
   }
   csize = sizeof(int64_t) * 4 * (size_t)nbins;
   if (!(cnt = (int64_t *)kl_malloc(ctx, csize))) return kl_error(ctx, KEEL_ERR_NOMEM, "%s: out of memory", fn);
-  if (!kl_is_contiguous(t)) {
-    if ((st = keel_contiguous(ctx, t, &c))) {
+  if (!kl_is_contiguous(t) || t->storage->device != KEEL_CPU) {
+    /* a device tensor is binned on the host (one copy, every hist_every steps) */
+    if ((st = t->storage->device != KEEL_CPU ? kl_transfer(ctx, t, KEEL_CPU, t->dtype, &c) : keel_contiguous(ctx, t, &c))) {
       kl_free(ctx, cnt, csize);
       return st;
     }

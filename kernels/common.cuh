@@ -1,40 +1,249 @@
 /*
 ** common.cuh: what the plugin's .cu files share: the per-context state,
-** error helpers and the launchers of the generic kernels. Internal to the
-** plugin (hidden symbols); the engine sees keel_cuda.h only.
+** error helpers, launch geometry, strided indexing and block reductions.
+** Internal to the plugin (hidden symbols); the engine sees keel_cuda.h only.
+**
+** Every .cu file of kernels/ also compiles as plain C++ against the CUDA
+** simulator of kernels/sim/ (libkeel_cuda_sim.so: the same kernels run on
+** the CPU, one block at a time, so the test suite checks them on machines
+** without a GPU). What that asks of kernel code:
+** - launch through KC_LAUNCH, never <<< >>>;
+** - __shared__ arrays at kernel scope with a constant size; dynamic shared
+**   memory through KC_DYN_SMEM;
+** - warp intrinsics from this list: __shfl_sync, __shfl_down_sync,
+**   __shfl_xor_sync, __ballot_sync, __any_sync, __all_sync, __syncwarp;
+**   all 32 lanes of a warp call them (no early return before one);
+** - atomicAdd (int, unsigned, unsigned long long, float, double),
+**   atomicMax/atomicMin (int, unsigned, long long), atomicCAS (int,
+**   unsigned long long), atomicExch;
+** - cuBLAS: the functions kernels/sim/cublas_v2.h declares.
 */
 #ifndef KEEL_CUDA_COMMON_CUH
 #define KEEL_CUDA_COMMON_CUH
 
 #include <cuda_runtime.h>
 #include <cublas_v2.h>
+#include <stdint.h>
 #include "keel_cuda.h"
 
 #define KC_STR_(x) #x
 #define KC_STR(x) KC_STR_(x)
 #define KC_HIDDEN __attribute__((visibility("hidden")))
 
+/* KC_LAUNCH(grid, block, smem, stream, kernel)(args...): kernel may be a
+** template instance with commas (it is the variadic part). */
+#ifdef KEEL_CUDA_SIM
+#define KC_LAUNCH(grid, block, smem, stream, ...) kcsim::launch((grid), (block), (smem), (stream), __VA_ARGS__)
+#else
+#define KC_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<(grid), (block), (smem), (stream)>>>
+#endif
+/* extern __shared__ T name[] */
+#ifdef KEEL_CUDA_SIM
+#define KC_DYN_SMEM(T, name) T *name = (T *)kcsim::dynamic_smem()
+#else
+#define KC_DYN_SMEM(T, name) extern __shared__ unsigned char kc_dyn_smem_[]; T *name = (T *)kc_dyn_smem_
+#endif
+
 struct kc_state {
   int device;
   cudaStream_t stream;
   cublasHandle_t cublas;        /* NULL until kc_cublas */
+  int sm_count;                 /* multiprocessors, for launch sizing */
+  int gemm_prec;                /* keel_matmul_precision (set_gemm_precision) */
+  /* Device scratch (kc_scratch) and pinned host scratch (kc_host_scratch):
+  ** grown on demand, kept until close, so entries that need a temporary
+  ** buffer or a small host result never allocate per call. */
+  void *scratch;
+  size_t scratch_size;
+  void *host;
+  size_t host_size;
+  struct kc_pending *pending;   /* optim.cu: deferred host results, NULL until used */
 };
 
 /* A CUDA status as a plugin code (clearing the runtime's sticky slot). */
 KC_HIDDEN int kc_check_cuda(cudaError_t e);
+/* The code of the last launch (cudaGetLastError). */
+#define KC_LAUNCHED() kc_check_cuda(cudaGetLastError())
 /* The state's cuBLAS handle, created on first use and bound to its stream. */
 KC_HIDDEN int kc_cublas(kc_state *s, cublasHandle_t *h);
+/* The cuBLAS compute type of a product of dtype dt (KEEL_F32 or KEEL_F64)
+** under the state's matmul precision; use it with cublasGemmEx and
+** cublasGemmStridedBatchedEx. */
+static inline cublasComputeType_t kc_compute_type(const kc_state *s, int dt) {
+  if (dt == KEEL_F64) return CUBLAS_COMPUTE_64F;
+  switch (s->gemm_prec) {
+    case KEEL_MATMUL_TF32: return CUBLAS_COMPUTE_32F_FAST_TF32;
+    case KEEL_MATMUL_BF16: return CUBLAS_COMPUTE_32F_FAST_16BF;
+    case KEEL_MATMUL_F16: return CUBLAS_COMPUTE_32F_FAST_16F;
+    default: return CUBLAS_COMPUTE_32F;
+  }
+}
+/* Row-major C[m,n] = op(A)[m,k] op(B)[k,n] + beta C (op: transposed when
+** ta/tb) over batch matrices at element strides sA, sB, sC (0 reuses one
+** matrix), dtype dt (KEEL_F32, KEEL_F64), under the state's matmul
+** precision (gemm.cu). Sizes and leading dimensions must fit an int, k >
+** 0 (with k == 0 cuBLAS would leave C to its reading of beta). */
+KC_HIDDEN int kc_gemm(kc_state *s, int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, const void *A,
+                      int64_t lda, int64_t sA, const void *B, int64_t ldb, int64_t sB, double beta, void *C,
+                      int64_t ldc, int64_t sC, int64_t batch);
+/* At least n bytes of device (host: pinned) scratch, 256-byte aligned.
+** One buffer each per state: a caller uses it until it returns, and must
+** not call another entry that uses it meanwhile. Growing the device buffer
+** waits for queued work (the old one may be in use). */
+KC_HIDDEN int kc_scratch(kc_state *s, size_t n, void **p);
+KC_HIDDEN int kc_host_scratch(kc_state *s, size_t n, void **p);
+/* Queued work done (after an async D2H into host scratch). */
+KC_HIDDEN int kc_sync(kc_state *s);
 
-/* Launch geometry: a grid-stride loop over n elements. */
+/* Launch geometry: a grid-stride loop over n elements. Kernels must be
+** correct for any grid (the simulator caps grids to check that). */
 #define KC_THREADS 256
+#ifndef KC_MAX_BLOCKS
+#define KC_MAX_BLOCKS (65535 * 8)
+#endif
 static inline unsigned kc_blocks(int64_t n) {
   int64_t b = (n + KC_THREADS - 1) / KC_THREADS;
   /* enough blocks to fill any current GPU; the loop covers the rest */
-  return (unsigned)(b < 1 ? 1 : b > 65535 * 8 ? 65535 * 8 : b);
+  return (unsigned)(b < 1 ? 1 : b > KC_MAX_BLOCKS ? KC_MAX_BLOCKS : b);
 }
+#define KC_GRID_LOOP(i, n) \
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+
+/* {======================================================================
+** Strided geometry: up to KC_GEOM_OPS operands of one shape, dimensions
+** merged where every operand is contiguous across them, size-1 dims
+** dropped; passed to kernels by value.
+** ======================================================================= */
+
+#define KC_GEOM_OPS 4
+typedef struct kc_geom {
+  int ndim;
+  int64_t shape[KC_MAX_DIMS];
+  int64_t st[KC_GEOM_OPS][KC_MAX_DIMS];   /* element strides per operand */
+} kc_geom;
+
+/* Operands v[0..n-1] (NULL: stride 0 everywhere) seen through v[0]'s shape. */
+static inline void kc_make_geom(kc_geom *g, int n, const kc_view *const *v) {
+  int nd = 0;
+  const kc_view *o = v[0];
+  for (int d = 0; d < o->ndim; d++) {
+    int64_t sz = o->shape[d];
+    int merge = nd > 0;
+    if (sz == 1) continue;
+    for (int k = 0; k < n && merge; k++) {
+      int64_t a = v[k] ? v[k]->stride[d] : 0;
+      if (g->st[k][nd - 1] != a * sz) merge = 0;
+    }
+    if (merge) {
+      g->shape[nd - 1] *= sz;
+      for (int k = 0; k < n; k++) g->st[k][nd - 1] = v[k] ? v[k]->stride[d] : 0;
+      continue;
+    }
+    g->shape[nd] = sz;
+    for (int k = 0; k < n; k++) g->st[k][nd] = v[k] ? v[k]->stride[d] : 0;
+    nd++;
+  }
+  for (int k = n; k < KC_GEOM_OPS; k++)
+    for (int d = 0; d < nd; d++) g->st[k][d] = 0;
+  g->ndim = nd;
+}
+
+/* True when every one of the n operands is dense over the geometry (one
+** merged dimension of stride 1, or a single element). */
+static inline int kc_geom_dense(const kc_geom *g, int n) {
+  if (g->ndim == 0) return 1;
+  if (g->ndim != 1) return 0;
+  for (int k = 0; k < n; k++)
+    if (g->st[k][0] != 1) return 0;
+  return 1;
+}
+
+/* Offsets of linear element i for operands 0..N-1. */
+template <int N>
+__device__ __forceinline__ void kc_offsets(const kc_geom &g, int64_t i, int64_t *off) {
+  for (int k = 0; k < N; k++) off[k] = 0;
+  for (int d = g.ndim - 1; d >= 0; d--) {
+    int64_t q = i / g.shape[d], r = i - q * g.shape[d];
+    i = q;
+    for (int k = 0; k < N; k++) off[k] += r * g.st[k][d];
+  }
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Reductions within a warp and a block (blockDim.x a multiple of 32, at
+** most 1024; every thread of the block calls them).
+** ======================================================================= */
+
+template <typename T>
+__device__ __forceinline__ T kc_warp_sum(T v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ T kc_warp_max(T v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    T w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w > v ? w : v;
+  }
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ T kc_warp_min(T v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    T w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w < v ? w : v;
+  }
+  return v;
+}
+
+/* The block's sum, returned to every thread. buf: __shared__ T[32] of the
+** caller (a block may reduce several times with one buffer). */
+template <typename T>
+__device__ __forceinline__ T kc_block_sum(T v, T *buf) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  v = kc_warp_sum(v);
+  __syncthreads();              /* buf may still be read by a previous call */
+  if (lane == 0) buf[warp] = v;
+  __syncthreads();
+  v = lane < nw ? buf[lane] : (T)0;
+  return kc_warp_sum(v);
+}
+template <typename T>
+__device__ __forceinline__ T kc_block_max(T v, T *buf, T lowest) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  v = kc_warp_max(v);
+  __syncthreads();
+  if (lane == 0) buf[warp] = v;
+  __syncthreads();
+  v = lane < nw ? buf[lane] : lowest;
+  return kc_warp_max(v);
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** The families of entries, one .cu file each: each sets its slots of the
+** table (runtime.cu calls them all).
+** ======================================================================= */
 
 /* copy.cu */
 KC_HIDDEN int kc_copy(kc_state *s, const kc_view *dst, const kc_view *src);
 KC_HIDDEN int kc_fill(kc_state *s, const kc_view *dst, double v);
+KC_HIDDEN void kc_register_elementwise(keel_cuda_table *t);   /* elementwise.cu, act.cu */
+KC_HIDDEN void kc_register_act(keel_cuda_table *t);
+KC_HIDDEN void kc_register_reduce(keel_cuda_table *t);        /* reduce.cu: reduce, norm */
+KC_HIDDEN void kc_register_softmax(keel_cuda_table *t);       /* softmax.cu */
+KC_HIDDEN void kc_register_loss(keel_cuda_table *t);          /* loss.cu */
+KC_HIDDEN void kc_register_blas(keel_cuda_table *t);          /* blas.cu: matmul */
+KC_HIDDEN void kc_register_index(keel_cuda_table *t);         /* index.cu: gather, scatter, embedding */
+KC_HIDDEN void kc_register_conv(keel_cuda_table *t);          /* conv.cu: conv2d, pools */
+KC_HIDDEN void kc_register_norm(keel_cuda_table *t);          /* norm.cu, dropout */
+KC_HIDDEN void kc_register_rnn(keel_cuda_table *t);           /* rnn.cu */
+KC_HIDDEN void kc_register_optim(keel_cuda_table *t);         /* optim.cu */
+KC_HIDDEN void kc_optim_close(kc_state *s);                   /* optim.cu: frees s->pending */
+
+/* }====================================================================== */
 
 #endif

@@ -104,9 +104,9 @@ static int launch_copy(kc_state *s, const kc_view *dst, const kc_view *src, cons
   int64_t n = dst->numel;
   unsigned nb = kc_blocks(n);
   if (g->ndim <= 1 && (g->ndim == 0 || (g->ds[0] == 1 && g->ss[0] == 1)))
-    copy_dense_kernel<D, S><<<nb, KC_THREADS, 0, s->stream>>>((D *)dst->data, (const S *)src->data, n);
+    KC_LAUNCH(nb, KC_THREADS, 0, s->stream, copy_dense_kernel<D, S>)((D *)dst->data, (const S *)src->data, n);
   else
-    copy_kernel<D, S><<<nb, KC_THREADS, 0, s->stream>>>((D *)dst->data, (const S *)src->data, *g, n);
+    KC_LAUNCH(nb, KC_THREADS, 0, s->stream, copy_kernel<D, S>)((D *)dst->data, (const S *)src->data, *g, n);
   return kc_check_cuda(cudaGetLastError());
 }
 
@@ -146,7 +146,7 @@ int kc_copy(kc_state *s, const kc_view *dst, const kc_view *src) {
 
 template <typename D>
 static int launch_fill(kc_state *s, const kc_view *dst, D v, const geom *g) {
-  fill_kernel<D><<<kc_blocks(dst->numel), KC_THREADS, 0, s->stream>>>((D *)dst->data, v, *g, dst->numel);
+  KC_LAUNCH(kc_blocks(dst->numel), KC_THREADS, 0, s->stream, fill_kernel<D>)((D *)dst->data, v, *g, dst->numel);
   return kc_check_cuda(cudaGetLastError());
 }
 

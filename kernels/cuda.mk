@@ -11,6 +11,14 @@
 # GPUs compile when they load it. Device code is never instrumented: the
 # asan configuration reuses the release objects (OBJ), so a CI run that
 # builds both compiles the kernels once.
+#
+# Target `sim` builds the CPU simulator plugin instead (kernels/sim/: the
+# same .cu files compiled as plain C++ by g++ against its own CUDA
+# headers, no CUDA library linked), for every configuration, with or
+# without nvcc:
+#   make -f ../kernels/cuda.mk sim CFG=asan SIMOBJ=obj/asan/cuda_sim SIMLIB=asan/lib/libkeel_cuda_sim.so
+# The asan configuration instruments it (-fsanitize=address,undefined),
+# so a kernel's out-of-bounds access is reported where it happens.
 
 NVCC ?= nvcc
 CFG ?= release
@@ -53,4 +61,41 @@ $(OBJ)/%.o: $(ROOT)/kernels/%.cu
 
 -include $(OBJS:.o=.d)
 
-.PHONY: all
+# ---------------------------------------------------------------- simulator
+CXX ?= g++
+SIMOBJ ?= obj/$(CFG)/cuda_sim
+SIMLIB ?= $(CFG)/lib/libkeel_cuda_sim.so
+ifeq ($(CFG),debug)
+SIMOPT := -O0 -g
+else ifeq ($(CFG),asan)
+SIMOPT := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer
+else
+SIMOPT := -O2
+endif
+# KC_MAX_BLOCKS: a small odd grid cap, so grid-stride loops go round
+SIMFLAGS := -std=c++17 $(SIMOPT) -fPIC -fvisibility=hidden -Wall -Wno-unknown-pragmas -DKEEL_CUDA_SIM \
+            -DKC_MAX_BLOCKS=7 -I$(ROOT)/kernels/sim -I$(ROOT)/engine -I$(ROOT)/kernels
+SIMSRC := $(wildcard $(ROOT)/kernels/sim/*.cpp)
+SIMOBJS := $(patsubst $(ROOT)/kernels/%.cu,$(SIMOBJ)/%.o,$(SRC)) \
+           $(patsubst $(ROOT)/kernels/sim/%.cpp,$(SIMOBJ)/%.o,$(SIMSRC))
+
+sim: $(SIMLIB)
+
+$(SIMLIB): $(SIMOBJS)
+	@mkdir -p $(dir $@)
+	@echo "sim: linking $(notdir $@) ($(CFG))"
+	@$(CXX) -shared $(SIMOPT) -o $@ $(SIMOBJS) -lpthread
+
+$(SIMOBJ)/%.o: $(ROOT)/kernels/%.cu
+	@mkdir -p $(SIMOBJ)
+	@echo "sim: $(notdir $<) ($(CFG))"
+	@$(CXX) $(SIMFLAGS) -x c++ -include $(ROOT)/kernels/sim/kcsim.h -MD -MF $(@:.o=.d) -c $< -o $@
+
+$(SIMOBJ)/%.o: $(ROOT)/kernels/sim/%.cpp
+	@mkdir -p $(SIMOBJ)
+	@echo "sim: sim/$(notdir $<) ($(CFG))"
+	@$(CXX) $(SIMFLAGS) -MD -MF $(@:.o=.d) -c $< -o $@
+
+-include $(SIMOBJS:.o=.d)
+
+.PHONY: all sim

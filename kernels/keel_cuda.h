@@ -46,7 +46,7 @@
 extern "C" {
 #endif
 
-#define KEEL_CUDA_ABI_VERSION 1
+#define KEEL_CUDA_ABI_VERSION 2
 #define KEEL_CUDA_PLUGIN_SYMBOL "keel_cuda_plugin"
 /* The file name the engine looks for (device.c gives the places). */
 #define KEEL_CUDA_PLUGIN_FILE "libkeel_cuda.so"
@@ -79,6 +79,41 @@ typedef struct kc_view {
 } kc_view;
 
 typedef struct kc_state kc_state;
+
+/* Mirrors of the engine's argument structures (engine/keel_impl.h has
+** the originals and their meaning; backend_cuda.c copies field by field,
+** so the engine's layout may change without touching the plugin). */
+typedef struct kc_win2d {
+  int64_t n, c, h, w;            /* input [n, c, h, w] */
+  int64_t oc, oh, ow;            /* output [n, oc, oh, ow] */
+  int64_t k[2], s[2], pad[2], dil[2];   /* {h, w}: size, stride, top/left padding, dilation */
+  int64_t groups;                /* conv2d */
+  int64_t divisor;               /* avg_pool2d divisor_override, 0 for none */
+  int32_t count_include_pad, adaptive, index_base;
+} kc_win2d;
+
+typedef struct kc_closs {
+  int64_t n, c, inner;
+  double smoothing;
+  int32_t reduction;             /* keel_reduction */
+  int32_t logits;                /* x holds logits (cross entropy), else log-probabilities */
+  int32_t probs;                 /* target holds probabilities shaped like x */
+} kc_closs;
+
+/* One recurrent layer, all steps (the layouts of engine/rnn.c and
+** backend_cpu_rnn.c): x [T, B, In], out [T, B, H], h0/c0 [B, H], w_ih
+** [G*H, In], w_hh [G*H, H], b_* [G*H] (G = 1, 4 or 3 gates). ws holds what
+** forward keeps for backward, laid out as the CPU backend lays it out.
+** Absent tensors are NULL; backward fills the non-NULL d* (adding into
+** none: they arrive zeroed). */
+typedef struct kc_rnn {
+  int32_t mode, reverse;         /* keel_rnn_mode; steps run t = T-1 .. 0 */
+  int64_t T, B, In, H;
+  const kc_view *x, *h0, *c0, *w_ih, *w_hh, *b_ih, *b_hh;
+  const kc_view *out, *ws;       /* forward writes, backward reads */
+  const kc_view *gout;
+  const kc_view *dx, *dh0, *dc0, *dw_ih, *dw_hh, *db_ih, *db_hh;
+} kc_rnn;
 
 typedef struct keel_cuda_table {
   int32_t abi_version;           /* KEEL_CUDA_ABI_VERSION the plugin was built with */
@@ -121,9 +156,10 @@ typedef struct keel_cuda_table {
   int (*clamp)(kc_state *s, const kc_view *out, const kc_view *a, double lo, double hi);
   int (*where)(kc_state *s, const kc_view *out, const kc_view *c, const kc_view *a, const kc_view *b);
   /* out has a's ndim with reduced dims of size 1 (reduce[d] != 0); idx
-  ** (NULL or int64) gets arg positions (keel_redop MAX/MIN, one dim). */
+  ** (NULL or int64) gets arg positions (keel_redop MAX/MIN, one dim)
+  ** counted from index_base (the engine's: 1 from Lua). */
   int (*reduce)(kc_state *s, int op, const kc_view *out, const kc_view *idx, const kc_view *a,
-                const int *reduce);
+                const int *reduce, int index_base);
   int (*norm)(kc_state *s, const kc_view *out, const kc_view *a, const int *reduce, double p);
   /* out[b] = a[b] @ b[b], 3-D operands of equal batch (stride 0 allowed
   ** on the batch dim); cuBLAS, its handle made on first use. */
@@ -139,11 +175,84 @@ typedef struct keel_cuda_table {
   int (*softmax)(kc_state *s, int log_out, const kc_view *out, const kc_view *a, int dim);
   int (*softmax_backward)(kc_state *s, int log_out, const kc_view *gin, const kc_view *gout,
                           const kc_view *y, int dim);
-  /* Convolution, pooling, normalisation, losses, dropout, embedding,
-  ** recurrent cells and the fused optimizer step take engine structures
-  ** (kl_win2d, kl_closs, kl_rnn_args, keel_optim_hparams): the version that
-  ** adds their kernels adds mirrors of those structures here with the
-  ** slots, and bumps KEEL_CUDA_ABI_VERSION. */
+  /* Losses (contiguous, one float dtype). ploss: pointwise loss op
+  ** (KL_OP_MSE_LOSS .. KL_OP_HUBER_LOSS) with beta/delta p, red a
+  ** keel_reduction (out: a scalar unless NONE); closs: class loss over x
+  ** [n, c, inner] (lse: float64 [n*inner], cross entropy only, may be NULL
+  ** otherwise), *wsum (host) gets the "mean" divisor; bce: w, pw NULL or
+  ** shaped like x. Backward outputs NULL when not needed. */
+  int (*ploss)(kc_state *s, int op, const kc_view *out, const kc_view *x, const kc_view *y, double p, int red);
+  int (*ploss_backward)(kc_state *s, int op, const kc_view *gx, const kc_view *gout, const kc_view *x,
+                        const kc_view *y, double p, int red);
+  int (*closs)(kc_state *s, const struct kc_closs *q, const kc_view *out, const kc_view *lse, double *wsum,
+               const kc_view *x, const kc_view *target, const kc_view *weight);
+  int (*closs_backward)(kc_state *s, const struct kc_closs *q, const kc_view *gx, const kc_view *gt,
+                        const kc_view *gout, const kc_view *x, const kc_view *target, const kc_view *weight,
+                        const kc_view *lse, double wsum);
+  int (*bce)(kc_state *s, const kc_view *out, const kc_view *x, const kc_view *y, const kc_view *w,
+             const kc_view *pw, int red);
+  int (*bce_backward)(kc_state *s, const kc_view *gx, const kc_view *gy, const kc_view *gout, const kc_view *x,
+                      const kc_view *y, const kc_view *w, const kc_view *pw, int red);
+
+  /* Convolution and pools: dense NCHW operands, fresh outputs; b, idx and
+  ** any of gx, gw, gb may be NULL; avg_pool2d also does the adaptive pool
+  ** (g->adaptive). idx: int64 flat positions in each input plane, plus
+  ** g->index_base. */
+  int (*conv2d)(kc_state *s, const struct kc_win2d *g, const kc_view *out, const kc_view *x, const kc_view *w,
+                const kc_view *b);
+  int (*conv2d_backward)(kc_state *s, const struct kc_win2d *g, const kc_view *gout, const kc_view *x,
+                         const kc_view *w, const kc_view *gx, const kc_view *gw, const kc_view *gb);
+  int (*max_pool2d)(kc_state *s, const struct kc_win2d *g, const kc_view *out, const kc_view *idx,
+                    const kc_view *x);
+  int (*max_pool2d_backward)(kc_state *s, const struct kc_win2d *g, const kc_view *gx, const kc_view *gout,
+                             const kc_view *idx);
+  int (*avg_pool2d)(kc_state *s, const struct kc_win2d *g, const kc_view *out, const kc_view *x);
+  int (*avg_pool2d_backward)(kc_state *s, const struct kc_win2d *g, const kc_view *gx, const kc_view *gout);
+
+  /* Normalisation over x [N, C, L] as the kl_backend slots say (groups >
+  ** 0: per (n, group), mean/rstd [N*groups]; 0: batch norm, per channel). */
+  int (*norm_stats)(kc_state *s, const kc_view *mean, const kc_view *rstd, const kc_view *var, const kc_view *x,
+                    int64_t groups, double eps);
+  int (*norm_forward)(kc_state *s, const kc_view *y, const kc_view *x, const kc_view *mean, const kc_view *rstd,
+                      const kc_view *weight, const kc_view *bias, int64_t groups);
+  int (*norm_backward)(kc_state *s, const kc_view *gx, const kc_view *gw, const kc_view *gb, const kc_view *gy,
+                       const kc_view *x, const kc_view *mean, const kc_view *rstd, const kc_view *weight,
+                       int64_t groups, int stats_of_x);
+  /* mask (contiguous) = 0 with probability p, else 1/(1-p): element i
+  ** draws from a counter-based generator keyed by (seed, i), so a launch
+  ** needs no RNG state on the device (the engine takes seed from the
+  ** context's RNG). */
+  int (*dropout_mask)(kc_state *s, const kc_view *mask, double p, uint64_t seed);
+  int (*embedding)(kc_state *s, const kc_view *out, const kc_view *weight, const kc_view *idx);
+  int (*embedding_backward)(kc_state *s, const kc_view *gw, const kc_view *gout, const kc_view *idx, int64_t pad);
+
+  /* Recurrent layers: a whole layer (all steps) per call; see kc_rnn. */
+  int (*rnn_forward)(kc_state *s, const struct kc_rnn *a);
+  int (*rnn_backward)(kc_state *s, const struct kc_rnn *a);
+
+  /* Optimizer, as the kl_backend slots of the same names (engine/keel_impl.h).
+  ** a, v (nunits each) and st, spow, dsq are host arrays; an entry that
+  ** fills a host result returns when it is there. state: nstate views
+  ** (NULL where the optimizer keeps none), in keel_optim_state_names order. */
+  int (*grad_stats)(kc_state *s, const kc_view *g, int64_t nunits, const double *a, const double *v, double pw,
+                    keel_grad_stats *st, double *spow, const kc_view *w);
+  int (*grad_scale_)(kc_state *s, const kc_view *g, int64_t nunits, const double *a, const double *v);
+  int (*optim_update)(kc_state *s, int kind, const keel_optim_hparams *h, int64_t step, const kc_view *p,
+                      const kc_view *g, const kc_view *const *state, int nstate, unsigned fresh, int64_t nunits,
+                      const double *a, const double *v, int nf, double *dsq);
+
+  /* Deferred host results: between defer_results(s, 1) and
+  ** defer_results(s, 0), grad_stats and optim_update queue their results
+  ** for the host instead of waiting for each; the closing call waits once
+  ** and writes them all (st, spow, dsq must stay valid until then, and
+  ** are not to be read before). An optimizer step thus waits for the
+  ** device once for its statistics and once for its update sizes, not
+  ** once per parameter. Calls do not nest. */
+  int (*defer_results)(kc_state *s, int on);
+
+  /* The keel_matmul_precision of the float32 products that follow
+  ** (matmul, conv2d, rnn): the engine sets it before each such call. */
+  int (*set_gemm_precision)(kc_state *s, int prec);
 } keel_cuda_table;
 
 typedef const keel_cuda_table *(*keel_cuda_plugin_fn)(int abi_version);

@@ -131,6 +131,14 @@ static int state_open(int device, kc_state **out) {
   if (!s) return KC_ERR_NOMEM;
   s->device = device;
   s->cublas = NULL;
+  s->gemm_prec = KEEL_MATMUL_HIGHEST;
+  s->scratch = s->host = NULL;
+  s->pending = NULL;
+  s->scratch_size = s->host_size = 0;
+  if ((e = cudaDeviceGetAttribute(&s->sm_count, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) {
+    delete s;
+    return from_cuda(e);
+  }
   /* a non-blocking stream: no implicit sync with the legacy stream */
   if ((e = cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking)) != cudaSuccess) {
     delete s;
@@ -145,6 +153,9 @@ static void state_close(kc_state *s) {
   cudaSetDevice(s->device);
   cudaStreamSynchronize(s->stream);
   if (s->cublas) cublasDestroy(s->cublas);
+  kc_optim_close(s);
+  if (s->scratch) cudaFree(s->scratch);
+  if (s->host) cudaFreeHost(s->host);
   cudaStreamDestroy(s->stream);
   (void)cudaGetLastError();
   delete s;
@@ -166,11 +177,66 @@ int kc_cublas(kc_state *s, cublasHandle_t *h) {
   return KC_OK;
 }
 
+/* Scratch grows to the next power of two over n, so a run settles after
+** a few calls. */
+static size_t grown(size_t n) {
+  size_t m = 4096;
+  while (m < n) m <<= 1;
+  return m;
+}
+
+int kc_scratch(kc_state *s, size_t n, void **p) {
+  if (n > s->scratch_size) {
+    size_t m = grown(n);
+    void *q = NULL;
+    cudaError_t e;
+    if (s->scratch) {
+      /* queued kernels may still read the old buffer */
+      if ((e = cudaStreamSynchronize(s->stream)) != cudaSuccess) return from_cuda(e);
+      cudaFree(s->scratch);
+      s->scratch = NULL;
+      s->scratch_size = 0;
+    }
+    if ((e = cudaMalloc(&q, m)) != cudaSuccess) return from_cuda(e);
+    s->scratch = q;
+    s->scratch_size = m;
+  }
+  *p = s->scratch;
+  return KC_OK;
+}
+
+int kc_host_scratch(kc_state *s, size_t n, void **p) {
+  if (n > s->host_size) {
+    size_t m = grown(n);
+    void *q = NULL;
+    cudaError_t e;
+    if (s->host) {
+      if ((e = cudaStreamSynchronize(s->stream)) != cudaSuccess) return from_cuda(e);
+      cudaFreeHost(s->host);
+      s->host = NULL;
+      s->host_size = 0;
+    }
+    if ((e = cudaMallocHost(&q, m)) != cudaSuccess) return from_cuda(e);
+    s->host = q;
+    s->host_size = m;
+  }
+  *p = s->host;
+  return KC_OK;
+}
+
+int kc_sync(kc_state *s) { return from_cuda(cudaStreamSynchronize(s->stream)); }
+
 static int mem_info(kc_state *s, size_t *free_bytes, size_t *total_bytes) {
   cudaError_t e;
   *free_bytes = *total_bytes = 0;
   if ((e = cudaSetDevice(s->device)) != cudaSuccess) return from_cuda(e);
   return from_cuda(cudaMemGetInfo(free_bytes, total_bytes));
+}
+
+static int set_gemm_precision(kc_state *s, int prec) {
+  if (prec < 0 || prec >= KEEL_MATMUL_PRECISION_COUNT) return KC_ERR_ARG;
+  s->gemm_prec = prec;
+  return KC_OK;
 }
 
 static int synchronize(kc_state *s) { return from_cuda(cudaStreamSynchronize(s->stream)); }
@@ -230,8 +296,14 @@ static keel_cuda_table make_table(void) {
   memset(&t, 0, sizeof t);
   t.abi_version = KEEL_CUDA_ABI_VERSION;
   t.size = (int32_t)sizeof t;
+#ifdef KEEL_CUDA_SIM
+  /* kernels/sim/: the same kernels on the CPU, no GPU involved */
+  t.description = "keel CUDA plugin (ABI " KC_STR(KEEL_CUDA_ABI_VERSION) ", CPU simulator kernels/sim, built by g++ " KC_STR(
+      __GNUC__) "." KC_STR(__GNUC_MINOR__) ": not a GPU)";
+#else
   t.description = "keel CUDA plugin (ABI " KC_STR(KEEL_CUDA_ABI_VERSION) ", built by nvcc " KC_STR(__CUDACC_VER_MAJOR__) "." KC_STR(
       __CUDACC_VER_MINOR__) " for " KC_TARGETS ")";
+#endif
   t.device_count = device_count;
   t.device_name = device_name;
   t.versions = versions;
@@ -248,7 +320,19 @@ static keel_cuda_table make_table(void) {
   t.memcpy_d2d = memcpy_d2d;
   t.copy = kc_copy;
   t.fill = kc_fill;
-  /* op kernels: set here as they are written */
+  t.set_gemm_precision = set_gemm_precision;
+  /* op kernels: each family sets its slots (common.cuh lists them) */
+  kc_register_elementwise(&t);
+  kc_register_act(&t);
+  kc_register_reduce(&t);
+  kc_register_softmax(&t);
+  kc_register_loss(&t);
+  kc_register_blas(&t);
+  kc_register_index(&t);
+  kc_register_conv(&t);
+  kc_register_norm(&t);
+  kc_register_rnn(&t);
+  kc_register_optim(&t);
   return t;
 }
 

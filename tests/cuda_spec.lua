@@ -153,7 +153,7 @@ describe("keel.cuda with a GPU", function()
     local free, total = keel.cuda.mem_get_info()
     assert.is_true(total > 0 and free <= total)
     local path, desc = keel.cuda.plugin()
-    assert.is_truthy(path:find("libkeel_cuda.so", 1, true))
+    assert.is_truthy(path:find("libkeel_cuda", 1, true))   -- libkeel_cuda.so, or the simulator's
     assert.is_truthy(desc:find("keel CUDA plugin", 1, true))
     keel.cuda.synchronize()
   end)

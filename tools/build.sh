@@ -5,7 +5,9 @@
 # The CUDA plugin (build/<config>/lib/libkeel_cuda.so) is built when nvcc
 # is found; --with-cuda makes its absence an error, --without-cuda skips it.
 # KEEL_CUDA=with|without does the same for every later build (tools/test.sh
-# calls this script without options). The last line says what CUDA got.
+# calls this script without options). The CPU simulator plugin
+# (build/<config>/lib/libkeel_cuda_sim.so, kernels/sim/) is built always.
+# The last line says what CUDA got.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,6 +46,15 @@ fi
 for c in "${configs[@]}"; do
   echo "build: $c"
   make -C build -j"$jobs" --no-print-directory config="$c"
+done
+
+# The CUDA simulator plugin (kernels/sim/) is built in every case.
+for c in "${configs[@]}"; do
+  if [ -f "build/$c/lib/libkeel_cuda_sim.so" ]; then
+    echo "build: CUDA simulator built: build/$c/lib/libkeel_cuda_sim.so"
+  else
+    echo "build: CUDA simulator missing: build/$c/lib/libkeel_cuda_sim.so" >&2; exit 1
+  fi
 done
 
 # What CUDA got (premake5.lua writes the decision to build/cuda.txt).

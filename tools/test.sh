@@ -6,6 +6,13 @@
 # anything failed or nothing ran. Before it, a line
 # "cuda: N device(s), M GPU tests skipped" (GPU tests skip visibly).
 #
+# After the normal passes, the tests/cuda*_spec.lua files run again with
+# KEEL_CUDA_PLUGIN set to the CPU simulator plugin (kernels/sim/), so the
+# CUDA kernels are tested on any machine; their counts join the totals and
+# a line "cuda-sim: N passed, N failed" reports them.
+# KEEL_CUDA_SIM=1 makes the simulator the CUDA device for the whole run
+# (with KEEL_DEVICE=cuda: every spec on CUDA tensors, on the CPU).
+#
 # KEEL_DEVICE=cuda tools/test.sh runs the same specs with CUDA as the
 # default device of the creation functions. Without a usable GPU it says
 # so and why, and runs the CPU suite instead (the counts are the CPU
@@ -31,6 +38,18 @@ if [ -z "${KEEL_NO_BUILD:-}" ]; then
 fi
 lua=${KEEL_LUA:-lua5.4}
 busted=${KEEL_BUSTED:-/usr/bin/busted}
+
+# KEEL_CUDA_SIM=1: the whole run on the CUDA simulator (the probe below
+# then finds its one device; with KEEL_DEVICE=cuda every spec runs with
+# CUDA tensors by default, their kernels on the CPU).
+sim_lib="$root/build/$cfg/lib/libkeel_cuda_sim.so"
+sim_all=
+if [ -n "${KEEL_CUDA_SIM:-}" ] && [ "${KEEL_CUDA_SIM}" != 0 ]; then
+  [ -f "$sim_lib" ] || { echo "test: KEEL_CUDA_SIM: $sim_lib was not built" >&2; echo "0 passed, 1 failed"; exit 1; }
+  export KEEL_CUDA_PLUGIN="$sim_lib"
+  sim_all=1
+  echo "test: KEEL_CUDA_SIM: CUDA is the CPU simulator ($sim_lib) for the whole run"
+fi
 
 # What CUDA this machine offers, asked of the keel executable (it carries
 # its own Lua and finds the plugin beside itself): device count, reason.
@@ -79,30 +98,37 @@ fi
 
 # One busted run per spec file: a crash (or an ASan abort) in one file
 # costs that file's count, not the whole run's.
-specs=$(find tests -name '*_spec.lua' | sort)
-[ -n "$specs" ] || echo "test: no tests/*_spec.lua found" >&2
-pending=0
-gpu_skipped=0
-for spec in $specs; do
-  echo "test: busted $spec ($cfg)"
-  env "${busted_env[@]}" "$lua" "$busted" --lang=en -o plainTerminal "$spec" 2>&1 | tee "$log"
-  brc=${PIPESTATUS[0]}
+# One spec file: adds its counts to passed/failed/pending (and, with
+# count_gpu, its GPU skips to gpu_skipped); extra arguments are
+# environment settings for it.
+run_spec() {
+  local spec=$1 label=$2 count_gpu=$3
+  shift 3
+  echo "test: busted $spec ($label)"
+  env "${busted_env[@]}" "$@" "$lua" "$busted" --lang=en -o plainTerminal "$spec" 2>&1 | tee "$log"
+  local brc=${PIPESTATUS[0]} summary s f e p gs ub
   summary=$(grep -E '^[0-9]+ success(es)? / [0-9]+ failures? / [0-9]+ errors? / [0-9]+ pending' "$log" | tail -n 1)
   if [ -n "$summary" ]; then
     read -r s f e p <<<"$(echo "$summary" | sed -E 's#^([0-9]+) [a-z]+ / ([0-9]+) [a-z]+ / ([0-9]+) [a-z]+ / ([0-9]+) .*#\1 \2 \3 \4#')"
     passed=$((passed + s))
     failed=$((failed + f + e))
     pending=$((pending + p))
+    run_passed=$((run_passed + s))
+    run_failed=$((run_failed + f + e))
     # GPU tests skipped without a GPU: pending tests named "... [gpu]" (helper.lua)
-    gs=$(grep -c ' \[gpu\]$' "$log" || true)
-    gpu_skipped=$((gpu_skipped + gs))
+    if [ "$count_gpu" = 1 ]; then
+      gs=$(grep -c ' \[gpu\]$' "$log" || true)
+      gpu_skipped=$((gpu_skipped + gs))
+    fi
     if [ "$brc" -ne 0 ] && [ $((f + e)) -eq 0 ]; then
       echo "test: $spec: busted exited with status $brc despite no failures" >&2
       failed=$((failed + 1))
+      run_failed=$((run_failed + 1))
     fi
   else
     echo "test: $spec: busted printed no summary (exit status $brc): counted as 1 failure" >&2
     failed=$((failed + 1))
+    run_failed=$((run_failed + 1))
   fi
   # UBSan reports and goes on: count each report as a failure.
   if [ "$cfg" = asan ]; then
@@ -110,8 +136,19 @@ for spec in $specs; do
     if [ "$ub" -gt 0 ]; then
       echo "test: $spec: $ub UBSan report(s)" >&2
       failed=$((failed + ub))
+      run_failed=$((run_failed + ub))
     fi
   fi
+}
+
+specs=$(find tests -name '*_spec.lua' | sort)
+[ -n "$specs" ] || echo "test: no tests/*_spec.lua found" >&2
+pending=0
+gpu_skipped=0
+run_passed=0
+run_failed=0
+for spec in $specs; do
+  run_spec "$spec" "$cfg" 1
 done
 [ "$pending" -gt 0 ] && echo "test: busted: $pending pending (not counted)"
 
@@ -146,6 +183,24 @@ if compgen -G "tests/c/*.c" >/dev/null; then
 else
   echo "test: no tests/c/*.c, keel_ctest skipped"
 fi
+
+# ---------------------------------------------------------------- simulator
+# The CUDA specs (tests/cuda_spec.lua, tests/cuda_*_spec.lua) again, their
+# kernels run by the CPU simulator (build/<cfg>/lib/libkeel_cuda_sim.so,
+# kernels/sim/): the CUDA code path checked without a GPU. Skipped when
+# the whole run is on the simulator (KEEL_CUDA_SIM=1).
+sim_line=
+if [ -z "$sim_all" ] && [ -f "$sim_lib" ]; then
+  run_passed=0
+  run_failed=0
+  for spec in $(find tests -name 'cuda_*spec.lua' | sort); do
+    run_spec "$spec" "$cfg, CUDA simulator" 0 "KEEL_CUDA_PLUGIN=$sim_lib" KEEL_CUDA_SIM_QUIET=1
+  done
+  sim_line="cuda-sim: $run_passed passed, $run_failed failed (kernels on the CPU simulator)"
+elif [ -z "$sim_all" ]; then
+  sim_line="cuda-sim: not run ($sim_lib was not built)"
+fi
+[ -n "$sim_line" ] && echo "$sim_line"
 
 echo "cuda: $cuda_devices device(s), $gpu_skipped GPU tests skipped${cuda_why:+ ($cuda_why)}"
 echo "$passed passed, $failed failed"

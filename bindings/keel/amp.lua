@@ -1,4 +1,5 @@
--- keel.amp: mixed precision. GradScaler is dynamic loss scaling with
+-- keel.amp: mixed precision. autocast (below) runs float32 products in
+-- bfloat16/float16/TF32 for a scope. GradScaler is dynamic loss scaling with
 -- PyTorch's torch.cuda.amp.GradScaler semantics (1.13), on any device.
 --
 --   local scaler = keel.amp.GradScaler()   -- init_scale 2^16, growth x2 every 2000 clean steps, backoff x0.5
@@ -46,6 +47,73 @@ local api = require("keel.clip")._api
 local C = core._optim
 
 local amp = {}
+
+-- {======================================================================
+-- autocast: reduced-precision float32 products for a scope
+--
+--   keel.amp.autocast("bfloat16", function() loss = loss_fn(model(x), y) end)
+--   do local ac <close> = keel.amp.autocast("float16") ... end   -- to scope end
+--   keel.amp.autocast({dtype = "float16", enabled = use_amp}, fn, ...)
+--
+-- Inside, the float32 products of matmul, linear, conv2d and the recurrent
+-- layers round their operands to dtype ("bfloat16", the default; "float16";
+-- "tf32") and sum in float32 (keel.set_float32_matmul_precision, keel.h):
+-- tensor-core speed on a GPU, with every tensor staying float32, so the
+-- master weights, the optimizer and everything outside the products keep
+-- full precision and no op needs a half-precision kernel. Backward runs
+-- each product with the precision its forward ran with, so calling
+-- loss:backward() after the scope is right (as PyTorch advises).
+-- bfloat16 is the default because it keeps float32's range: float16's
+-- overflows past 65504 (Inf in the product), which is what a GradScaler is
+-- for. The scope ends on return and on error; nesting restores in order.
+-- }======================================================================
+
+local DTYPES = {bfloat16 = true, float16 = true, tf32 = true, highest = true}
+
+local Autocast = {}
+Autocast.__index = Autocast
+
+function Autocast:__close() self:exit() end
+function Autocast:__tostring()
+  return ("keel.amp.autocast(%s%s)"):format(self.dtype, self.enabled and "" or ", disabled")
+end
+-- Restores the precision the scope found (once).
+function Autocast:exit()
+  if self._open then
+    self._open = false
+    core.set_float32_matmul_precision(self._prev)
+  end
+end
+
+function amp.autocast(spec, fn, ...)
+  local dtype, enabled = "bfloat16", true
+  if type(spec) == "table" then
+    for k in pairs(spec) do
+      if k ~= "dtype" and k ~= "enabled" then
+        error(("autocast: unknown option %q (dtype, enabled)"):format(tostring(k)), 2)
+      end
+    end
+    dtype = spec.dtype or dtype
+    if spec.enabled ~= nil then enabled = not not spec.enabled end
+  elseif type(spec) == "string" then
+    dtype = spec
+  elseif spec ~= nil then
+    error("autocast: argument #1: expected a dtype name or an options table, got " .. type(spec), 2)
+  end
+  if type(dtype) ~= "string" or not DTYPES[dtype] then
+    error(("autocast: dtype must be \"bfloat16\", \"float16\" or \"tf32\", got %s"):format(tostring(dtype)), 2)
+  end
+  if fn ~= nil and type(fn) ~= "function" then
+    error("autocast: argument #2: expected a function, got " .. type(fn), 2)
+  end
+  local prev = enabled and core.set_float32_matmul_precision(dtype) or core.get_float32_matmul_precision()
+  local scope = setmetatable({dtype = dtype, enabled = enabled, _prev = prev, _open = true}, Autocast)
+  if fn == nil then return scope end
+  local res = table.pack(pcall(fn, ...))
+  scope:exit()
+  if not res[1] then error(res[2], 0) end
+  return table.unpack(res, 2, res.n)
+end
 
 local READY, UNSCALED, STEPPED = "ready", "unscaled", "stepped"
 

@@ -867,8 +867,9 @@ local DTYPES = {
 -- so hooks and references keep working. A dtype change makes new tensors
 -- that replace the fields (a parameter is marked again, with the same
 -- requires_grad, and its .grad is converted too). A tensor shared by
--- several fields stays shared. Optimizers keep their state where it was
--- made: build them after to(). Returns self.
+-- several fields stays shared. Optimizer state follows its parameter (it
+-- moves at the next step), so an optimizer may be built before or after
+-- to(). Returns self.
 function Module:to(x)
   local dtype, device
   if type(x) == "string" then
@@ -1280,7 +1281,17 @@ function F.linear(x, w, b)
     error(("linear: input has shape %s, expected %d features in the last dimension"):format(
       shape_str(x.shape), nin), 2)
   end
-  local y = x:matmul(w:t())
+  local y
+  if x:dim() > 2 and nin > 0 then
+    -- one [rows, in] product: its weight gradient is one GEMM, where a
+    -- batched product's would be a GEMM per batch entry and a sum
+    local shape = {}
+    for i = 1, x:dim() - 1 do shape[i] = x.shape[i] end
+    shape[#shape + 1] = w.shape[1]
+    y = x:reshape{-1, nin}:matmul(w:t()):reshape(shape)
+  else
+    y = x:matmul(w:t())
+  end
   if b ~= nil then
     if not is_tensor(b) then error("linear: argument #3: expected a keel.Tensor or nil, got " .. type(b), 2) end
     y = y + b

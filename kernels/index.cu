@@ -1,0 +1,300 @@
+/*
+** index.cu: the indexing entries: gather, scatter_add, index_select,
+** embedding and its backward (the kl_backend slots of those names;
+** engine/backend_cpu.c and backend_cpu_norm.c are the reference).
+**
+** Indices arrive as int64 device tensors, 0-based and range-checked by the
+** engine, so no kernel here checks a bound. gather and index_select copy
+** elements (any dtype: float32, float64, int64); the scatters add with
+** atomics, so when an index repeats, the floating-point sum may come out
+** in another order than the CPU's (equal up to rounding).
+**
+** Both "take" entries share one kernel: out[i] = a[offset(i) + idx[j(i)] *
+** a.stride[dim]], where the geometry (common.cuh kc_geom) walks out, the
+** index (index_select's 1-D index is seen as a view shaped like out, stride
+** 0 off dim) and a with its stride at dim set to 0. Dense rows (embedding,
+** index_select of contiguous tensors) take a row kernel with vector loads.
+*/
+#include "common.cuh"
+
+/* {======================================================================
+** Device helpers
+** ======================================================================= */
+
+/* Kernels and device helpers have internal linkage: template kernels of
+** other files with the same name must not merge with these at link time. */
+namespace {
+
+/* *p += v, atomically; int64 through the unsigned 64-bit add (two's
+** complement: the same bits as a signed add). */
+__device__ __forceinline__ void add_to(float *p, float v) { atomicAdd(p, v); }
+__device__ __forceinline__ void add_to(double *p, double v) { atomicAdd(p, v); }
+__device__ __forceinline__ void add_to(int64_t *p, int64_t v) {
+  atomicAdd((unsigned long long *)p, (unsigned long long)v);
+}
+
+/* VW elements moved as one aligned load/store (16 bytes: one vector
+** instruction on the device). */
+template <typename T, int VW> struct alignas(sizeof(T) * VW) vec {
+  T v[VW];
+};
+
+static int elem_size(int dt) { return dt == KEEL_F32 ? 4 : dt == KEEL_F64 || dt == KEEL_I64 ? 8 : 0; }
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Kernels
+** ======================================================================= */
+
+/* Operands of g: 0 out, 1 index, 2 a (stride 0 at dim); sd: a's stride at dim. */
+template <typename T>
+__global__ void take_kernel(T *out, const T *a, const int64_t *idx, kc_geom g, int64_t sd, int64_t n) {
+  KC_GRID_LOOP(i, n) {
+    int64_t off[3];
+    kc_offsets<3>(g, i, off);
+    out[off[0]] = a[off[2] + idx[off[1]] * sd];
+  }
+}
+
+/*
+** Dense rows: out [outer, nsel, inner] = a [outer, V, inner] rows idx[j]
+** (idx stride is), inner counted in vectors of VW elements.
+*/
+template <typename T, int VW>
+__global__ void rows_kernel(vec<T, VW> *out, const vec<T, VW> *a, const int64_t *idx, int64_t is, int64_t outer,
+                            int64_t nsel, int64_t V, int64_t inner) {
+  int64_t n = outer * nsel * inner;
+  KC_GRID_LOOP(i, n) {
+    int64_t t = i / inner, k = i - t * inner;
+    int64_t o = outer == 1 ? 0 : t / nsel, j = t - o * nsel;   /* embedding: outer 1, one division */
+    out[i] = a[(o * V + idx[j * is]) * inner + k];
+  }
+}
+
+/* Operands of g (index's shape): 0 index, 1 src, 2 out (stride 0 at dim). */
+template <typename T>
+__global__ void scatter_kernel(T *out, const T *src, const int64_t *idx, kc_geom g, int64_t sd, int64_t n) {
+  KC_GRID_LOOP(i, n) {
+    int64_t off[3];
+    kc_offsets<3>(g, i, off);
+    add_to(out + off[2] + idx[off[0]] * sd, src[off[1]]);
+  }
+}
+
+/* gw [V, D] += gout [n, D] rows at idx, except row pad. */
+template <typename T>
+__global__ void embedding_backward_kernel(T *gw, const T *gout, const int64_t *idx, int64_t D, int64_t pad,
+                                          int64_t n) {
+  KC_GRID_LOOP(i, n) {
+    int64_t r = i / D, row = idx[r];
+    if (row != pad) add_to(gw + row * D + (i - r * D), gout[i]);
+  }
+}
+
+}  // namespace
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Launchers
+** ======================================================================= */
+
+/* Strided take through the geometry of (out, index view, a with stride 0 at dim). */
+static int take(kc_state *s, const kc_view *out, const kc_view *a, int dim, const kc_view *iv, const int64_t *idx) {
+  kc_view az = *a;
+  const kc_view *ops[3] = {out, iv, &az};
+  kc_geom g;
+  int64_t n = out->numel, sd = a->stride[dim];
+  unsigned nb = kc_blocks(n);
+  az.stride[dim] = 0;
+  kc_make_geom(&g, 3, ops);
+  switch (out->dtype) {
+    case KEEL_F32:
+      KC_LAUNCH(nb, KC_THREADS, 0, s->stream, take_kernel<float>)((float *)out->data, (const float *)a->data, idx, g,
+                                                                  sd, n);
+      break;
+    case KEEL_F64:
+      KC_LAUNCH(nb, KC_THREADS, 0, s->stream, take_kernel<double>)((double *)out->data, (const double *)a->data, idx,
+                                                                   g, sd, n);
+      break;
+    case KEEL_I64:
+      KC_LAUNCH(nb, KC_THREADS, 0, s->stream, take_kernel<int64_t>)((int64_t *)out->data, (const int64_t *)a->data,
+                                                                    idx, g, sd, n);
+      break;
+    default: return KC_ERR_DTYPE;
+  }
+  return KC_LAUNCHED();
+}
+
+template <typename T, int VW>
+static int launch_rows(kc_state *s, void *out, const void *a, const int64_t *idx, int64_t is, int64_t outer,
+                       int64_t nsel, int64_t V, int64_t inner) {
+  int64_t n = outer * nsel * (inner / VW);
+  KC_LAUNCH(kc_blocks(n), KC_THREADS, 0, s->stream, rows_kernel<T, VW>)((vec<T, VW> *)out,
+                                                                        (const vec<T, VW> *)a, idx, is, outer, nsel,
+                                                                        V, inner / VW);
+  return KC_LAUNCHED();
+}
+
+/* Dense row take (see rows_kernel), 16-byte vectors when the row length
+** and both addresses allow them. */
+static int rows(kc_state *s, int dtype, void *out, const void *a, const int64_t *idx, int64_t is, int64_t outer,
+                int64_t nsel, int64_t V, int64_t inner) {
+  int es = elem_size(dtype);
+  int vw = 16 / (es ? es : 1);
+  int vec_ok = inner % vw == 0 && ((uintptr_t)out | (uintptr_t)a) % 16 == 0;
+  switch (dtype) {
+    case KEEL_F32:
+      return vec_ok ? launch_rows<float, 4>(s, out, a, idx, is, outer, nsel, V, inner)
+                    : launch_rows<float, 1>(s, out, a, idx, is, outer, nsel, V, inner);
+    case KEEL_F64:
+      return vec_ok ? launch_rows<double, 2>(s, out, a, idx, is, outer, nsel, V, inner)
+                    : launch_rows<double, 1>(s, out, a, idx, is, outer, nsel, V, inner);
+    case KEEL_I64:
+      return vec_ok ? launch_rows<int64_t, 2>(s, out, a, idx, is, outer, nsel, V, inner)
+                    : launch_rows<int64_t, 1>(s, out, a, idx, is, outer, nsel, V, inner);
+    default: return KC_ERR_DTYPE;
+  }
+}
+
+/* t is dense row-major. */
+static int contiguous(const kc_view *t) {
+  int64_t want = 1;
+  for (int d = t->ndim - 1; d >= 0; d--) {
+    if (t->shape[d] != 1 && t->stride[d] != want) return 0;
+    want *= t->shape[d];
+  }
+  return 1;
+}
+
+static int check_ndim(const kc_view *t) { return t && t->ndim >= 0 && t->ndim <= KC_MAX_DIMS; }
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Entries
+** ======================================================================= */
+
+static int gather(kc_state *s, const kc_view *out, const kc_view *a, int dim, const kc_view *index) {
+  if (!check_ndim(out) || !check_ndim(a) || !check_ndim(index)) return KC_ERR_ARG;
+  if (out->ndim != a->ndim || index->ndim != a->ndim || dim < 0 || dim >= a->ndim) return KC_ERR_ARG;
+  if (index->dtype != KEEL_I64 || out->dtype != a->dtype) return KC_ERR_DTYPE;
+  if (!elem_size(out->dtype)) return KC_ERR_DTYPE;
+  for (int d = 0; d < out->ndim; d++)
+    if (out->shape[d] != index->shape[d]) return KC_ERR_ARG;
+  if (out->numel == 0) return KC_OK;
+  return take(s, out, a, dim, index, (const int64_t *)index->data);
+}
+
+static int index_select(kc_state *s, const kc_view *out, const kc_view *a, int dim, const kc_view *index) {
+  kc_view iv;
+  int64_t nsel = index ? index->numel : 0;
+  if (!check_ndim(out) || !check_ndim(a) || !check_ndim(index) || index->ndim > 1) return KC_ERR_ARG;
+  if (out->ndim != a->ndim || dim < 0 || dim >= a->ndim || out->shape[dim] != nsel) return KC_ERR_ARG;
+  if (index->dtype != KEEL_I64 || out->dtype != a->dtype) return KC_ERR_DTYPE;
+  if (!elem_size(out->dtype)) return KC_ERR_DTYPE;
+  if (out->numel == 0) return KC_OK;
+  /* the index seen through out's shape: it moves along dim only */
+  iv = *out;
+  iv.data = index->data;
+  iv.dtype = KEEL_I64;
+  for (int d = 0; d < out->ndim; d++) iv.stride[d] = 0;
+  iv.stride[dim] = index->ndim == 1 ? index->stride[0] : 0;
+  if (contiguous(out) && contiguous(a)) {
+    int64_t outer = 1, inner = 1;
+    for (int d = 0; d < dim; d++) outer *= a->shape[d];
+    for (int d = dim + 1; d < a->ndim; d++) inner *= a->shape[d];
+    return rows(s, out->dtype, out->data, a->data, (const int64_t *)index->data, iv.stride[dim], outer, nsel,
+                a->shape[dim], inner);
+  }
+  return take(s, out, a, dim, &iv, (const int64_t *)index->data);
+}
+
+static int scatter_add(kc_state *s, const kc_view *out, int dim, const kc_view *index, const kc_view *src) {
+  kc_view oz;
+  kc_geom g;
+  int64_t n, sd;
+  unsigned nb;
+  if (!check_ndim(out) || !check_ndim(index) || !check_ndim(src)) return KC_ERR_ARG;
+  if (index->ndim != out->ndim || src->ndim != out->ndim || dim < 0 || dim >= out->ndim) return KC_ERR_ARG;
+  if (index->dtype != KEEL_I64 || src->dtype != out->dtype) return KC_ERR_DTYPE;
+  if (!elem_size(out->dtype)) return KC_ERR_DTYPE;
+  n = index->numel;
+  if (n == 0) return KC_OK;
+  oz = *out;
+  sd = out->stride[dim];
+  oz.stride[dim] = 0;
+  {
+    const kc_view *ops[3] = {index, src, &oz};
+    kc_make_geom(&g, 3, ops);
+  }
+  nb = kc_blocks(n);
+  switch (out->dtype) {
+    case KEEL_F32:
+      KC_LAUNCH(nb, KC_THREADS, 0, s->stream, scatter_kernel<float>)((float *)out->data, (const float *)src->data,
+                                                                     (const int64_t *)index->data, g, sd, n);
+      break;
+    case KEEL_F64:
+      KC_LAUNCH(nb, KC_THREADS, 0, s->stream, scatter_kernel<double>)((double *)out->data, (const double *)src->data,
+                                                                      (const int64_t *)index->data, g, sd, n);
+      break;
+    case KEEL_I64:
+      KC_LAUNCH(nb, KC_THREADS, 0, s->stream, scatter_kernel<int64_t>)((int64_t *)out->data,
+                                                                       (const int64_t *)src->data,
+                                                                       (const int64_t *)index->data, g, sd, n);
+      break;
+    default: return KC_ERR_DTYPE;
+  }
+  return KC_LAUNCHED();
+}
+
+/* out [n, D] = weight [V, D] rows idx [n]; all contiguous. */
+static int embedding(kc_state *s, const kc_view *out, const kc_view *weight, const kc_view *idx) {
+  if (!check_ndim(out) || !check_ndim(weight) || !check_ndim(idx)) return KC_ERR_ARG;
+  if (out->ndim != 2 || weight->ndim != 2 || out->shape[1] != weight->shape[1] || out->shape[0] != idx->numel)
+    return KC_ERR_ARG;
+  if (idx->dtype != KEEL_I64 || out->dtype != weight->dtype) return KC_ERR_DTYPE;
+  if (!elem_size(out->dtype)) return KC_ERR_DTYPE;
+  if (out->numel == 0) return KC_OK;
+  if (!contiguous(out) || !contiguous(weight) || !contiguous(idx)) return KC_ERR_ARG;
+  return rows(s, out->dtype, out->data, weight->data, (const int64_t *)idx->data, 1, 1, idx->numel,
+              weight->shape[0], weight->shape[1]);
+}
+
+/* gw [V, D] += gout [n, D] rows at idx, skipping row pad (-1: none). */
+static int embedding_backward(kc_state *s, const kc_view *gw, const kc_view *gout, const kc_view *idx, int64_t pad) {
+  int64_t n, D;
+  unsigned nb;
+  if (!check_ndim(gw) || !check_ndim(gout) || !check_ndim(idx)) return KC_ERR_ARG;
+  if (gw->ndim != 2 || gout->ndim != 2 || gout->shape[1] != gw->shape[1] || gout->shape[0] != idx->numel)
+    return KC_ERR_ARG;
+  if (idx->dtype != KEEL_I64 || gout->dtype != gw->dtype) return KC_ERR_DTYPE;
+  D = gw->shape[1];
+  n = gout->numel;
+  if (n == 0) return KC_OK;
+  if (!contiguous(gw) || !contiguous(gout) || !contiguous(idx)) return KC_ERR_ARG;
+  nb = kc_blocks(n);
+  switch (gw->dtype) {
+    case KEEL_F32:
+      KC_LAUNCH(nb, KC_THREADS, 0, s->stream, embedding_backward_kernel<float>)(
+          (float *)gw->data, (const float *)gout->data, (const int64_t *)idx->data, D, pad, n);
+      break;
+    case KEEL_F64:
+      KC_LAUNCH(nb, KC_THREADS, 0, s->stream, embedding_backward_kernel<double>)(
+          (double *)gw->data, (const double *)gout->data, (const int64_t *)idx->data, D, pad, n);
+      break;
+    default: return KC_ERR_DTYPE;   /* the CPU slot takes float32 and float64 */
+  }
+  return KC_LAUNCHED();
+}
+
+/* }====================================================================== */
+
+void kc_register_index(keel_cuda_table *t) {
+  t->gather = gather;
+  t->scatter_add = scatter_add;
+  t->index_select = index_select;
+  t->embedding = embedding;
+  t->embedding_backward = embedding_backward;
+}

@@ -1,0 +1,405 @@
+/*
+** norm.cu: batch, layer and group normalisation (statistics, forward, the
+** fused backward) and dropout masks, as the CPU kernels of
+** engine/backend_cpu_norm.c define them.
+**
+** x is [N, C, L] (contiguous), statistics per (n, group) when groups > 0
+** (mean/rstd [N*groups]: the elements of one are a contiguous run of
+** C/groups*L) or per channel when groups == 0 (batch norm: N runs of L).
+** One block owns one statistic and does all its passes, in double, the
+** CPU's way: mean first, then squared deviations (no cancellation).
+** Per-channel weight gradients of layer/group norm cross statistics, so
+** they are column sums: partial sums over slices of N in scratch, then a
+** block per channel adds them in a fixed order. Nothing uses atomics, so
+** results repeat exactly.
+**
+** Dropout draws element i from splitmix64 of (seed, i): a counter-based
+** generator, no state on the device; the engine passes a fresh seed from
+** keel's RNG per mask.
+*/
+#include <math.h>
+#include "common.cuh"
+
+#define NT 256
+
+/* {======================================================================
+** Walking the elements of one statistic
+** ======================================================================= */
+
+typedef struct nshape {
+  int64_t N, C, L, groups, Cg;  /* Cg: channels per group (groups > 0) */
+  int64_t S;                    /* statistics */
+  double m;                     /* elements behind each */
+} nshape;
+
+static nshape shape_of(const kc_view *x, int64_t groups) {
+  nshape g;
+  g.N = x->shape[0];
+  g.C = x->shape[1];
+  g.L = x->shape[2];
+  g.groups = groups;
+  g.Cg = groups ? g.C / groups : 1;
+  g.S = groups ? g.N * groups : g.C;
+  g.m = groups ? (double)(g.Cg * g.L) : (double)(g.N * g.L);
+  return g;
+}
+
+/* Calls f(offset in x, channel) for this thread's share of statistic s. */
+template <typename F>
+__device__ __forceinline__ void visit(const nshape &g, int64_t s, F &f) {
+  int64_t tid = threadIdx.x, bd = blockDim.x;
+  if (g.groups) {
+    int64_t len = g.Cg * g.L, c0 = (s % g.groups) * g.Cg, o = s * len;
+    if (g.L == 1) {
+      for (int64_t j = tid; j < len; j += bd) f(o + j, c0 + j);
+    } else if (g.L >= bd) {
+      for (int64_t k = 0; k < g.Cg; k++)
+        for (int64_t l = tid; l < g.L; l += bd) f(o + k * g.L + l, c0 + k);
+    } else {
+      for (int64_t j = tid; j < len; j += bd) f(o + j, c0 + j / g.L);
+    }
+  } else {
+    int64_t CL = g.C * g.L, o = s * g.L;
+    if (g.L >= bd) {
+      for (int64_t n = 0; n < g.N; n++)
+        for (int64_t l = tid; l < g.L; l += bd) f(o + n * CL + l, s);
+    } else if (g.L == 1) {
+      for (int64_t n = tid; n < g.N; n += bd) f(o + n * CL, s);
+    } else {
+      for (int64_t j = tid; j < g.N * g.L; j += bd) {
+        int64_t n = j / g.L;
+        f(o + n * CL + (j - n * g.L), s);
+      }
+    }
+  }
+}
+
+typedef struct dpair { double x, y; } dpair;
+
+template <typename T>
+__device__ __forceinline__ double ld(const T *p, int64_t i, double dflt) { return p ? (double)p[i] : dflt; }
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Statistics and forward
+** ======================================================================= */
+
+template <typename T>
+__global__ void stats_kernel(nshape g, T *mean, T *rstd, T *var, const T *x, double eps) {
+  __shared__ double buf[32];
+  for (int64_t s = blockIdx.x; s < g.S; s += gridDim.x) {
+    double acc = 0, mu, v;
+    auto sum = [&](int64_t i, int64_t) { acc += (double)x[i]; };
+    visit(g, s, sum);
+    mu = kc_block_sum(acc, buf) / g.m;
+    acc = 0;
+    auto dev = [&](int64_t i, int64_t) { double d = (double)x[i] - mu; acc += d * d; };
+    visit(g, s, dev);
+    v = kc_block_sum(acc, buf) / g.m;              /* biased variance */
+    if (threadIdx.x == 0) {
+      mean[s] = (T)mu;
+      rstd[s] = (T)(1.0 / sqrt(v + eps));
+      if (var) var[s] = (T)v;
+    }
+  }
+}
+
+/* y = (x - mean) rstd w + b over [N, C*L]: blockIdx.y walks n, so the
+** statistic costs no division; the channel one when L > 1. */
+template <typename T>
+__global__ void forward_kernel(nshape g, T *y, const T *x, const T *mean, const T *rstd, const T *w,
+                               const T *b) {
+  int64_t CL = g.C * g.L;
+  for (int64_t n = blockIdx.y; n < g.N; n += gridDim.y) {
+    const T *xr = x + n * CL;
+    T *yr = y + n * CL;
+    KC_GRID_LOOP(j, CL) {
+      int64_t c = g.L == 1 ? j : j / g.L;
+      int64_t s = g.groups ? n * g.groups + c / g.Cg : c;
+      double u = ld(mean, s, 0.0), rs = ld(rstd, s, 1.0);
+      yr[j] = (T)(((double)xr[j] - u) * rs * ld(w, c, 1.0) + ld(b, c, 0.0));
+    }
+  }
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Backward. With xhat = (x - mean) rstd and per statistic
+**   A = sum dy w,  B = sum dy w xhat   (m elements)
+**   dx = rstd (dy w - A/m - xhat B/m)  (statistics of x), rstd w dy (given)
+**   dw[c] = sum dy xhat,  db[c] = sum dy
+** ======================================================================= */
+
+template <typename T>
+__global__ void backward_kernel(nshape g, T *gx, T *gw, T *gb, const T *gy, const T *x, const T *mean,
+                                const T *rstd, const T *w, int stats_of_x) {
+  __shared__ double buf[32];
+  for (int64_t s = blockIdx.x; s < g.S; s += gridDim.x) {
+    double u = ld(mean, s, 0.0), rs = ld(rstd, s, 1.0), a = 0, b = 0, A, B;
+    /* batch norm: w is one value, sum dy and dy xhat (also dw, db);
+    ** groups: dy w and dy w xhat */
+    auto pass1 = [&](int64_t i, int64_t c) {
+      double dy = (double)gy[i], xh = ((double)x[i] - u) * rs, wc = g.groups ? ld(w, c, 1.0) : 1.0;
+      a += dy * wc;
+      b += dy * wc * xh;
+    };
+    if (stats_of_x || (!g.groups && (gw || gb))) {
+      visit(g, s, pass1);
+      a = kc_block_sum(a, buf);
+      b = kc_block_sum(b, buf);
+    }
+    if (!g.groups) {
+      if (threadIdx.x == 0) {
+        if (gw) gw[s] = (T)b;
+        if (gb) gb[s] = (T)a;
+      }
+      A = a * ld(w, s, 1.0);
+      B = b * ld(w, s, 1.0);
+    } else {
+      A = a;
+      B = b;
+    }
+    if (gx) {
+      double am = stats_of_x ? A / g.m : 0, bm = stats_of_x ? B / g.m : 0;
+      auto pass2 = [&](int64_t i, int64_t c) {
+        double xh = ((double)x[i] - u) * rs;
+        gx[i] = (T)(rs * ((double)gy[i] * ld(w, c, 1.0) - am - xh * bm));
+      };
+      visit(g, s, pass2);
+    }
+  }
+}
+
+/* Group/layer norm dw, db, first pass: column j of [N, C*L] summed over
+** the slice of n of blockIdx.y: part[y][j] = {sum dy xhat, sum dy}. */
+template <typename T>
+__global__ void wgrad_part(nshape g, dpair *part, int64_t slices, int64_t per, const T *gy, const T *x,
+                           const T *mean, const T *rstd) {
+  int64_t CL = g.C * g.L;
+  for (int64_t sl = blockIdx.y; sl < slices; sl += gridDim.y) {
+    int64_t n0 = sl * per, n1 = n0 + per < g.N ? n0 + per : g.N;
+    KC_GRID_LOOP(j, CL) {
+      int64_t c = g.L == 1 ? j : j / g.L, gi = c / g.Cg;
+      double sdyx = 0, sdy = 0;
+      for (int64_t n = n0; n < n1; n++) {
+        int64_t s = n * g.groups + gi, i = n * CL + j;
+        double dy = (double)gy[i];
+        sdyx += dy * ((double)x[i] - ld(mean, s, 0.0)) * ld(rstd, s, 1.0);
+        sdy += dy;
+      }
+      part[sl * CL + j] = dpair{sdyx, sdy};
+    }
+  }
+}
+
+/* Second pass: a block per channel adds its L columns of every slice. */
+template <typename T>
+__global__ void wgrad_finish(nshape g, T *gw, T *gb, const dpair *part, int64_t slices) {
+  __shared__ double buf[32];
+  int64_t CL = g.C * g.L, k = slices * g.L;
+  for (int64_t c = blockIdx.x; c < g.C; c += gridDim.x) {
+    double a = 0, b = 0;
+    for (int64_t t = threadIdx.x; t < k; t += blockDim.x) {
+      int64_t sl = t / g.L, l = t - sl * g.L;
+      dpair v = part[sl * CL + c * g.L + l];
+      a += v.x;
+      b += v.y;
+    }
+    a = kc_block_sum(a, buf);
+    b = kc_block_sum(b, buf);
+    if (threadIdx.x == 0) {
+      if (gw) gw[c] = (T)a;
+      if (gb) gb[c] = (T)b;
+    }
+  }
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Dropout
+** ======================================================================= */
+
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+static uint64_t mix64_host(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+template <typename T>
+__global__ void dropout_kernel(T *mask, int64_t n, double p, T scale, uint64_t key) {
+  KC_GRID_LOOP(i, n) {
+    /* splitmix64 of the i-th step of a stream keyed by the seed */
+    uint64_t z = mix64(key + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull);
+    double u = (double)(z >> 11) * (1.0 / 9007199254740992.0);     /* [0, 1), 53 bits */
+    mask[i] = u < p ? (T)0 : scale;
+  }
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Entries
+** ======================================================================= */
+
+static int is_float(int dt) { return dt == KEEL_F32 || dt == KEEL_F64; }
+
+/* Same dtype as x and at least n elements (NULL passes). */
+static int check_vec(const kc_view *v, const kc_view *x, int64_t n) {
+  if (!v) return KC_OK;
+  if (v->dtype != x->dtype) return KC_ERR_DTYPE;
+  return v->numel >= n ? KC_OK : KC_ERR_ARG;
+}
+
+static int check_x(const kc_view *x, int64_t groups) {
+  if (!x || x->ndim != 3 || groups < 0) return KC_ERR_ARG;
+  if (!is_float(x->dtype)) return KC_ERR_DTYPE;
+  if (groups && x->shape[1] % groups) return KC_ERR_ARG;
+  return KC_OK;
+}
+
+static unsigned blocks_for(int64_t n) { return (unsigned)(n < 1 ? 1 : n > KC_MAX_BLOCKS ? KC_MAX_BLOCKS : n); }
+
+template <typename T>
+static int stats_t(kc_state *s, const nshape &g, const kc_view *mean, const kc_view *rstd, const kc_view *var,
+                   const kc_view *x, double eps) {
+  KC_LAUNCH(blocks_for(g.S), NT, 0, s->stream, stats_kernel<T>)(g, (T *)mean->data, (T *)rstd->data,
+                                                               var ? (T *)var->data : NULL, (const T *)x->data, eps);
+  return KC_LAUNCHED();
+}
+
+static int norm_stats(kc_state *s, const kc_view *mean, const kc_view *rstd, const kc_view *var, const kc_view *x,
+                      int64_t groups, double eps) {
+  nshape g;
+  int e;
+  if ((e = check_x(x, groups))) return e;
+  g = shape_of(x, groups);
+  if (!mean || !rstd) return KC_ERR_ARG;
+  if ((e = check_vec(mean, x, g.S)) || (e = check_vec(rstd, x, g.S)) || (e = check_vec(var, x, g.S))) return e;
+  if (g.S == 0) return KC_OK;
+  /* no elements behind each statistic: 0/0, NaN, as the CPU */
+  if (x->dtype == KEEL_F32) return stats_t<float>(s, g, mean, rstd, var, x, eps);
+  return stats_t<double>(s, g, mean, rstd, var, x, eps);
+}
+
+#define DATA(T, v) ((v) ? (T *)(v)->data : (T *)NULL)
+
+template <typename T>
+static int forward_t(kc_state *s, const nshape &g, const kc_view *y, const kc_view *x, const kc_view *mean,
+                     const kc_view *rstd, const kc_view *w, const kc_view *b) {
+  int64_t CL = g.C * g.L;
+  dim3 grid(kc_blocks(CL), (unsigned)(g.N < 65535 ? g.N : 65535));
+  KC_LAUNCH(grid, KC_THREADS, 0, s->stream, forward_kernel<T>)(g, (T *)y->data, (const T *)x->data,
+                                                               DATA(const T, mean), DATA(const T, rstd),
+                                                               DATA(const T, w), DATA(const T, b));
+  return KC_LAUNCHED();
+}
+
+static int norm_forward(kc_state *s, const kc_view *y, const kc_view *x, const kc_view *mean, const kc_view *rstd,
+                        const kc_view *weight, const kc_view *bias, int64_t groups) {
+  nshape g;
+  int e;
+  if ((e = check_x(x, groups))) return e;
+  g = shape_of(x, groups);
+  if (!y || y->numel != x->numel) return KC_ERR_ARG;
+  if ((e = check_vec(y, x, 0)) || (e = check_vec(mean, x, g.S)) || (e = check_vec(rstd, x, g.S)) ||
+      (e = check_vec(weight, x, g.C)) || (e = check_vec(bias, x, g.C)))
+    return e;
+  if (x->numel == 0) return KC_OK;
+  if (x->dtype == KEEL_F32) return forward_t<float>(s, g, y, x, mean, rstd, weight, bias);
+  return forward_t<double>(s, g, y, x, mean, rstd, weight, bias);
+}
+
+template <typename T>
+static int backward_t(kc_state *s, const nshape &g, const kc_view *gx, const kc_view *gw, const kc_view *gb,
+                      const kc_view *gy, const kc_view *x, const kc_view *mean, const kc_view *rstd,
+                      const kc_view *w, int stats_of_x) {
+  int e;
+  if (gx || !g.groups) {
+    KC_LAUNCH(blocks_for(g.S), NT, 0, s->stream, backward_kernel<T>)(
+        g, DATA(T, gx), g.groups ? NULL : DATA(T, gw), g.groups ? NULL : DATA(T, gb), (const T *)gy->data,
+        (const T *)x->data, DATA(const T, mean), DATA(const T, rstd), DATA(const T, w), stats_of_x);
+    if ((e = KC_LAUNCHED())) return e;
+  }
+  if (g.groups && (gw || gb)) {
+    int64_t CL = g.C * g.L, cols = kc_blocks(CL), target = (int64_t)(s->sm_count > 0 ? s->sm_count : 1) * 4;
+    int64_t slices = (target + cols - 1) / cols, per;
+    dpair *part;
+    /* each slice adds at least 8 rows */
+    if (slices > (g.N + 7) / 8) slices = (g.N + 7) / 8;
+    if (slices > 65535) slices = 65535;
+    if (slices < 1) slices = 1;
+    per = (g.N + slices - 1) / slices;
+    slices = g.N > 0 ? (g.N + per - 1) / per : 1;
+    if ((e = kc_scratch(s, sizeof(dpair) * (size_t)(slices * CL), (void **)&part))) return e;
+    if (CL > 0) {
+      dim3 grid((unsigned)cols, (unsigned)slices);
+      KC_LAUNCH(grid, KC_THREADS, 0, s->stream, wgrad_part<T>)(g, part, slices, per, (const T *)gy->data,
+                                                              (const T *)x->data, DATA(const T, mean),
+                                                              DATA(const T, rstd));
+      if ((e = KC_LAUNCHED())) return e;
+    }
+    if (g.N == 0 || g.L == 0) {
+      /* no rows: the sums are zero */
+      if (gw && (e = kc_fill(s, gw, 0.0))) return e;
+      if (gb && (e = kc_fill(s, gb, 0.0))) return e;
+      return KC_OK;
+    }
+    KC_LAUNCH(blocks_for(g.C), NT, 0, s->stream, wgrad_finish<T>)(g, DATA(T, gw), DATA(T, gb), part, slices);
+    return KC_LAUNCHED();
+  }
+  return KC_OK;
+}
+
+static int norm_backward(kc_state *s, const kc_view *gx, const kc_view *gw, const kc_view *gb, const kc_view *gy,
+                         const kc_view *x, const kc_view *mean, const kc_view *rstd, const kc_view *weight,
+                         int64_t groups, int stats_of_x) {
+  nshape g;
+  int e;
+  if ((e = check_x(x, groups))) return e;
+  g = shape_of(x, groups);
+  if (!gy || gy->numel != x->numel || (gx && gx->numel != x->numel)) return KC_ERR_ARG;
+  if ((e = check_vec(gy, x, 0)) || (e = check_vec(gx, x, 0)) || (e = check_vec(gw, x, g.C)) ||
+      (e = check_vec(gb, x, g.C)) || (e = check_vec(mean, x, g.S)) || (e = check_vec(rstd, x, g.S)) ||
+      (e = check_vec(weight, x, g.C)))
+    return e;
+  if (x->dtype == KEEL_F32) return backward_t<float>(s, g, gx, gw, gb, gy, x, mean, rstd, weight, stats_of_x);
+  return backward_t<double>(s, g, gx, gw, gb, gy, x, mean, rstd, weight, stats_of_x);
+}
+
+static int dropout_mask(kc_state *s, const kc_view *mask, double p, uint64_t seed) {
+  double scale = p < 1 ? 1.0 / (1.0 - p) : 0.0;
+  /* the seed goes through the mixer once, so nearby seeds give unrelated streams */
+  uint64_t key;
+  if (!mask) return KC_ERR_ARG;
+  if (mask->numel == 0) return KC_OK;
+  key = mix64_host(seed ^ 0x8CB92BA72F3D8DD7ull);
+  switch (mask->dtype) {
+    case KEEL_F32:
+      KC_LAUNCH(kc_blocks(mask->numel), KC_THREADS, 0, s->stream, dropout_kernel<float>)(
+          (float *)mask->data, mask->numel, p, (float)scale, key);
+      return KC_LAUNCHED();
+    case KEEL_F64:
+      KC_LAUNCH(kc_blocks(mask->numel), KC_THREADS, 0, s->stream, dropout_kernel<double>)(
+          (double *)mask->data, mask->numel, p, scale, key);
+      return KC_LAUNCHED();
+    default: return KC_ERR_DTYPE;
+  }
+}
+
+/* }====================================================================== */
+
+void kc_register_norm(keel_cuda_table *t) {
+  t->norm_stats = norm_stats;
+  t->norm_forward = norm_forward;
+  t->norm_backward = norm_backward;
+  t->dropout_mask = dropout_mask;
+}

@@ -1,0 +1,846 @@
+/*
+** optim.cu: the optimizer's entries on the device, as the CPU kernels of
+** engine/backend_cpu_optim.c define them:
+** - grad_stats: statistics of a gradient split into nunits equal runs,
+**   optionally seen through the clip x -> clamp(x * a[u], -v[u], v[u]),
+**   with sum |x|^pw and the parameter's sum of squares in the same pass;
+** - grad_scale_: that clip, in place;
+** - optim_update: one SGD / Adam / AdamW / RMSprop / Adagrad update of one
+**   parameter, the clip applied to each gradient element as it is read,
+**   the non-finite policy, and the sum of squares of the changes.
+**
+** Work is cut into items: a run of one unit (a chunk of it when the units
+** are few and long), one block per item at a time. A block thus never
+** crosses a unit, so the unit's scale and bound are read once per item and
+** no element pays a division to find its unit. Chunk lengths are multiples
+** of 8 elements, so when a unit's length is a multiple of the vector width
+** and the pointers are 16-byte aligned every item loads and stores whole
+** 16-byte packs. Blocks are as wide as their chunks need (32 to 256
+** threads), so many short units (AGC over a conv weight's output
+** channels) do not leave most threads idle.
+**
+** Reductions are deterministic: each item writes its partial sums to
+** device scratch, a second kernel adds a unit's partials in chunk order
+** (sums in double, counts in unsigned 64-bit), and one asynchronous copy
+** brings the unit records to pinned host scratch before the single sync.
+** The sums are not the CPU's bits (another order), only its values to
+** rounding; counts and the max are exact.
+**
+** The update formulas repeat the CPU's operation by operation, in the
+** parameter's dtype with the constants rounded to it. Products go through
+** __fmul_rn/__dmul_rn so that nvcc cannot fuse them into an FMA with the
+** following addition: square roots and divisions are IEEE by default, so
+** a CUDA update gives the CPU's bits.
+*/
+#include <math.h>
+#include <string.h>
+#include "common.cuh"
+
+/* {======================================================================
+** Items and units
+** ======================================================================= */
+
+/* Fewest elements worth a chunk of their own. */
+#define ITEM_MIN 4096
+/* Blocks per multiprocessor to aim for. */
+#define ITEMS_PER_SM 8
+
+typedef struct plan {
+  int64_t nunits, len;          /* units of len elements */
+  int64_t nchunk, clen;         /* chunks per unit, elements per chunk (a multiple of 8) */
+  int64_t items;                /* nunits * nchunk */
+  int threads;                  /* per block: fewer for short chunks (many small AGC units) */
+} plan;
+
+static void make_plan(const kc_state *s, int64_t nunits, int64_t len, plan *pl) {
+  int64_t target = (int64_t)(s->sm_count > 0 ? s->sm_count : 16) * ITEMS_PER_SM;
+  int64_t per = (target + nunits - 1) / nunits, want = (len + ITEM_MIN - 1) / ITEM_MIN;
+  int64_t nc = want < per ? want : per, clen;
+  if (nc < 1) nc = 1;
+  clen = (len + nc - 1) / nc;
+  clen = (clen + 7) & ~(int64_t)7;
+  if (clen < 8) clen = 8;
+  pl->nunits = nunits;
+  pl->len = len;
+  pl->clen = clen;
+  pl->nchunk = (len + clen - 1) / clen;
+  if (pl->nchunk < 1) pl->nchunk = 1;
+  pl->items = nunits * pl->nchunk;
+  /* about 4 elements a thread at least, whole warps */
+  pl->threads = (int)((clen / 4 + 31) & ~(int64_t)31);
+  if (pl->threads < 32) pl->threads = 32;
+  if (pl->threads > KC_THREADS) pl->threads = KC_THREADS;
+}
+
+static unsigned grid_of(int64_t items) {
+  return (unsigned)(items < 1 ? 1 : items > KC_MAX_BLOCKS ? KC_MAX_BLOCKS : items);
+}
+
+/* Item k's unit and element range [*b, *e). */
+__device__ __forceinline__ int64_t item_range(const plan &pl, int64_t k, int64_t *b, int64_t *e) {
+  int64_t u = k / pl.nchunk, c = k - u * pl.nchunk, end = (u + 1) * pl.len;
+  *b = u * pl.len + c * pl.clen;
+  *e = *b + pl.clen < end ? *b + pl.clen : end;
+  return u;
+}
+
+/* Scale and bound of the units: device arrays (nunits > 1) or one value
+** passed by value (a single unit, or the same for all). */
+typedef struct unitp {
+  const double *a, *v;
+  double a0, v0;
+} unitp;
+
+__device__ __forceinline__ double unit_a(const unitp &q, int64_t u) { return q.a ? q.a[u] : q.a0; }
+__device__ __forceinline__ double unit_v(const unitp &q, int64_t u) { return q.v ? q.v[u] : q.v0; }
+
+/* 16 bytes of T: one vector load or store. */
+template <typename T>
+struct alignas(16) kpack {
+  T x[16 / sizeof(T)];
+};
+
+static int aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
+static int64_t round16(int64_t n) { return (n + 255) & ~(int64_t)255; }
+
+/* True when a view is dense in row-major order. */
+static int dense(const kc_view *t) {
+  int64_t st = 1;
+  for (int d = t->ndim - 1; d >= 0; d--) {
+    if (t->shape[d] != 1 && t->stride[d] != st) return 0;
+    st *= t->shape[d];
+  }
+  return 1;
+}
+
+static int is_float(int dt) { return dt == KEEL_F32 || dt == KEEL_F64; }
+
+/* Scratch for the per-unit a and v (nunits > 1): device arrays filled
+** from the host ones; q gets what the kernels read. dev: nunits * 2
+** doubles of device scratch, or NULL when not needed. */
+static int units_to_device(kc_state *s, int64_t nunits, const double *a, const double *v, double *dev,
+                           unitp *q) {
+  cudaError_t e;
+  q->a = q->v = NULL;
+  q->a0 = a ? a[0] : 1.0;
+  q->v0 = v ? v[0] : INFINITY;
+  if (nunits <= 1) return KC_OK;
+  if (a) {
+    if ((e = cudaMemcpyAsync(dev, a, sizeof(double) * (size_t)nunits, cudaMemcpyHostToDevice, s->stream)))
+      return kc_check_cuda(e);
+    q->a = dev;
+  }
+  if (v) {
+    if ((e = cudaMemcpyAsync(dev + nunits, v, sizeof(double) * (size_t)nunits, cudaMemcpyHostToDevice, s->stream)))
+      return kc_check_cuda(e);
+    q->v = dev + nunits;
+  }
+  return KC_OK;
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Statistics
+** ======================================================================= */
+
+/* One item's or one unit's statistics. */
+typedef struct gstat {
+  double sum, sumsq, sabs, mx, wsq, pw;
+  unsigned long long nan, inf, zeros;
+} gstat;
+
+/* A thread's running statistics. */
+typedef struct sacc {
+  double sum, sq, ab, mx, wq, pw;
+  unsigned long long nan, inf, zeros;
+} sacc;
+
+__device__ __forceinline__ void sacc_zero(sacc &A) {
+  A.sum = A.sq = A.ab = A.mx = A.wq = A.pw = 0;
+  A.nan = A.inf = A.zeros = 0;
+}
+
+/* Element x seen through the clip in its own dtype (as the update sees
+** it), then counted: NaN and Inf apart, the rest summed. */
+template <typename T>
+__device__ __forceinline__ void stat_elem(sacc &A, T x, T ca, T lo, T hi, double pw) {
+  T t = x * ca;
+  double y = (double)(t < lo ? lo : t > hi ? hi : t);
+  if (y != y) { A.nan++; return; }
+  if (y - y != 0) { A.inf++; return; }
+  A.zeros += y == 0;
+  A.sum += y;
+  y = fabs(y);
+  A.sq += y * y;
+  A.ab += y;
+  A.mx = y > A.mx ? y : A.mx;
+  if (pw > 0) A.pw += pow(y, pw);
+}
+
+template <typename W>
+__device__ __forceinline__ void stat_w(sacc &A, W w) {
+  double y = (double)w;
+  A.wq += y * y;
+}
+
+/* The block's totals of A, valid in thread 0. sh: __shared__ double[9][32]. */
+__device__ __forceinline__ void sacc_block(sacc &A, double (*sh)[32]) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  double v[9] = {A.sum, A.sq, A.ab, A.wq, A.pw, (double)A.nan, (double)A.inf, (double)A.zeros, A.mx};
+  for (int j = 0; j < 8; j++) v[j] = kc_warp_sum(v[j]);
+  v[8] = kc_warp_max(v[8]);
+  __syncthreads();              /* sh may still be read by the last item */
+  if (lane == 0)
+    for (int j = 0; j < 9; j++) sh[j][warp] = v[j];
+  __syncthreads();
+  if (warp == 0) {
+    for (int j = 0; j < 9; j++) v[j] = lane < nw ? sh[j][lane] : 0;
+    for (int j = 0; j < 8; j++) v[j] = kc_warp_sum(v[j]);
+    v[8] = kc_warp_max(v[8]);
+  }
+  /* counts of a block are below 2^53: exact in double */
+  A.sum = v[0]; A.sq = v[1]; A.ab = v[2]; A.wq = v[3]; A.pw = v[4];
+  A.nan = (unsigned long long)v[5]; A.inf = (unsigned long long)v[6]; A.zeros = (unsigned long long)v[7];
+  A.mx = v[8];
+}
+
+__device__ __forceinline__ void sacc_store(const sacc &A, gstat *o) {
+  o->sum = A.sum; o->sumsq = A.sq; o->sabs = A.ab; o->mx = A.mx; o->wsq = A.wq; o->pw = A.pw;
+  o->nan = A.nan; o->inf = A.inf; o->zeros = A.zeros;
+}
+
+/* Any layout: one element at a time; w (NULL: none) of its own dtype. */
+template <typename T, typename W>
+__global__ void stats_kernel(const T *g, const W *w, plan pl, unitp q, double pw, gstat *part) {
+  __shared__ double sh[9][32];
+  for (int64_t k = blockIdx.x; k < pl.items; k += gridDim.x) {
+    int64_t b, e, u = item_range(pl, k, &b, &e);
+    T ca = (T)unit_a(q, u), hi = (T)unit_v(q, u), lo = -hi;
+    sacc A;
+    sacc_zero(A);
+    for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) {
+      stat_elem(A, g[i], ca, lo, hi, pw);
+      if (w) stat_w(A, w[i]);
+    }
+    sacc_block(A, sh);
+    if (threadIdx.x == 0) sacc_store(A, &part[k]);
+  }
+}
+
+/* Aligned units of whole packs, w (NULL: none) of g's dtype. */
+template <typename T>
+__global__ void stats_vec_kernel(const T *g, const T *w, plan pl, unitp q, double pw, gstat *part) {
+  const int N = 16 / sizeof(T);
+  __shared__ double sh[9][32];
+  for (int64_t k = blockIdx.x; k < pl.items; k += gridDim.x) {
+    int64_t b, e, u = item_range(pl, k, &b, &e), nv;
+    T ca = (T)unit_a(q, u), hi = (T)unit_v(q, u), lo = -hi;
+    sacc A;
+    sacc_zero(A);
+    nv = (e - b) / N;
+    for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
+      kpack<T> x = *(const kpack<T> *)(g + b + j * N);
+      for (int l = 0; l < N; l++) stat_elem(A, x.x[l], ca, lo, hi, pw);
+      if (w) {
+        kpack<T> y = *(const kpack<T> *)(w + b + j * N);
+        for (int l = 0; l < N; l++) stat_w(A, y.x[l]);
+      }
+    }
+    sacc_block(A, sh);
+    if (threadIdx.x == 0) sacc_store(A, &part[k]);
+  }
+}
+
+/* Unit totals: the partials of each unit's chunks, in chunk order. */
+__global__ void stats_final_kernel(const gstat *part, plan pl, gstat *out) {
+  __shared__ double sh[9][32];
+  for (int64_t u = blockIdx.x; u < pl.nunits; u += gridDim.x) {
+    sacc A;
+    sacc_zero(A);
+    for (int64_t c = threadIdx.x; c < pl.nchunk; c += blockDim.x) {
+      const gstat *p = &part[u * pl.nchunk + c];
+      A.sum += p->sum; A.sq += p->sumsq; A.ab += p->sabs; A.wq += p->wsq; A.pw += p->pw;
+      A.mx = p->mx > A.mx ? p->mx : A.mx;
+      A.nan += p->nan; A.inf += p->inf; A.zeros += p->zeros;
+    }
+    sacc_block(A, sh);
+    if (threadIdx.x == 0) sacc_store(A, &out[u]);
+  }
+}
+
+template <typename T>
+static int stats_launch(kc_state *s, const kc_view *g, const kc_view *w, const plan &pl, const unitp &q, double pw,
+                        gstat *part) {
+  const int N = 16 / sizeof(T);
+  unsigned nb = grid_of(pl.items);
+  const T *gp = (const T *)g->data;
+  if (pl.len % N == 0 && aligned16(gp) && (!w || (w->dtype == g->dtype && aligned16(w->data))))
+    KC_LAUNCH(nb, pl.threads, 0, s->stream, stats_vec_kernel<T>)(gp, w ? (const T *)w->data : (const T *)NULL, pl,
+                                                                 q, pw, part);
+  else if (w && w->dtype == KEEL_F32)
+    KC_LAUNCH(nb, pl.threads, 0, s->stream, stats_kernel<T, float>)(gp, (const float *)w->data, pl, q, pw, part);
+  else
+    KC_LAUNCH(nb, pl.threads, 0, s->stream, stats_kernel<T, double>)(gp, w ? (const double *)w->data : NULL, pl, q,
+                                                                     pw, part);
+  return KC_LAUNCHED();
+}
+
+/* {======================================================================
+** Deferred host results (defer_results in keel_cuda.h): each deferred
+** call queues its device-to-host copy into a pinned arena and a record of
+** where the values go; the closing call waits once and writes them.
+** ======================================================================= */
+
+enum { PEND_STATS, PEND_DSQ };
+
+typedef struct pend_rec {
+  int kind;
+  size_t off;                   /* in the arena */
+  int64_t nunits, len;          /* PEND_STATS */
+  int has_w;
+  keel_grad_stats *st;
+  double *spow, *dsq;
+} pend_rec;
+
+struct kc_pending {
+  int on;
+  char *arena;                  /* pinned */
+  size_t cap, used;
+  pend_rec *recs;
+  int n, nrec;
+};
+
+static void write_stats(const gstat *h, int64_t nunits, int64_t len, int has_w, keel_grad_stats *st, double *spow) {
+  for (int64_t u = 0; u < nunits; u++) {
+    keel_grad_stats *r = &st[u];
+    r->numel = len;
+    r->nan = (int64_t)h[u].nan;
+    r->inf = (int64_t)h[u].inf;
+    r->zeros = (int64_t)h[u].zeros;
+    r->sum = h[u].sum;
+    r->sumsq = h[u].sumsq;
+    r->sum_abs = h[u].sabs;
+    r->max_abs = h[u].mx;
+    r->w_sumsq = has_w ? h[u].wsq : 0;
+    if (spow) spow[u] = h[u].pw;
+  }
+}
+
+/* Waits for the queued copies and writes every record's values. */
+static int pend_flush(kc_state *s) {
+  struct kc_pending *P = s->pending;
+  int rc;
+  if (!P || P->n == 0) return KC_OK;
+  rc = kc_sync(s);
+  for (int i = 0; i < P->n && rc == KC_OK; i++) {
+    const pend_rec *r = &P->recs[i];
+    if (r->kind == PEND_STATS) write_stats((const gstat *)(P->arena + r->off), r->nunits, r->len, r->has_w, r->st, r->spow);
+    else *r->dsq = *(const double *)(P->arena + r->off);
+  }
+  P->n = 0;
+  P->used = 0;
+  return rc;
+}
+
+/* Room for n bytes of results and one record; a full arena is flushed
+** (one wait) before it grows, since queued copies may still land in it. */
+static int pend_reserve(kc_state *s, size_t n, pend_rec **rec, void **host) {
+  struct kc_pending *P = s->pending;
+  int rc;
+  n = (n + 15) & ~(size_t)15;
+  if (P->used + n > P->cap) {
+    size_t cap = P->cap ? P->cap : 4096;
+    void *q = NULL;
+    if ((rc = pend_flush(s))) return rc;
+    while (cap < n) cap <<= 1;
+    if (cap > P->cap) {
+      if ((rc = kc_check_cuda(cudaMallocHost(&q, cap)))) return rc;
+      if (P->arena) cudaFreeHost(P->arena);
+      P->arena = (char *)q;
+      P->cap = cap;
+    }
+  }
+  if (P->n == P->nrec) {
+    int nr = P->nrec ? 2 * P->nrec : 64;
+    pend_rec *r = (pend_rec *)realloc(P->recs, sizeof *r * (size_t)nr);
+    if (!r) return KC_ERR_NOMEM;
+    P->recs = r;
+    P->nrec = nr;
+  }
+  *rec = &P->recs[P->n++];
+  memset(*rec, 0, sizeof **rec);
+  (*rec)->off = P->used;
+  *host = P->arena + P->used;
+  P->used += n;
+  return KC_OK;
+}
+
+static int defer_results(kc_state *s, int on) {
+  if (!s->pending) {
+    if (!on) return KC_OK;
+    s->pending = (struct kc_pending *)calloc(1, sizeof *s->pending);
+    if (!s->pending) return KC_ERR_NOMEM;
+  }
+  if (on) {
+    s->pending->on = 1;
+    return KC_OK;
+  }
+  s->pending->on = 0;
+  return pend_flush(s);
+}
+
+static int deferring(const kc_state *s) { return s->pending && s->pending->on; }
+
+void kc_optim_close(kc_state *s) {
+  struct kc_pending *P = s->pending;
+  if (!P) return;
+  if (P->arena) cudaFreeHost(P->arena);
+  free(P->recs);
+  free(P);
+  s->pending = NULL;
+}
+
+/* }====================================================================== */
+
+static int grad_stats(kc_state *s, const kc_view *g, int64_t nunits, const double *a, const double *v, double pw,
+                      keel_grad_stats *st, double *spow, const kc_view *w) {
+  plan pl;
+  unitp q;
+  int64_t len, ndev;
+  size_t off_part, off_res, total;
+  char *dev;
+  gstat *hres, *part, *res;
+  int rc;
+  if (!g || (nunits > 0 && !st)) return KC_ERR_ARG;
+  if (nunits <= 0) return KC_OK;
+  if (!is_float(g->dtype) || (w && !is_float(w->dtype))) return KC_ERR_DTYPE;
+  if (!dense(g) || (w && (!dense(w) || w->numel != g->numel))) return KC_ERR_ARG;
+  len = g->numel / nunits;
+  if (len == 0) {
+    for (int64_t u = 0; u < nunits; u++) {
+      memset(&st[u], 0, sizeof st[u]);
+      if (spow) spow[u] = 0;
+    }
+    return KC_OK;
+  }
+  make_plan(s, nunits, len, &pl);
+  /* device scratch: a and v, the partials, the unit totals */
+  ndev = nunits > 1 && (a || v) ? 2 * nunits : 0;
+  off_part = (size_t)round16(ndev * (int64_t)sizeof(double));
+  off_res = off_part + (size_t)round16(pl.items * (int64_t)sizeof(gstat));
+  total = off_res + (pl.nchunk > 1 ? (size_t)nunits * sizeof(gstat) : 0);
+  if ((rc = kc_scratch(s, total, (void **)&dev))) return rc;
+  if (deferring(s)) {
+    pend_rec *rec;
+    if ((rc = pend_reserve(s, (size_t)nunits * sizeof(gstat), &rec, (void **)&hres))) return rc;
+    rec->kind = PEND_STATS;
+    rec->nunits = nunits;
+    rec->len = len;
+    rec->has_w = w != NULL;
+    rec->st = st;
+    rec->spow = spow;
+  } else if ((rc = kc_host_scratch(s, (size_t)nunits * sizeof(gstat), (void **)&hres))) {
+    return rc;
+  }
+  part = (gstat *)(dev + off_part);
+  res = pl.nchunk > 1 ? (gstat *)(dev + off_res) : part;
+  if ((rc = units_to_device(s, nunits, a, v, (double *)dev, &q))) return rc;
+  if (!spow) pw = 0;
+  rc = g->dtype == KEEL_F32 ? stats_launch<float>(s, g, w, pl, q, pw, part)
+                            : stats_launch<double>(s, g, w, pl, q, pw, part);
+  if (rc) return rc;
+  if (pl.nchunk > 1) {
+    /* a warp per unit when the chunks are few */
+    int th = pl.nchunk <= 32 ? 32 : KC_THREADS;
+    KC_LAUNCH(grid_of(nunits), th, 0, s->stream, stats_final_kernel)(part, pl, res);
+    if ((rc = KC_LAUNCHED())) return rc;
+  }
+  if ((rc = kc_check_cuda(cudaMemcpyAsync(hres, res, (size_t)nunits * sizeof(gstat), cudaMemcpyDeviceToHost,
+                                          s->stream))))
+    return rc;
+  if (deferring(s)) return KC_OK;   /* written by the closing defer_results */
+  if ((rc = kc_sync(s))) return rc;
+  write_stats(hres, nunits, len, w != NULL, st, spow);
+  return KC_OK;
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** In-place clipping: g = clamp(g * a[u], -v[u], v[u]); NaN stays NaN.
+** ======================================================================= */
+
+template <typename T>
+__device__ __forceinline__ T clip1(T x, T ca, T lo, T hi) {
+  T t = x * ca;
+  return t < lo ? lo : t > hi ? hi : t;
+}
+
+template <typename T>
+__global__ void scale_kernel(T *g, plan pl, unitp q) {
+  for (int64_t k = blockIdx.x; k < pl.items; k += gridDim.x) {
+    int64_t b, e, u = item_range(pl, k, &b, &e);
+    T ca = (T)unit_a(q, u), hi = (T)unit_v(q, u), lo = -hi;
+    for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) g[i] = clip1(g[i], ca, lo, hi);
+  }
+}
+
+template <typename T>
+__global__ void scale_vec_kernel(T *g, plan pl, unitp q) {
+  const int N = 16 / sizeof(T);
+  for (int64_t k = blockIdx.x; k < pl.items; k += gridDim.x) {
+    int64_t b, e, u = item_range(pl, k, &b, &e), nv = (e - b) / N;
+    T ca = (T)unit_a(q, u), hi = (T)unit_v(q, u), lo = -hi;
+    for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
+      kpack<T> *p = (kpack<T> *)(g + b + j * N), x = *p;
+      for (int l = 0; l < N; l++) x.x[l] = clip1(x.x[l], ca, lo, hi);
+      *p = x;
+    }
+  }
+}
+
+template <typename T>
+static int scale_launch(kc_state *s, const kc_view *g, const plan &pl, const unitp &q) {
+  unsigned nb = grid_of(pl.items);
+  T *gp = (T *)g->data;
+  if (pl.len % (16 / (int64_t)sizeof(T)) == 0 && aligned16(gp))
+    KC_LAUNCH(nb, pl.threads, 0, s->stream, scale_vec_kernel<T>)(gp, pl, q);
+  else
+    KC_LAUNCH(nb, pl.threads, 0, s->stream, scale_kernel<T>)(gp, pl, q);
+  return KC_LAUNCHED();
+}
+
+static int grad_scale_(kc_state *s, const kc_view *g, int64_t nunits, const double *a, const double *v) {
+  plan pl;
+  unitp q;
+  double *dev = NULL;
+  int64_t len;
+  int rc;
+  if (!g) return KC_ERR_ARG;
+  if (!is_float(g->dtype)) return KC_ERR_DTYPE;
+  if (!dense(g)) return KC_ERR_ARG;
+  if (nunits <= 0 || (len = g->numel / nunits) == 0) return KC_OK;
+  make_plan(s, nunits, len, &pl);
+  if (nunits > 1 && (a || v) && (rc = kc_scratch(s, sizeof(double) * 2 * (size_t)nunits, (void **)&dev))) return rc;
+  if ((rc = units_to_device(s, nunits, a, v, dev, &q))) return rc;
+  return g->dtype == KEEL_F32 ? scale_launch<float>(s, g, pl, q) : scale_launch<double>(s, g, pl, q);
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Optimizer updates. Each kind's element function follows its CPU body
+** (backend_cpu_optim.c: SGD_BODY, ADAM_BODY, RMSPROP_BODY, ADAGRAD_BODY)
+** operation for operation; comments there give PyTorch's statements.
+** ======================================================================= */
+
+/* Products that the compiler may not fuse with a neighbouring add. */
+#ifdef KEEL_CUDA_SIM
+__device__ __forceinline__ float om(float a, float b) { return a * b; }
+__device__ __forceinline__ double om(double a, double b) { return a * b; }
+#else
+__device__ __forceinline__ float om(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double om(double a, double b) { return __dmul_rn(a, b); }
+#endif
+
+/* The constants of one step in the element type (FILL_CONSTS). */
+template <typename T>
+struct kconsts {
+  T wd, decay, mom, omd, nlr, b1, omb1, b2, omb2, bc2s, eps, nss, alpha, oma, nclr, one, mone;
+};
+
+typedef struct oflags {
+  int maximize, l2, momentum, nesterov, fresh, amsgrad, decoupled, centered;
+  int masked, keep;             /* nf: ZERO or KEEP; KEEP */
+} oflags;
+
+/* Template kinds: Adam and AdamW share one (f.decoupled tells them apart). */
+enum { UK_SGD, UK_ADAM, UK_RMSPROP, UK_ADAGRAD };
+
+/* Which state buffers kind K reads and writes under f. */
+template <int K>
+__device__ __forceinline__ void uses(const oflags &f, bool *u0, bool *u1, bool *u2) {
+  *u0 = K != UK_SGD || f.momentum;
+  *u1 = K == UK_ADAM || (K == UK_RMSPROP && f.momentum);
+  *u2 = (K == UK_ADAM && f.amsgrad) || (K == UK_RMSPROP && f.centered);
+}
+
+/* One element: p and the state in place, from raw gradient value gx;
+** returns the square of the change made to p. */
+template <typename T, int K>
+__device__ __forceinline__ double upd_elem(T &p, T gx, T &s0, T &s1, T &s2, T ca, T lo, T hi,
+                                           const kconsts<T> &k, const oflags &f) {
+  T p0 = p, d, np;
+  if (f.masked && gx - gx != 0) {
+    if (f.keep) {
+      if (K == UK_SGD && f.momentum && f.fresh) s0 = 0;
+      return 0;
+    }
+    gx = 0;
+  }
+  d = clip1(gx, ca, lo, hi);
+  if (f.maximize) d = -d;
+  if (f.l2) d = d + om(k.wd, p0);
+  if (K == UK_SGD) {
+    if (f.momentum) {
+      T b = f.fresh ? d : om(s0, k.mom) + om(k.omd, d);
+      s0 = b;
+      d = f.nesterov ? d + om(k.mom, b) : b;
+    }
+    np = p0 + om(k.nlr, d);
+  } else if (K == UK_ADAM) {
+    T pp = f.decoupled ? om(p0, k.decay) : p0;
+    T m = om(s0, k.b1) + om(k.omb1, d);
+    T v = om(s1, k.b2) + om(om(k.omb2, d), d);
+    s0 = m;
+    s1 = v;
+    if (f.amsgrad) {
+      T x = s2;
+      v = (x > v) | (x != x) ? x : v;   /* torch.maximum: NaN wins */
+      s2 = v;
+    }
+    T den = sqrt(v) / k.bc2s + k.eps;
+    np = pp + om(k.nss, m) / den;
+  } else if (K == UK_RMSPROP) {
+    T sq = om(s0, k.alpha) + om(om(k.oma, d), d), avg;
+    s0 = sq;
+    if (f.centered) {
+      T ga = om(s2, k.alpha) + om(k.oma, d);
+      s2 = ga;
+      avg = sqrt(sq + om(om(k.mone, ga), ga));
+    } else {
+      avg = sqrt(sq);
+    }
+    avg = avg + k.eps;
+    if (f.momentum) {
+      T b = om(s1, k.mom) + om(k.one, d) / avg;
+      s1 = b;
+      np = p0 + om(k.nlr, b);
+    } else {
+      np = p0 + om(k.nlr, d) / avg;
+    }
+  } else {
+    T sm = s0 + om(om(k.one, d), d);
+    s0 = sm;
+    np = p0 + om(k.nclr, d) / (sqrt(sm) + k.eps);
+  }
+  p = np;
+  {
+    double c = (double)(T)(np - p0);
+    return c * c;
+  }
+}
+
+/* The block's sum of x, in thread 0; then item k's partial. */
+__device__ __forceinline__ void dsq_store(double x, double *sh, double *part, int64_t k) {
+  x = kc_block_sum(x, sh);
+  if (part && threadIdx.x == 0) part[k] = x;
+}
+
+template <typename T, int K>
+__global__ void update_kernel(T *P, const T *G, T *S0, T *S1, T *S2, plan pl, unitp q, kconsts<T> kc, oflags f,
+                              double *part) {
+  __shared__ double sh[32];
+  bool u0, u1, u2;
+  uses<K>(f, &u0, &u1, &u2);
+  for (int64_t k = blockIdx.x; k < pl.items; k += gridDim.x) {
+    int64_t b, e, u = item_range(pl, k, &b, &e);
+    T ca = (T)unit_a(q, u), hi = (T)unit_v(q, u), lo = -hi;
+    double acc = 0;
+    for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) {
+      T p = P[i], s0 = u0 ? S0[i] : (T)0, s1 = u1 ? S1[i] : (T)0, s2 = u2 ? S2[i] : (T)0;
+      acc += upd_elem<T, K>(p, G[i], s0, s1, s2, ca, lo, hi, kc, f);
+      P[i] = p;
+      if (u0) S0[i] = s0;
+      if (u1) S1[i] = s1;
+      if (u2) S2[i] = s2;
+    }
+    if (part) dsq_store(acc, sh, part, k);
+  }
+}
+
+template <typename T, int K>
+__global__ void update_vec_kernel(T *P, const T *G, T *S0, T *S1, T *S2, plan pl, unitp q, kconsts<T> kc,
+                                  oflags f, double *part) {
+  const int N = 16 / sizeof(T);
+  __shared__ double sh[32];
+  bool u0, u1, u2;
+  uses<K>(f, &u0, &u1, &u2);
+  for (int64_t k = blockIdx.x; k < pl.items; k += gridDim.x) {
+    int64_t b, e, u = item_range(pl, k, &b, &e), nv = (e - b) / N;
+    T ca = (T)unit_a(q, u), hi = (T)unit_v(q, u), lo = -hi;
+    double acc = 0;
+    for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
+      int64_t i = b + j * N;
+      kpack<T> p = *(const kpack<T> *)(P + i), g = *(const kpack<T> *)(G + i), s0, s1, s2;
+      if (u0) s0 = *(const kpack<T> *)(S0 + i);
+      if (u1) s1 = *(const kpack<T> *)(S1 + i);
+      if (u2) s2 = *(const kpack<T> *)(S2 + i);
+      for (int l = 0; l < N; l++)
+        acc += upd_elem<T, K>(p.x[l], g.x[l], s0.x[l], s1.x[l], s2.x[l], ca, lo, hi, kc, f);
+      *(kpack<T> *)(P + i) = p;
+      if (u0) *(kpack<T> *)(S0 + i) = s0;
+      if (u1) *(kpack<T> *)(S1 + i) = s1;
+      if (u2) *(kpack<T> *)(S2 + i) = s2;
+    }
+    if (part) dsq_store(acc, sh, part, k);
+  }
+}
+
+/* The sum of n partials in order, into out[0]: one block. */
+__global__ void sum_final_kernel(const double *part, int64_t n, double *out) {
+  __shared__ double sh[32];
+  double x = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) x += part[i];
+  x = kc_block_sum(x, sh);
+  if (threadIdx.x == 0) out[0] = x;
+}
+
+typedef struct upd_args {
+  void *p;
+  const void *g;
+  void *s[3];
+  int vec;
+} upd_args;
+
+template <typename T, int K>
+static int update_launch(kc_state *s, const upd_args *A, const plan &pl, const unitp &q, const kconsts<T> &kc,
+                         const oflags &f, double *part) {
+  unsigned nb = grid_of(pl.items);
+  T *P = (T *)A->p, *S0 = (T *)A->s[0], *S1 = (T *)A->s[1], *S2 = (T *)A->s[2];
+  const T *G = (const T *)A->g;
+  if (A->vec)
+    KC_LAUNCH(nb, pl.threads, 0, s->stream, update_vec_kernel<T, K>)(P, G, S0, S1, S2, pl, q, kc, f, part);
+  else
+    KC_LAUNCH(nb, pl.threads, 0, s->stream, update_kernel<T, K>)(P, G, S0, S1, S2, pl, q, kc, f, part);
+  return KC_LAUNCHED();
+}
+
+/* As FILL_CONSTS: every hyper-parameter rounded to T, the step-dependent
+** ones computed in double first. */
+template <typename T>
+static void fill_consts(kconsts<T> *k, const keel_optim_hparams *h, int64_t step) {
+  double bc1 = 1 - pow(h->beta1, (double)step), bc2 = 1 - pow(h->beta2, (double)step);
+  k->wd = (T)h->weight_decay;
+  k->decay = (T)(1 - h->lr * h->weight_decay);
+  k->mom = (T)h->momentum;
+  k->omd = (T)(1 - h->dampening);
+  k->nlr = (T)-h->lr;
+  k->b1 = (T)h->beta1;
+  k->omb1 = (T)(1 - h->beta1);
+  k->b2 = (T)h->beta2;
+  k->omb2 = (T)(1 - h->beta2);
+  k->bc2s = (T)sqrt(bc2);
+  k->nss = (T)-(h->lr / bc1);
+  k->eps = (T)h->eps;
+  k->alpha = (T)h->alpha;
+  k->oma = (T)(1 - h->alpha);
+  k->nclr = (T)-(h->lr / (1 + (double)(step - 1) * h->lr_decay));
+  k->one = (T)1;
+  k->mone = (T)-1;
+}
+
+template <typename T>
+static int update_typed(kc_state *s, int kind, const keel_optim_hparams *h, int64_t step, const upd_args *A,
+                        const plan &pl, const unitp &q, const oflags &f, double *part) {
+  kconsts<T> k;
+  fill_consts(&k, h, step);
+  switch (kind) {
+    case KEEL_OPTIM_SGD: return update_launch<T, UK_SGD>(s, A, pl, q, k, f, part);
+    case KEEL_OPTIM_ADAM: case KEEL_OPTIM_ADAMW: return update_launch<T, UK_ADAM>(s, A, pl, q, k, f, part);
+    case KEEL_OPTIM_RMSPROP: return update_launch<T, UK_RMSPROP>(s, A, pl, q, k, f, part);
+    case KEEL_OPTIM_ADAGRAD: return update_launch<T, UK_ADAGRAD>(s, A, pl, q, k, f, part);
+    default: return KC_ERR_ARG;
+  }
+}
+
+static int optim_update(kc_state *s, int kind, const keel_optim_hparams *h, int64_t step, const kc_view *p,
+                        const kc_view *g, const kc_view *const *state, int nstate, unsigned fresh, int64_t nunits,
+                        const double *a, const double *v, int nf, double *dsq) {
+  oflags f;
+  plan pl;
+  unitp q;
+  upd_args A;
+  bool need[3];
+  int64_t len, ndev, vw;
+  size_t off_part, total;
+  char *dev = NULL;
+  double *part = NULL, *hres;
+  int rc;
+  if (dsq) *dsq = 0;
+  if (!p || !g || !h || nstate < 0 || (nstate > 0 && !state)) return KC_ERR_ARG;
+  if ((unsigned)kind >= KEEL_OPTIM_KIND_COUNT) return KC_ERR_ARG;
+  if (!is_float(p->dtype) || g->dtype != p->dtype) return KC_ERR_DTYPE;
+  if (!dense(p) || !dense(g) || g->numel != p->numel) return KC_ERR_ARG;
+  memset(&f, 0, sizeof f);
+  f.maximize = h->maximize != 0;
+  f.l2 = h->weight_decay != 0 && kind != KEEL_OPTIM_ADAMW;
+  f.momentum = h->momentum != 0;
+  f.nesterov = h->nesterov != 0;
+  f.fresh = (fresh & 1u) != 0;
+  f.amsgrad = h->amsgrad != 0 && (kind == KEEL_OPTIM_ADAM || kind == KEEL_OPTIM_ADAMW);
+  f.decoupled = kind == KEEL_OPTIM_ADAMW;
+  f.centered = h->centered != 0;
+  f.masked = nf == KEEL_NONFINITE_ZERO || nf == KEEL_NONFINITE_KEEP;
+  f.keep = nf == KEEL_NONFINITE_KEEP;
+  /* the state buffers this update reads and writes (as uses<K>) */
+  need[0] = kind != KEEL_OPTIM_SGD || f.momentum;
+  need[1] = kind == KEEL_OPTIM_ADAM || kind == KEEL_OPTIM_ADAMW || (kind == KEEL_OPTIM_RMSPROP && f.momentum);
+  need[2] = ((kind == KEEL_OPTIM_ADAM || kind == KEEL_OPTIM_ADAMW) && f.amsgrad) ||
+            (kind == KEEL_OPTIM_RMSPROP && f.centered);
+  vw = 16 / (p->dtype == KEEL_F32 ? 4 : 8);
+  A.p = p->data;
+  A.g = g->data;
+  A.vec = aligned16(p->data) && aligned16(g->data);
+  for (int j = 0; j < 3; j++) {
+    const kc_view *t = j < nstate ? state[j] : NULL;
+    A.s[j] = NULL;
+    if (!need[j]) continue;
+    if (!t) return KC_ERR_ARG;
+    if (t->dtype != p->dtype) return KC_ERR_DTYPE;
+    if (!dense(t) || t->numel != p->numel) return KC_ERR_ARG;
+    A.s[j] = t->data;
+    A.vec = A.vec && aligned16(t->data);
+  }
+  if (nunits <= 0 || (len = p->numel / nunits) == 0) return KC_OK;
+  make_plan(s, nunits, len, &pl);
+  A.vec = A.vec && len % vw == 0;
+  /* device scratch: a and v, the partial sums and their total */
+  ndev = nunits > 1 && (a || v) ? 2 * nunits : 0;
+  off_part = (size_t)round16(ndev * (int64_t)sizeof(double));
+  total = off_part + (dsq ? (size_t)round16((pl.items + 1) * (int64_t)sizeof(double)) : 0);
+  if (total > 0 && (rc = kc_scratch(s, total, (void **)&dev))) return rc;
+  if (dsq) part = (double *)(dev + off_part);
+  if ((rc = units_to_device(s, nunits, a, v, (double *)dev, &q))) return rc;
+  rc = p->dtype == KEEL_F32 ? update_typed<float>(s, kind, h, step, &A, pl, q, f, part)
+                            : update_typed<double>(s, kind, h, step, &A, pl, q, f, part);
+  if (rc || !dsq) return rc;
+  KC_LAUNCH(1, KC_THREADS, 0, s->stream, sum_final_kernel)(part, pl.items, part + pl.items);
+  if ((rc = KC_LAUNCHED())) return rc;
+  if (deferring(s)) {
+    pend_rec *rec;
+    if ((rc = pend_reserve(s, sizeof(double), &rec, (void **)&hres))) return rc;
+    rec->kind = PEND_DSQ;
+    rec->dsq = dsq;
+  } else if ((rc = kc_host_scratch(s, sizeof(double), (void **)&hres))) {
+    return rc;
+  }
+  if ((rc = kc_check_cuda(cudaMemcpyAsync(hres, part + pl.items, sizeof(double), cudaMemcpyDeviceToHost,
+                                          s->stream))))
+    return rc;
+  if (deferring(s)) return KC_OK;   /* written by the closing defer_results */
+  if ((rc = kc_sync(s))) return rc;
+  *dsq = *hres;
+  return KC_OK;
+}
+
+/* }====================================================================== */
+
+void kc_register_optim(keel_cuda_table *t) {
+  t->grad_stats = grad_stats;
+  t->grad_scale_ = grad_scale_;
+  t->optim_update = optim_update;
+  t->defer_results = defer_results;
+}

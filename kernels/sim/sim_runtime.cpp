@@ -1,0 +1,505 @@
+/*
+** sim_runtime.cpp: the CUDA runtime subset of cuda_runtime.h on the CPU.
+** One device, "keel CUDA simulator (CPU)", reported as compute 9.0 with a
+** few multiprocessors. Device memory is host memory, 256-byte aligned,
+** filled with 0xFF bytes when allocated (NaN as float, -1 as int64), and
+** recorded, so that cudaFree of an unknown pointer and a copy whose device
+** side is not device memory fail (cudaErrorInvalidValue), as on a GPU.
+** Streams and events exist as handles; all work runs synchronously when
+** queued, so every stream is always idle.
+**
+** Environment (read when asked):
+**   KEEL_CUDA_SIM_DEVICES=0    no device (cudaErrorNoDevice)
+**   KEEL_CUDA_SIM_MEMORY=n     device memory in bytes (default 8 GiB):
+**                              a larger total in use is cudaErrorMemoryAllocation
+**   KEEL_CUDA_SIM_SMS=n        multiprocessors reported (default 4)
+**   KEEL_CUDA_SIM_QUIET=1      no "kcsim:" line on stderr for a failed launch
+**   KEEL_CUDA_SIM_STATS=1      launches, blocks and threads run, at exit
+*/
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <map>
+#include <mutex>
+#include <new>
+
+#include "kcsim.h"
+#include "sim_internal.h"
+
+struct kcsim_stream {
+  unsigned flags;
+};
+struct kcsim_event {
+  double t;                     /* seconds, CLOCK_MONOTONIC, when recorded */
+  int recorded;
+};
+
+namespace kcsim {
+
+stats sim_stats;
+
+static thread_local cudaError_t last_error = cudaSuccess;
+static std::mutex mem_lock;
+static std::map<uintptr_t, size_t> *blocks;   /* device allocations: base -> size */
+static std::map<const void *, int> *smem_limits;
+static size_t in_use;
+static int device;
+static char detail[1100];
+static cudaError_t detail_code;
+
+static cudaError_t fail(cudaError_t e) {
+  if (e != cudaSuccess) last_error = e;
+  return e;
+}
+
+static long long env_ll(const char *name, long long def) {
+  const char *s = getenv(name);
+  return s && *s ? strtoll(s, NULL, 10) : def;
+}
+
+static size_t total_memory(void) {
+  long long m = env_ll("KEEL_CUDA_SIM_MEMORY", 8LL << 30);
+  return m > 0 ? (size_t)m : (size_t)(8LL << 30);
+}
+
+static int devices(void) { return (int)env_ll("KEEL_CUDA_SIM_DEVICES", 1); }
+
+static void print_stats(void) {
+  fprintf(stderr, "kcsim: %llu launches, %llu blocks, %llu threads\n", (unsigned long long)sim_stats.launches,
+          (unsigned long long)sim_stats.blocks, (unsigned long long)sim_stats.threads);
+}
+
+__attribute__((constructor)) static void init(void) {
+  if (env_ll("KEEL_CUDA_SIM_STATS", 0)) atexit(print_stats);
+}
+
+void sim_set_launch_error(cudaError_t code, const char *fmt, ...) {
+  char msg[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  snprintf(detail, sizeof detail, "%s (simulator: %s)", cudaGetErrorName(code), msg);
+  detail_code = code;
+  last_error = code;
+  if (!env_ll("KEEL_CUDA_SIM_QUIET", 0)) fprintf(stderr, "kcsim: %s\n", msg);
+}
+
+size_t sim_smem_limit(const void *kernel) {
+  std::lock_guard<std::mutex> hold(mem_lock);
+  if (smem_limits) {
+    auto it = smem_limits->find(kernel);
+    if (it != smem_limits->end()) return (size_t)it->second;
+  }
+  return KCSIM_SMEM_DEFAULT;
+}
+
+/* the allocation holding p (under mem_lock), or end() */
+static std::map<uintptr_t, size_t>::iterator holder(const void *p) {
+  uintptr_t a = (uintptr_t)p;
+  auto it = blocks->upper_bound(a);
+  if (it == blocks->begin()) return blocks->end();
+  --it;
+  return a < it->first + it->second ? it : blocks->end();
+}
+
+int sim_is_device(const void *p, size_t n) {
+  std::lock_guard<std::mutex> hold(mem_lock);
+  if (!blocks) return 0;
+  auto it = holder(p);
+  return it != blocks->end() && (uintptr_t)p + n <= it->first + it->second;
+}
+
+}  // namespace kcsim
+
+using namespace kcsim;
+
+/* {======================================================================
+** Errors
+** ======================================================================= */
+
+extern "C" {
+
+const char *cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+#define N(x) case x: return #x;
+    N(cudaSuccess) N(cudaErrorInvalidValue) N(cudaErrorMemoryAllocation) N(cudaErrorInitializationError)
+    N(cudaErrorInvalidConfiguration) N(cudaErrorInvalidPitchValue) N(cudaErrorInvalidSymbol)
+    N(cudaErrorInvalidDevicePointer) N(cudaErrorInvalidMemcpyDirection) N(cudaErrorInsufficientDriver)
+    N(cudaErrorCallRequiresNewerDriver) N(cudaErrorDevicesUnavailable) N(cudaErrorInvalidDeviceFunction)
+    N(cudaErrorNoDevice) N(cudaErrorInvalidDevice) N(cudaErrorInvalidResourceHandle) N(cudaErrorNotReady)
+    N(cudaErrorIllegalAddress) N(cudaErrorLaunchOutOfResources) N(cudaErrorLaunchTimeout) N(cudaErrorAssert)
+    N(cudaErrorLaunchFailure) N(cudaErrorNotSupported) N(cudaErrorSystemDriverMismatch)
+    N(cudaErrorCompatNotSupportedOnDevice) N(cudaErrorUnknown)
+#undef N
+  }
+  return "cudaErrorUnknown";
+}
+
+const char *cudaGetErrorString(cudaError_t e) {
+  /* a failed launch: the simulator's explanation */
+  if (e == detail_code && e != cudaSuccess && detail[0]) return detail;
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInitializationError: return "initialization error";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInvalidDevicePointer: return "invalid device pointer";
+    case cudaErrorInvalidMemcpyDirection: return "invalid copy direction for memcpy";
+    case cudaErrorInsufficientDriver: return "CUDA driver version is insufficient for CUDA runtime version";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorNotReady: return "device not ready";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
+    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
+    case cudaErrorAssert: return "device-side assert triggered";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorNotSupported: return "operation not supported";
+    default: return "unknown error";
+  }
+}
+
+cudaError_t cudaGetLastError(void) {
+  cudaError_t e = last_error;
+  last_error = cudaSuccess;
+  return e;
+}
+
+cudaError_t cudaPeekAtLastError(void) { return last_error; }
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Devices
+** ======================================================================= */
+
+cudaError_t cudaGetDeviceCount(int *n) {
+  int d = devices();
+  *n = d > 0 ? d : 0;
+  return d > 0 ? cudaSuccess : fail(cudaErrorNoDevice);
+}
+
+static cudaError_t check_device(int d) {
+  int n = devices();
+  if (n <= 0) return fail(cudaErrorNoDevice);
+  return d >= 0 && d < n ? cudaSuccess : fail(cudaErrorInvalidDevice);
+}
+
+cudaError_t cudaSetDevice(int d) {
+  cudaError_t e = check_device(d);
+  if (e == cudaSuccess) device = d;
+  return e;
+}
+
+cudaError_t cudaGetDevice(int *d) {
+  *d = device;
+  return cudaSuccess;
+}
+
+static int sms(void) {
+  long long n = env_ll("KEEL_CUDA_SIM_SMS", 4);
+  return n > 0 && n < 100000 ? (int)n : 4;
+}
+
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int d) {
+  cudaError_t e = check_device(d);
+  if (e != cudaSuccess) return e;
+  memset(p, 0, sizeof *p);
+  snprintf(p->name, sizeof p->name, "keel CUDA simulator (CPU)");
+  p->totalGlobalMem = total_memory();
+  p->sharedMemPerBlock = KCSIM_SMEM_DEFAULT;
+  p->regsPerBlock = 65536;
+  p->warpSize = 32;
+  p->memPitch = (size_t)1 << 31;
+  p->maxThreadsPerBlock = 1024;
+  p->maxThreadsDim[0] = p->maxThreadsDim[1] = 1024;
+  p->maxThreadsDim[2] = 64;
+  p->maxGridSize[0] = 0x7fffffff;
+  p->maxGridSize[1] = p->maxGridSize[2] = 65535;
+  p->clockRate = 1000000;
+  p->totalConstMem = 65536;
+  p->major = 9;
+  p->minor = 0;
+  p->textureAlignment = 512;
+  p->multiProcessorCount = sms();
+  p->concurrentKernels = 1;
+  p->memoryClockRate = 1000000;
+  p->memoryBusWidth = 64;
+  p->l2CacheSize = 1 << 20;
+  p->maxThreadsPerMultiProcessor = 2048;
+  p->sharedMemPerMultiprocessor = 228 * 1024;
+  p->regsPerMultiprocessor = 65536;
+  p->sharedMemPerBlockOptin = KCSIM_SMEM_OPTIN;
+  p->maxBlocksPerMultiProcessor = 32;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d) {
+  cudaDeviceProp p;
+  cudaError_t e = cudaGetDeviceProperties(&p, d);
+  if (e != cudaSuccess) return e;
+  switch (a) {
+    case cudaDevAttrMaxThreadsPerBlock: *v = p.maxThreadsPerBlock; break;
+    case cudaDevAttrMaxBlockDimX: *v = p.maxThreadsDim[0]; break;
+    case cudaDevAttrMaxBlockDimY: *v = p.maxThreadsDim[1]; break;
+    case cudaDevAttrMaxBlockDimZ: *v = p.maxThreadsDim[2]; break;
+    case cudaDevAttrMaxGridDimX: *v = p.maxGridSize[0]; break;
+    case cudaDevAttrMaxGridDimY: *v = p.maxGridSize[1]; break;
+    case cudaDevAttrMaxGridDimZ: *v = p.maxGridSize[2]; break;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *v = (int)p.sharedMemPerBlock; break;
+    case cudaDevAttrTotalConstantMemory: *v = (int)p.totalConstMem; break;
+    case cudaDevAttrWarpSize: *v = 32; break;
+    case cudaDevAttrMaxRegistersPerBlock: *v = p.regsPerBlock; break;
+    case cudaDevAttrClockRate: *v = p.clockRate; break;
+    case cudaDevAttrMultiProcessorCount: *v = p.multiProcessorCount; break;
+    case cudaDevAttrL2CacheSize: *v = p.l2CacheSize; break;
+    case cudaDevAttrMaxThreadsPerMultiProcessor: *v = p.maxThreadsPerMultiProcessor; break;
+    case cudaDevAttrComputeCapabilityMajor: *v = p.major; break;
+    case cudaDevAttrComputeCapabilityMinor: *v = p.minor; break;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *v = (int)p.sharedMemPerMultiprocessor; break;
+    case cudaDevAttrMaxRegistersPerMultiprocessor: *v = p.regsPerMultiprocessor; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = (int)p.sharedMemPerBlockOptin; break;
+    default: return fail(cudaErrorInvalidValue);
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cudaRuntimeGetVersion(int *v) {
+  *v = CUDART_VERSION;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDriverGetVersion(int *v) {
+  *v = CUDART_VERSION;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaDeviceReset(void) { return cudaSuccess; }
+
+cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes) {
+  std::lock_guard<std::mutex> hold(mem_lock);
+  size_t t = total_memory();
+  *total_bytes = t;
+  *free_bytes = in_use < t ? t - in_use : 0;
+  return cudaSuccess;
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Memory
+** ======================================================================= */
+
+cudaError_t cudaMalloc(void **p, size_t n) {
+  std::lock_guard<std::mutex> hold(mem_lock);
+  size_t rounded = (n + 255) / 256 * 256;
+  void *q;
+  *p = NULL;
+  if (devices() <= 0) return fail(cudaErrorNoDevice);
+  if (!blocks && !(blocks = new (std::nothrow) std::map<uintptr_t, size_t>())) return fail(cudaErrorMemoryAllocation);
+  if (rounded < n || in_use + rounded > total_memory()) return fail(cudaErrorMemoryAllocation);
+  /* the exact size for the sanitizers' bounds, 256-aligned base */
+  if (posix_memalign(&q, 256, n ? n : 1) != 0) return fail(cudaErrorMemoryAllocation);
+  memset(q, 0xFF, n);
+  try {
+    (*blocks)[(uintptr_t)q] = n ? n : 1;
+  } catch (...) {
+    free(q);
+    return fail(cudaErrorMemoryAllocation);
+  }
+  in_use += rounded;
+  *p = q;
+  return cudaSuccess;
+}
+
+cudaError_t cudaFree(void *p) {
+  std::lock_guard<std::mutex> hold(mem_lock);
+  if (!p) return cudaSuccess;
+  if (!blocks) return fail(cudaErrorInvalidValue);
+  auto it = blocks->find((uintptr_t)p);
+  if (it == blocks->end()) return fail(cudaErrorInvalidValue);
+  in_use -= (it->second + 255) / 256 * 256;
+  blocks->erase(it);
+  free(p);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMallocHost(void **p, size_t n) {
+  *p = malloc(n ? n : 1);
+  return *p ? cudaSuccess : fail(cudaErrorMemoryAllocation);
+}
+
+cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags) {
+  (void)flags;
+  return cudaMallocHost(p, n);
+}
+
+cudaError_t cudaFreeHost(void *p) {
+  free(p);
+  return cudaSuccess;
+}
+
+/* The device side of a copy must be device memory, the host side not. */
+static cudaError_t check_copy(void *dst, const void *src, size_t n, cudaMemcpyKind kind) {
+  int dd = sim_is_device(dst, n), sd = sim_is_device(src, n);
+  switch (kind) {
+    case cudaMemcpyHostToHost: return !dd && !sd ? cudaSuccess : cudaErrorInvalidValue;
+    case cudaMemcpyHostToDevice: return dd && !sim_is_device(src, 1) ? cudaSuccess : cudaErrorInvalidValue;
+    case cudaMemcpyDeviceToHost: return sd && !sim_is_device(dst, 1) ? cudaSuccess : cudaErrorInvalidValue;
+    case cudaMemcpyDeviceToDevice: return dd && sd ? cudaSuccess : cudaErrorInvalidValue;
+    case cudaMemcpyDefault: return cudaSuccess;
+    default: return cudaErrorInvalidMemcpyDirection;
+  }
+}
+
+cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind) {
+  cudaError_t e;
+  if (!n) return cudaSuccess;
+  if ((e = check_copy(dst, src, n, kind)) != cudaSuccess) return fail(e);
+  memmove(dst, src, n);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind kind, cudaStream_t st) {
+  (void)st;
+  return cudaMemcpy(dst, src, n, kind);
+}
+
+cudaError_t cudaMemcpy2DAsync(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height,
+                              cudaMemcpyKind kind, cudaStream_t st) {
+  (void)st;
+  if (width > dpitch || width > spitch) return fail(cudaErrorInvalidPitchValue);
+  for (size_t r = 0; r < height; r++) {
+    cudaError_t e = cudaMemcpy((char *)dst + r * dpitch, (const char *)src + r * spitch, width, kind);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemset(void *p, int v, size_t n) {
+  if (!n) return cudaSuccess;
+  if (!sim_is_device(p, n)) return fail(cudaErrorInvalidValue);
+  memset(p, v, n);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t st) {
+  (void)st;
+  return cudaMemset(p, v, n);
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Streams and events (work is done when queued)
+** ======================================================================= */
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *st, unsigned flags) {
+  *st = new (std::nothrow) kcsim_stream();
+  if (!*st) return fail(cudaErrorMemoryAllocation);
+  (*st)->flags = flags;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamCreate(cudaStream_t *st) { return cudaStreamCreateWithFlags(st, 0); }
+
+static int special_stream(cudaStream_t st) {
+  return st == NULL || st == cudaStreamLegacy || st == cudaStreamPerThread;
+}
+
+cudaError_t cudaStreamDestroy(cudaStream_t st) {
+  if (special_stream(st)) return fail(cudaErrorInvalidResourceHandle);
+  delete st;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamSynchronize(cudaStream_t st) {
+  (void)st;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamQuery(cudaStream_t st) {
+  (void)st;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamWaitEvent(cudaStream_t st, cudaEvent_t ev, unsigned flags) {
+  (void)st, (void)flags;
+  return ev ? cudaSuccess : fail(cudaErrorInvalidResourceHandle);
+}
+
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *ev, unsigned flags) {
+  (void)flags;
+  *ev = new (std::nothrow) kcsim_event();
+  return *ev ? cudaSuccess : fail(cudaErrorMemoryAllocation);
+}
+
+cudaError_t cudaEventCreate(cudaEvent_t *ev) { return cudaEventCreateWithFlags(ev, 0); }
+
+cudaError_t cudaEventRecord(cudaEvent_t ev, cudaStream_t st) {
+  (void)st;
+  if (!ev) return fail(cudaErrorInvalidResourceHandle);
+  ev->t = now();
+  ev->recorded = 1;
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventSynchronize(cudaEvent_t ev) { return ev ? cudaSuccess : fail(cudaErrorInvalidResourceHandle); }
+cudaError_t cudaEventQuery(cudaEvent_t ev) { return ev ? cudaSuccess : fail(cudaErrorInvalidResourceHandle); }
+
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
+  if (!a || !b) return fail(cudaErrorInvalidResourceHandle);
+  if (!a->recorded || !b->recorded) return fail(cudaErrorInvalidResourceHandle);
+  *ms = (float)((b->t - a->t) * 1e3);
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventDestroy(cudaEvent_t ev) {
+  delete ev;
+  return cudaSuccess;
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Kernel attributes
+** ======================================================================= */
+
+cudaError_t kcsim_func_set_attribute(const void *func, cudaFuncAttribute attr, int value) {
+  std::lock_guard<std::mutex> hold(mem_lock);
+  if (!func) return fail(cudaErrorInvalidDeviceFunction);
+  if (attr == cudaFuncAttributePreferredSharedMemoryCarveout) return cudaSuccess;
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return fail(cudaErrorInvalidValue);
+  if (value < 0 || value > KCSIM_SMEM_OPTIN) return fail(cudaErrorInvalidValue);
+  if (!smem_limits && !(smem_limits = new (std::nothrow) std::map<const void *, int>()))
+    return fail(cudaErrorMemoryAllocation);
+  (*smem_limits)[func] = value > KCSIM_SMEM_DEFAULT ? value : KCSIM_SMEM_DEFAULT;
+  return cudaSuccess;
+}
+
+cudaError_t kcsim_occupancy(int *blocks_out, const void *func, int block_size, size_t smem) {
+  (void)func;
+  if (block_size <= 0 || block_size > 1024) return fail(cudaErrorInvalidValue);
+  int b = 2048 / block_size;
+  if (smem) {
+    int by_smem = (int)((228 * 1024) / smem);
+    if (by_smem < b) b = by_smem;
+  }
+  *blocks_out = b < 1 ? 0 : b > 32 ? 32 : b;
+  return cudaSuccess;
+}
+
+}  // extern "C"
+
+/* }====================================================================== */

@@ -1,0 +1,161 @@
+--
+-- tests/cuda_engine_spec.lua: the engine paths around the kernels with
+-- CUDA tensors: anomaly detection names the op on the device, histograms
+-- of device tensors (the monitor's), prod's backward and 0-d arg
+-- reductions, device index tensors and class targets (checked on the
+-- host, read by the kernels from a device copy), and optimizer statistics
+-- that are gathered with one wait for all parameters. Run on a GPU, or on
+-- the CUDA simulator (tools/test.sh); visible skips elsewhere.
+--
+local H = require "helper"
+local keel = H.keel
+local nn = keel.nn
+local F = nn.functional
+local ag = keel.autograd
+local hooks = require "keel.hooks"
+local gpu_it = H.gpu_it(it, pending)
+
+local function record(fn)
+  local events = {}
+  local h = hooks.on("anomaly", function(ev) events[#events + 1] = ev end)
+  local ok, err = pcall(fn)
+  h:remove()
+  return events, ok, err
+end
+
+describe("CUDA tensors in the engine's own paths", function()
+  after_each(function()
+    ag.detect_anomaly(false)
+    ag.clear_anomaly()
+  end)
+
+  gpu_it("anomaly detection names the op that made the first Inf on the device, forward and backward", function()
+    ag.detect_anomaly(true, {mode = "record"})
+    local x = keel.tensor({{1, -2, 3}}):cuda():requires_grad_(true)
+    local events = record(function() (x:log() * 2):sum():backward() end)
+    assert.are.equal(1, #events)
+    assert.are.equal("forward", events[1].phase)
+    assert.are.equal("log", events[1].op)
+    assert.are.equal(1, events[1].nan)
+
+    ag.clear_anomaly()
+    local z = keel.tensor({{0, 4}}):cuda():requires_grad_(true)
+    local y = z:sqrt()
+    assert.is_nil(ag.anomaly())
+    events = record(function() y:sum():backward() end)
+    assert.are.equal(1, #events)
+    assert.are.equal("backward", events[1].phase)
+    assert.are.equal("sqrt", events[1].op)
+    assert.are.equal(1, events[1].inf)
+  end)
+
+  gpu_it("histograms of device tensors equal the CPU's", function()
+    local S = require("keel.core")._summary
+    local t = keel.randn{1000}
+    local hc = S.histogram(t, {bins = 12})
+    local hd = S.histogram(t:cuda(), {bins = 12})
+    assert.are.same(hc, hd)
+    -- a strided device view too
+    local m = keel.randn{20, 30}
+    assert.are.same(S.histogram(m:t(), {bins = 5}), S.histogram(m:cuda():t(), {bins = 5}))
+  end)
+
+  gpu_it("prod's gradient and 0-d argmax on the device", function()
+    local a = keel.tensor({{1.5, 0, 2}, {-1, 3, 0.5}}, {dtype = "float64"})
+    local ac = a:clone():requires_grad_(true)
+    local ad = a:cuda():requires_grad_(true)
+    ac:prod(2):sum():backward()
+    ad:prod(2):sum():backward()
+    H.assert_close(ad.grad:cpu(), ac.grad:totable(), 1e-12)
+    local s = keel.tensor(4):cuda()
+    assert.are.equal(1, s:argmax(1):item())
+    assert.are.equal("cuda", s:argmax(1).device)
+  end)
+
+  gpu_it("index tensors may sit on either device; their values are checked", function()
+    local a = keel.randn{4, 5}
+    local idx = keel.tensor({{1, 5, 2}, {4, 4, 1}}, {dtype = "int64"})
+    local want = a:gather(2, idx):totable()
+    local ad = a:cuda()
+    H.assert_close(ad:gather(2, idx):cpu(), want, 0)          -- host index
+    H.assert_close(ad:gather(2, idx:cuda()):cpu(), want, 0)   -- device index
+    H.assert_error_match(function() ad:gather(2, keel.tensor({{6}}, {dtype = "int64"}):cuda()) end,
+                         "gather: index 6 out of range")
+    -- max(dim)'s device positions feed its backward (scatter_add)
+    local x = keel.tensor({{1, 7, 3}, {9, 2, 8}}):cuda():requires_grad_(true)
+    local v, i = x:max(2)
+    assert.are.same({2, 1}, i:cpu():totable())
+    v:sum():backward()
+    assert.are.same({{0, 1, 0}, {1, 0, 0}}, x.grad:cpu():totable())
+  end)
+
+  gpu_it("class targets on the device are checked on the host, with the CPU's message", function()
+    local x = keel.randn{3, 4}
+    local y = keel.tensor({1, 4, 2}, {dtype = "int64"})
+    H.assert_close(F.cross_entropy(x:cuda(), y:cuda()):cpu(), F.cross_entropy(x, y):totable(), 1e-5)
+    local _, ecpu = pcall(F.cross_entropy, x, keel.tensor({1, 5, 2}, {dtype = "int64"}))
+    local _, ecuda = pcall(F.cross_entropy, x:cuda(), keel.tensor({1, 5, 2}, {dtype = "int64"}):cuda())
+    assert.is_truthy(tostring(ecpu):find("out of range", 1, true), ecpu)
+    assert.are.equal(tostring(ecpu):match("cross_entropy:.*"), tostring(ecuda):match("cross_entropy:.*"))
+    -- a target on the other device is a mixing error
+    H.assert_error_match(function() F.cross_entropy(x:cuda(), y) end, "cpu")
+  end)
+
+  gpu_it("a step over many device parameters: statistics and update sizes arrive for every one", function()
+    keel.manual_seed(2)
+    local ps, cs = {}, {}
+    for i = 1, 12 do
+      local p = keel.randn({7 + i})
+      cs[i] = p:clone():requires_grad_(true)
+      ps[i] = p:cuda():requires_grad_(true)
+      local g = keel.randn({7 + i})
+      cs[i].grad = g
+      ps[i].grad = g:cuda()
+    end
+    local oc = keel.optim.AdamW(cs, {lr = 0.01, clip = keel.clip.global_norm(0.5)})
+    local od = keel.optim.AdamW(ps, {lr = 0.01, clip = keel.clip.global_norm(0.5)})
+    local rc, rd = oc:step(), od:step()
+    assert.are.equal(rc.grad_norm, rd.grad_norm)
+    local sc, sd = oc:grad_stats(), od:grad_stats()
+    for i = 1, 12 do
+      H.assert_close(ps[i]:cpu(), cs[i]:totable(), {atol = 1e-6, rtol = 1e-6})
+      assert.is_true(sd[i].update_ratio > 0, "update ratio of parameter " .. i)
+      H.assert_close(sd[i].update_ratio, sc[i].update_ratio, 1e-6)
+      H.assert_close(sd[i].norm, sc[i].norm, 1e-9)
+    end
+  end)
+
+  gpu_it("safetensors and checkpoints save device tensors and load them back onto the model's device", function()
+    local p = os.tmpname()
+    local t = {a = keel.randn{3, 4}:cuda(), b = keel.arange(0, 6):reshape{2, 3}:cuda():t(),
+               i = keel.tensor({1, -2}, {dtype = "int64"}):cuda()}
+    keel.save(p, t)
+    local back = keel.load(p)
+    for k, v in pairs(t) do
+      assert.are.equal("cpu", back[k].device)
+      assert.are.same(v:cpu():totable(), back[k]:totable(), k)
+    end
+    -- a CUDA model and its optimizer, saved and restored into fresh ones
+    keel.manual_seed(4)
+    local model = nn.Linear(3, 2)
+    model:to("cuda")
+    local opt = keel.optim.Adam(model:parameters(), {lr = 0.01})
+    model(keel.randn{5, 3}:cuda()):sum():backward()
+    opt:step()
+    keel.checkpoint.save(p, {model = model, optimizer = opt, step = 1})
+    local m2 = nn.Linear(3, 2)
+    m2:to("cuda")
+    local o2 = keel.optim.Adam(m2:parameters(), {lr = 0.01})
+    keel.checkpoint.load(p, {model = m2, optimizer = o2})
+    os.remove(p)
+    assert.are.equal("cuda", m2.weight.device)
+    assert.are.same(model.weight:cpu():totable(), m2.weight:cpu():totable())
+    -- the next steps agree: the optimizer state came back where its parameter is
+    for _, pair in ipairs {{model, opt}, {m2, o2}} do
+      pair[2]:zero_grad()
+      pair[1](keel.ones{2, 3}:cuda()):sum():backward()
+      pair[2]:step()
+    end
+    H.assert_close(m2.weight:cpu(), model.weight:cpu():totable(), 0)
+  end)
+end)
