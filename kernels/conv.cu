@@ -154,16 +154,16 @@ __global__ void transpose_kernel(T *dst, const T *src, int64_t nb, int64_t R, in
 }
 
 /* gb[o] = sum of gout[n, o, :] over n and pixels, in double; one block per
-** channel (a grid-stride loop over channels). */
+** channel (a grid-stride loop over channels), walking each image's plane
+** with coalesced reads and no index division. */
 template <typename T>
 __global__ void bias_grad_kernel(T *gb, const T *gout, int64_t n, int64_t oc, int64_t P) {
   __shared__ double buf[32];
-  int64_t len = n * P;
   for (int64_t o = blockIdx.x; o < oc; o += gridDim.x) {
     double s = 0;
-    for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
-      int64_t i = j / P, p = j - i * P;
-      s += (double)gout[(i * oc + o) * P + p];
+    for (int64_t i = 0; i < n; i++) {
+      const T *plane = gout + (i * oc + o) * P;
+      for (int64_t p = threadIdx.x; p < P; p += blockDim.x) s += (double)plane[p];
     }
     s = kc_block_sum(s, buf);
     if (threadIdx.x == 0) gb[o] = (T)s;

@@ -188,9 +188,12 @@ fi
 # The CUDA specs (tests/cuda_spec.lua, tests/cuda_*_spec.lua) again, their
 # kernels run by the CPU simulator (build/<cfg>/lib/libkeel_cuda_sim.so,
 # kernels/sim/): the CUDA code path checked without a GPU. Skipped when
-# the whole run is on the simulator (KEEL_CUDA_SIM=1).
+# the whole run is on the simulator (KEEL_CUDA_SIM=1), and with
+# KEEL_CUDA_SIM=0 (a GPU machine: the specs ran on the GPU already).
 sim_line=
-if [ -z "$sim_all" ] && [ -f "$sim_lib" ]; then
+if [ "${KEEL_CUDA_SIM:-}" = 0 ]; then
+  sim_line="cuda-sim: not run (KEEL_CUDA_SIM=0)"
+elif [ -z "$sim_all" ] && [ -f "$sim_lib" ]; then
   run_passed=0
   run_failed=0
   for spec in $(find tests -name 'cuda_*spec.lua' | sort); do
