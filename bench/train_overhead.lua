@@ -14,9 +14,7 @@
 --                                                             target <= 1.05
 --   guard             keel.guard(opt, {}) attached
 --   all               monitor_every1 + anomaly + guard
--- A setting whose API is not there yet (keel.autograd.detect_anomaly,
--- keel.guard) is skipped with a note; without optim's "step" event the
--- bench emits it itself.
+-- A setting that fails to attach is skipped with a note.
 --
 -- Rounds interleave the settings (their order rotates each round); each
 -- block starts from a collected heap, runs a warm-up step and times N steps.
@@ -29,7 +27,6 @@
 package.path = (arg[0]:match("^(.*)/") or ".") .. "/?.lua;" .. package.path
 local B = require "common"
 local keel = require "keel"
-local hooks = require "keel.hooks"
 local nn, optim, clip = keel.nn, keel.optim, keel.clip
 
 local rounds = B.env_int("BENCH_OVH_ROUNDS", 7)
@@ -50,40 +47,12 @@ local opt = optim.Adam(model:parameters(), {lr = 1e-3, clip = clip.global_norm(1
 local x = keel.randn{batch, 1, 28, 28}
 local y = (keel.rand{batch} * 10):long():clamp(0, 9) + 1
 
--- opt:step(loss) hands the loss to the monitor and the guard; an optimizer
--- from before issue 4 takes only a closure.
-local step_takes_loss = pcall(function()
-  local loss = nn.cross_entropy(model(x), y)
-  opt:zero_grad()
-  loss:backward()
-  opt:step(loss)
-end)
-
+-- opt:step(loss) hands the loss to the monitor and the guard
 local function train_step()
   local loss = nn.cross_entropy(model(x), y)
   opt:zero_grad()
   loss:backward()
-  if step_takes_loss then opt:step(loss) else opt:step() end
-end
-
--- Does opt:step() emit the "step" event the monitor listens to? If not
--- (an optimizer from before issue 4), the bench emits it after each step,
--- as optim.lua will, so that the monitor can be measured today.
-local emits = false
-do
-  local h = hooks.on("step", function() emits = true end)
-  train_step()
-  h:remove()
-end
-if not emits then
-  train_step = function()
-    local loss = nn.cross_entropy(model(x), y)
-    opt:zero_grad()
-    loss:backward()
-    local r = opt:step()
-    r.lr = r.lr or opt.param_groups[1].lr
-    hooks.emit("step", opt, r, loss)
-  end
+  opt:step(loss)
 end
 
 local tmp = os.tmpname()
@@ -105,27 +74,13 @@ local function guard_on()
   return function() g:remove() end
 end
 
-local function has_anomaly()
-  local ok, ag = pcall(function() return keel.autograd end)
-  return ok and type(ag) == "table" and type(ag.detect_anomaly) == "function"
-end
-
-local function has_guard()
-  local ok, g = pcall(function() return keel.guard end)
-  return ok and type(g) == "function"
-end
-
-local why_monitor = nil
-local why_anomaly = not has_anomaly() and "keel.autograd.detect_anomaly is missing" or nil
-local why_guard = not has_guard() and "keel.guard is missing" or nil
-
 local settings = {
   {name = "baseline", on = function() return function() end end},
-  {name = "monitor_every1", on = monitor_on({every = 1, hist_every = 1}), skip = why_monitor, target = 1.10},
-  {name = "monitor_every10", on = monitor_on({}), skip = why_monitor},
-  {name = "anomaly", on = anomaly_on, skip = why_anomaly, target = 1.05},
-  {name = "guard", on = guard_on, skip = why_guard},
-  {name = "all", skip = why_monitor or why_anomaly or why_guard,
+  {name = "monitor_every1", on = monitor_on({every = 1, hist_every = 1}), target = 1.10},
+  {name = "monitor_every10", on = monitor_on({})},
+  {name = "anomaly", on = anomaly_on, target = 1.05},
+  {name = "guard", on = guard_on},
+  {name = "all",
    on = function()
      local offs = {monitor_on({every = 1, hist_every = 1})(), anomaly_on(), guard_on()}
      return function() for i = #offs, 1, -1 do offs[i]() end end
@@ -134,18 +89,13 @@ local settings = {
 
 local active = {}
 for _, s in ipairs(settings) do
-  if s.skip then
-    B.note("skipped %s: %s", s.name, s.skip)
-  else
-    -- one trial run: a setting that fails to attach is skipped, not fatal
-    local ok, err = pcall(function() local off = s.on() train_step() off() end)
-    if ok then active[#active + 1] = s else B.note("skipped %s: %s", s.name, tostring(err)) end
-  end
+  -- one trial run: a setting that fails to attach is skipped, not fatal
+  local ok, err = pcall(function() local off = s.on() train_step() off() end)
+  if ok then active[#active + 1] = s else B.note("skipped %s: %s", s.name, tostring(err)) end
 end
 
 B.note("MNIST CNN, batch %d, %d rounds x %d steps per setting, threads %s, clock %s", batch, rounds, steps,
   threads or "?", clock_name)
-if not emits then B.note("opt:step() emits no \"step\" event yet (optim.lua): the bench emits it after each step") end
 
 local per = {}
 for _, s in ipairs(active) do per[s.name] = {} end

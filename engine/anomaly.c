@@ -139,16 +139,14 @@ static int device_nonfinite(const keel_tensor *t) {
   keel_ctx *ctx = t->ctx;
   keel_tensor *c = NULL;
   keel_grad_stats s;
-  keel_status saved = ctx->status;
-  char msg[sizeof ctx->err];
+  kl_err_saved saved;
   int bad = 0;
-  memcpy(msg, ctx->err, sizeof msg);
+  kl_err_save(ctx, &saved);
   if (keel_contiguous(ctx, (keel_tensor *)t, &c) == KEEL_OK &&
       kl_backend_for(ctx, c->storage->device)->grad_stats(ctx, c, 1, NULL, NULL, 0, &s, NULL, NULL) == KEEL_OK)
     bad = s.nan + s.inf > 0;
   keel_tensor_release(c);
-  ctx->status = saved;
-  memcpy(ctx->err, msg, sizeof msg);
+  kl_err_restore(ctx, &saved);
   return bad;
 }
 
@@ -188,13 +186,11 @@ static tally count_all(const keel_tensor *t) {
     ** counts nothing and leaves no error behind (as device_nonfinite) */
     keel_ctx *ctx = t->ctx;
     keel_tensor *h = NULL;
-    keel_status saved = ctx->status;
-    char msg[sizeof ctx->err];
-    memcpy(msg, ctx->err, sizeof msg);
+    kl_err_saved saved;
+    kl_err_save(ctx, &saved);
     if (kl_transfer(ctx, t, KEEL_CPU, t->dtype, &h) == KEEL_OK) visit(h, 0, add_tally, &s);
     keel_tensor_release(h);
-    ctx->status = saved;
-    memcpy(ctx->err, msg, sizeof msg);
+    kl_err_restore(ctx, &saved);
   }
   if (s.lo > s.hi) s.lo = s.hi = NAN;   /* no finite element */
   return s;

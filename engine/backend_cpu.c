@@ -1,6 +1,6 @@
 /*
 ** backend_cpu.c: the CPU backend. Plain C loops over strided tensors and
-** OpenBLAS for matrix products.
+** OpenBLAS for matrix products (kl_cpu_gemm, gemm.c).
 **
 ** Every elementwise kernel walks its operands with row_loop(): dimensions
 ** that are contiguous in every operand are merged, so the inner callback
@@ -9,7 +9,6 @@
 */
 #include <string.h>
 #include <tgmath.h>
-#include <cblas.h>
 #include "keel_impl.h"
 
 /* {======================================================================
@@ -491,14 +490,14 @@ static keel_status cpu_norm(keel_ctx *ctx, keel_tensor *out, const keel_tensor *
 ** Matrix product through BLAS
 ** ======================================================================= */
 
-/* How BLAS reads the last two dims of t (rows x cols): 0 when it can't. */
-static int gemm_layout(const keel_tensor *t, int64_t rows, int64_t cols, CBLAS_TRANSPOSE *tr,
-                       int64_t *ld) {
+/* How BLAS reads the last two dims of t (rows x cols), *tr set when
+** transposed: 0 when it can't. */
+static int gemm_layout(const keel_tensor *t, int64_t rows, int64_t cols, int *tr, int64_t *ld) {
   int64_t rs = t->stride[1], cs = t->stride[2];
   if (cols == 1 && rs >= 1) cs = 1;          /* single column: stride irrelevant */
   if (rows == 1) rs = cols > 0 ? cols : 1;   /* single row */
-  if (cs == 1 && rs >= (cols > 1 ? cols : 1)) { *tr = CblasNoTrans; *ld = rs; return 1; }
-  if (rs == 1 && cs >= (rows > 1 ? rows : 1)) { *tr = CblasTrans; *ld = cs; return 1; }
+  if (cs == 1 && rs >= (cols > 1 ? cols : 1)) { *tr = 0; *ld = rs; return 1; }
+  if (rs == 1 && cs >= (rows > 1 ? rows : 1)) { *tr = 1; *ld = cs; return 1; }
   return 0;
 }
 
@@ -512,7 +511,7 @@ static keel_status dense_copy(keel_ctx *ctx, const keel_tensor *t, keel_tensor *
 static keel_status cpu_matmul(keel_ctx *ctx, keel_tensor *out, const keel_tensor *a,
                               const keel_tensor *b) {
   int64_t B = out->shape[0], M = out->shape[1], N = out->shape[2], K = a->shape[2];
-  CBLAS_TRANSPOSE ta, tb;
+  int ta, tb;
   int64_t lda, ldb;
   size_t es = kl_dtype_size[out->dtype];
   keel_tensor *ca = NULL, *cb = NULL;
@@ -533,14 +532,14 @@ static keel_status cpu_matmul(keel_ctx *ctx, keel_tensor *out, const keel_tensor
   pa = (char *)kl_data(a);
   pb = (char *)kl_data(b);
   /* a contiguous stack of A matrices times one B: one tall product */
-  if (ta == CblasNoTrans && B > 1 && b->stride[0] == 0 && a->stride[0] == M * lda) {
+  if (!ta && B > 1 && b->stride[0] == 0 && a->stride[0] == M * lda) {
     M *= B;
     B = 1;
   }
   for (int64_t i = 0; i < B; i++) {
     char *xa = pa + i * a->stride[0] * (int64_t)es, *xb = pb + i * b->stride[0] * (int64_t)es;
     char *xo = po + i * M * N * (int64_t)es;
-    if ((st = kl_cpu_gemm(ctx, out->dtype, ta == CblasTrans, tb == CblasTrans, M, N, K, xa, lda, xb, ldb, 0.0,
+    if ((st = kl_cpu_gemm(ctx, out->dtype, ta, tb, M, N, K, xa, lda, xb, ldb, 0.0,
                           xo, N)))
       break;
   }

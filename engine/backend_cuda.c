@@ -35,6 +35,11 @@ static const char *name_of(const char *const *names, int n, int i, const char *o
   return i >= 0 && i < n ? names[i] : other;
 }
 
+/* The name of op code op (KL_OP_*), or other. */
+static const char *op_name(int op, const char *other) {
+  return op >= 0 && op < KL_OP_COUNT ? kl_ops[op].name : other;
+}
+
 static keel_status no_kernel(keel_ctx *ctx, const char *op) {
   return kl_error(ctx, KEEL_ERR_DEVICE, "%s: no CUDA kernel yet", op);
 }
@@ -92,13 +97,14 @@ static keel_status device_index(keel_ctx *ctx, const char *fn, const keel_tensor
     return KEEL_OK;
   }
   if (idx->dtype != KEEL_I64) return kl_error(ctx, KEEL_ERR_TYPE, "%s: index tensor is not int64", fn);
+  if (!base) return kl_transfer(ctx, idx, KEEL_CUDA, KEEL_I64, out);
   if ((st = kl_new(ctx, KEEL_I64, KEEL_CPU, idx->ndim, idx->shape, &h))) return st;
   if ((st = kl_cpu_backend.copy(ctx, h, idx))) goto done;
-  if (base) {
+  {
     int64_t *v = (int64_t *)kl_data(h);
     for (int64_t i = 0; i < h->numel; i++) v[i] -= base;
   }
-  st = keel_to_device(ctx, h, KEEL_CUDA, 0, out);
+  st = kl_transfer(ctx, h, KEEL_CUDA, KEEL_I64, out);
 done:
   keel_tensor_release(h);
   return st;
@@ -241,7 +247,7 @@ static keel_status cuda_index_select(keel_ctx *ctx, keel_tensor *out, const keel
 }
 
 static keel_status cuda_act(keel_ctx *ctx, int op, keel_tensor *out, const keel_tensor *a, const double *p) {
-  const char *fn = op >= 0 && op < KL_OP_COUNT ? kl_ops[op].name : "activation";
+  const char *fn = op_name(op, "activation");
   kc_view vo, va;
   keel_status st;
   if (!PL->act) return no_kernel(ctx, fn);
@@ -251,7 +257,7 @@ static keel_status cuda_act(keel_ctx *ctx, int op, keel_tensor *out, const keel_
 
 static keel_status cuda_act_backward(keel_ctx *ctx, int op, keel_tensor *gin, const keel_tensor *gout,
                                      const keel_tensor *a, const double *p) {
-  const char *fn = op >= 0 && op < KL_OP_COUNT ? kl_ops[op].name : "activation";
+  const char *fn = op_name(op, "activation");
   kc_view vg, vo, va;
   keel_status st;
   if (!PL->act_backward) return no_kernel(ctx, fn);
@@ -427,9 +433,6 @@ static keel_status cuda_embedding_backward(keel_ctx *ctx, keel_tensor *gw, const
   return st;
 }
 
-static const char *op_name(int op, const char *other) {
-  return op >= 0 && op < KL_OP_COUNT ? kl_ops[op].name : other;
-}
 static keel_status cuda_ploss(keel_ctx *ctx, int op, keel_tensor *out, const keel_tensor *x, const keel_tensor *y,
                               double p, int red) {
   const char *fn = op_name(op, "loss");
@@ -544,7 +547,7 @@ static const kc_rnn *rnn_args(const kl_rnn_args *a, kc_rnn *r, kc_view *v) {
 /* Makes a->ws on the device (the CPU backend's layout, which backward
 ** reads), then runs the layer; a->ws stays NULL on error. */
 static keel_status cuda_rnn_forward(keel_ctx *ctx, kl_rnn_args *a) {
-  const char *fn = a->mode >= 0 && a->mode < KEEL_RNN_MODE_COUNT ? rnn_names[a->mode] : "rnn";
+  const char *fn = name_of(rnn_names, KEEL_RNN_MODE_COUNT, a->mode, "rnn");
   kc_rnn r;
   kc_view v[17];
   keel_tensor *ws = NULL;
@@ -567,7 +570,7 @@ static keel_status cuda_rnn_forward(keel_ctx *ctx, kl_rnn_args *a) {
   return st;
 }
 static keel_status cuda_rnn_backward(keel_ctx *ctx, kl_rnn_args *a) {
-  const char *fn = a->mode >= 0 && a->mode < KEEL_RNN_MODE_COUNT ? rnn_bwd_names[a->mode] : "rnn backward";
+  const char *fn = name_of(rnn_bwd_names, KEEL_RNN_MODE_COUNT, a->mode, "rnn backward");
   kc_rnn r;
   kc_view v[17];
   keel_status st;
@@ -609,16 +612,10 @@ static keel_status cuda_optim_update(keel_ctx *ctx, keel_optim_kind kind, const 
   const kc_view *sv[KL_OPTIM_MAX_STATE];
   keel_status st;
   const char *fn = keel_optim_kind_name(kind);
-  /* state made while the parameter was on the CPU (the model moved after
-  ** the optimizer was built) must not reach a kernel */
-  for (int k = 0; k < ns; k++)
-    if (state[k] && state[k]->storage->device != p->storage->device)
-      return kl_error(ctx, KEEL_ERR_DEVICE,
-                      "%s.step: state %s is on %s, its parameter on %s; build the optimizer after moving the model",
-                      fn, names[k], keel_device_name(state[k]->storage->device),
-                      keel_device_name(p->storage->device));
   if (!PL->optim_update) return no_kernel(ctx, "optimizer step");
-  if ((st = on_gpu(ctx, fn, p, g, NULL))) return st;
+  /* optim.c moves state to its parameter's device first (and passes
+  ** KL_OPTIM_MAX_STATE slots): this is the usual last check */
+  if ((st = on_gpu(ctx, fn, p, g, OPT(state[0]), OPT(state[1]), OPT(state[2]), NULL))) return st;
   if (ns > KL_OPTIM_MAX_STATE) return kl_error(ctx, KEEL_ERR_STATE, "%s.step: too many state buffers", fn);
   for (int k = 0; k < ns; k++) sv[k] = view(state[k], &vs[k]);
   if ((st = done(ctx, fn, PL->optim_update(ST, kind, h, step, view(p, &vp), view(g, &vg), sv, ns, fresh, nunits, a,

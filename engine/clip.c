@@ -464,7 +464,9 @@ static int is_pow2(double x) {
 ** values and scales its results, unless some |g| * gs leaves the dtype's
 ** range (those elements become Inf and must be counted): then, as for any
 ** other scale or a general norm order, the elementwise pass with a = gs
-** (a and v of the units hold gs and +inf). */
+** (a and v of the units hold gs and +inf). A device gradient always takes
+** the elementwise pass: its results are deferred (kl_clip_stats), so none
+** may be read on the way. */
 static keel_status unscaled_stats(keel_ctx *ctx, kl_clip_work *w, keel_tensor *g, keel_tensor *p, int64_t u0,
                                   int64_t n, double gs) {
   const kl_backend *be = kl_backend_for(ctx, g->storage->device);
@@ -473,6 +475,9 @@ static keel_status unscaled_stats(keel_ctx *ctx, kl_clip_work *w, keel_tensor *g
   int exact = gs == 1 || (is_pow2(gs) && !(w->pw > 0) &&
                           (g->dtype != KEEL_F32 || (gs >= FLT_MIN && gs <= FLT_MAX)));   /* (float)gs == gs */
   keel_status st;
+  if (g->storage->device != KEEL_CPU)
+    return be->grad_stats(ctx, g, n, gs == 1 ? NULL : w->a + u0, gs == 1 ? NULL : w->v + u0, w->pw, w->us + u0, spow,
+                          p);
   if (exact) {
     if ((st = be->grad_stats(ctx, g, n, NULL, NULL, w->pw, w->us + u0, spow, p))) return st;
     if (gs == 1) return KEEL_OK;
@@ -517,20 +522,15 @@ keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w
   w->coef = 1;
   w->clipped = 0;
   /* Device gradients: every statistics pass is queued first and the host
-  ** waits once for all of them (kl_cuda_defer), so those passes read no
-  ** result on the way: the loss scale goes in as the units' factor. */
+  ** waits once for all of them (kl_cuda_defer); unscaled_stats reads no
+  ** device result on the way. */
   if (dev && (st = kl_cuda_defer(ctx, "clip", 1))) return st;
   nu = 0;
   for (int k = 0; k < m && !st; k++) {
     int64_t n = agc ? kl_clip_agc_units(g[k]) : 1;
     w->u0[k] = nu;
     for (int64_t u = nu; u < nu + n; u++) { w->a[u] = gs; w->v[u] = INFINITY; w->spow[u] = 0; w->wsq[u] = 0; }
-    if (g[k]->storage->device == KEEL_CPU)
-      st = unscaled_stats(ctx, w, g[k], p ? p[k] : NULL, nu, n, gs);
-    else
-      st = kl_backend_for(ctx, g[k]->storage->device)
-               ->grad_stats(ctx, g[k], n, gs == 1 ? NULL : w->a + nu, gs == 1 ? NULL : w->v + nu, w->pw, w->us + nu,
-                            w->pw > 0 ? w->spow + nu : NULL, p ? p[k] : NULL);
+    st = unscaled_stats(ctx, w, g[k], p ? p[k] : NULL, nu, n, gs);
     nu += n;
   }
   if (dev && (st2 = kl_cuda_defer(ctx, "clip", 0)) && !st) st = st2;

@@ -85,6 +85,16 @@ keel_status kl_error(keel_ctx *ctx, keel_status st, const char *fmt, ...) {
 const char *keel_last_error(const keel_ctx *ctx) { return ctx->err; }
 keel_status keel_last_status(const keel_ctx *ctx) { return ctx->status; }
 
+void kl_err_save(const keel_ctx *ctx, kl_err_saved *s) {
+  s->status = ctx->status;
+  memcpy(s->err, ctx->err, sizeof s->err);
+}
+
+void kl_err_restore(keel_ctx *ctx, const kl_err_saved *s) {
+  ctx->status = s->status;
+  memcpy(ctx->err, s->err, sizeof s->err);
+}
+
 const char *keel_status_name(keel_status st) {
   static const char *names[] = {"ok", "bad argument", "shape mismatch", "unsupported dtype",
                                 "index out of range", "out of memory", "device error",

@@ -76,6 +76,11 @@ struct keel_ctx {
 };
 
 KEEL_INTERNAL keel_status kl_error(keel_ctx *ctx, keel_status st, const char *fmt, ...);
+/* The context's error, kept across work whose own errors must not show
+** (cleanup after a failure, a best-effort check inside a successful op). */
+typedef struct kl_err_saved { keel_status status; char err[sizeof(((keel_ctx *)0)->err)]; } kl_err_saved;
+KEEL_INTERNAL void kl_err_save(const keel_ctx *ctx, kl_err_saved *s);
+KEEL_INTERNAL void kl_err_restore(keel_ctx *ctx, const kl_err_saved *s);
 KEEL_INTERNAL void *kl_malloc(keel_ctx *ctx, size_t n);   /* small structs */
 /* Records of one fixed size from a spare list (see keel_ctx). */
 KEEL_INTERNAL void *kl_spare_get(keel_ctx *ctx, void **list, int *count, size_t n);

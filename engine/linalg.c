@@ -337,7 +337,7 @@ static keel_status index_tensor(keel_ctx *ctx, const char *fn, keel_tensor *inde
   keel_status st;
   if (index->storage->device == KEEL_CPU) return index_on_host(ctx, fn, index, limit, out);
   *out = NULL;
-  if ((st = kl_check_same_ctx(ctx, fn, index)) || (st = keel_to_device(ctx, index, KEEL_CPU, 0, &h))) return st;
+  if ((st = kl_check_same_ctx(ctx, fn, index)) || (st = kl_transfer(ctx, index, KEEL_CPU, index->dtype, &h))) return st;
   st = index_on_host(ctx, fn, h, limit, out);
   keel_tensor_release(h);
   return st;

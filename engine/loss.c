@@ -163,7 +163,7 @@ static keel_status class_targets(keel_ctx *ctx, const char *fn, keel_tensor *tar
   /* checked on the host: a device target comes over once (the CUDA
   ** backend uploads the checked copy its kernels read) */
   if (target->storage->device != KEEL_CPU) {
-    if ((st = keel_to_device(ctx, target, KEEL_CPU, 0, &host))) return st;
+    if ((st = kl_transfer(ctx, target, KEEL_CPU, target->dtype, &host))) return st;
     target = host;
   }
   if ((st = kl_new(ctx, KEEL_I64, KEEL_CPU, target->ndim, target->shape, out))) goto done;

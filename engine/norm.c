@@ -408,7 +408,7 @@ static keel_status embedding_indices(keel_ctx *ctx, const char *fn, keel_tensor 
   /* checked on the host: a device index comes over once (the CUDA backend
   ** uploads the checked copy its kernels read) */
   if (indices->storage->device != KEEL_CPU) {
-    if ((st = keel_to_device(ctx, indices, KEEL_CPU, 0, &host))) return st;
+    if ((st = kl_transfer(ctx, indices, KEEL_CPU, indices->dtype, &host))) return st;
     indices = host;
   }
   TRY(kl_new(ctx, KEEL_I64, KEEL_CPU, indices->ndim, indices->shape, &c));

@@ -650,12 +650,10 @@ static keel_status load_src(keel_ctx *ctx, const char *what, st_src *src, keel_s
 done:
   kl_free(ctx, hdr, (size_t)hlen);
   if (s != KEEL_OK) {
-    keel_status keep = ctx->status;
-    char msg[sizeof ctx->err];
-    memcpy(msg, ctx->err, sizeof msg);
+    kl_err_saved keep;
+    kl_err_save(ctx, &keep);
     keel_safetensors_free(st);
-    ctx->status = keep;
-    memcpy(ctx->err, msg, sizeof msg);
+    kl_err_restore(ctx, &keep);
     return s;
   }
   *out = st;

@@ -97,51 +97,24 @@ static int dense_copy(kc_state *s, const kc_view *t, void *q, mat *m) {
 ** The product
 ** ======================================================================= */
 
-static cublasOperation_t op_of(int t) { return t ? CUBLAS_OP_T : CUBLAS_OP_N; }
-
-/* Column-major C (m x n, ldc, batch stride sc) = op(A) op(B) for batch
-** matrices, in the compute type of the state's matmul precision. */
-static cublasStatus_t gemm(kc_state *s, cublasHandle_t h, int dt, cublasOperation_t ta, cublasOperation_t tb,
-                           int m, int n, int k, const void *A, int lda, long long sa, const void *B, int ldb,
-                           long long sb, void *C, int ldc, long long sc, int batch) {
-  const float onef = 1.0f, zerof = 0.0f;
-  const double oned = 1.0, zerod = 0.0;
-  cudaDataType_t t = dt == KEEL_F32 ? CUDA_R_32F : CUDA_R_64F;
-  cublasComputeType_t ct = kc_compute_type(s, dt);
-  /* alpha and beta have the compute type's scalar type */
-  const void *one = dt == KEEL_F32 ? (const void *)&onef : (const void *)&oned;
-  const void *zero = dt == KEEL_F32 ? (const void *)&zerof : (const void *)&zerod;
-  if (batch == 1)
-    return cublasGemmEx(h, ta, tb, m, n, k, one, A, t, lda, B, t, ldb, zero, C, t, ldc, ct, CUBLAS_GEMM_DEFAULT);
-  return cublasGemmStridedBatchedEx(h, ta, tb, m, n, k, one, A, t, lda, sa, B, t, ldb, sb, zero, C, t, ldc, sc,
-                                    batch, ct, CUBLAS_GEMM_DEFAULT);
-}
-
-/*
-** Row-major out [B, M, N] (row stride ldc, batch stride sc) = a @ b, as
-** column-major out^T = b^T a^T: cuBLAS's first operand is b (its storage
-** is b^T when b is row-major: no transpose), the second a.
-*/
+/* Row-major out [B, M, N] (row stride ldc, batch stride sc) = a @ b
+** through kc_gemm (gemm.cu: the matmul precision applies). */
 static int product(kc_state *s, int dt, int64_t B, int64_t M, int64_t N, int64_t K, const mat *a, const mat *b, void *out,
                    int64_t ldc, int64_t sc) {
-  cublasHandle_t h;
-  int r = kc_cublas(s, &h);
   const int64_t chunk = (int64_t)1 << 30, es = dt == KEEL_F32 ? 4 : 8;
-  if (r) return r;
   /* a dense stack of row-major A matrices times one B: one tall product */
   if (B > 1 && b->bs == 0 && a->trans && a->bs == M * a->ld && sc == M * ldc && M * B <= 0x7fffffff) {
     M *= B;
     B = 1;
   }
   for (int64_t i = 0; i < B; i += chunk) {
-    int nb = (int)(B - i < chunk ? B - i : chunk);
+    int64_t nb = B - i < chunk ? B - i : chunk;
     const char *pa = (const char *)a->p + i * a->bs * es;
     const char *pb = (const char *)b->p + i * b->bs * es;
     char *po = (char *)out + i * sc * es;
-    /* b^T is b's storage when b is row-major (trans 1): no op on it */
-    cublasStatus_t st = gemm(s, h, dt, op_of(!b->trans), op_of(!a->trans), (int)N, (int)M, (int)K, pb, (int)b->ld,
-                                     b->bs, pa, (int)a->ld, a->bs, po, (int)ldc, sc, nb);
-    if (st != CUBLAS_STATUS_SUCCESS) return KC_CUBLAS_BASE + (int)st;
+    /* kc_gemm is row-major: op(a) is a as stored when a is row-major (trans 1) */
+    int r = kc_gemm(s, dt, !a->trans, !b->trans, M, N, K, pa, a->ld, a->bs, pb, b->ld, b->bs, 0.0, po, ldc, sc, nb);
+    if (r) return r;
   }
   return KC_OK;
 }

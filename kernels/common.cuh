@@ -78,11 +78,17 @@ static inline cublasComputeType_t kc_compute_type(const kc_state *s, int dt) {
     default: return CUBLAS_COMPUTE_32F;
   }
 }
+/* The keel_dtype of a kernel's element type. */
+template <typename T> struct kc_dtype_of;
+template <> struct kc_dtype_of<float> { static const int v = KEEL_F32; };
+template <> struct kc_dtype_of<double> { static const int v = KEEL_F64; };
+
 /* Row-major C[m,n] = op(A)[m,k] op(B)[k,n] + beta C (op: transposed when
 ** ta/tb) over batch matrices at element strides sA, sB, sC (0 reuses one
 ** matrix), dtype dt (KEEL_F32, KEEL_F64), under the state's matmul
-** precision (gemm.cu). Sizes and leading dimensions must fit an int, k >
-** 0 (with k == 0 cuBLAS would leave C to its reading of beta). */
+** precision (gemm.cu). Sizes and leading dimensions must fit an int. With
+** k == 0 C becomes beta C for beta 0 or 1 (cuBLAS would leave it to its
+** own reading of beta), as the CPU's kl_cpu_gemm does. */
 KC_HIDDEN int kc_gemm(kc_state *s, int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, const void *A,
                       int64_t lda, int64_t sA, const void *B, int64_t ldb, int64_t sB, double beta, void *C,
                       int64_t ldc, int64_t sC, int64_t batch);

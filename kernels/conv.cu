@@ -41,15 +41,11 @@ static int elem_size(int dt) { return dt == KEEL_F32 ? 4 : dt == KEEL_F64 ? 8 : 
 
 /* Row-major products through kc_gemm (gemm.cu: the matmul precision
 ** applies); callers keep sizes under 2^31 and k > 0. */
-template <typename T> struct dtype_of;
-template <> struct dtype_of<float> { static const int v = KEEL_F32; };
-template <> struct dtype_of<double> { static const int v = KEEL_F64; };
-
 template <typename T>
 static int rm_gemm(kc_state *s, int ta, int tb, int64_t m, int64_t n, int64_t k, const T *A, int64_t lda,
                    int64_t sA, const T *B, int64_t ldb, int64_t sB, T beta, T *C, int64_t ldc, int64_t sC,
                    int64_t batch) {
-  return kc_gemm(s, dtype_of<T>::v, ta, tb, m, n, k, A, lda, sA, B, ldb, sB, (double)beta, C, ldc, sC, batch);
+  return kc_gemm(s, kc_dtype_of<T>::v, ta, tb, m, n, k, A, lda, sA, B, ldb, sB, (double)beta, C, ldc, sC, batch);
 }
 
 /* {======================================================================

@@ -6,6 +6,15 @@
 */
 #include "common.cuh"
 
+/* C = 0 for the batch matrices of an empty sum (k == 0). */
+template <typename T>
+__global__ void zero_kernel(T *c, int64_t m, int64_t n, int64_t ldc, int64_t sc, int64_t batch) {
+  KC_GRID_LOOP(i, batch * m * n) {
+    int64_t b = i / (m * n), j = i - b * (m * n), r = j / n;
+    c[b * sc + r * ldc + (j - r * n)] = (T)0;
+  }
+}
+
 int kc_gemm(kc_state *s, int dt, int ta, int tb, int64_t m, int64_t n, int64_t k, const void *A, int64_t lda,
             int64_t sA, const void *B, int64_t ldb, int64_t sB, double beta, void *C, int64_t ldc, int64_t sC,
             int64_t batch) {
@@ -18,7 +27,19 @@ int kc_gemm(kc_state *s, int dt, int ta, int tb, int64_t m, int64_t n, int64_t k
   const void *al, *be;
   int e;
   if (m == 0 || n == 0 || batch == 0) return KC_OK;
-  if (k <= 0 || m > INT32_MAX || n > INT32_MAX || k > INT32_MAX || lda > INT32_MAX || ldb > INT32_MAX ||
+  if (k == 0) {
+    if (beta == 1) return KC_OK;
+    if (beta != 0) return KC_ERR_ARG;
+    if (dt == KEEL_F32)
+      KC_LAUNCH(kc_blocks(batch * m * n), KC_THREADS, 0, s->stream, zero_kernel<float>)((float *)C, m, n, ldc, sC, batch);
+    else if (dt == KEEL_F64)
+      KC_LAUNCH(kc_blocks(batch * m * n), KC_THREADS, 0, s->stream, zero_kernel<double>)((double *)C, m, n, ldc, sC,
+                                                                                          batch);
+    else
+      return KC_ERR_DTYPE;
+    return KC_LAUNCHED();
+  }
+  if (k < 0 || m > INT32_MAX || n > INT32_MAX || k > INT32_MAX || lda > INT32_MAX || ldb > INT32_MAX ||
       ldc > INT32_MAX || batch > INT32_MAX)
     return KC_ERR_ARG;
   if (dt == KEEL_F32) {

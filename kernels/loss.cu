@@ -449,9 +449,16 @@ __global__ void cl_backward(cl_args<T> q, T *gx, T *gt, const T *g, const double
   CL_GROUP(L);
   const int64_t C = q.c, inner = q.inner;
   const double e = q.e, eC = q.e / (double)C;
-  double g0 = 0;
+  double g0 = 0, sw = 0;
   if (q.red != KEEL_REDUCTION_NONE) g0 = (double)g[0];
   if (q.red == KEEL_REDUCTION_MEAN) g0 /= wsum;
+  /* smoothing's class-weight sum: once per thread, not once per sample */
+  if (e > 0 && q.logits && !q.probs) {
+    if (q.w)
+      for (int64_t k = 0; k < C; k++) sw += (double)q.w[k];
+    else
+      sw = (double)C;
+  }
   for (int64_t s0 = (int64_t)blockIdx.x * spb; s0 < q.ns; s0 += (int64_t)gridDim.x * spb) {
     int64_t smp = s0 + sub;
     int64_t nc = smp < q.ns ? C : 0;
@@ -481,13 +488,7 @@ __global__ void cl_backward(cl_args<T> q, T *gx, T *gt, const T *g, const double
       double wy = q.w ? (double)q.w[y] : 1;
       for (int64_t k = lane; k < nc; k += G) gx[base + k * inner] = (T)(k == y ? -wy * gs : 0);
     } else {
-      double wy = q.w ? (double)q.w[y] : 1, sw = 0;
-      if (e > 0) {
-        if (q.w)
-          for (int64_t k = 0; k < C; k++) sw += (double)q.w[k];
-        else
-          sw = (double)C;
-      }
+      double wy = q.w ? (double)q.w[y] : 1;
       for (int64_t k = lane; k < nc; k += G) {
         int64_t at = k * inner;
         double p = (double)ls_exp((T)((double)x[at] - z));

@@ -222,13 +222,7 @@ __global__ void wgrad_finish(nshape g, T *gw, T *gb, const dpair *part, int64_t 
 ** Dropout
 ** ======================================================================= */
 
-__device__ __forceinline__ uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-static uint64_t mix64_host(uint64_t z) {
+static __host__ __device__ __forceinline__ uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
@@ -381,7 +375,7 @@ static int dropout_mask(kc_state *s, const kc_view *mask, double p, uint64_t see
   uint64_t key;
   if (!mask) return KC_ERR_ARG;
   if (mask->numel == 0) return KC_OK;
-  key = mix64_host(seed ^ 0x8CB92BA72F3D8DD7ull);
+  key = mix64(seed ^ 0x8CB92BA72F3D8DD7ull);
   switch (mask->dtype) {
     case KEEL_F32:
       KC_LAUNCH(kc_blocks(mask->numel), KC_THREADS, 0, s->stream, dropout_kernel<float>)(

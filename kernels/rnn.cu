@@ -62,15 +62,6 @@ __global__ void set_kernel(R *dst, const R *src, int64_t n) {
   KC_GRID_LOOP(i, n) dst[i] = src ? src[i] : (R)0;
 }
 
-/* rows m of n elements each, ld apart, set to zero */
-template <typename R>
-__global__ void zero_rows_kernel(R *c, int64_t m, int64_t n, int64_t ld) {
-  KC_GRID_LOOP(i, m * n) {
-    int64_t r = i / n;
-    c[r * ld + (i - r * n)] = (R)0;
-  }
-}
-
 /* out[j] = sum of A[r][j] over rows r, in double (colsum() of the CPU).
 ** 32 columns per block, the rows split among its 8 warps. */
 #define CS_WARPS (KC_THREADS / 32)
@@ -94,23 +85,12 @@ __global__ void colsum_kernel(R *out, const R *A, int64_t rows, int64_t cols) {
   }
 }
 
-template <typename R> struct dtype_of;
-template <> struct dtype_of<float> { static const int v = KEEL_F32; };
-template <> struct dtype_of<double> { static const int v = KEEL_F64; };
-
 /* C = op(A) op(B) + beta C, row-major (gemm() of the CPU), through
 ** kc_gemm (the matmul precision applies). Any size may be 0. */
 template <typename R>
 static int gemm(kc_state *s, int ta, int tb, int64_t M, int64_t N, int64_t K, const R *A, int64_t lda, const R *B,
                 int64_t ldb, R beta, R *C, int64_t ldc) {
-  if (M == 0 || N == 0) return KC_OK;
-  if (K == 0) {
-    /* cuBLAS may skip the beta pass when k is 0; the CPU writes zeros */
-    if (beta != (R)0) return KC_OK;
-    KC_LAUNCH(kc_blocks(M * N), KC_THREADS, 0, s->stream, zero_rows_kernel<R>)(C, M, N, ldc);
-    return KC_LAUNCHED();
-  }
-  return kc_gemm(s, dtype_of<R>::v, ta, tb, M, N, K, A, lda, 0, B, ldb, 0, (double)beta, C, ldc, 0, 1);
+  return kc_gemm(s, kc_dtype_of<R>::v, ta, tb, M, N, K, A, lda, 0, B, ldb, 0, (double)beta, C, ldc, 0, 1);
 }
 
 template <typename R>

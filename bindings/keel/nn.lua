@@ -1276,19 +1276,18 @@ function F.linear(x, w, b)
   if w:dim() ~= 2 then
     error(("linear: weight has %d dimensions, expected 2 ([out, in])"):format(w:dim()), 2)
   end
-  local nin = w.shape[2]
-  if x:dim() == 0 or x.shape[x:dim()] ~= nin then
+  local nin, xs = w.shape[2], x.shape
+  local nd = #xs
+  if nd == 0 or xs[nd] ~= nin then
     error(("linear: input has shape %s, expected %d features in the last dimension"):format(
-      shape_str(x.shape), nin), 2)
+      shape_str(xs), nin), 2)
   end
   local y
-  if x:dim() > 2 and nin > 0 then
+  if nd > 2 and nin > 0 then
     -- one [rows, in] product: its weight gradient is one GEMM, where a
     -- batched product's would be a GEMM per batch entry and a sum
-    local shape = {}
-    for i = 1, x:dim() - 1 do shape[i] = x.shape[i] end
-    shape[#shape + 1] = w.shape[1]
-    y = x:reshape{-1, nin}:matmul(w:t()):reshape(shape)
+    xs[nd] = w.shape[1]
+    y = x:reshape{-1, nin}:matmul(w:t()):reshape(xs)
   else
     y = x:matmul(w:t())
   end

@@ -40,6 +40,7 @@ typedef struct counter {
   long long bytes;    /* live bytes, from osize/nsize */
   long total_allocs;
   int fail_after;     /* > 0: the n-th allocation from now fails */
+  int fail_more;      /* and this many after it (storage allocations retry once) */
 } counter;
 
 static void *counting_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
@@ -52,7 +53,13 @@ static void *counting_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     }
     return NULL;
   }
-  if (c->fail_after > 0 && --c->fail_after == 0) return NULL;
+  if (c->fail_after > 0 && --c->fail_after == 0) {
+    if (c->fail_more > 0) {
+      c->fail_more--;
+      c->fail_after = 1;
+    }
+    return NULL;
+  }
   if (!ptr) {
     void *p = malloc(nsize);
     if (p) {
@@ -113,7 +120,7 @@ static void test_basics(void) {
 }
 
 static void test_creation(void) {
-  counter c = {0, 0, 0, 0};
+  counter c = {0, 0, 0, 0, 0};
   keel_ctx *ctx = NULL;
   keel_tensor *z = NULL, *o = NULL, *a = NULL, *e = NULL;
   int64_t shape[2] = {2, 3};
@@ -164,7 +171,7 @@ static void test_creation(void) {
 
 /* loss = sum(x @ w): d/dw = x^T @ ones, d/dx = ones @ w^T */
 static void test_matmul_backward(void) {
-  counter c = {0, 0, 0, 0};
+  counter c = {0, 0, 0, 0, 0};
   keel_ctx *ctx = NULL;
   keel_tensor *x, *w, *y = NULL, *loss = NULL, *gw, *gx;
   int64_t xs[2] = {2, 3}, ws[2] = {3, 2};
@@ -232,7 +239,7 @@ static void test_matmul_backward(void) {
 }
 
 static void test_errors(void) {
-  counter c = {0, 0, 0, 0};
+  counter c = {0, 0, 0, 0, 0};
   keel_ctx *ctx = NULL;
   keel_tensor *a = NULL, *b = NULL, *out = NULL;
   int64_t as[2] = {64, 784}, bs[2] = {128, 10};
@@ -380,7 +387,7 @@ static keel_status scale_hook(keel_ctx *ctx, void *ud, keel_tensor *grad, keel_t
 static void free_state(void *ud) { ((hook_state *)ud)->freed++; }
 
 static void test_hooks(void) {
-  counter c = {0, 0, 0, 0};
+  counter c = {0, 0, 0, 0, 0};
   keel_ctx *ctx = NULL;
   keel_tensor *x, *y = NULL, *loss = NULL;
   int64_t s[1] = {3};
@@ -447,7 +454,7 @@ static void test_hooks(void) {
 /* Freeing the context before the tensors: the tensors stay usable and the
 ** memory goes back when the last one is released. */
 static void test_ctx_outlived(void) {
-  counter c = {0, 0, 0, 0};
+  counter c = {0, 0, 0, 0, 0};
   keel_ctx *ctx = NULL;
   keel_tensor *t = NULL;
   int64_t s[1] = {1000};
@@ -467,7 +474,7 @@ static void test_ctx_outlived(void) {
 
 /* Allocation failure is a status, never a crash. */
 static void test_nomem(void) {
-  counter c = {0, 0, 0, 0};
+  counter c = {0, 0, 0, 0, 0};
   keel_ctx *ctx = NULL;
   keel_tensor *t = (keel_tensor *)0x1;
   int64_t s[2] = {256, 256};
@@ -485,6 +492,58 @@ static void test_nomem(void) {
   CHECK(c.blocks == 0 && c.bytes == 0, "nomem: everything freed");
 }
 
+
+/* A reduced matmul precision rounds copies of the operands (gemm.c): a
+** failed allocation of those is KEEL_ERR_NOMEM with its message, never a
+** crash or a leak, and the product under bfloat16 is the product of the
+** rounded values. Each try gets a fresh context (the block cache would
+** otherwise serve later tries). */
+static void test_matmul_precision(void) {
+  int64_t sa[2] = {64, 64}, sb[2] = {64, 1};
+  static double va[64 * 64], vb[64];
+  int seen_nomem = 0, worked = 0, leaks = 0;
+  for (int i = 0; i < 64; i++) vb[i] = 1;
+  va[0] = 1.0001;
+  va[65] = 70000;
+  for (int n = 1; n < 60 && !worked; n++) {
+    counter c = {0, 0, 0, 0, 0};
+    keel_ctx *ctx = NULL;
+    keel_tensor *a, *b, *out = NULL;
+    keel_status st;
+    keel_ctx_new(&ctx, counting_alloc, &c);
+    if (!ctx) { check(0, "ctx", NULL); return; }
+    a = from(ctx, KEEL_F32, 2, sa, va);
+    b = from(ctx, KEEL_F32, 2, sb, vb);
+    if (n == 1)
+      CHECK(keel_set_matmul_precision(ctx, KEEL_MATMUL_BF16) == KEEL_MATMUL_HIGHEST, "precision: previous is highest");
+    else
+      keel_set_matmul_precision(ctx, KEEL_MATMUL_BF16);
+    c.fail_after = n;
+    c.fail_more = 1;   /* past the allocator's one retry */
+    st = keel_matmul(ctx, a, b, &out);
+    c.fail_after = c.fail_more = 0;
+    if (st == KEEL_ERR_NOMEM && strstr(keel_last_error(ctx), "rounded operands")) seen_nomem = 1;
+    if (st == KEEL_OK) {
+      int64_t i0[2] = {0, 0}, i1[2] = {1, 0};
+      double v = 0;
+      worked = 1;
+      keel_tensor_get(ctx, out, i0, &v);
+      CHECK(v == 1.0, "precision: bfloat16 rounds 1.0001 to 1");
+      keel_tensor_get(ctx, out, i1, &v);
+      CHECK(v == 70144.0, "precision: bfloat16 rounds 70000 to 70144");
+    } else if (st != KEEL_ERR_NOMEM || out) {
+      check(0, "precision: a failed allocation gives KEEL_ERR_NOMEM and no result", keel_last_error(ctx));
+      worked = 1;
+    }
+    keel_tensor_release(out);
+    keel_tensor_release(a);
+    keel_tensor_release(b);
+    keel_ctx_free(ctx);
+    if (c.blocks || c.bytes) leaks = 1;
+  }
+  CHECK(worked && seen_nomem, "precision: allocation failures of the rounded operands are KEEL_ERR_NOMEM");
+  CHECK(!leaks, "precision: everything freed after every failure");
+}
 
 /* {====================================================================
 ** Optimizers: hand-computed steps, the statistics pass, prepare/cancel
@@ -620,7 +679,7 @@ static void test_optim_stats(void) {
 /* prepare then cancel: parameters, state, counters, step counts and the
 ** adaptive clip state are byte for byte as before (cancelled + 1). */
 static void test_optim_cancel(void) {
-  counter cnt = {0, 0, 0, 0};
+  counter cnt = {0, 0, 0, 0, 0};
   keel_ctx *ctx = NULL;
   keel_optim *o = NULL;
   keel_optim_hparams h;
@@ -718,6 +777,7 @@ int main(void) {
   test_hooks();
   test_ctx_outlived();
   test_nomem();
+  test_matmul_precision();
   test_optim_sgd();
   test_optim_stats();
   test_optim_cancel();
