@@ -388,13 +388,14 @@ INLINE void closs_backward_body(const kl_closs *q, void *gx, void *gt, const voi
     }
 }
 
-keel_status kl_cpu_closs(keel_ctx *ctx, const kl_closs *q, keel_tensor *out, keel_tensor *lse, double *wsum,
+keel_status kl_cpu_closs(keel_ctx *ctx, const kl_closs *q, keel_tensor *out, keel_tensor *aux,
                          const keel_tensor *x, const keel_tensor *target, const keel_tensor *weight) {
   const int64_t *t = q->probs ? NULL : (const int64_t *)kl_data(target);
   const void *tp = q->probs ? kl_data(target) : NULL, *w = weight ? kl_data(weight) : NULL;
-  double *z = lse ? (double *)kl_data(lse) : NULL;
+  double *z = (double *)kl_data(aux), *wsum = z + (q->logits ? q->n * q->inner : 0);
   keel_status s = check_float(ctx, q->logits ? "cross_entropy" : "nll_loss", x);
   if (s) return s;
+  if (!q->logits) z = NULL;
   if (x->dtype == KEEL_F32) closs_body(q, kl_data(out), z, wsum, kl_data(x), t, tp, w, 1);
   else closs_body(q, kl_data(out), z, wsum, kl_data(x), t, tp, w, 0);
   return KEEL_OK;
@@ -402,10 +403,10 @@ keel_status kl_cpu_closs(keel_ctx *ctx, const kl_closs *q, keel_tensor *out, kee
 
 keel_status kl_cpu_closs_backward(keel_ctx *ctx, const kl_closs *q, keel_tensor *gx, keel_tensor *gt,
                                   const keel_tensor *gout, const keel_tensor *x, const keel_tensor *target,
-                                  const keel_tensor *weight, const keel_tensor *lse, double wsum) {
+                                  const keel_tensor *weight, const keel_tensor *aux) {
   const int64_t *t = q->probs ? NULL : (const int64_t *)kl_data(target);
   const void *tp = q->probs ? kl_data(target) : NULL, *w = weight ? kl_data(weight) : NULL;
-  const double *z = lse ? (const double *)kl_data(lse) : NULL;
+  const double *z = (const double *)kl_data(aux), wsum = z[q->logits ? q->n * q->inner : 0];
   void *pgx = gx ? kl_data(gx) : NULL, *pgt = gt ? kl_data(gt) : NULL;
   keel_status s = check_float(ctx, q->logits ? "cross_entropy" : "nll_loss", x);
   if (s) return s;

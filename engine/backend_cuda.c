@@ -459,35 +459,50 @@ static const kc_closs *closs_args(const kl_closs *q, kc_closs *c) {
   c->probs = q->probs;
   return c;
 }
-static keel_status cuda_closs(keel_ctx *ctx, const kl_closs *q, keel_tensor *out, keel_tensor *lse, double *wsum,
+/* aux's two parts (kl_closs): the logsumexps (NULL without logits), the divisor. */
+static void closs_aux(const kl_closs *q, const keel_tensor *aux, kc_view *lse, kc_view *div,
+                      const kc_view **plse) {
+  int64_t nl = q->logits ? q->n * q->inner : 0;
+  view(aux, lse);
+  *div = *lse;
+  lse->shape[0] = lse->numel = nl;
+  div->shape[0] = div->numel = 1;
+  div->data = (double *)div->data + nl;
+  *plse = q->logits ? lse : NULL;
+}
+static keel_status cuda_closs(keel_ctx *ctx, const kl_closs *q, keel_tensor *out, keel_tensor *aux,
                               const keel_tensor *x, const keel_tensor *target, const keel_tensor *weight) {
   const char *fn = q->logits ? "cross_entropy" : "nll_loss";
   kc_closs c;
-  kc_view vo, vl, vx, vt, vw;
+  kc_view vo, vl, vd, vx, vt, vw;
+  const kc_view *pl;
   keel_status st;
   keel_tensor *dt = NULL;
   if (!PL->closs) return no_kernel(ctx, fn);
-  if ((st = on_gpu(ctx, fn, out, OPT(lse), x, OPT(weight), NULL)) || (st = device_index(ctx, fn, target, 0, &dt)))
+  if ((st = on_gpu(ctx, fn, out, aux, x, OPT(weight), NULL)) || (st = device_index(ctx, fn, target, 0, &dt)))
     return st;
-  st = done(ctx, fn, PL->closs(ST, closs_args(q, &c), view(out, &vo), view(lse, &vl), wsum, view(x, &vx),
-                               view(dt, &vt), view(weight, &vw)));
+  closs_aux(q, aux, &vl, &vd, &pl);
+  st = done(ctx, fn, PL->closs(ST, closs_args(q, &c), view(out, &vo), pl, &vd, view(x, &vx), view(dt, &vt),
+                               view(weight, &vw)));
   keel_tensor_release(dt);
   return st;
 }
 static keel_status cuda_closs_backward(keel_ctx *ctx, const kl_closs *q, keel_tensor *gx, keel_tensor *gt,
                                        const keel_tensor *gout, const keel_tensor *x, const keel_tensor *target,
-                                       const keel_tensor *weight, const keel_tensor *lse, double wsum) {
+                                       const keel_tensor *weight, const keel_tensor *aux) {
   const char *fn = q->logits ? "cross_entropy backward" : "nll_loss backward";
   kc_closs c;
-  kc_view vgx, vgt, vg, vx, vt, vw, vl;
+  kc_view vgx, vgt, vg, vx, vt, vw, vl, vd;
+  const kc_view *pl;
   keel_status st;
   keel_tensor *dt = NULL;
   if (!PL->closs_backward) return no_kernel(ctx, fn);
-  if ((st = on_gpu(ctx, fn, OPT(gx), OPT(gt), gout, x, OPT(weight), OPT(lse), NULL)) ||
+  if ((st = on_gpu(ctx, fn, OPT(gx), OPT(gt), gout, x, OPT(weight), aux, NULL)) ||
       (st = device_index(ctx, fn, target, 0, &dt)))
     return st;
+  closs_aux(q, aux, &vl, &vd, &pl);
   st = done(ctx, fn, PL->closs_backward(ST, closs_args(q, &c), view(gx, &vgx), view(gt, &vgt), view(gout, &vg),
-                                        view(x, &vx), view(dt, &vt), view(weight, &vw), view(lse, &vl), wsum));
+                                        view(x, &vx), view(dt, &vt), view(weight, &vw), pl, &vd));
   keel_tensor_release(dt);
   return st;
 }

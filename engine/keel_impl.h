@@ -361,7 +361,13 @@ KL_BACKWARD(kl_ploss_backward);   KL_BACKWARD(kl_closs_backward);
 KL_BACKWARD(kl_bce_backward);
 /* a (retained) when contiguous with dtype dt, else such a copy; no autograd */
 KEEL_INTERNAL keel_status kl_act_dense(keel_ctx *ctx, keel_tensor *a, keel_dtype dt, keel_tensor **out);
-/* A class loss (cross entropy, nll): input seen as [n, c, inner]. */
+/* A class loss (cross entropy, nll): input seen as [n, c, inner]. Its
+** aux tensor (float64, contiguous, on the input's device) holds nl + 1
+** values, nl = logits ? n * inner : 0: each sample's logsumexp, then the
+** divisor of a "mean" (the kept targets' weight sum, or the sample count
+** for probability targets). Forward writes them and backward reads them
+** on the device, so the loss never waits for the device to give the
+** divisor to the host. */
 typedef struct kl_closs {
   int64_t n, c, inner;
   double smoothing;
@@ -385,13 +391,12 @@ KEEL_INTERNAL keel_status kl_cpu_ploss_backward(keel_ctx *ctx, int op, keel_tens
                                                 const keel_tensor *gout, const keel_tensor *x,
                                                 const keel_tensor *y, double p, int red);
 KEEL_INTERNAL keel_status kl_cpu_closs(keel_ctx *ctx, const kl_closs *q, keel_tensor *out,
-                                       keel_tensor *lse, double *wsum, const keel_tensor *x,
+                                       keel_tensor *aux, const keel_tensor *x,
                                        const keel_tensor *target, const keel_tensor *weight);
 KEEL_INTERNAL keel_status kl_cpu_closs_backward(keel_ctx *ctx, const kl_closs *q, keel_tensor *gx,
                                                 keel_tensor *gt, const keel_tensor *gout,
                                                 const keel_tensor *x, const keel_tensor *target,
-                                                const keel_tensor *weight, const keel_tensor *lse,
-                                                double wsum);
+                                                const keel_tensor *weight, const keel_tensor *aux);
 KEEL_INTERNAL keel_status kl_cpu_bce(keel_ctx *ctx, keel_tensor *out, const keel_tensor *x,
                                      const keel_tensor *y, const keel_tensor *w,
                                      const keel_tensor *pw, int red);
@@ -516,13 +521,12 @@ struct kl_backend {
                        const keel_tensor *y, double p, int red);
   keel_status (*ploss_backward)(keel_ctx *ctx, int op, keel_tensor *gx, const keel_tensor *gout,
                                 const keel_tensor *x, const keel_tensor *y, double p, int red);
-  keel_status (*closs)(keel_ctx *ctx, const kl_closs *q, keel_tensor *out, keel_tensor *lse,
-                       double *wsum, const keel_tensor *x, const keel_tensor *target,
-                       const keel_tensor *weight);
+  keel_status (*closs)(keel_ctx *ctx, const kl_closs *q, keel_tensor *out, keel_tensor *aux,
+                       const keel_tensor *x, const keel_tensor *target, const keel_tensor *weight);
   keel_status (*closs_backward)(keel_ctx *ctx, const kl_closs *q, keel_tensor *gx, keel_tensor *gt,
                                 const keel_tensor *gout, const keel_tensor *x,
                                 const keel_tensor *target, const keel_tensor *weight,
-                                const keel_tensor *lse, double wsum);
+                                const keel_tensor *aux);
   keel_status (*bce)(keel_ctx *ctx, keel_tensor *out, const keel_tensor *x, const keel_tensor *y,
                      const keel_tensor *w, const keel_tensor *pw, int red);
   keel_status (*bce_backward)(keel_ctx *ctx, keel_tensor *gx, keel_tensor *gy,

@@ -209,10 +209,9 @@ static keel_status class_loss(keel_ctx *ctx, int op, keel_tensor *x, keel_tensor
   int64_t oshape[KEEL_MAX_DIMS];
   int ond = 0;
   kl_closs q;
-  keel_tensor *xs = NULL, *ts = NULL, *ws = NULL, *lse = NULL, *o = NULL;
+  keel_tensor *xs = NULL, *ts = NULL, *ws = NULL, *aux = NULL, *o = NULL;
   keel_dtype dt;
   keel_status st;
-  double wsum = 0;
   char b1[128], b2[128], b3[128];
   *out = NULL;
   if ((st = kl_check_same_ctx(ctx, fn, x)) || (st = kl_check_same_ctx(ctx, fn, target))) return st;
@@ -264,9 +263,9 @@ static keel_status class_loss(keel_ctx *ctx, int op, keel_tensor *x, keel_tensor
   }
   TRY(kl_act_dense(ctx, x, dt, &xs));
   if (weight) TRY(kl_act_dense(ctx, weight, dt, &ws));
-  if (q.logits) TRY(kl_new(ctx, KEEL_F64, x->storage->device, 1, &(int64_t){q.n * q.inner}, &lse));
+  TRY(kl_new(ctx, KEEL_F64, x->storage->device, 1, &(int64_t){(q.logits ? q.n * q.inner : 0) + 1}, &aux));
   TRY(loss_out(ctx, dt, x, red, ond, oshape, &o));
-  TRY(backend(ctx, x)->closs(ctx, &q, o, lse, &wsum, xs, ts, ws));
+  TRY(backend(ctx, x)->closs(ctx, &q, o, aux, xs, ts, ws));
   {
     keel_tensor *in[2] = {x, target};
     int nin = q.probs ? 2 : 1;   /* class indices get no gradient */
@@ -279,11 +278,10 @@ static keel_status class_loss(keel_ctx *ctx, int op, keel_tensor *x, keel_tensor
       n->iparam[3] = q.reduction;
       n->iparam[4] = q.probs;
       n->fparam[0] = q.smoothing;
-      n->fparam[1] = wsum;
       TRY(kl_save(ctx, n, 0, xs));
       TRY(kl_save(ctx, n, 1, ts));
       if (ws) TRY(kl_save(ctx, n, 2, ws));
-      if (lse) TRY(kl_save(ctx, n, 3, lse));
+      TRY(kl_save(ctx, n, 3, aux));
     }
   }
   *out = o;
@@ -292,7 +290,7 @@ done:
   keel_tensor_release(xs);
   keel_tensor_release(ts);
   keel_tensor_release(ws);
-  keel_tensor_release(lse);
+  keel_tensor_release(aux);
   keel_tensor_release(o);
   return st;
 }
@@ -323,7 +321,7 @@ KL_BACKWARD(kl_closs_backward) {
   TRY(kl_act_dense(ctx, gout, x->dtype, &g));
   if (KL_NEEDS(n, 0)) TRY(kl_new_like(ctx, x, x->dtype, &gx));
   if (q.probs && KL_NEEDS(n, 1)) TRY(kl_new_like(ctx, t, t->dtype, &gt));
-  TRY(backend(ctx, x)->closs_backward(ctx, &q, gx, gt, g, x, t, n->saved[2], n->saved[3], n->fparam[1]));
+  TRY(backend(ctx, x)->closs_backward(ctx, &q, gx, gt, g, x, t, n->saved[2], n->saved[3]));
   gin[0] = gx;
   gx = NULL;
   if (q.probs) { gin[1] = gt; gt = NULL; }

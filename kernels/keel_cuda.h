@@ -46,7 +46,7 @@
 extern "C" {
 #endif
 
-#define KEEL_CUDA_ABI_VERSION 2
+#define KEEL_CUDA_ABI_VERSION 3
 #define KEEL_CUDA_PLUGIN_SYMBOL "keel_cuda_plugin"
 /* The file name the engine looks for (device.c gives the places). */
 #define KEEL_CUDA_PLUGIN_FILE "libkeel_cuda.so"
@@ -178,17 +178,19 @@ typedef struct keel_cuda_table {
   /* Losses (contiguous, one float dtype). ploss: pointwise loss op
   ** (KL_OP_MSE_LOSS .. KL_OP_HUBER_LOSS) with beta/delta p, red a
   ** keel_reduction (out: a scalar unless NONE); closs: class loss over x
-  ** [n, c, inner] (lse: float64 [n*inner], cross entropy only, may be NULL
-  ** otherwise), *wsum (host) gets the "mean" divisor; bce: w, pw NULL or
-  ** shaped like x. Backward outputs NULL when not needed. */
+  ** [n, c, inner] (lse: float64 [n*inner], cross entropy only, NULL
+  ** otherwise; div: float64 [1] that forward sets to the "mean" divisor
+  ** and backward reads, both on the device, so neither waits for the
+  ** host); bce: w, pw NULL or shaped like x. Backward outputs NULL when
+  ** not needed. */
   int (*ploss)(kc_state *s, int op, const kc_view *out, const kc_view *x, const kc_view *y, double p, int red);
   int (*ploss_backward)(kc_state *s, int op, const kc_view *gx, const kc_view *gout, const kc_view *x,
                         const kc_view *y, double p, int red);
-  int (*closs)(kc_state *s, const struct kc_closs *q, const kc_view *out, const kc_view *lse, double *wsum,
+  int (*closs)(kc_state *s, const struct kc_closs *q, const kc_view *out, const kc_view *lse, const kc_view *div,
                const kc_view *x, const kc_view *target, const kc_view *weight);
   int (*closs_backward)(kc_state *s, const struct kc_closs *q, const kc_view *gx, const kc_view *gt,
                         const kc_view *gout, const kc_view *x, const kc_view *target, const kc_view *weight,
-                        const kc_view *lse, double wsum);
+                        const kc_view *lse, const kc_view *div);
   int (*bce)(kc_state *s, const kc_view *out, const kc_view *x, const kc_view *y, const kc_view *w,
              const kc_view *pw, int red);
   int (*bce_backward)(kc_state *s, const kc_view *gx, const kc_view *gy, const kc_view *gout, const kc_view *x,

@@ -44,11 +44,11 @@ static unsigned ls_grid(int64_t units, int64_t per_block, int64_t cap) {
 /* {======================================================================
 ** Reduction tail: parts[2*nparts] (value, weight) summed in order by one
 ** block; out[0] = total / divisor (the weight sum when div_by_w), and
-** wsum (device, may be NULL) gets the weight sum.
+** dv (device, may be NULL) gets the divisor a "mean" used.
 ** ======================================================================= */
 
 template <typename T>
-__global__ void ls_finish(T *out, double *wsum, const double *parts, int nparts, int red, int div_by_w,
+__global__ void ls_finish(T *out, double *dv, const double *parts, int nparts, int red, int div_by_w,
                           double div) {
   __shared__ double buf[32];
   double v = 0, w = 0;
@@ -60,9 +60,10 @@ __global__ void ls_finish(T *out, double *wsum, const double *parts, int nparts,
   v = kc_block_sum(v, buf);
   w = kc_block_sum(w, buf);
   if (threadIdx.x == 0) {
-    if (red == KEEL_REDUCTION_MEAN) v = v / (div_by_w ? w : div);
+    double d = div_by_w ? w : div;
+    if (red == KEEL_REDUCTION_MEAN) v = v / d;
     out[0] = (T)v;
-    if (wsum) *wsum = w;
+    if (dv) *dv = d;
   }
 }
 
@@ -444,14 +445,14 @@ __global__ void cl_forward(cl_args<T> q, T *out, double *lse, double *parts) {
 
 /* Backward: gx (may be NULL), gt (probs, may be NULL) from the saved z. */
 template <typename T, int L>
-__global__ void cl_backward(cl_args<T> q, T *gx, T *gt, const T *g, const double *lse, double wsum) {
+__global__ void cl_backward(cl_args<T> q, T *gx, T *gt, const T *g, const double *lse, const double *div) {
   __shared__ double bd[32];
   CL_GROUP(L);
   const int64_t C = q.c, inner = q.inner;
   const double e = q.e, eC = q.e / (double)C;
   double g0 = 0, sw = 0;
   if (q.red != KEEL_REDUCTION_NONE) g0 = (double)g[0];
-  if (q.red == KEEL_REDUCTION_MEAN) g0 /= wsum;
+  if (q.red == KEEL_REDUCTION_MEAN) g0 /= *div;
   /* smoothing's class-weight sum: once per thread, not once per sample */
   if (e > 0 && q.logits && !q.probs) {
     if (q.w)
@@ -520,10 +521,10 @@ static int cl_launch_fwd(kc_state *s, const cl_args<T> &q, T *out, double *lse, 
 
 template <typename T, int L>
 static int cl_launch_bwd(kc_state *s, const cl_args<T> &q, T *gx, T *gt, const T *g, const double *lse,
-                         double wsum) {
+                         const double *div) {
   int threads = L ? LS_ROW_THREADS : LS_BLOCK_THREADS;
   unsigned nb = ls_grid(q.ns, L ? LS_ROW_THREADS / L : 1, KC_MAX_BLOCKS);
-  KC_LAUNCH(nb, threads, 0, s->stream, cl_backward<T, L>)(q, gx, gt, g, lse, wsum);
+  KC_LAUNCH(nb, threads, 0, s->stream, cl_backward<T, L>)(q, gx, gt, g, lse, div);
   return KC_LAUNCHED();
 }
 
@@ -542,15 +543,16 @@ static int cl_fwd(kc_state *s, const cl_args<T> &q, T *out, double *lse, double 
 }
 
 template <typename T>
-static int cl_bwd(kc_state *s, const cl_args<T> &q, T *gx, T *gt, const T *g, const double *lse, double wsum) {
+static int cl_bwd(kc_state *s, const cl_args<T> &q, T *gx, T *gt, const T *g, const double *lse,
+                  const double *div) {
   switch (cl_lanes(q.c, q.inner)) {
-    case 0: return cl_launch_bwd<T, 0>(s, q, gx, gt, g, lse, wsum);
-    case 1: return cl_launch_bwd<T, 1>(s, q, gx, gt, g, lse, wsum);
-    case 2: return cl_launch_bwd<T, 2>(s, q, gx, gt, g, lse, wsum);
-    case 4: return cl_launch_bwd<T, 4>(s, q, gx, gt, g, lse, wsum);
-    case 8: return cl_launch_bwd<T, 8>(s, q, gx, gt, g, lse, wsum);
-    case 16: return cl_launch_bwd<T, 16>(s, q, gx, gt, g, lse, wsum);
-    default: return cl_launch_bwd<T, 32>(s, q, gx, gt, g, lse, wsum);
+    case 0: return cl_launch_bwd<T, 0>(s, q, gx, gt, g, lse, div);
+    case 1: return cl_launch_bwd<T, 1>(s, q, gx, gt, g, lse, div);
+    case 2: return cl_launch_bwd<T, 2>(s, q, gx, gt, g, lse, div);
+    case 4: return cl_launch_bwd<T, 4>(s, q, gx, gt, g, lse, div);
+    case 8: return cl_launch_bwd<T, 8>(s, q, gx, gt, g, lse, div);
+    case 16: return cl_launch_bwd<T, 16>(s, q, gx, gt, g, lse, div);
+    default: return cl_launch_bwd<T, 32>(s, q, gx, gt, g, lse, div);
   }
 }
 
@@ -572,38 +574,29 @@ static void cl_fill_args(cl_args<T> *a, const kc_closs *q, const kc_view *x, con
 }
 
 /*
-** One pass over the samples; "mean" with class-index targets also brings
-** the summed weight of the kept targets to the host (the one sync: the
-** engine keeps it for backward). "sum" and "none" never use the divisor,
-** so they report 0 and do not wait.
+** One pass over the samples, then (unless "none") the ordered tail, which
+** also leaves the divisor of "mean" in div for backward: nothing comes
+** back to the host, so nothing waits.
 */
 template <typename T>
-static int cl_forward_entry(kc_state *s, const kc_closs *q, const kc_view *out, const kc_view *lse, double *wsum,
-                            const kc_view *x, const kc_view *target, const kc_view *weight) {
+static int cl_forward_entry(kc_state *s, const kc_closs *q, const kc_view *out, const kc_view *lse,
+                            const kc_view *div, const kc_view *x, const kc_view *target, const kc_view *weight) {
   cl_args<T> a;
   int e, L = cl_lanes(q->c, q->inner);
   unsigned nb;
-  double *parts = NULL, *dw = NULL, *hw = NULL;
+  double *parts = NULL;
   cl_fill_args(&a, q, x, target, weight);
-  *wsum = q->probs ? (double)a.ns : 0;
   nb = ls_grid(a.ns, L ? LS_ROW_THREADS / L : 1, q->reduction == KEEL_REDUCTION_NONE ? KC_MAX_BLOCKS : LS_PARTS);
   if (q->reduction != KEEL_REDUCTION_NONE) {
     if ((e = ls_parts(s, nb, &parts))) return e;
-    dw = parts + 2 * (size_t)nb;
   } else if (a.ns == 0) {
     return KC_OK;
   }
   if (a.ns > 0 && (e = cl_fwd<T>(s, a, (T *)out->data, lse ? (double *)lse->data : NULL, parts, nb))) return e;
   if (q->reduction == KEEL_REDUCTION_NONE) return KC_OK;
-  KC_LAUNCH(1, KC_THREADS, 0, s->stream, ls_finish<T>)((T *)out->data, dw, parts, (int)nb, q->reduction,
-                                                         !q->probs, (double)a.ns);
-  if ((e = KC_LAUNCHED())) return e;
-  if (q->reduction != KEEL_REDUCTION_MEAN || q->probs) return KC_OK;
-  if ((e = kc_host_scratch(s, sizeof(double), (void **)&hw))) return e;
-  if ((e = kc_check_cuda(cudaMemcpyAsync(hw, dw, sizeof(double), cudaMemcpyDeviceToHost, s->stream)))) return e;
-  if ((e = kc_sync(s))) return e;
-  *wsum = *hw;
-  return KC_OK;
+  KC_LAUNCH(1, KC_THREADS, 0, s->stream, ls_finish<T>)((T *)out->data, LS_PTR(double, div), parts, (int)nb,
+                                                         q->reduction, !q->probs, (double)a.ns);
+  return KC_LAUNCHED();
 }
 
 static int cl_check(const kc_closs *q, const kc_view *x, const kc_view *target, const kc_view *weight) {
@@ -617,39 +610,47 @@ static int cl_check(const kc_closs *q, const kc_view *x, const kc_view *target, 
   return KC_OK;
 }
 
-static int kc_closs_fwd(kc_state *s, const kc_closs *q, const kc_view *out, const kc_view *lse, double *wsum,
+/* lse (logits only) and div: float64, contiguous enough for their numel. */
+static int cl_check_aux(const kc_closs *q, const kc_view *lse, const kc_view *div) {
+  if (q->logits ? !lse || lse->numel != q->n * q->inner : lse != NULL) return KC_ERR_ARG;
+  if (!div || div->numel != 1) return KC_ERR_ARG;
+  if ((lse && lse->dtype != KEEL_F64) || div->dtype != KEEL_F64) return KC_ERR_DTYPE;
+  return KC_OK;
+}
+
+static int kc_closs_fwd(kc_state *s, const kc_closs *q, const kc_view *out, const kc_view *lse, const kc_view *div,
                         const kc_view *x, const kc_view *target, const kc_view *weight) {
   int e = cl_check(q, x, target, weight);
+  if (!e) e = cl_check_aux(q, lse, div);
   if (e) return e;
-  if (!out || !wsum) return KC_ERR_ARG;
-  if (!ls_float(out, x->dtype) || (lse && lse->dtype != KEEL_F64)) return KC_ERR_DTYPE;
-  if (x->dtype == KEEL_F32) return cl_forward_entry<float>(s, q, out, lse, wsum, x, target, weight);
-  return cl_forward_entry<double>(s, q, out, lse, wsum, x, target, weight);
+  if (!out) return KC_ERR_ARG;
+  if (!ls_float(out, x->dtype)) return KC_ERR_DTYPE;
+  if (x->dtype == KEEL_F32) return cl_forward_entry<float>(s, q, out, lse, div, x, target, weight);
+  return cl_forward_entry<double>(s, q, out, lse, div, x, target, weight);
 }
 
 static int kc_closs_backward(kc_state *s, const kc_closs *q, const kc_view *gx, const kc_view *gt,
                              const kc_view *gout, const kc_view *x, const kc_view *target, const kc_view *weight,
-                             const kc_view *lse, double wsum) {
+                             const kc_view *lse, const kc_view *div) {
   int e = cl_check(q, x, target, weight);
   int dt;
+  if (!e) e = cl_check_aux(q, lse, div);
   if (e) return e;
   dt = x->dtype;
-  if (!gout || (q->logits && !lse)) return KC_ERR_ARG;
-  if (!ls_float(gout, dt) || (gx && !ls_float(gx, dt)) || (gt && !ls_float(gt, dt)) ||
-      (lse && lse->dtype != KEEL_F64))
-    return KC_ERR_DTYPE;
+  if (!gout) return KC_ERR_ARG;
+  if (!ls_float(gout, dt) || (gx && !ls_float(gx, dt)) || (gt && !ls_float(gt, dt))) return KC_ERR_DTYPE;
   if (!q->probs) gt = NULL;
   if ((!gx && !gt) || x->numel == 0) return KC_OK;
   if (dt == KEEL_F32) {
     cl_args<float> a;
     cl_fill_args(&a, q, x, target, weight);
     return cl_bwd<float>(s, a, LS_PTR(float, gx), LS_PTR(float, gt), (const float *)gout->data,
-                         LS_PTR(const double, lse), wsum);
+                         LS_PTR(const double, lse), (const double *)div->data);
   }
   cl_args<double> a;
   cl_fill_args(&a, q, x, target, weight);
   return cl_bwd<double>(s, a, LS_PTR(double, gx), LS_PTR(double, gt), (const double *)gout->data,
-                        LS_PTR(const double, lse), wsum);
+                        LS_PTR(const double, lse), (const double *)div->data);
 }
 
 /* }====================================================================== */
