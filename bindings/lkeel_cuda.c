@@ -46,7 +46,7 @@ static void set_int(lua_State *L, const char *k, uint64_t v) {
 static int c_memory_stats(lua_State *L) {
   keel_cuda_memory_stats m;
   keel_cuda_memory_stats_get(lk_S(L)->ctx, &m);
-  lua_createtable(L, 0, 9);
+  lua_createtable(L, 0, 11);
   set_int(L, "allocated_bytes", m.allocated_bytes);
   set_int(L, "reserved_bytes", m.reserved_bytes);
   set_int(L, "peak_allocated_bytes", m.peak_allocated_bytes);
@@ -56,6 +56,8 @@ static int c_memory_stats(lua_State *L) {
   set_int(L, "device_mallocs", m.device_mallocs);
   set_int(L, "device_frees", m.device_frees);
   set_int(L, "cache_flushes", m.cache_flushes);
+  set_int(L, "h2d_copies", m.h2d_copies);
+  set_int(L, "d2h_copies", m.d2h_copies);
   return 1;
 }
 

@@ -444,11 +444,15 @@ keel_status kl_transfer(keel_ctx *ctx, const keel_tensor *src, keel_device dev, 
   ** contiguous copy (the host side converts; the device side never sees
   ** host strides) */
   if ((st = dense_as(ctx, src, dt, &d, &tmp))) goto fail;
-  if (o->numel == 0) code = KC_OK;
-  else if (dev == KEEL_CUDA)
+  if (o->numel == 0) {
+    code = KC_OK;
+  } else if (dev == KEEL_CUDA) {
+    ctx->cuda->mem.h2d_copies++;
     code = ctx->cuda->pl->memcpy_h2d(ctx->cuda->s, kl_data(o), kl_data(d), (size_t)o->numel * kl_dtype_size[dt]);
-  else
+  } else {
+    ctx->cuda->mem.d2h_copies++;
     code = ctx->cuda->pl->memcpy_d2h(ctx->cuda->s, kl_data(o), kl_data(d), (size_t)o->numel * kl_dtype_size[dt]);
+  }
   keel_tensor_release(tmp);
   if (code != KC_OK) { st = plugin_error(ctx, "to", code); goto fail; }
   *out = o;
@@ -456,6 +460,36 @@ keel_status kl_transfer(keel_ctx *ctx, const keel_tensor *src, keel_device dev, 
 fail:
   keel_tensor_release(o);
   return st;
+}
+
+/* Index tensors (class targets, token ids) are typically uploaded every
+** step and then checked on the host by the op that reads them; keeping
+** the values they were uploaded with saves that op a download, which
+** would wait for all the work queued before it. Small ones only: the copy
+** is host memory held as long as the device tensor. */
+#define SHADOW_MAX_NUMEL ((int64_t)1 << 20)
+static void keep_shadow(keel_ctx *ctx, const keel_tensor *src, keel_tensor *o) {
+  kl_err_saved saved;
+  keel_tensor *h = NULL;
+  /* o is new and contiguous: a contiguous copy of src has its layout */
+  if (src->storage->device != KEEL_CPU || o->numel > SHADOW_MAX_NUMEL) return;
+  kl_err_save(ctx, &saved);
+  if (kl_transfer(ctx, src, KEEL_CPU, KEEL_I64, &h) == KEEL_OK) {
+    o->storage->shadow = h;
+    o->storage->shadow_version = o->storage->version;
+  }
+  kl_err_restore(ctx, &saved);   /* without the copy, checks download: no error */
+}
+
+keel_status kl_host_values(keel_ctx *ctx, const keel_tensor *t, keel_tensor **out) {
+  const kl_storage *s = t->storage;
+  if (s->device == KEEL_CPU) {
+    *out = keel_tensor_retain((keel_tensor *)t);
+    return KEEL_OK;
+  }
+  if (s->shadow && s->version == s->shadow_version)
+    return kl_alias(ctx, s->shadow, t->ndim, t->shape, t->stride, t->offset, out);
+  return kl_transfer(ctx, t, KEEL_CPU, t->dtype, out);
 }
 
 keel_status keel_to_device(keel_ctx *ctx, keel_tensor *a, keel_device dev, int copy, keel_tensor **out) {
@@ -467,6 +501,7 @@ keel_status keel_to_device(keel_ctx *ctx, keel_tensor *a, keel_device dev, int c
   if (dev == KEEL_CUDA && !kl_cuda_ready(ctx)) return unavailable(ctx, "to");
   if (dev == a->storage->device && !copy) { *out = keel_tensor_retain(a); return KEEL_OK; }
   if ((st = kl_transfer(ctx, a, dev, a->dtype, &o))) return st;
+  if (dev == KEEL_CUDA && a->dtype == KEEL_I64) keep_shadow(ctx, a, o);
   if (kl_needs_grad(ctx, 1, &a)) {
     kl_node *n = kl_record(ctx, KL_OP_TO_DEVICE, 1, &a, o);
     if (!n) { keel_tensor_release(o); return kl_error(ctx, KEEL_ERR_NOMEM, "to: out of memory"); }

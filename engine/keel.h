@@ -138,7 +138,9 @@ KEEL_API keel_dtype keel_tensor_dtype(const keel_tensor *t);
 KEEL_API keel_device keel_tensor_device(const keel_tensor *t);
 KEEL_API int keel_tensor_is_contiguous(const keel_tensor *t);
 /* Address of element 0 (a device address for a CUDA tensor). Writing
-** through it bypasses autograd. */
+** through it bypasses autograd, and also the host copy of the values that
+** a small int64 tensor moved to CUDA keeps for the index checks: write
+** such tensors with keel's functions. */
 KEEL_API void *keel_tensor_data(const keel_tensor *t);
 /* True when both views share one storage. */
 KEEL_API int keel_tensor_same_storage(const keel_tensor *a, const keel_tensor *b);
@@ -1148,6 +1150,8 @@ typedef struct keel_cuda_memory_stats {
   uint64_t device_mallocs;      /* requests the cache could not serve (one cudaMalloc each) */
   uint64_t device_frees;        /* blocks given back to the device */
   uint64_t cache_flushes;       /* failed device allocations that emptied the cache and retried */
+  uint64_t h2d_copies;          /* host-to-device copies (these do not wait for the device) */
+  uint64_t d2h_copies;          /* device-to-host copies: each waits for the work queued before it */
 } keel_cuda_memory_stats;
 /* All zero while the plugin is not open (does not open it). */
 KEEL_API void keel_cuda_memory_stats_get(const keel_ctx *ctx, keel_cuda_memory_stats *out);

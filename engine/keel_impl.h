@@ -109,6 +109,12 @@ typedef struct kl_storage {
   size_t nbytes;
   void *data;
   uint64_t version;             /* bumped by in-place writes */
+  /* A small int64 tensor uploaded with keel_to_device keeps a private host
+  ** copy of its values (contiguous, the storage's layout), valid while
+  ** version == shadow_version: index and target checks read it instead of
+  ** waiting for the device to send the values back (kl_host_values). */
+  keel_tensor *shadow;
+  uint64_t shadow_version;
 } kl_storage;
 
 struct kl_hook {
@@ -138,6 +144,10 @@ struct keel_tensor {
 
 KEEL_INTERNAL size_t kl_dtype_size[KEEL_DTYPE_COUNT];
 
+/* t's values on the host: t itself on the CPU; for a device tensor, a view
+** of its storage's valid host copy (kl_storage.shadow), else a download
+** (which waits for the device). *out is a new reference. */
+KEEL_INTERNAL keel_status kl_host_values(keel_ctx *ctx, const keel_tensor *t, keel_tensor **out);
 /* New contiguous tensor, uninitialised. */
 KEEL_INTERNAL keel_status kl_new(keel_ctx *ctx, keel_dtype dt, keel_device dev, int ndim,
                                  const int64_t *shape, keel_tensor **out);

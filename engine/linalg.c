@@ -327,7 +327,8 @@ static keel_status index_on_host(keel_ctx *ctx, const char *fn, keel_tensor *ind
 }
 
 /* The same for an index on any device. Indices are checked on the host,
-** so a device index comes over once; the checked copy stays on the host
+** so a device index comes over once (not at all when it still has the
+** values it was uploaded with: kl_host_values); the checked copy stays on the host
 ** (the CUDA backend uploads what its kernels read: backend_cuda.c). An
 ** index may sit on either device whatever the data's: backward hands the
 ** saved host copy, and max/min hand device positions, to these ops. */
@@ -337,7 +338,7 @@ static keel_status index_tensor(keel_ctx *ctx, const char *fn, keel_tensor *inde
   keel_status st;
   if (index->storage->device == KEEL_CPU) return index_on_host(ctx, fn, index, limit, out);
   *out = NULL;
-  if ((st = kl_check_same_ctx(ctx, fn, index)) || (st = kl_transfer(ctx, index, KEEL_CPU, index->dtype, &h))) return st;
+  if ((st = kl_check_same_ctx(ctx, fn, index)) || (st = kl_host_values(ctx, index, &h))) return st;
   st = index_on_host(ctx, fn, h, limit, out);
   keel_tensor_release(h);
   return st;

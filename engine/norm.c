@@ -405,10 +405,11 @@ static keel_status embedding_indices(keel_ctx *ctx, const char *fn, keel_tensor 
   keel_tensor *c = NULL, *f = NULL, *host = NULL;
   keel_status st;
   *out = NULL;
-  /* checked on the host: a device index comes over once (the CUDA backend
-  ** uploads the checked copy its kernels read) */
+  /* checked on the host: a device index's values come from the host copy
+  ** it was uploaded with, else over once (the CUDA backend uploads the
+  ** checked copy its kernels read) */
   if (indices->storage->device != KEEL_CPU) {
-    if ((st = kl_transfer(ctx, indices, KEEL_CPU, indices->dtype, &host))) return st;
+    if ((st = kl_host_values(ctx, indices, &host))) return st;
     indices = host;
   }
   TRY(kl_new(ctx, KEEL_I64, KEEL_CPU, indices->ndim, indices->shape, &c));

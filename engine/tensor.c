@@ -32,6 +32,7 @@ static kl_storage *storage_new(keel_ctx *ctx, keel_device dev, size_t nbytes) {
   s->device = dev;
   s->nbytes = nbytes;
   s->version = 0;
+  s->shadow = NULL;
   s->data = be->alloc(ctx, nbytes ? nbytes : 1);
   if (!s->data) { kl_spare_put(ctx, &ctx->spare_storages, &ctx->n_spare_storages, s, sizeof *s); return NULL; }
   kl_ctx_ref(ctx);
@@ -42,6 +43,7 @@ static void storage_release(kl_storage *s) {
   keel_ctx *ctx;
   if (!s || --s->refcount > 0) return;
   ctx = s->ctx;
+  keel_tensor_release(s->shadow);
   kl_backend_for(ctx, s->device)->free(ctx, s->data, s->nbytes ? s->nbytes : 1);
   kl_spare_put(ctx, &ctx->spare_storages, &ctx->n_spare_storages, s, sizeof *s);
   kl_ctx_unref(ctx);

@@ -58,6 +58,8 @@ struct kc_state {
   void *host;
   size_t host_size;
   struct kc_pending *pending;   /* optim.cu: deferred host results, NULL until used */
+  struct kc_stage *stage;       /* stage.cu: pinned ring of host-to-device copies, NULL until used */
+  int stage_off;                /* stage.cu: no ring could be had; copies wait */
 };
 
 /* A CUDA status as a plugin code (clearing the runtime's sticky slot). */
@@ -249,6 +251,10 @@ KC_HIDDEN void kc_register_norm(keel_cuda_table *t);          /* norm.cu, dropou
 KC_HIDDEN void kc_register_rnn(keel_cuda_table *t);           /* rnn.cu */
 KC_HIDDEN void kc_register_optim(keel_cuda_table *t);         /* optim.cu */
 KC_HIDDEN void kc_optim_close(kc_state *s);                   /* optim.cu: frees s->pending */
+/* stage.cu: a host-to-device copy that returns once src may be reused,
+** without waiting for the stream; close frees the ring (stream idle). */
+KC_HIDDEN int kc_stage_h2d(kc_state *s, void *dst, const void *src, size_t n);
+KC_HIDDEN void kc_stage_close(kc_state *s);
 
 /* }====================================================================== */
 

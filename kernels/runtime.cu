@@ -154,6 +154,7 @@ static void state_close(kc_state *s) {
   cudaStreamSynchronize(s->stream);
   if (s->cublas) cublasDestroy(s->cublas);
   kc_optim_close(s);
+  kc_stage_close(s);
   if (s->scratch) cudaFree(s->scratch);
   if (s->host) cudaFreeHost(s->host);
   cudaStreamDestroy(s->stream);
@@ -261,16 +262,10 @@ static int dev_free(kc_state *s, void *p) {
   return p ? from_cuda(cudaFree(p)) : KC_OK;
 }
 
-/* Pageable host memory: cudaMemcpyAsync from it stages through a driver
-** buffer and returns once src may be reused, and the D2H direction
-** returns when the data has arrived; both are ordered on the stream. */
-static int memcpy_h2d(kc_state *s, void *dst, const void *src, size_t n) {
-  cudaError_t e;
-  if (!n) return KC_OK;
-  e = cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, s->stream);
-  if (e == cudaSuccess) e = cudaStreamSynchronize(s->stream);
-  return from_cuda(e);
-}
+/* Both directions are ordered on the stream. H2D returns once src may be
+** reused (stage.cu: without waiting for the device), D2H when the data
+** has arrived. */
+static int memcpy_h2d(kc_state *s, void *dst, const void *src, size_t n) { return kc_stage_h2d(s, dst, src, n); }
 
 static int memcpy_d2h(kc_state *s, void *dst, const void *src, size_t n) {
   cudaError_t e;

@@ -158,4 +158,73 @@ describe("CUDA tensors in the engine's own paths", function()
     end
     H.assert_close(m2.weight:cpu(), model.weight:cpu():totable(), 0)
   end)
+
+  gpu_it("host-to-device copies that do not wait land intact, through many laps of the staging ring", function()
+    -- 16 MiB of pinned ring: 240 uploads of 75,000 floats (300 KB) go round
+    -- it about four times, each overwriting the source it came from at
+    -- once; one upload past half the ring takes the synchronous road.
+    local up, n = {}, 75000
+    local src = keel.empty{n}
+    for i = 1, 240 do
+      src:fill_(i)
+      up[i] = src:cuda()
+    end
+    local big = keel.arange(3000000, {dtype = "float32"})
+    local bup = big:cuda()
+    for i = 1, 240, 17 do
+      local t = up[i]:cpu()
+      assert.are.equal(i * n, t:sum():item())
+      assert.are.equal(i, t:min():item())
+      assert.are.equal(i, t:max():item())
+    end
+    for i = 1, 240 do assert.are.equal(i * n, up[i]:sum():item(), i) end
+    assert.are.equal(0, (bup:cpu() - big):abs():max():item())
+    -- class targets are uploaded the same way (checked, then staged)
+    local x = keel.randn{4, 3}:cuda()
+    local losses = {}
+    for k = 1, 3 do
+      losses[k] = F.cross_entropy(x, keel.tensor({k, k, k, k}, {dtype = "int64"}):cuda(), {reduction = "sum"})
+    end
+    for k = 1, 3 do
+      local want = F.cross_entropy(x:cpu(), keel.tensor({k, k, k, k}, {dtype = "int64"}), {reduction = "sum"})
+      assert.is_true(math.abs(losses[k]:item() - want:item()) < 1e-4, k)
+    end
+  end)
+
+  gpu_it("uploaded class targets and token ids are checked from their host copy, without a download", function()
+    local i64 = {dtype = "int64"}
+    local x = keel.randn{4, 3}:cuda():requires_grad_(true)
+    local t = keel.tensor({1, 2, 3, 1}, i64):cuda()
+    local emb = nn.Embedding(5, 2)
+    emb:to("cuda")
+    local ids = keel.tensor({{1, 2}, {3, 5}}, i64):cuda()
+    local m0 = keel.cuda.memory_stats()
+    local loss = F.cross_entropy(x, t) + emb(ids):sum() + x:gather(2, t:view(4, 1)):sum()
+    loss:backward()
+    local m1 = keel.cuda.memory_stats()
+    assert.are.equal(m0.d2h_copies, m1.d2h_copies)
+    assert.is_true(m1.h2d_copies > m0.h2d_copies)   -- the checked 0-based copies went up
+    local want = F.cross_entropy(x:cpu(), t:cpu()) + emb.weight:cpu():index_select(1, ids:cpu():view(4)):sum() +
+      x:cpu():gather(2, t:cpu():view(4, 1)):sum()
+    assert.is_true(math.abs(loss:item() - want:item()) < 1e-5)
+    -- a view reads its own elements of the host copy
+    local t6 = keel.tensor({3, 1, 2, 2, 1, 3}, i64):cuda()
+    local sub = t6:narrow(1, 2, 4)
+    local m2 = keel.cuda.memory_stats()
+    local l2 = F.cross_entropy(x, sub, {reduction = "none"})
+    assert.are.equal(m2.d2h_copies, keel.cuda.memory_stats().d2h_copies)
+    H.assert_close(l2:cpu(), F.cross_entropy(x:cpu(), keel.tensor({1, 2, 2, 1}, i64), {reduction = "none"}):totable(),
+      1e-5)
+    -- written on the device, the host copy is stale: the check downloads the new values
+    t:add_(10)
+    local m3 = keel.cuda.memory_stats()
+    local ok, err = pcall(F.cross_entropy, x, t)
+    assert.is_false(ok)
+    assert.matches("out of range", err)
+    assert.are.equal(m3.d2h_copies + 1, keel.cuda.memory_stats().d2h_copies)
+    ids:fill_(9)
+    ok, err = pcall(emb, ids)
+    assert.is_false(ok)
+    assert.matches("out of range", tostring(err))
+  end)
 end)

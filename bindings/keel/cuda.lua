@@ -8,7 +8,8 @@
 --   keel.cuda.why_unavailable()   the reason, or nil
 --   keel.cuda.device_count()      devices CUDA sees (0 when unavailable)
 --   keel.cuda.get_device_name(i)  name of device i (CUDA ordinal, default 0)
---   keel.cuda.memory_stats()      the caching allocator's counters (zeros until used)
+--   keel.cuda.memory_stats()      the caching allocator's counters, and the host<->device
+--                                 copies (zeros until used)
 --   keel.cuda.empty_cache()       gives cached blocks back to the device
 --   keel.cuda.synchronize()       waits for queued GPU work
 --   keel.cuda.mem_get_info()      free, total bytes of the device
