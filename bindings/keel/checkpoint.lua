@@ -70,6 +70,28 @@ local function check_opts(fn, path, opts)
   end
 end
 
+-- The stateful parts beside the model, in the order load restores them:
+-- the option and metadata key, the tensors' prefix, and how to read the
+-- state from the object, check it against the object before anything is
+-- restored (optional), and restore it.
+local PARTS = {
+  {key = "optimizer", prefix = "optim", get = function(o) return o:state_dict() end,
+   set = function(o, sd)
+     o:load_state_dict(sd)
+     -- a guarded optimizer keeps the guard's non-finite policy and lr scale
+     local g = rawget(o, "_guard")
+     if g and g._sync then g:_sync() end
+   end},
+  {key = "schedule", prefix = "schedule", get = function(o) return o:state_dict() end,
+   set = function(o, sd) o:load_state_dict(sd) end},
+  {key = "loader", prefix = "loader", get = function(o) return o:state() end,
+   set = function(o, sd) if o.load_state then o:load_state(sd) else o:set_state(sd) end end},
+  {key = "guard", prefix = "guard", get = function(o) return o:state_dict() end,
+   set = function(o, sd) o:load_state_dict(sd) end},
+  {key = "scaler", prefix = "scaler", get = function(o) return o:state_dict() end,
+   set = function(o, sd) o:load_state_dict(sd) end},
+}
+
 function checkpoint.save(path, opts)
   check_opts("checkpoint.save", path, opts)
   local tensors, meta = {}, {format = FORMAT, version = VERSION}
@@ -77,20 +99,9 @@ function checkpoint.save(path, opts)
     if opts.model ~= nil then
       for k, t in pairs(opts.model:state_dict()) do tensors["model." .. k] = t end
     end
-    if opts.optimizer ~= nil then
-      meta.optimizer = kio.json_encode(split(opts.optimizer:state_dict(), "optim", tensors, {}))
-    end
-    if opts.schedule ~= nil then
-      meta.schedule = kio.json_encode(split(opts.schedule:state_dict(), "schedule", tensors, {}))
-    end
-    if opts.loader ~= nil then
-      meta.loader = kio.json_encode(split(opts.loader:state(), "loader", tensors, {}))
-    end
-    if opts.guard ~= nil then
-      meta.guard = kio.json_encode(split(opts.guard:state_dict(), "guard", tensors, {}))
-    end
-    if opts.scaler ~= nil then
-      meta.scaler = kio.json_encode(split(opts.scaler:state_dict(), "scaler", tensors, {}))
+    for _, part in ipairs(PARTS) do
+      local obj = opts[part.key]
+      if obj ~= nil then meta[part.key] = kio.json_encode(split(part.get(obj), part.prefix, tensors, {})) end
     end
     if opts.extra ~= nil then meta.extra = kio.json_encode(split(opts.extra, "extra", tensors, {})) end
     if opts.step ~= nil then
@@ -126,13 +137,13 @@ function checkpoint.load(path, opts)
       error(("checkpoint.load: %s has checkpoint version %s, expected %s"):format(path, tostring(meta.version),
         VERSION), 0)
     end
-    for _, part in ipairs{"optimizer", "schedule", "loader", "guard", "scaler"} do
-      if opts[part] ~= nil and meta[part] == nil then
-        error(("checkpoint.load: %s holds no %s state"):format(path, part), 0)
+    for _, part in ipairs(PARTS) do
+      if opts[part.key] ~= nil and meta[part.key] == nil then
+        error(("checkpoint.load: %s holds no %s state"):format(path, part.key), 0)
       end
     end
-    -- decode everything before changing anything
-    local msd, osd, ssd, lsd, gsd, csd
+    -- decode and check everything before changing anything
+    local msd, states = nil, {}
     if opts.model ~= nil then
       msd = {}
       for k, t in pairs(tensors) do
@@ -140,35 +151,21 @@ function checkpoint.load(path, opts)
         if name then msd[name] = t end
       end
     end
-    if opts.optimizer ~= nil then osd = join(decode(meta, "optimizer"), tensors, "optimizer state") end
-    if opts.schedule ~= nil then ssd = join(decode(meta, "schedule"), tensors, "schedule state") end
-    if opts.loader ~= nil then lsd = join(decode(meta, "loader"), tensors, "loader state") end
-    if opts.guard ~= nil then
-      gsd = join(decode(meta, "guard"), tensors, "guard state")
-      if opts.guard._check_state then opts.guard:_check_state(gsd) end
-    end
-    if opts.scaler ~= nil then
-      csd = join(decode(meta, "scaler"), tensors, "scaler state")
-      if opts.scaler._check_state then opts.scaler:_check_state(csd) end
+    for i, part in ipairs(PARTS) do
+      local obj = opts[part.key]
+      if obj ~= nil then
+        states[i] = join(decode(meta, part.key), tensors, part.key .. " state")
+        if obj._check_state then obj:_check_state(states[i]) end
+      end
     end
     local rng = meta.rng and decode(meta, "rng")
     local out = {}
     if meta.step then out.step = decode(meta, "step") end
     if meta.extra then out.extra = join(decode(meta, "extra"), tensors, "extra") end
     if msd then opts.model:load_state_dict(msd) end
-    if osd then
-      opts.optimizer:load_state_dict(osd)
-      -- a guarded optimizer keeps the guard's non-finite policy and lr scale
-      local g = rawget(opts.optimizer, "_guard")
-      if g and g._sync then g:_sync() end
+    for i, part in ipairs(PARTS) do
+      if states[i] ~= nil then part.set(opts[part.key], states[i]) end
     end
-    if ssd then opts.schedule:load_state_dict(ssd) end
-    if lsd then
-      local l = opts.loader
-      if l.load_state then l:load_state(lsd) else l:set_state(lsd) end
-    end
-    if gsd then opts.guard:load_state_dict(gsd) end
-    if csd then opts.scaler:load_state_dict(csd) end
     if rng and opts.rng ~= false then keel.set_rng_state(rng) end
     return out
   end)
