@@ -64,6 +64,8 @@ int kl_sdpa_drop(uint64_t seed, uint64_t idx, double p) {
 static inline double ld(const void *p, int64_t i, int f64) {
   return f64 ? ((const double *)p)[i] : (double)((const float *)p)[i];
 }
+/* float32 takes expf: double exp costs several times more per weight */
+static inline double exp_(double x, int f64) { return f64 ? exp(x) : (double)expf((float)x); }
 static inline void st(void *p, int64_t i, double v, int f64) {
   if (f64) ((double *)p)[i] = v;
   else ((float *)p)[i] = (float)v;
@@ -158,9 +160,9 @@ static inline keel_status fwd_rows(keel_ctx *ctx, tile_ctx *t, int64_t b, int64_
         for (int64_t c = 0; c < nj; c++) st(sc, r * nj + c, 0, f64);
         continue;
       }
-      alpha = exp(m[r] - mn);   /* 0 when m was -inf */
+      alpha = exp_(m[r] - mn, f64);   /* 0 when m was -inf */
       for (int64_t c = 0; c < nj; c++) {
-        double p = exp(ld(sc, r * nj + c, f64) - mn);
+        double p = exp_(ld(sc, r * nj + c, f64) - mn, f64);
         sum += p;
         st(sc, r * nj + c, p * keep_of(t, b, i, j0 + c), f64);
       }
@@ -253,7 +255,7 @@ static inline keel_status bwd_rows(keel_ctx *ctx, tile_ctx *t, int64_t b, int64_
       int64_t i = i0 + r;
       double m = ld(lse, b * L + i, f64);
       for (int64_t c = 0; c < nj; c++) {
-        double p = m == -INFINITY ? 0 : exp(score(t, ld(w->p, r * nj + c, f64), i, j0 + c) - m);
+        double p = m == -INFINITY ? 0 : exp_(score(t, ld(w->p, r * nj + c, f64), i, j0 + c) - m, f64);
         st(w->p, r * nj + c, p, f64);
         st(w->pd, r * nj + c, p * keep_of(t, b, i, j0 + c), f64);
       }
