@@ -1,6 +1,7 @@
 /*
-** lkeel_rnn.c: the recurrent cells and layers in keel.core._nn
-** (keel.nn.functional). Attention is composed in Lua (keel/nn/rnn.lua).
+** lkeel_rnn.c: the recurrent cells and layers and fused attention in
+** keel.core._nn (keel.nn.functional; keel/nn/rnn.lua builds the modules
+** and F.scaled_dot_product_attention on them).
 **
 **   h = F.rnn_tanh_cell(x, h, w_ih, w_hh [, b_ih [, b_hh]])   (also rnn_relu_cell, gru_cell)
 **   h, c = F.lstm_cell(x, h, c, w_ih, w_hh [, b_ih [, b_hh]])
@@ -10,6 +11,11 @@
 **
 ** x is [B, I] for a cell, [T, B, I] for a layer (one layer, one
 ** direction); states may be nil (zeros), biases nil (none).
+**
+**   out = F._sdpa(q, k, v, bias, is_causal, scale, dropout_p)
+**
+** fused attention (keel_sdpa): bias nil or a float tensor added to the
+** scores; scale and dropout_p numbers (keel/nn/rnn.lua gives defaults).
 */
 #include "lkeel.h"
 
@@ -60,11 +66,24 @@ static int l_rnn_relu_layer(lua_State *L) { return layer(L, KEEL_RNN_RELU, "rnn_
 static int l_lstm_layer(lua_State *L) { return layer(L, KEEL_RNN_LSTM, "lstm_layer"); }
 static int l_gru_layer(lua_State *L) { return layer(L, KEEL_RNN_GRU, "gru_layer"); }
 
+static int l_sdpa(lua_State *L) {
+  const char *fn = "scaled_dot_product_attention";
+  lk_state *S = lk_S(L);
+  keel_tensor *q = lk_check_tensor(L, 1, fn), *k = lk_check_tensor(L, 2, fn), *v = lk_check_tensor(L, 3, fn);
+  keel_tensor *bias = opt_tensor(L, 4, fn), *out = NULL;
+  int causal = lua_toboolean(L, 5);
+  double scale = luaL_checknumber(L, 6), p = luaL_checknumber(L, 7);
+  lk_check(L, S, keel_sdpa(S->ctx, q, k, v, bias, causal, scale, p, &out));
+  lk_push(L, S, out);
+  return 1;
+}
+
 static const luaL_Reg rnn_fns[] = {
   {"rnn_tanh_cell", l_rnn_tanh_cell}, {"rnn_relu_cell", l_rnn_relu_cell},
   {"lstm_cell", l_lstm_cell}, {"gru_cell", l_gru_cell},
   {"rnn_tanh_layer", l_rnn_tanh_layer}, {"rnn_relu_layer", l_rnn_relu_layer},
   {"lstm_layer", l_lstm_layer}, {"gru_layer", l_gru_layer},
+  {"_sdpa", l_sdpa},
   {NULL, NULL},
 };
 

@@ -659,6 +659,9 @@ const kl_backend kl_cpu_backend = {
   /* @init:rnn */
   .rnn_forward = kl_cpu_rnn_forward,
   .rnn_backward = kl_cpu_rnn_backward,
+  /* @init:attn */
+  .sdpa_forward = kl_cpu_sdpa_forward,
+  .sdpa_backward = kl_cpu_sdpa_backward,
   /* @init:optim */
   .grad_stats = kl_cpu_grad_stats,
   .grad_scale_ = kl_cpu_grad_scale_,

@@ -598,6 +598,50 @@ static keel_status cuda_rnn_backward(keel_ctx *ctx, kl_rnn_args *a) {
 }
 /* @endregion:rnn */
 
+/* @region:attn */
+/* The plugin's view of the arguments (v: 11 views, the kc_sdpa fields
+** point into it). */
+static const kc_sdpa *sdpa_args(const kl_sdpa_args *a, kc_sdpa *r, kc_view *v) {
+  r->B = a->B; r->L = a->L; r->S = a->S; r->E = a->E; r->Ev = a->Ev;
+  r->scale = a->scale; r->p = a->p; r->seed = a->seed; r->causal = a->causal;
+  r->q = view(a->q, &v[0]);
+  r->k = view(a->k, &v[1]);
+  r->v = view(a->v, &v[2]);
+  r->bias = view(a->bias, &v[3]);
+  r->out = view(a->out, &v[4]);
+  r->lse = view(a->lse, &v[5]);
+  r->gout = view(a->gout, &v[6]);
+  r->dq = view(a->dq, &v[7]);
+  r->dk = view(a->dk, &v[8]);
+  r->dv = view(a->dv, &v[9]);
+  r->dbias = view(a->dbias, &v[10]);
+  return r;
+}
+static keel_status cuda_sdpa_forward(keel_ctx *ctx, const kl_sdpa_args *a) {
+  const char *fn = "scaled_dot_product_attention";
+  kc_sdpa r;
+  kc_view v[11];
+  keel_status st;
+  if (!PL->sdpa_forward) return no_kernel(ctx, fn);
+  if ((st = on_gpu(ctx, fn, a->q, a->k, a->v, OPT(a->bias), a->out, a->lse, NULL)) ||
+      (st = gemm_precision(ctx, fn)))
+    return st;
+  return done(ctx, fn, PL->sdpa_forward(ST, sdpa_args(a, &r, v)));
+}
+static keel_status cuda_sdpa_backward(keel_ctx *ctx, const kl_sdpa_args *a) {
+  const char *fn = "scaled_dot_product_attention backward";
+  kc_sdpa r;
+  kc_view v[11];
+  keel_status st;
+  if (!PL->sdpa_backward) return no_kernel(ctx, fn);
+  if ((st = on_gpu(ctx, fn, a->q, a->k, a->v, OPT(a->bias), a->out, a->lse, a->gout, OPT(a->dq), OPT(a->dk),
+                   OPT(a->dv), OPT(a->dbias), NULL)) ||
+      (st = gemm_precision(ctx, fn)))
+    return st;
+  return done(ctx, fn, PL->sdpa_backward(ST, sdpa_args(a, &r, v)));
+}
+/* @endregion:attn */
+
 static keel_status cuda_grad_stats(keel_ctx *ctx, const keel_tensor *g, int64_t nunits, const double *a,
                                    const double *v, double pw, keel_grad_stats *st, double *spow,
                                    const keel_tensor *w) {
@@ -686,6 +730,9 @@ const kl_backend kl_cuda_backend = {
   /* @slots:rnn */
   .rnn_forward = cuda_rnn_forward,
   .rnn_backward = cuda_rnn_backward,
+  /* @slots:attn */
+  .sdpa_forward = cuda_sdpa_forward,
+  .sdpa_backward = cuda_sdpa_backward,
   /* @slots:optim */
   .grad_stats = cuda_grad_stats,
   .grad_scale_ = cuda_grad_scale_,

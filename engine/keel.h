@@ -517,6 +517,24 @@ KEEL_API keel_status keel_rnn_layer(keel_ctx *ctx, keel_rnn_mode mode, keel_tens
                                     keel_tensor *w_hh, keel_tensor *b_ih, keel_tensor *b_hh,
                                     int reverse, keel_tensor **out, keel_tensor **h_n,
                                     keel_tensor **c_n);
+/*
+** Scaled dot-product attention, fused: out = softmax(q k^T * scale + bias
+** + causal) v, as torch.nn.functional.scaled_dot_product_attention. q [...,
+** L, E], k [..., S, E], v [..., S, Ev]: the leading (batch, head) dims
+** broadcast together; one float dtype. bias: NULL, or a float tensor
+** broadcastable to [..., L, S] added to the scaled scores (-inf masks a
+** position; gradients flow to it). is_causal masks key j > query i
+** (top-left aligned, also when L != S). dropout_p in [0, 1] drops weights
+** with a counter-based mask keyed by a seed drawn from the context's RNG
+** (keel_manual_seed repeats it; CPU and CUDA draw the same mask). The
+** score matrix is never stored: forward keeps out and the row
+** logsumexp, backward recomputes the weights tile by tile. A row whose
+** positions are all masked gives NaN (softmax of nothing) and no
+** gradient to anything. The products follow the matmul precision.
+*/
+KEEL_API keel_status keel_sdpa(keel_ctx *ctx, keel_tensor *q, keel_tensor *k, keel_tensor *v,
+                               keel_tensor *bias, int is_causal, double scale, double dropout_p,
+                               keel_tensor **out);
 /* @api:optim (optimizers, clipping) */
 /* @api:data (dataset readers, data loader, transforms) */
 /* Data loader (engine/loader.c): batches of the rows of x [N, ...] and y

@@ -204,7 +204,7 @@ typedef struct kl_edge {
   int64_t shape[KEEL_MAX_DIMS];
 } kl_edge;
 
-#define KL_MAX_SAVED 4
+#define KL_MAX_SAVED 6
 #define KL_MAX_IPARAMS (2 * KEEL_MAX_DIMS + 2)
 
 typedef keel_status (*kl_backward_fn)(keel_ctx *ctx, kl_node *n, keel_tensor *gout,
@@ -266,6 +266,8 @@ enum {
   /* in keel_rnn_mode order: rnn.c adds the mode to the first of each four */
   KL_OP_RNN_TANH_CELL, KL_OP_RNN_RELU_CELL, KL_OP_LSTM_CELL, KL_OP_GRU_CELL,
   KL_OP_RNN_TANH_LAYER, KL_OP_RNN_RELU_LAYER, KL_OP_LSTM_LAYER, KL_OP_GRU_LAYER,
+  /* @ops:attn */
+  KL_OP_SDPA,
   /* @ops:cuda */
   KL_OP_TO_DEVICE,
   KL_OP_COUNT
@@ -433,6 +435,35 @@ KEEL_INTERNAL keel_status kl_cpu_rnn_backward(keel_ctx *ctx, kl_rnn_args *a);
 ** the CUDA backend allocates the same on the device). */
 KEEL_INTERNAL int64_t kl_rnn_ws_numel(const kl_rnn_args *a);
 
+/* @backward:attn */
+KL_BACKWARD(kl_sdpa_backward);
+/* Arguments of the attention kernels (attention.c; backend_cpu_attn.c is
+** the specification). B is the product of the batch dims; q [B, L, E],
+** k [B, S, E], v [B, S, Ev], out and gout [B, L, Ev], lse [B, L] (the
+** row logsumexp of the scaled, biased, masked scores; -inf for a fully
+** masked row), dq/dk/dv shaped like q/k/v: contiguous, one float dtype.
+** bias (or NULL) is a view [batch..., L, S] (zero strides where it
+** broadcasts; its leading dims multiply to B); dbias (or NULL) is dense
+** [B, L, S] and gets dL/d(score) of every element. Dropout keeps element
+** (b, i, j) unless kl_sdpa_drop says otherwise. Backward outputs arrive
+** uninitialised and are written whole; NULL ones are not wanted. */
+typedef struct kl_sdpa_args {
+  int64_t B, L, S, E, Ev;
+  double scale, p;
+  uint64_t seed;
+  int causal;
+  const keel_tensor *q, *k, *v, *bias;
+  keel_tensor *out, *lse;               /* forward fills them */
+  const keel_tensor *gout;
+  keel_tensor *dq, *dk, *dv, *dbias;
+} kl_sdpa_args;
+KEEL_INTERNAL keel_status kl_cpu_sdpa_forward(keel_ctx *ctx, const kl_sdpa_args *a);
+KEEL_INTERNAL keel_status kl_cpu_sdpa_backward(keel_ctx *ctx, const kl_sdpa_args *a);
+/* The dropout decision for score element idx = (b*L + i)*S + j under
+** seed: 1 when dropped with probability p (kernels/attention.cu draws the
+** same, so both devices drop the same weights). */
+KEEL_INTERNAL int kl_sdpa_drop(uint64_t seed, uint64_t idx, double p);
+
 /* }==================================================================== */
 
 /* {====================================================================
@@ -545,6 +576,9 @@ struct kl_backend {
   /* @slots:rnn */
   keel_status (*rnn_forward)(keel_ctx *ctx, kl_rnn_args *a);
   keel_status (*rnn_backward)(keel_ctx *ctx, kl_rnn_args *a);
+  /* @slots:attn */
+  keel_status (*sdpa_forward)(keel_ctx *ctx, const kl_sdpa_args *a);
+  keel_status (*sdpa_backward)(keel_ctx *ctx, const kl_sdpa_args *a);
   /* @slots:optim */
   /* Statistics of contiguous g split into nunits equal runs (st[u]), seen
   ** through x -> clamp(x * a[u], -v[u], v[u]) when a != NULL; spow[u] gets

@@ -75,6 +75,8 @@ const kl_op_info kl_ops[] = {
   [KL_OP_RNN_RELU_LAYER] = {"rnn_relu_layer", kl_rnn_backward},
   [KL_OP_LSTM_LAYER] = {"lstm_layer", kl_rnn_backward},
   [KL_OP_GRU_LAYER] = {"gru_layer", kl_rnn_backward},
+  /* @ops:attn */
+  [KL_OP_SDPA] = {"scaled_dot_product_attention", kl_sdpa_backward},
   /* @table:cuda */
   [KL_OP_TO_DEVICE] = {"to_device", kl_to_device_backward},
 };

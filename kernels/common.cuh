@@ -249,6 +249,7 @@ KC_HIDDEN void kc_register_index(keel_cuda_table *t);         /* index.cu: gathe
 KC_HIDDEN void kc_register_conv(keel_cuda_table *t);          /* conv.cu: conv2d, pools */
 KC_HIDDEN void kc_register_norm(keel_cuda_table *t);          /* norm.cu, dropout */
 KC_HIDDEN void kc_register_rnn(keel_cuda_table *t);           /* rnn.cu */
+KC_HIDDEN void kc_register_attention(keel_cuda_table *t);     /* attention.cu */
 KC_HIDDEN void kc_register_optim(keel_cuda_table *t);         /* optim.cu */
 KC_HIDDEN void kc_optim_close(kc_state *s);                   /* optim.cu: frees s->pending */
 /* stage.cu: a host-to-device copy that returns once src may be reused,

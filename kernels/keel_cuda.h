@@ -115,6 +115,23 @@ typedef struct kc_rnn {
   const kc_view *dx, *dh0, *dc0, *dw_ih, *dw_hh, *db_ih, *db_hh;
 } kc_rnn;
 
+/* Fused attention (the layouts of engine/keel_impl.h's kl_sdpa_args):
+** q [B, L, E], k [B, S, E], v [B, S, Ev], out and gout [B, L, Ev], lse
+** [B, L], dq/dk/dv like q/k/v, dense; bias NULL or a view [batch..., L, S]
+** whose leading dims multiply to B (zero strides where it broadcasts);
+** dbias NULL or dense [B, L, S]. Backward writes the non-NULL outputs
+** whole. Head sizes (E, Ev) up to the limits below; the engine composes
+** the op from other entries above them. */
+#define KC_SDPA_MAX_HEAD_F32 256
+#define KC_SDPA_MAX_HEAD_F64 128
+typedef struct kc_sdpa {
+  int64_t B, L, S, E, Ev;
+  double scale, p;               /* dropout probability (0: none) */
+  uint64_t seed;                 /* of the dropout mask (engine/backend_cpu_attn.c's kl_sdpa_drop) */
+  int32_t causal;
+  const kc_view *q, *k, *v, *bias, *out, *lse, *gout;
+  const kc_view *dq, *dk, *dv, *dbias;
+} kc_sdpa;
 typedef struct keel_cuda_table {
   int32_t abi_version;           /* KEEL_CUDA_ABI_VERSION the plugin was built with */
   int32_t size;                  /* sizeof(keel_cuda_table) as the plugin was built */
@@ -232,6 +249,10 @@ typedef struct keel_cuda_table {
   int (*rnn_forward)(kc_state *s, const struct kc_rnn *a);
   int (*rnn_backward)(kc_state *s, const struct kc_rnn *a);
 
+  /* Attention: forward writes out and lse, backward the gradients; see
+  ** kc_sdpa. The products follow set_gemm_precision. */
+  int (*sdpa_forward)(kc_state *s, const struct kc_sdpa *a);
+  int (*sdpa_backward)(kc_state *s, const struct kc_sdpa *a);
   /* Optimizer, as the kl_backend slots of the same names (engine/keel_impl.h).
   ** a, v (nunits each) and st, spow, dsq are host arrays; an entry that
   ** fills a host result returns when it is there. state: nstate views

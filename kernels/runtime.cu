@@ -327,6 +327,7 @@ static keel_cuda_table make_table(void) {
   kc_register_conv(&t);
   kc_register_norm(&t);
   kc_register_rnn(&t);
+  kc_register_attention(&t);
   kc_register_optim(&t);
   return t;
 }

@@ -142,9 +142,14 @@ describe("scaled_dot_product_attention against PyTorch's formula", function()
     for _, c in ipairs(REF.sdpa) do
       it(c.name .. " (" .. dtype .. ")", function()
         local q, k, v = make(c.q, c.qseed, dtype), make(c.k, c.kseed, dtype), make(c.v, c.vseed, dtype)
-        local opts = { scale = c.scale, is_causal = c.is_causal }
+        local opts = { scale = c.scale, is_causal = c.is_causal, need_weights = true }
         if c.mask_kind then opts.attn_mask = make_mask(c.mask_kind, c.mask_shape, c.mask_seed, dtype) end
         check_results(c, { F.scaled_dot_product_attention(q, k, v, opts) }, { q, k, v }, nil, TOL[dtype])
+        -- the fused op (the default) returns the output alone
+        opts.need_weights = nil
+        local out, w = F.scaled_dot_product_attention(q, k, v, opts)
+        assert.is_nil(w)
+        H.assert_close(H.flat(out), c.results[1].values, TOL[dtype], "fused output")
       end)
     end
   end
@@ -576,7 +581,7 @@ end)
 describe("attention", function()
   it("causal masking gives zero weight above the diagonal", function()
     local q = keel.randn({ 2, 4, 3 })
-    local _, w = F.scaled_dot_product_attention(q, q, q, { is_causal = true })
+    local _, w = F.scaled_dot_product_attention(q, q, q, { is_causal = true, need_weights = true })
     for b = 1, 2 do
       for i = 1, 4 do
         for j = i + 1, 4 do assert.are.equal(0, w[b][i][j]) end

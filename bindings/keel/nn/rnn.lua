@@ -7,8 +7,9 @@
 -- direction, all time steps in one op). The modules here stack layers and
 -- directions, add dropout between layers and handle batch_first and
 -- unbatched inputs. Parameter names, shapes and initialisation are
--- PyTorch's. Attention is composed of differentiable engine ops (matmul,
--- softmax, additive masks).
+-- PyTorch's. Attention runs the fused engine op (scaled_dot_product_attention
+-- without the weights), or composed ops (matmul, softmax, additive masks)
+-- when the weights are asked for.
 local keel = require "keel"
 
 return function(nn)
@@ -321,36 +322,53 @@ return function(nn)
   -- Attention
   ---------------------------------------------------------------------------
 
-  -- A mask as a tensor to add to the attention scores. An int64 mask is
-  -- boolean: nonzero marks the positions that take part (masked_when =
-  -- false, as scaled_dot_product_attention) or that are masked out
-  -- (masked_when = true, as MultiheadAttention); the others get -inf. A
-  -- float mask is added as it is.
+  -- A mask as a tensor to add to the attention scores, on the mask's
+  -- device. An int64 mask is boolean: nonzero marks the positions that
+  -- take part (masked_when = false, as scaled_dot_product_attention) or
+  -- that are masked out (masked_when = true, as MultiheadAttention); the
+  -- others get -inf. A float mask is added as it is.
   local function mask_bias(who, what, mask, dtype, masked_when, level)
     check_tensor(who, what, mask, level)
     if mask.dtype ~= "int64" then return mask:to(dtype) end
     local hit = mask:ne(0)
-    local neg, zero = keel.full({}, -math.huge, {dtype = dtype}), keel.zeros({}, {dtype = dtype})
+    local o = {dtype = dtype, device = mask.device}
+    local neg, zero = keel.full({}, -math.huge, o), keel.zeros({}, o)
     if masked_when then return keel.where(hit, neg, zero) end
     return keel.where(hit, zero, neg)
   end
 
-  -- -inf above the diagonal of an [L, S] score matrix (j > i): position i
-  -- attends to positions 1..i, as PyTorch's is_causal.
-  local function causal_bias(L, S, dtype)
-    local i = keel.arange(L, {dtype = dtype}):view(L, 1)
-    local j = keel.arange(S, {dtype = dtype}):view(1, S)
-    return keel.where(j:gt(i), keel.full({}, -math.huge, {dtype = dtype}), keel.zeros({}, {dtype = dtype}))
+  -- -inf above the diagonal of an [L, S] score matrix (j > i), on device:
+  -- position i attends to positions 1..i, as PyTorch's is_causal.
+  local function causal_bias(L, S, dtype, device)
+    local i = keel.arange(L, {dtype = dtype, device = "cpu"}):view(L, 1)
+    local j = keel.arange(S, {dtype = dtype, device = "cpu"}):view(1, S)
+    local o = {dtype = dtype, device = "cpu"}
+    return keel.where(j:gt(i), keel.full({}, -math.huge, o), keel.zeros({}, o)):to(device)
+  end
+
+  -- The composed path: weights materialised, returned with the output.
+  local function composed_attention(q, k, v, scale, bias, is_causal, p)
+    local s = q:matmul(k:transpose(-2, -1)) * scale
+    if is_causal then s = s + causal_bias(q.shape[q:dim() - 1], k.shape[k:dim() - 1], s.dtype, s.device) end
+    if bias ~= nil then s = s + bias end
+    local w = F.softmax(s, -1)
+    if p > 0 then w = F.dropout(w, p, true) end
+    return w:matmul(v), w
   end
 
   -- scaled_dot_product_attention(q [..., L, E], k [..., S, E], v [..., S, Ev]
-  -- [, {attn_mask =, is_causal = false, dropout_p = 0, scale = 1/sqrt(E)}])
-  -- -> output [..., L, Ev], and the attention weights [..., L, S] as a
-  -- second result. softmax(q k^T * scale + mask) v; attn_mask broadcasts to
-  -- [..., L, S]: an int64 mask is boolean (nonzero = takes part, as
-  -- PyTorch's bool masks), a float mask is added. is_causal masks j > i
-  -- (and excludes attn_mask, as PyTorch). Dropout (dropout_p > 0) applies to
-  -- the weights whenever it is asked for, as PyTorch's function does.
+  -- [, {attn_mask =, is_causal = false, dropout_p = 0, scale = 1/sqrt(E),
+  -- need_weights = false}]) -> output [..., L, Ev]: softmax(q k^T * scale +
+  -- mask) v, as PyTorch's function. The leading dims broadcast. attn_mask
+  -- broadcasts to [..., L, S]: an int64 mask is boolean (nonzero = takes
+  -- part, as PyTorch's bool masks), a float mask is added (and gets a
+  -- gradient). is_causal masks j > i (and excludes attn_mask, as PyTorch).
+  -- Dropout (dropout_p > 0) applies to the weights whenever it is asked
+  -- for, as PyTorch's function does.
+  -- The fused engine op (keel_sdpa) runs by default: it never stores the
+  -- [..., L, S] weights. need_weights = true runs the composed ops instead
+  -- and returns the weights [..., L, S] as a second result (its dropout
+  -- mask is F.dropout's, not the fused op's).
   function F.scaled_dot_product_attention(q, k, v, opts)
     local who = "scaled_dot_product_attention"
     check_tensor(who, "argument #1 (query)", q, 3)
@@ -365,7 +383,7 @@ return function(nn)
       error(("%s: query, key and value need at least 2 dimensions, got %s, %s and %s"):format(
         who, shape_str(q.shape), shape_str(k.shape), shape_str(v.shape)), 2)
     end
-    local E, L, S = q.shape[nq], q.shape[nq - 1], k.shape[nk - 1]
+    local E, S = q.shape[nq], k.shape[nk - 1]
     if k.shape[nk] ~= E then
       error(("%s: query %s and key %s differ in the last dimension (embedding size)"):format(
         who, shape_str(q.shape), shape_str(k.shape)), 2)
@@ -386,12 +404,10 @@ return function(nn)
     if opts.is_causal and opts.attn_mask ~= nil then
       error(who .. ": attn_mask and is_causal are exclusive; pass one", 2)
     end
-    local s = q:matmul(k:transpose(-2, -1)) * scale
-    if opts.is_causal then s = s + causal_bias(L, S, s.dtype) end
-    if opts.attn_mask ~= nil then s = s + mask_bias(who, "attn_mask", opts.attn_mask, s.dtype, false, 4) end
-    local w = F.softmax(s, -1)
-    if p > 0 then w = F.dropout(w, p, true) end
-    return w:matmul(v), w
+    local bias
+    if opts.attn_mask ~= nil then bias = mask_bias(who, "attn_mask", opts.attn_mask, q.dtype, false, 4) end
+    if opts.need_weights then return composed_attention(q, k, v, scale, bias, opts.is_causal, p) end
+    return F._sdpa(q, k, v, bias, opts.is_causal and true or false, scale, p)
   end
 
   -- nn.MultiheadAttention(embed_dim, num_heads [, {bias = true, batch_first
@@ -474,6 +490,9 @@ return function(nn)
   -- [N * num_heads, L, S], key_padding_mask [N, S]: an int64 mask is
   -- boolean with nonzero = masked out (PyTorch's bool masks here), a float
   -- mask is added to the scores. is_causal masks position j > i.
+  -- need_weights = false runs the fused attention op (no [N, heads, L, S]
+  -- weights are kept), as PyTorch's fast path; true (PyTorch's default)
+  -- runs the composed ops that make the weights.
   function MHA:forward(query, key, value, opts)
     local who = "MultiheadAttention"
     check_tensor(who, "query", query)
@@ -538,12 +557,15 @@ return function(nn)
       m = m:reshape({N, 1, 1, S})
       bias = bias and bias + m or m
     end
-    if opts.is_causal then
-      local m = causal_bias(L, S, dtype)
-      bias = bias and bias + m or m
-    end
     local p = self.training and self.dropout or 0
-    local out, w = F.scaled_dot_product_attention(q, k, v, {attn_mask = bias, dropout_p = p})
+    local need_weights = default(opts.need_weights, true)
+    local out, w
+    if need_weights then
+      -- the weights are asked for: the composed path, which has them
+      out, w = composed_attention(q, k, v, 1 / math.sqrt(hd), bias, opts.is_causal, p)
+    else
+      out = F._sdpa(q, k, v, bias, opts.is_causal and true or false, 1 / math.sqrt(hd), p)
+    end
     -- [N, heads, L, head_dim] -> [L, N, E]
     out = F.linear(out:permute(3, 1, 2, 4):reshape({L, N, E}), self.out_proj.weight, self.out_proj.bias)
     if not batched then
@@ -551,7 +573,7 @@ return function(nn)
     elseif self.batch_first then
       out = out:transpose(1, 2)
     end
-    if opts.need_weights == false then return out, nil end
+    if not need_weights then return out, nil end
     if default(opts.average_attn_weights, true) then w = w:mean(2) end
     if not batched then w = w:squeeze(1) end
     return out, w

@@ -1,0 +1,513 @@
+/*
+** attention.cu: fused scaled-dot-product attention, the CUDA side of
+** engine/backend_cpu_attn.c (the specification: same masks, same dropout
+** draws, same rounding of the products' operands under a reduced matmul
+** precision, same treatment of fully masked rows).
+**
+** Forward (flash-attention 2 style): a block owns FQ query rows (four
+** warps, FQ/4 rows each) and walks the keys in tiles of 32 through shared
+** memory. Lane j of a warp scores key j of the tile against each of its
+** rows, the warp keeps the row's running max and sum (online softmax), and
+** the output row is accumulated in registers, lane d owning dims d, d+32,
+** ... The K tile and then the V tile share one buffer. Out: the output and
+** the row logsumexp.
+**
+** Backward, deterministic (no atomics): a small kernel makes D_i = sum_d
+** dO_id O_id; one kernel over key blocks accumulates dK and dV in
+** registers while walking all query rows through shared memory (lane d
+** owns dims, scores are warp sums); one kernel over query blocks, shaped
+** like forward, accumulates dQ and writes d(bias) per element. Both
+** recompute the weights from the logsumexp.
+**
+** Shared memory stays within the 48 KiB every device gives without
+** opting in: forward (FQ*E + 32*max(E,Ev)) elements, the dQ kernel
+** (GQ*(E+Ev) + 32*max(E,Ev)), the dK/dV kernel 16*(E+Ev) + 32. With FQ = 16
+** and GQ = 8 that caps head sizes at 256 (float) and 128 (double):
+** KC_SDPA_MAX_HEAD_* in keel_cuda.h, which the engine checks.
+**
+** Lane j reads row j of a shared tile at column (e + j) mod E, so the 32
+** lanes hit 32 banks when E is a multiple of 32 (no padding needed).
+*/
+#include <math.h>
+#include <string.h>
+#include "common.cuh"
+
+#define NW 4                    /* warps per block */
+#define FQ 16                   /* forward: query rows per block */
+#define GQ 8                    /* dQ kernel: query rows per block */
+#define TK 32                   /* keys per tile (one per lane) */
+#define KW 2                    /* dK/dV kernel: keys per warp */
+#define RT 16                   /* dK/dV kernel: query rows per shared tile */
+
+/* {======================================================================
+** Geometry, masks, rounding
+** ======================================================================= */
+
+typedef struct sdpa_geo {
+  int64_t B, L, S, E, Ev;
+  double scale, p, keep;        /* keep: a kept weight's scale 1/(1-p) */
+  uint64_t key;                 /* the mixed dropout seed */
+  int causal, prec;             /* prec: keel_matmul_precision (float only) */
+  int nbd;                      /* leading dims of the bias view */
+  int64_t bshape[KC_MAX_DIMS], bstride[KC_MAX_DIMS];
+  int64_t brs, bcs;             /* bias row, column strides */
+} sdpa_geo;
+
+static __host__ __device__ __forceinline__ uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+/* The dropout scale of weight (b, i, j): 0 or 1/(1-p) (1 without dropout),
+** drawn as kl_sdpa_drop does. */
+__device__ __forceinline__ double keep_of(const sdpa_geo &g, int64_t b, int64_t i, int64_t j) {
+  if (g.p <= 0) return 1;
+  uint64_t idx = (uint64_t)((b * g.L + i) * g.S + j);
+  uint64_t z = mix64(g.key + (idx + 1) * 0x9E3779B97F4A7C15ull);
+  return (double)(z >> 11) * (1.0 / 9007199254740992.0) < g.p ? 0.0 : g.keep;
+}
+
+/* Offset of batch b's [L, S] plane in the bias view. */
+__device__ __forceinline__ int64_t bias_plane(const sdpa_geo &g, int64_t b) {
+  int64_t off = 0;
+  for (int d = g.nbd - 1; d >= 0; d--) {
+    int64_t q = b / g.bshape[d];
+    off += (b - q * g.bshape[d]) * g.bstride[d];
+    b = q;
+  }
+  return off;
+}
+
+/* As kl_round_to_precision (engine/gemm.c): the operand rounding of a
+** product under a reduced precision; float only. */
+__device__ __forceinline__ float keep_bits(float x, int dropped) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  if ((u & 0x7f800000u) == 0x7f800000u) return x;
+  u += ((1u << (dropped - 1)) - 1) + ((u >> dropped) & 1u);
+  u &= ~((1u << dropped) - 1u);
+  memcpy(&x, &u, sizeof x);
+  return x;
+}
+__device__ __forceinline__ float rnd(float x, int prec) {
+  switch (prec) {
+    case KEEL_MATMUL_TF32: return keep_bits(x, 13);
+    case KEEL_MATMUL_BF16: return keep_bits(x, 16);
+    case KEEL_MATMUL_F16: {
+      float a = fabsf(x);
+      if (!(a < INFINITY)) return x;
+      if (a >= 65520.0f) return copysignf(INFINITY, x);
+      /* below 2^-14: float16's subnormal steps of 2^-24 */
+      if (a < 6.103515625e-05f) return copysignf(nearbyintf(a * 16777216.0f) * 5.9604644775390625e-08f, x);
+      return keep_bits(x, 13);
+    }
+    default: return x;
+  }
+}
+__device__ __forceinline__ double rnd(double x, int) { return x; }
+
+__device__ __forceinline__ float exp_(float x) { return expf(x); }
+__device__ __forceinline__ double exp_(double x) { return exp(x); }
+__device__ __forceinline__ float log_(float x) { return logf(x); }
+__device__ __forceinline__ double log_(double x) { return log(x); }
+
+/* The score of (i, j) from its product qk: scaled, biased, masked. */
+template <typename T>
+__device__ __forceinline__ T score(const sdpa_geo &g, const T *bias, T qk, int64_t i, int64_t j) {
+  if (j >= g.S || (g.causal && j > i)) return (T)-INFINITY;
+  T s = qk * (T)g.scale;
+  if (bias) s += bias[i * g.brs + j * g.bcs];
+  return s;
+}
+
+/* Keys a block of query rows ending before i1 sees. */
+__device__ __forceinline__ int64_t key_end(const sdpa_geo &g, int64_t i1) {
+  return g.causal && i1 < g.S ? i1 : g.S;
+}
+
+/* rows x cols of src (row stride ld) into shared dst (dense), rounded;
+** rows past nrows as zeros. */
+template <typename T>
+__device__ __forceinline__ void load_tile(T *dst, const T *src, int64_t nrows, int rows, int64_t cols, int prec) {
+  for (int64_t x = threadIdx.x; x < rows * cols; x += blockDim.x) {
+    int64_t r = x / cols;
+    dst[x] = r < nrows ? rnd(src[x], prec) : (T)0;
+  }
+}
+
+/* dot(a[0..n), b[0..n)) read from lane's rotation (see the top). */
+template <typename T>
+__device__ __forceinline__ T rot_dot(const T *a, const T *b, int64_t n, int lane) {
+  T s = 0;
+  int64_t e = n ? lane % n : 0;
+  for (int64_t c = 0; c < n; c++) {
+    s += a[e] * b[e];
+    if (++e == n) e = 0;
+  }
+  return s;
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Forward
+** ======================================================================= */
+
+template <typename T, int NC>
+__global__ void fwd_kernel(sdpa_geo g, const T *q, const T *k, const T *v, const T *bias, T *out, T *lse,
+                           int64_t nblk) {
+  KC_DYN_SMEM(T, sm);
+  int64_t E = g.E, Ev = g.Ev, L = g.L, S = g.S;
+  T *qs = sm, *kv = sm + FQ * E;
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int64_t tiles = (L + FQ - 1) / FQ;
+  for (int64_t blk = blockIdx.x; blk < nblk; blk += gridDim.x) {
+    int64_t b = blk / tiles, i0 = (blk - b * tiles) * FQ;
+    int64_t i1 = i0 + FQ < L ? i0 + FQ : L, jend = key_end(g, i1);
+    const T *bb = bias ? bias + bias_plane(g, b) : NULL;
+    T acc[FQ / NW][NC], m[FQ / NW], l[FQ / NW], pr[FQ / NW];
+    for (int rr = 0; rr < FQ / NW; rr++) {
+      m[rr] = (T)-INFINITY;
+      l[rr] = 0;
+      for (int c = 0; c < NC; c++) acc[rr][c] = 0;
+    }
+    __syncthreads();            /* the previous block's readers are done */
+    load_tile(qs, q + (b * L + i0) * E, i1 - i0, FQ, E, g.prec);
+    for (int64_t j0 = 0; j0 < jend; j0 += TK) {
+      int64_t j = j0 + lane;
+      __syncthreads();
+      load_tile(kv, k + (b * S + j0) * E, S - j0, TK, E, g.prec);
+      __syncthreads();
+      for (int rr = 0; rr < FQ / NW; rr++) {
+        int r = warp * (FQ / NW) + rr;
+        int64_t i = i0 + r;
+        T x = i < L ? score(g, bb, rot_dot(qs + r * E, kv + lane * E, E, lane), i, j) : (T)-INFINITY;
+        T mn = kc_warp_max(x);
+        mn = mn > m[rr] ? mn : m[rr];
+        pr[rr] = 0;
+        if (mn == (T)-INFINITY) continue;   /* warp-uniform: nothing seen yet */
+        T alpha = exp_(m[rr] - mn), p = exp_(x - mn);
+        l[rr] = l[rr] * alpha + kc_warp_sum(p);
+        m[rr] = mn;
+        for (int c = 0; c < NC; c++) acc[rr][c] *= alpha;
+        pr[rr] = rnd((T)(p * (T)keep_of(g, b, i, j)), g.prec);
+      }
+      __syncthreads();
+      load_tile(kv, v + (b * S + j0) * Ev, S - j0, TK, Ev, g.prec);
+      __syncthreads();
+      for (int rr = 0; rr < FQ / NW; rr++)
+        for (int jj = 0; jj < TK; jj++) {
+          T pj = __shfl_sync(0xffffffffu, pr[rr], jj);
+          if (pj == 0) continue;
+          for (int c = 0; c < NC; c++) {
+            int64_t d = lane + 32 * c;
+            if (d < Ev) acc[rr][c] += pj * kv[jj * Ev + d];
+          }
+        }
+    }
+    for (int rr = 0; rr < FQ / NW; rr++) {
+      int64_t i = i0 + warp * (FQ / NW) + rr;
+      if (i >= L) continue;
+      for (int c = 0; c < NC; c++) {
+        int64_t d = lane + 32 * c;
+        if (d < Ev) out[(b * L + i) * Ev + d] = l[rr] == 0 ? (T)NAN : acc[rr][c] / l[rr];
+      }
+      if (lane == 0) lse[b * L + i] = l[rr] == 0 ? (T)-INFINITY : m[rr] + log_(l[rr]);
+    }
+  }
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Backward
+** ======================================================================= */
+
+/* D[r] = sum_d gout[r, d] out[r, d] over n rows of Ev. */
+template <typename T>
+__global__ void rowdot_kernel(T *D, const T *gout, const T *out, int64_t n, int64_t Ev) {
+  KC_GRID_LOOP(r, n) {
+    T s = 0;
+    for (int64_t d = 0; d < Ev; d++) s += gout[r * Ev + d] * out[r * Ev + d];
+    D[r] = s;
+  }
+}
+
+/* dK, dV: a block owns NW*KW keys, a warp KW of them in registers. */
+template <typename T, int NC>
+__global__ void dkdv_kernel(sdpa_geo g, const T *q, const T *k, const T *v, const T *bias, const T *gout,
+                            const T *lse, const T *D, T *dk, T *dv, int64_t nblk) {
+  KC_DYN_SMEM(T, sm);
+  int64_t E = g.E, Ev = g.Ev, L = g.L, S = g.S;
+  T *qs = sm, *gs = sm + RT * E, *ls = gs + RT * Ev, *ds = ls + RT;
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int64_t tiles = (S + NW * KW - 1) / (NW * KW);
+  for (int64_t blk = blockIdx.x; blk < nblk; blk += gridDim.x) {
+    int64_t b = blk / tiles, jb = (blk - b * tiles) * (NW * KW);
+    const T *bb = bias ? bias + bias_plane(g, b) : NULL;
+    T kr[KW][NC], vr[KW][NC], ak[KW][NC], av[KW][NC];
+    for (int kk = 0; kk < KW; kk++) {
+      int64_t j = jb + warp * KW + kk;
+      for (int c = 0; c < NC; c++) {
+        int64_t d = lane + 32 * c;
+        kr[kk][c] = j < S && d < E ? rnd(k[(b * S + j) * E + d], g.prec) : (T)0;
+        vr[kk][c] = j < S && d < Ev ? rnd(v[(b * S + j) * Ev + d], g.prec) : (T)0;
+        ak[kk][c] = av[kk][c] = 0;
+      }
+    }
+    /* rows above the block's first key see none of its keys when causal */
+    for (int64_t it0 = g.causal ? jb : 0; it0 < L; it0 += RT) {
+      int64_t nr = L - it0 < RT ? L - it0 : RT;
+      __syncthreads();
+      load_tile(qs, q + (b * L + it0) * E, nr, RT, E, g.prec);
+      load_tile(gs, gout + (b * L + it0) * Ev, nr, RT, Ev, g.prec);
+      for (int x = threadIdx.x; x < RT; x += blockDim.x) {
+        ls[x] = x < nr ? lse[b * L + it0 + x] : (T)-INFINITY;
+        ds[x] = x < nr ? D[b * L + it0 + x] : (T)0;
+      }
+      __syncthreads();
+      for (int r = 0; r < nr; r++) {
+        int64_t i = it0 + r;
+        T li = ls[r];
+        if (li == (T)-INFINITY) continue;   /* a fully masked row: no gradient */
+        for (int kk = 0; kk < KW; kk++) {
+          int64_t j = jb + warp * KW + kk;
+          T s = 0, dp = 0, p, kp;
+          if (j >= S || (g.causal && j > i)) continue;   /* warp-uniform */
+          for (int c = 0; c < NC; c++) {
+            int64_t d = lane + 32 * c;
+            if (d < E) s += kr[kk][c] * qs[r * E + d];
+            if (d < Ev) dp += vr[kk][c] * gs[r * Ev + d];
+          }
+          s = kc_warp_sum(s);
+          p = exp_(score(g, bb, s, i, j) - li);
+          if (p == 0) continue;
+          dp = kc_warp_sum(dp);
+          kp = (T)keep_of(g, b, i, j);
+          {
+            T pd = rnd((T)(p * kp), g.prec), dsr = rnd((T)(p * (dp * kp - ds[r]) * (T)g.scale), g.prec);
+            for (int c = 0; c < NC; c++) {
+              int64_t d = lane + 32 * c;
+              if (d < Ev) av[kk][c] += pd * gs[r * Ev + d];
+              if (d < E) ak[kk][c] += dsr * qs[r * E + d];
+            }
+          }
+        }
+      }
+    }
+    for (int kk = 0; kk < KW; kk++) {
+      int64_t j = jb + warp * KW + kk;
+      if (j >= S) continue;
+      for (int c = 0; c < NC; c++) {
+        int64_t d = lane + 32 * c;
+        if (dk && d < E) dk[(b * S + j) * E + d] = ak[kk][c];
+        if (dv && d < Ev) dv[(b * S + j) * Ev + d] = av[kk][c];
+      }
+    }
+  }
+}
+
+/* dQ and d(bias): a block owns GQ query rows, as forward. */
+template <typename T, int NC>
+__global__ void dq_kernel(sdpa_geo g, const T *q, const T *k, const T *v, const T *bias, const T *gout,
+                          const T *lse, const T *D, T *dq, T *dbias, int64_t nblk) {
+  KC_DYN_SMEM(T, sm);
+  int64_t E = g.E, Ev = g.Ev, L = g.L, S = g.S;
+  T *qs = sm, *gs = sm + GQ * E, *kv = gs + GQ * Ev;
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int64_t tiles = (L + GQ - 1) / GQ;
+  for (int64_t blk = blockIdx.x; blk < nblk; blk += gridDim.x) {
+    int64_t b = blk / tiles, i0 = (blk - b * tiles) * GQ;
+    int64_t i1 = i0 + GQ < L ? i0 + GQ : L, jend = key_end(g, i1);
+    const T *bb = bias ? bias + bias_plane(g, b) : NULL;
+    T acc[GQ / NW][NC], pr[GQ / NW], dsr[GQ / NW];
+    for (int rr = 0; rr < GQ / NW; rr++)
+      for (int c = 0; c < NC; c++) acc[rr][c] = 0;
+    __syncthreads();
+    load_tile(qs, q + (b * L + i0) * E, i1 - i0, GQ, E, g.prec);
+    load_tile(gs, gout + (b * L + i0) * Ev, i1 - i0, GQ, Ev, g.prec);
+    for (int64_t j0 = 0; j0 < jend; j0 += TK) {
+      int64_t j = j0 + lane;
+      __syncthreads();
+      load_tile(kv, k + (b * S + j0) * E, S - j0, TK, E, g.prec);
+      __syncthreads();
+      for (int rr = 0; rr < GQ / NW; rr++) {
+        int r = warp * (GQ / NW) + rr;
+        int64_t i = i0 + r;
+        T li = i < L ? lse[b * L + i] : (T)-INFINITY;
+        pr[rr] = li == (T)-INFINITY ? (T)0 : exp_(score(g, bb, rot_dot(qs + r * E, kv + lane * E, E, lane), i, j) - li);
+      }
+      __syncthreads();
+      load_tile(kv, v + (b * S + j0) * Ev, S - j0, TK, Ev, g.prec);
+      __syncthreads();
+      for (int rr = 0; rr < GQ / NW; rr++) {
+        int r = warp * (GQ / NW) + rr;
+        int64_t i = i0 + r;
+        T gsc = 0;
+        if (pr[rr] != 0) {
+          T kp = (T)keep_of(g, b, i, j);
+          gsc = pr[rr] * (rot_dot(gs + r * Ev, kv + lane * Ev, Ev, lane) * kp - D[b * L + i]);
+        }
+        if (dbias && i < L && j < jend) dbias[(b * L + i) * S + j] = gsc;
+        dsr[rr] = rnd((T)(gsc * (T)g.scale), g.prec);
+      }
+      if (!dq) continue;
+      __syncthreads();
+      load_tile(kv, k + (b * S + j0) * E, S - j0, TK, E, g.prec);
+      __syncthreads();
+      for (int rr = 0; rr < GQ / NW; rr++)
+        for (int jj = 0; jj < TK; jj++) {
+          T dj = __shfl_sync(0xffffffffu, dsr[rr], jj);
+          if (dj == 0) continue;
+          for (int c = 0; c < NC; c++) {
+            int64_t d = lane + 32 * c;
+            if (d < E) acc[rr][c] += dj * kv[jj * E + d];
+          }
+        }
+    }
+    for (int rr = 0; rr < GQ / NW; rr++) {
+      int64_t i = i0 + warp * (GQ / NW) + rr;
+      if (i >= L) continue;
+      /* keys a causal block never visits get no gradient */
+      if (dbias)
+        for (int64_t j = jend + lane; j < S; j += 32) dbias[(b * L + i) * S + j] = 0;
+      if (dq)
+        for (int c = 0; c < NC; c++) {
+          int64_t d = lane + 32 * c;
+          if (d < E) dq[(b * L + i) * E + d] = acc[rr][c];
+        }
+    }
+  }
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Entries
+** ======================================================================= */
+
+static int64_t max_(int64_t a, int64_t b) { return a > b ? a : b; }
+
+static int check(const kc_sdpa *a) {
+  int dt;
+  int64_t lim;
+  if (!a || !a->q || !a->k || !a->v) return KC_ERR_ARG;
+  dt = a->q->dtype;
+  if (dt != KEEL_F32 && dt != KEEL_F64) return KC_ERR_DTYPE;
+  lim = dt == KEEL_F64 ? KC_SDPA_MAX_HEAD_F64 : KC_SDPA_MAX_HEAD_F32;
+  if (a->E > lim || a->Ev > lim) return KC_ERR_NOT_IMPLEMENTED;
+  if (a->bias && a->bias->ndim < 2) return KC_ERR_ARG;
+  return KC_OK;
+}
+
+static sdpa_geo geo_of(const kc_state *s, const kc_sdpa *a) {
+  sdpa_geo g;
+  memset(&g, 0, sizeof g);
+  g.B = a->B; g.L = a->L; g.S = a->S; g.E = a->E; g.Ev = a->Ev;
+  g.scale = a->scale; g.p = a->p; g.keep = a->p < 1 ? 1.0 / (1.0 - a->p) : 0.0;
+  g.key = mix64(a->seed ^ 0x8CB92BA72F3D8DD7ull);
+  g.causal = a->causal;
+  g.prec = a->q->dtype == KEEL_F32 ? s->gemm_prec : KEEL_MATMUL_HIGHEST;
+  if (a->bias) {
+    g.nbd = a->bias->ndim - 2;
+    for (int d = 0; d < g.nbd; d++) {
+      g.bshape[d] = a->bias->shape[d];
+      g.bstride[d] = a->bias->stride[d];
+    }
+    g.brs = a->bias->stride[g.nbd];
+    g.bcs = a->bias->stride[g.nbd + 1];
+  }
+  return g;
+}
+
+static unsigned grid_of(int64_t nblk) { return (unsigned)(nblk > KC_MAX_BLOCKS ? KC_MAX_BLOCKS : nblk); }
+
+/* The register width (dims per lane) a head size needs. */
+#define BY_WIDTH(n, CALL) \
+  ((n) <= 32 ? CALL(1) : (n) <= 64 ? CALL(2) : (n) <= 128 ? CALL(4) : CALL(8))
+
+template <typename T>
+static int forward_t(kc_state *s, const kc_sdpa *a) {
+  sdpa_geo g = geo_of(s, a);
+  int64_t nblk = a->B * ((a->L + FQ - 1) / FQ);
+  size_t smem = sizeof(T) * (size_t)(FQ * a->E + TK * max_(a->E, a->Ev));
+  const T *bias = a->bias ? (const T *)a->bias->data : NULL;
+  if (nblk == 0) return KC_OK;
+#define FWD(NCV)                                                                                            \
+  (KC_LAUNCH(grid_of(nblk), NW * 32, smem, s->stream, fwd_kernel<T, NCV>)(                                  \
+       g, (const T *)a->q->data, (const T *)a->k->data, (const T *)a->v->data, bias, (T *)a->out->data,     \
+       (T *)a->lse->data, nblk), 0)
+  BY_WIDTH(a->Ev, FWD);
+#undef FWD
+  return KC_LAUNCHED();
+}
+
+template <typename T>
+static int backward_t(kc_state *s, const kc_sdpa *a) {
+  sdpa_geo g = geo_of(s, a);
+  int64_t rows = a->B * a->L;
+  const T *bias = a->bias ? (const T *)a->bias->data : NULL;
+  T *D = NULL;
+  int e;
+  if (rows == 0) {
+    if (a->dk || a->dv) {       /* no rows: keys get zero gradients */
+      if (a->dk && (e = kc_fill(s, a->dk, 0))) return e;
+      if (a->dv && (e = kc_fill(s, a->dv, 0))) return e;
+    }
+    return KC_OK;
+  }
+  if ((e = kc_scratch(s, sizeof(T) * (size_t)rows, (void **)&D))) return e;
+  KC_LAUNCH(kc_blocks(rows), KC_THREADS, 0, s->stream, rowdot_kernel<T>)(D, (const T *)a->gout->data,
+                                                                         (const T *)a->out->data, rows, a->Ev);
+  if ((e = KC_LAUNCHED())) return e;
+  if (a->dk || a->dv) {
+    int64_t nblk = a->B * ((a->S + NW * KW - 1) / (NW * KW));
+    size_t smem = sizeof(T) * (size_t)(RT * (a->E + a->Ev) + 2 * RT);
+    if (nblk > 0) {
+#define DKDV(NCV)                                                                                               \
+  (KC_LAUNCH(grid_of(nblk), NW * 32, smem, s->stream, dkdv_kernel<T, NCV>)(                                     \
+       g, (const T *)a->q->data, (const T *)a->k->data, (const T *)a->v->data, bias, (const T *)a->gout->data, \
+       (const T *)a->lse->data, D, a->dk ? (T *)a->dk->data : NULL, a->dv ? (T *)a->dv->data : NULL, nblk),    \
+   0)
+      BY_WIDTH(max_(a->E, a->Ev), DKDV);
+#undef DKDV
+      if ((e = KC_LAUNCHED())) return e;
+    }
+  }
+  if (a->dq || a->dbias) {
+    int64_t nblk = a->B * ((a->L + GQ - 1) / GQ);
+    size_t smem = sizeof(T) * (size_t)(GQ * (a->E + a->Ev) + TK * max_(a->E, a->Ev));
+#define DQ(NCV)                                                                                                 \
+  (KC_LAUNCH(grid_of(nblk), NW * 32, smem, s->stream, dq_kernel<T, NCV>)(                                       \
+       g, (const T *)a->q->data, (const T *)a->k->data, (const T *)a->v->data, bias, (const T *)a->gout->data, \
+       (const T *)a->lse->data, D, a->dq ? (T *)a->dq->data : NULL, a->dbias ? (T *)a->dbias->data : NULL,     \
+       nblk),                                                                                                   \
+   0)
+    BY_WIDTH(a->E, DQ);
+#undef DQ
+    if ((e = KC_LAUNCHED())) return e;
+  }
+  return KC_OK;
+}
+
+static int sdpa_forward(kc_state *s, const kc_sdpa *a) {
+  int e = check(a);
+  if (e) return e;
+  if (!a->out || !a->lse) return KC_ERR_ARG;
+  return a->q->dtype == KEEL_F32 ? forward_t<float>(s, a) : forward_t<double>(s, a);
+}
+
+static int sdpa_backward(kc_state *s, const kc_sdpa *a) {
+  int e = check(a);
+  if (e) return e;
+  if (!a->out || !a->lse || !a->gout) return KC_ERR_ARG;
+  return a->q->dtype == KEEL_F32 ? backward_t<float>(s, a) : backward_t<double>(s, a);
+}
+
+/* }====================================================================== */
+
+void kc_register_attention(keel_cuda_table *t) {
+  t->sdpa_forward = sdpa_forward;
+  t->sdpa_backward = sdpa_backward;
+}
