@@ -249,6 +249,7 @@ KC_HIDDEN void kc_register_norm(keel_cuda_table *t);          /* norm.cu, dropou
 KC_HIDDEN void kc_register_rnn(keel_cuda_table *t);           /* rnn.cu */
 KC_HIDDEN void kc_register_optim(keel_cuda_table *t);         /* optim.cu */
 KC_HIDDEN void kc_optim_close(kc_state *s);                   /* optim.cu: frees s->pending */
+KC_HIDDEN void kc_optim_flush(kc_state *s);                   /* optim.cu: launches an open batch */
 
 /* }====================================================================== */
 

@@ -239,7 +239,10 @@ static int set_gemm_precision(kc_state *s, int prec) {
   return KC_OK;
 }
 
-static int synchronize(kc_state *s) { return from_cuda(cudaStreamSynchronize(s->stream)); }
+static int synchronize(kc_state *s) {
+  kc_optim_flush(s);   /* queued optimizer work first (keel_cuda.h: defer_results) */
+  return from_cuda(cudaStreamSynchronize(s->stream));
+}
 
 /* }====================================================================== */
 
@@ -255,7 +258,7 @@ static int dev_malloc(kc_state *s, void **p, size_t nbytes) {
 }
 
 static int dev_free(kc_state *s, void *p) {
-  (void)s;
+  kc_optim_flush(s);
   /* cudaFree synchronizes the device: the block may still be in use by
   ** queued work, which must finish first anyway */
   return p ? from_cuda(cudaFree(p)) : KC_OK;
@@ -267,6 +270,7 @@ static int dev_free(kc_state *s, void *p) {
 static int memcpy_h2d(kc_state *s, void *dst, const void *src, size_t n) {
   cudaError_t e;
   if (!n) return KC_OK;
+  kc_optim_flush(s);
   e = cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, s->stream);
   if (e == cudaSuccess) e = cudaStreamSynchronize(s->stream);
   return from_cuda(e);
@@ -275,6 +279,7 @@ static int memcpy_h2d(kc_state *s, void *dst, const void *src, size_t n) {
 static int memcpy_d2h(kc_state *s, void *dst, const void *src, size_t n) {
   cudaError_t e;
   if (!n) return KC_OK;
+  kc_optim_flush(s);
   e = cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, s->stream);
   if (e == cudaSuccess) e = cudaStreamSynchronize(s->stream);
   return from_cuda(e);
@@ -282,6 +287,7 @@ static int memcpy_d2h(kc_state *s, void *dst, const void *src, size_t n) {
 
 static int memcpy_d2d(kc_state *s, void *dst, const void *src, size_t n) {
   if (!n) return KC_OK;
+  kc_optim_flush(s);
   return from_cuda(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, s->stream));
 }
 

@@ -614,3 +614,67 @@ describe("cuda update statistics", function()
 end)
 
 -- }======================================================================
+
+-- {======================================================================
+-- Update sizes that arrive late: a device step does not wait for its
+-- update's sum of squares; reading it (or the next step, add_param_group,
+-- freeing the optimizer) does. Read after other work, they must be the
+-- step's own.
+-- =======================================================================
+
+describe("cuda update sizes read late", function()
+  local function sizes(o)
+    local t = {}
+    for i, s in ipairs(o:grad_stats()) do t[i] = s.update_sumsq end
+    return t
+  end
+  local function same_sizes(a, b, tol, what)
+    assert.equals(#a, #b, what .. ": count")
+    for i = 1, #a do
+      if a[i] == nil then assert.is_nil(b[i], what .. " " .. i)
+      else close(a[i], b[i], tol, ("%s: parameter %d update_sumsq"):format(what, i)) end
+    end
+  end
+  for _, dtype in ipairs{"float32", "float64"} do
+    gpu_it("after another step, after add_param_group, after free (" .. dtype .. ")", function()
+      local tol = TOL[dtype]
+      local cpu, dev = params(dtype, 20)
+      local oc, od = optim.AdamW(cpu, {lr = 0.05}), optim.AdamW(dev, {lr = 0.05})
+      -- two steps, nothing read in between: the second step's sizes
+      for t = 1, 2 do
+        set_grads(cpu, dev, t)
+        oc:step(); od:step()
+      end
+      local sc = sizes(oc)
+      assert.is_number(sc[1])
+      same_sizes(sc, sizes(od), tol, "two steps")
+      -- a step, other device work, then add_param_group (the records move)
+      set_grads(cpu, dev, 3)
+      oc:step(); od:step()
+      local extra = tensor(H.values(12, -1, 1, 77), {3, 4}, dtype)
+      local xc, xd = leaf(extra, "cpu"), leaf(extra, "cuda")
+      local junk = (dev[1] * 2):sum():item()   -- device work and a host wait in between
+      assert.is_number(junk)
+      oc:add_param_group{params = {xc}}
+      od:add_param_group{params = {xd}}
+      same_sizes(sizes(oc), sizes(od), tol, "after add_param_group")
+      assert.is_nil(sizes(od)[#dev + 1], "the new parameter has no update yet")
+      same_params(cpu, dev, nil, "after add_param_group")
+      -- a step, then the optimizer is dropped unread: its results must not
+      -- land in freed memory (ASan), and a new optimizer's must be right
+      set_grads(cpu, dev, 4)
+      od:step()
+      od = nil
+      collectgarbage(); collectgarbage()
+      local oc2, od2 = optim.SGD(cpu, {lr = 0.1, momentum = 0.5}), optim.SGD(dev, {lr = 0.1, momentum = 0.5})
+      oc:step()   -- the CPU side catches up with the dropped step
+      same_params(cpu, dev, nil, "after the dropped optimizer's step")
+      set_grads(cpu, dev, 5)
+      oc2:step(); od2:step()
+      same_sizes(sizes(oc2), sizes(od2), tol, "a new optimizer")
+      same_params(cpu, dev, nil, "a new optimizer")
+    end)
+  end
+end)
+
+-- }======================================================================
