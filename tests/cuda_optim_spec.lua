@@ -678,3 +678,37 @@ describe("cuda update sizes read late", function()
 end)
 
 -- }======================================================================
+
+-- {======================================================================
+-- Launches per step (simulator only: it counts them): the statistics and
+-- the update run as multi-tensor batches, so the count does not grow with
+-- the number of parameters, and a step waits for the device once.
+-- =======================================================================
+
+describe("cuda optimizer launches", function()
+  local plugin = os.getenv("KEEL_CUDA_PLUGIN") or ""
+  local bin = os.getenv("KEEL_BIN")
+  local on_sim = plugin:find("sim", 1, true) and bin
+  local function counts(n, steps)
+    local cmd = ("KEEL_CUDA_SIM_STATS=1 %q tests/optim_launch_count.lua %d %d 2>&1"):format(bin, n, steps)
+    local f = assert(io.popen(cmd))
+    local out = f:read("a")
+    f:close()
+    local l, w = out:match("kcsim: (%d+) launches, %d+ blocks, %d+ threads, (%d+) waits")
+    assert(l, "no simulator counts in: " .. out)
+    return tonumber(l), tonumber(w)
+  end
+  local test = on_sim and gpu_it or pending
+  test("per step: as many launches for 40 parameters as for 3, one more wait per step", function()
+    local l3a, w3a = counts(3, 2)
+    local l3b, w3b = counts(3, 4)
+    local l40a, w40a = counts(40, 2)
+    local l40b, w40b = counts(40, 4)
+    assert.equals(l3b - l3a, l40b - l40a, "launches of two more steps")
+    assert.is_true((l40b - l40a) / 2 <= 4, "launches per step: " .. (l40b - l40a) / 2)
+    assert.equals(2, w3b - w3a, "waits of two more steps (3 parameters)")
+    assert.equals(2, w40b - w40a, "waits of two more steps (40 parameters)")
+  end)
+end)
+
+-- }======================================================================
