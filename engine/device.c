@@ -278,7 +278,7 @@ _Static_assert((int)KL_DEFER_WAIT == (int)KC_DEFER_WAIT && (int)KL_DEFER_ON == (
 keel_status kl_cuda_defer(keel_ctx *ctx, const char *fn, int mode) {
   struct kl_cuda *c = ctx->cuda;
   int code;
-  if (!c || c->state != KL_CUDA_READY) return KEEL_OK;
+  if (!c || c->state != KL_CUDA_READY || !c->pl->defer_results) return KEEL_OK;
   c->batch_open = mode == KL_DEFER_ON;
   if ((code = c->pl->defer_results(c->s, mode)) != KC_OK) {
     c->batch_open = 0;
@@ -290,7 +290,7 @@ keel_status kl_cuda_defer(keel_ctx *ctx, const char *fn, int mode) {
 keel_status kl_cuda_results_wait(keel_ctx *ctx, const char *fn) {
   struct kl_cuda *c = ctx->cuda;
   int code;
-  if (!c || c->state != KL_CUDA_READY) return KEEL_OK;
+  if (!c || c->state != KL_CUDA_READY || !c->pl->results_wait) return KEEL_OK;
   if ((code = c->pl->results_wait(c->s)) != KC_OK) return plugin_error(ctx, fn, code);
   return KEEL_OK;
 }
