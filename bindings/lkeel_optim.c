@@ -351,7 +351,8 @@ static int l_param_stats(lua_State *L) {
   } else {
     s = &keel_optim_last_stats(o)[i];
   }
-  u = &keel_optim_last_updates(o)[i];
+  lk_check(L, S, keel_optim_last_updates(o, &u));
+  u += i;
   nf = (double)(s->numel - s->nan - s->inf);
   if (nf > 0) {
     mean = s->sum / nf;
@@ -548,7 +549,8 @@ static int l_last_stats(lua_State *L) {
   keel_optim *o = check_optim(L, 1);
   int n = keel_optim_param_count(o);
   const keel_grad_stats *s = keel_optim_last_stats(o);
-  const keel_update_stats *u = keel_optim_last_updates(o);
+  const keel_update_stats *u;
+  lk_check(L, lk_S(L), keel_optim_last_updates(o, &u));
   lua_createtable(L, n, 0);
   for (int i = 0; i < n; i++) {
     push_stats(L, &s[i], 13);

@@ -649,7 +649,9 @@ static keel_status cuda_grad_stats(keel_ctx *ctx, const keel_tensor *g, int64_t 
   keel_status s;
   if (!PL->grad_stats) return no_kernel(ctx, "grad_stats");
   if ((s = on_gpu(ctx, "grad_stats", g, OPT(w), NULL))) return s;
-  return done(ctx, "grad_stats", PL->grad_stats(ST, view(g, &vg), nunits, a, v, pw, st, spow, view(w, &vw)));
+  /* queued while an optimizer batch is open (kl_cuda_defer) */
+  return done(ctx, "grad_stats",
+              PL->grad_stats(kl_cuda_batch_state(ctx), view(g, &vg), nunits, a, v, pw, st, spow, view(w, &vw)));
 }
 static keel_status cuda_grad_scale_(keel_ctx *ctx, keel_tensor *g, int64_t nunits, const double *a,
                                     const double *v) {
@@ -677,8 +679,8 @@ static keel_status cuda_optim_update(keel_ctx *ctx, keel_optim_kind kind, const 
   if ((st = on_gpu(ctx, fn, p, g, OPT(state[0]), OPT(state[1]), OPT(state[2]), NULL))) return st;
   if (ns > KL_OPTIM_MAX_STATE) return kl_error(ctx, KEEL_ERR_STATE, "%s.step: too many state buffers", fn);
   for (int k = 0; k < ns; k++) sv[k] = view(state[k], &vs[k]);
-  if ((st = done(ctx, fn, PL->optim_update(ST, kind, h, step, view(p, &vp), view(g, &vg), sv, ns, fresh, nunits, a,
-                                           v, nf, dsq))))
+  if ((st = done(ctx, fn, PL->optim_update(kl_cuda_batch_state(ctx), kind, h, step, view(p, &vp), view(g, &vg), sv,
+                                           ns, fresh, nunits, a, v, nf, dsq))))
     return st;
   p->storage->version++;   /* an in-place write, as the CPU slot counts it */
   return KEEL_OK;

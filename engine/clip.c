@@ -524,7 +524,7 @@ keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w
   /* Device gradients: every statistics pass is queued first and the host
   ** waits once for all of them (kl_cuda_defer); unscaled_stats reads no
   ** device result on the way. */
-  if (dev && (st = kl_cuda_defer(ctx, "clip", 1))) return st;
+  if (dev && (st = kl_cuda_defer(ctx, "clip", KL_DEFER_ON))) return st;
   nu = 0;
   for (int k = 0; k < m && !st; k++) {
     int64_t n = agc ? kl_clip_agc_units(g[k]) : 1;
@@ -533,7 +533,7 @@ keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w
     st = unscaled_stats(ctx, w, g[k], p ? p[k] : NULL, nu, n, gs);
     nu += n;
   }
-  if (dev && (st2 = kl_cuda_defer(ctx, "clip", 0)) && !st) st = st2;
+  if (dev && (st2 = kl_cuda_defer(ctx, "clip", KL_DEFER_WAIT)) && !st) st = st2;
   if (st) return st;
   w->u0[m] = nu;
   for (int k = 0; k < m; k++) {

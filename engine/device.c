@@ -40,6 +40,7 @@ struct kl_cuda {
   kl_dblock *cache[KL_CACHE_CLASSES];
   kl_dblock *spare;             /* unused records */
   keel_cuda_memory_stats mem;
+  int batch_open;               /* an optimizer batch is open (kl_cuda_defer) */
 };
 
 /* {======================================================================
@@ -261,12 +262,36 @@ static keel_status plugin_error(keel_ctx *ctx, const char *fn, int code) {
 
 keel_status kl_cuda_error(keel_ctx *ctx, const char *fn, int code) { return plugin_error(ctx, fn, code); }
 const keel_cuda_table *kl_cuda_table(const keel_ctx *ctx) { return ctx->cuda->pl; }
-kc_state *kl_cuda_state(const keel_ctx *ctx) { return ctx->cuda->s; }
+/* Any call but the queued ones launches an open batch first, so that the
+** stream runs work in call order (its error is kept for the closing call). */
+kc_state *kl_cuda_state(const keel_ctx *ctx) {
+  struct kl_cuda *c = ctx->cuda;
+  if (c->batch_open) c->pl->defer_results(c->s, KC_DEFER_FLUSH);
+  return c->s;
+}
+kc_state *kl_cuda_batch_state(const keel_ctx *ctx) { return ctx->cuda->s; }
 
-keel_status kl_cuda_defer(keel_ctx *ctx, const char *fn, int on) {
+_Static_assert((int)KL_DEFER_WAIT == (int)KC_DEFER_WAIT && (int)KL_DEFER_ON == (int)KC_DEFER_ON &&
+                   (int)KL_DEFER_LATER == (int)KC_DEFER_LATER,
+               "the engine's defer modes are the plugin's");
+
+keel_status kl_cuda_defer(keel_ctx *ctx, const char *fn, int mode) {
+  struct kl_cuda *c = ctx->cuda;
   int code;
-  if (!ctx->cuda || ctx->cuda->state != KL_CUDA_READY || !ctx->cuda->pl->defer_results) return KEEL_OK;
-  if ((code = ctx->cuda->pl->defer_results(ctx->cuda->s, on)) != KC_OK) return plugin_error(ctx, fn, code);
+  if (!c || c->state != KL_CUDA_READY || !c->pl->defer_results) return KEEL_OK;
+  c->batch_open = mode == KL_DEFER_ON;
+  if ((code = c->pl->defer_results(c->s, mode)) != KC_OK) {
+    c->batch_open = 0;
+    return plugin_error(ctx, fn, code);
+  }
+  return KEEL_OK;
+}
+
+keel_status kl_cuda_results_wait(keel_ctx *ctx, const char *fn) {
+  struct kl_cuda *c = ctx->cuda;
+  int code;
+  if (!c || c->state != KL_CUDA_READY || !c->pl->results_wait) return KEEL_OK;
+  if ((code = c->pl->results_wait(c->s)) != KC_OK) return plugin_error(ctx, fn, code);
   return KEEL_OK;
 }
 

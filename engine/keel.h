@@ -925,8 +925,12 @@ KEEL_API keel_tensor *keel_optim_param(const keel_optim *opt, int i, int *group)
 ** that got that far (param_count records; numel 0 for parameters without
 ** a gradient). */
 KEEL_API const keel_grad_stats *keel_optim_last_stats(const keel_optim *opt);
-/* Each parameter's last applied update (param_count records). */
-KEEL_API const keel_update_stats *keel_optim_last_updates(const keel_optim *opt);
+/* Each parameter's last applied update (param_count records) in *out.
+** A device update's sizes arrive lazily: the step does not wait for them,
+** and this call (or the next step, or anything that would move them)
+** does; a device error that surfaces then is this call's error. *out is
+** valid until the next step, add_group or free. */
+KEEL_API keel_status keel_optim_last_updates(keel_optim *opt, const keel_update_stats **out);
 /* The statistics the step's pass gives parameter i for gradient g (NULL:
 ** its .grad; none gives a zero record): for a gradient a hook replaced.
 ** Seen through the loss scale when one is set, as the step sees it. */

@@ -629,10 +629,18 @@ KEEL_INTERNAL void kl_cuda_shutdown(keel_ctx *ctx);       /* context teardown */
 KEEL_INTERNAL const struct keel_cuda_table *kl_cuda_table(const keel_ctx *ctx);
 KEEL_INTERNAL struct kc_state *kl_cuda_state(const keel_ctx *ctx);
 KEEL_INTERNAL keel_status kl_cuda_error(keel_ctx *ctx, const char *fn, int code);
-/* Between on = 1 and on = 0, the CUDA backend's grad_stats and
-** optim_update results reach their host pointers only at on = 0 (one wait
-** for all: keel_cuda.h's defer_results). A no-op without CUDA. */
-KEEL_INTERNAL keel_status kl_cuda_defer(keel_ctx *ctx, const char *fn, int on);
+/* Optimizer batches (keel_cuda.h's defer_results). Between KL_DEFER_ON
+** and KL_DEFER_WAIT or _LATER the CUDA backend's grad_stats and
+** optim_update calls are queued and run as a few multi-tensor launches
+** when the batch closes; their host results arrive at WAIT (one wait for
+** all), or with LATER at kl_cuda_results_wait or at the closing WAIT of
+** a later batch (one wait for both). Any other plugin call through kl_cuda_state launches an open
+** batch first. No-ops without CUDA. kl_cuda_batch_state: the state for
+** grad_stats and optim_update, which queue. */
+enum { KL_DEFER_WAIT = 0, KL_DEFER_ON = 1, KL_DEFER_LATER = 2 };
+KEEL_INTERNAL keel_status kl_cuda_defer(keel_ctx *ctx, const char *fn, int mode);
+KEEL_INTERNAL keel_status kl_cuda_results_wait(keel_ctx *ctx, const char *fn);
+KEEL_INTERNAL struct kc_state *kl_cuda_batch_state(const keel_ctx *ctx);
 /* The context's caching device allocator. alloc sets the context's error
 ** (naming fn) and returns NULL on failure. */
 KEEL_INTERNAL void *kl_cuda_alloc(keel_ctx *ctx, size_t nbytes);

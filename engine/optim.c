@@ -32,6 +32,7 @@
 ** unscaled gradient) is the scaler's to handle: a skip of its own kind.
 */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "keel_impl.h"
@@ -74,12 +75,26 @@ struct keel_optim {
   int prepared, stale;
   int decision;
   keel_step_report prep;
+  /* upd's update_sumsq of device parameters is still on its way
+  ** (KL_DEFER_LATER): resolve_updates waits for it */
+  int upd_pending;
 };
 
 /* What a prepared step does when applied. */
 enum { DO_APPLY, DO_SKIP, DO_REFUSE, DO_NO_GRAD, DO_OVERFLOW };
 
 static const char *kind_names[KEEL_OPTIM_KIND_COUNT] = {"SGD", "Adam", "AdamW", "RMSprop", "Adagrad"};
+
+/* The device's update sizes written into upd (one wait), before they are
+** read or their memory moves; fn names the call that waits, whose error
+** a late CUDA error becomes. */
+static keel_status resolve_updates(keel_optim *o, const char *fn) {
+  char name[64];
+  if (!o->upd_pending) return KEEL_OK;
+  o->upd_pending = 0;
+  snprintf(name, sizeof name, "%s.%s", kind_names[o->kind], fn);
+  return kl_cuda_results_wait(o->ctx, name);
+}
 
 static const char *const sgd_state[] = {"momentum_buffer"};
 static const char *const adam_state[] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
@@ -149,6 +164,7 @@ void keel_optim_free(keel_optim *o) {
   if (!o) return;
   ctx = o->ctx;
   keel_optim_discard(o);
+  (void)resolve_updates(o, "free");   /* the plugin writes into upd: not after it is gone */
   for (int i = 0; i < o->np; i++) {
     keel_tensor_release(o->params[i].p);
     for (int k = 0; k < MAX_STATE; k++) keel_tensor_release(o->params[i].state[k]);
@@ -255,6 +271,7 @@ keel_status keel_optim_add_group(keel_optim *o, int n, keel_tensor *const *param
     ** on its device's backend, and only host numbers cross devices */
   }
   if ((st = check_unique(o, n, params))) return st;
+  if ((st = resolve_updates(o, "add_param_group"))) return st;   /* upd may move */
   /* room for the group and its parameters */
   if (o->ng == o->cap_g) {
     int cap = o->cap_g ? 2 * o->cap_g : 4;
@@ -597,6 +614,13 @@ keel_status keel_optim_prepare(keel_optim *o, keel_step_report *r) {
   rep.clip_coef = w->coef;
   rep.clipped = w->clipped;
 out:
+  /* the last step's device update sizes: written by the statistics
+  ** pass's wait when it had device gradients (no wait of their own), else
+  ** waited for here */
+  {
+    keel_status st2 = resolve_updates(o, "step");
+    if (!st) st = st2;
+  }
   if (st) {
     keel_optim_discard(o);
   } else {
@@ -661,9 +685,10 @@ keel_status keel_optim_apply(keel_optim *o, keel_step_report *r) {
         break;
       }
       count_nonfinite(o);
-      /* the update pass: nothing fails from here on. Device updates give
-      ** their sizes at the end, one wait for all (kl_cuda_defer). */
-      if ((st = kl_cuda_defer(ctx, kind_names[o->kind], 1))) {
+      /* the update pass: nothing fails from here on. Device updates run
+      ** as one batch (kl_cuda_defer) whose sizes arrive later: the step
+      ** does not wait for them (resolve_updates does, when they are read) */
+      if ((st = kl_cuda_defer(ctx, kind_names[o->kind], KL_DEFER_ON))) {
         rep.n_updated = 0;
         break;
       }
@@ -682,13 +707,14 @@ keel_status keel_optim_apply(keel_optim *o, keel_step_report *r) {
                  ->optim_update(ctx, o->kind, &h, op->step + 1, op->p, o->ag[k], state, (~op->valid) & need, nu,
                                 w->a + u0, w->v + u0, nf, &us->update_sumsq);
         if (st) break;   /* a backend that cannot fail after its checks; kept for safety */
+        if (op->p->storage->device != KEEL_CPU) o->upd_pending = 1;
         op->step++;
         op->valid |= need;
         us->step = o->step_count + 1;
         us->w_sumsq = w->ts[k].w_sumsq;
       }
       {
-        keel_status st2 = kl_cuda_defer(ctx, kind_names[o->kind], 0);
+        keel_status st2 = kl_cuda_defer(ctx, kind_names[o->kind], KL_DEFER_LATER);
         if (!st) st = st2;
       }
       if (st) break;
@@ -766,7 +792,10 @@ void keel_optim_get_counters(const keel_optim *o, keel_optim_counters *c) { *c =
 void keel_optim_set_counters(keel_optim *o, const keel_optim_counters *c) { o->counters = *c; }
 int keel_optim_param_count(const keel_optim *o) { return o->np; }
 const keel_grad_stats *keel_optim_last_stats(const keel_optim *o) { return o->last; }
-const keel_update_stats *keel_optim_last_updates(const keel_optim *o) { return o->upd; }
+keel_status keel_optim_last_updates(keel_optim *o, const keel_update_stats **out) {
+  *out = o->upd;
+  return resolve_updates(o, "last_updates");
+}
 
 static keel_status check_param(const keel_optim *o, int i);
 

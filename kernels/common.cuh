@@ -252,6 +252,7 @@ KC_HIDDEN void kc_register_rnn(keel_cuda_table *t);           /* rnn.cu */
 KC_HIDDEN void kc_register_attention(keel_cuda_table *t);     /* attention.cu */
 KC_HIDDEN void kc_register_optim(keel_cuda_table *t);         /* optim.cu */
 KC_HIDDEN void kc_optim_close(kc_state *s);                   /* optim.cu: frees s->pending */
+KC_HIDDEN void kc_optim_flush(kc_state *s);                   /* optim.cu: launches an open batch */
 /* stage.cu: a host-to-device copy that returns once src may be reused,
 ** without waiting for the stream; close frees the ring (stream idle). */
 KC_HIDDEN int kc_stage_h2d(kc_state *s, void *dst, const void *src, size_t n);

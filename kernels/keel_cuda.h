@@ -60,6 +60,9 @@ extern "C" {
 #define KC_ERR_NOMEM (-4)        /* host memory (the plugin's own records) */
 #define KC_CUBLAS_BASE 100000
 
+/* defer_results modes. */
+enum { KC_DEFER_WAIT = 0, KC_DEFER_ON = 1, KC_DEFER_LATER = 2, KC_DEFER_FLUSH = 3 };
+
 /* What an error code means for the engine (error_kind). */
 enum {
   KC_KIND_OTHER = 0,
@@ -264,14 +267,26 @@ typedef struct keel_cuda_table {
                       const kc_view *g, const kc_view *const *state, int nstate, unsigned fresh, int64_t nunits,
                       const double *a, const double *v, int nf, double *dsq);
 
-  /* Deferred host results: between defer_results(s, 1) and
-  ** defer_results(s, 0), grad_stats and optim_update queue their results
-  ** for the host instead of waiting for each; the closing call waits once
-  ** and writes them all (st, spow, dsq must stay valid until then, and
-  ** are not to be read before). An optimizer step thus waits for the
-  ** device once for its statistics and once for its update sizes, not
-  ** once per parameter. Calls do not nest. */
-  int (*defer_results)(kc_state *s, int on);
+  /* Batches of optimizer work with deferred host results. Between
+  ** defer_results(s, KC_DEFER_ON) and the call that closes the batch
+  ** (KC_DEFER_WAIT or KC_DEFER_LATER) the engine calls only grad_stats and
+  ** optim_update (and error_string, error_kind); they check their
+  ** arguments, return, and are queued: closing the batch runs them as a few
+  ** multi-tensor launches (one descriptor upload, one copy of all host
+  ** results). st, spow and dsq must stay valid, and are not to be read,
+  ** until the results are written:
+  ** - KC_DEFER_WAIT closes the batch, waits once and writes them;
+  ** - KC_DEFER_LATER closes it and returns at once; results_wait waits and
+  **   writes them, as does the closing KC_DEFER_WAIT of a later batch (its
+  **   one wait writes both; close drops them unwritten).
+  ** A launch error of the batch is the closing call's. Should the engine
+  ** call any other entry while a batch is open, it first calls
+  ** defer_results(s, KC_DEFER_FLUSH), which launches what is queued (its
+  ** error, if any, kept for the closing call) so that stream order stays
+  ** call order; the plugin's own memcpy, synchronize and free do so too.
+  ** Batches do not nest. */
+  int (*defer_results)(kc_state *s, int mode);
+  int (*results_wait)(kc_state *s);
 
   /* The keel_matmul_precision of the float32 products that follow
   ** (matmul, conv2d, rnn): the engine sets it before each such call. */

@@ -288,28 +288,34 @@ static int stats_launch(kc_state *s, const kc_view *g, const kc_view *w, const p
 }
 
 /* {======================================================================
-** Deferred host results (defer_results in keel_cuda.h): each deferred
-** call queues its device-to-host copy into a pinned arena and a record of
-** where the values go; the closing call waits once and writes them.
+** Deferred host results (defer_results in keel_cuda.h): each result that
+** is not to be waited for at once is copied down into a pinned arena, and
+** a record says where its values go; pend_flush waits once and writes
+** them all.
 ** ======================================================================= */
 
-enum { PEND_STATS, PEND_DSQ };
+enum { PEND_STATS, PEND_UPD };
 
 typedef struct pend_rec {
   int kind;
   size_t off;                   /* in the arena */
-  int64_t nunits, len;          /* PEND_STATS */
+  int64_t nunits, len;          /* PEND_STATS, PEND_UPD */
   int has_w;
   keel_grad_stats *st;
   double *spow, *dsq;
 } pend_rec;
 
+struct kc_batch;
+
 struct kc_pending {
-  int on;
+  int on;                       /* a batch is open (KC_DEFER_ON) */
   char *arena;                  /* pinned */
   size_t cap, used;
   pend_rec *recs;
   int n, nrec;
+  struct kc_batch *batch;       /* the queued calls of the open batch */
+  int err;                      /* an error of a flush that no caller has seen yet */
+  size_t staged;                /* bytes of staging uploads since the stream was last idle */
 };
 
 static void write_stats(const gstat *h, int64_t nunits, int64_t len, int has_w, keel_grad_stats *st, double *spow) {
@@ -334,27 +340,38 @@ static int pend_flush(kc_state *s) {
   int rc;
   if (!P || P->n == 0) return KC_OK;
   rc = kc_sync(s);
+  if (rc == KC_OK) P->staged = 0;   /* the stream is idle: staging is free */
   for (int i = 0; i < P->n && rc == KC_OK; i++) {
     const pend_rec *r = &P->recs[i];
-    if (r->kind == PEND_STATS) write_stats((const gstat *)(P->arena + r->off), r->nunits, r->len, r->has_w, r->st, r->spow);
-    else *r->dsq = *(const double *)(P->arena + r->off);
+    const char *h = P->arena + r->off;
+    if (r->kind == PEND_STATS) {
+      write_stats((const gstat *)h, r->nunits, r->len, r->has_w, r->st, r->spow);
+    } else {
+      /* per unit (changes, new squares): the changes' total in unit order */
+      const double *q = (const double *)h;
+      double d = 0;
+      for (int64_t u = 0; u < r->nunits; u++) d += q[2 * u];
+      if (r->dsq) *r->dsq = d;
+    }
   }
   P->n = 0;
   P->used = 0;
   return rc;
 }
 
-/* Room for n bytes of results and one record; a full arena is flushed
-** (one wait) before it grows, since queued copies may still land in it. */
-static int pend_reserve(kc_state *s, size_t n, pend_rec **rec, void **host) {
+/* n bytes of the arena at *off; a full arena is flushed (one wait) before
+** it grows, since queued copies may still land in it. */
+static int pend_region(kc_state *s, size_t n, size_t *off) {
   struct kc_pending *P = s->pending;
   int rc;
   n = (n + 15) & ~(size_t)15;
   if (P->used + n > P->cap) {
-    size_t cap = P->cap ? P->cap : 4096;
+    /* room for twice what was wanted at once, so that the next time
+    ** (the statistics and the update of one step) fits without a wait */
+    size_t cap = P->cap ? P->cap : 4096, want = 2 * (P->used + n);
     void *q = NULL;
     if ((rc = pend_flush(s))) return rc;
-    while (cap < n) cap <<= 1;
+    while (cap < want) cap <<= 1;
     if (cap > P->cap) {
       if ((rc = kc_check_cuda(cudaMallocHost(&q, cap)))) return rc;
       if (P->arena) cudaFreeHost(P->arena);
@@ -362,6 +379,13 @@ static int pend_reserve(kc_state *s, size_t n, pend_rec **rec, void **host) {
       P->cap = cap;
     }
   }
+  *off = P->used;
+  P->used += n;
+  return KC_OK;
+}
+
+static int pend_record(kc_state *s, pend_rec **rec) {
+  struct kc_pending *P = s->pending;
   if (P->n == P->nrec) {
     int nr = P->nrec ? 2 * P->nrec : 64;
     pend_rec *r = (pend_rec *)realloc(P->recs, sizeof *r * (size_t)nr);
@@ -371,36 +395,25 @@ static int pend_reserve(kc_state *s, size_t n, pend_rec **rec, void **host) {
   }
   *rec = &P->recs[P->n++];
   memset(*rec, 0, sizeof **rec);
-  (*rec)->off = P->used;
-  *host = P->arena + P->used;
-  P->used += n;
   return KC_OK;
 }
 
-static int defer_results(kc_state *s, int on) {
-  if (!s->pending) {
-    if (!on) return KC_OK;
-    s->pending = (struct kc_pending *)calloc(1, sizeof *s->pending);
-    if (!s->pending) return KC_ERR_NOMEM;
-  }
-  if (on) {
-    s->pending->on = 1;
-    return KC_OK;
-  }
-  s->pending->on = 0;
-  return pend_flush(s);
+/* Room for n bytes of results and one record for them. */
+static int pend_reserve(kc_state *s, size_t n, pend_rec **rec, void **host) {
+  size_t off;
+  int rc;
+  if ((rc = pend_region(s, n, &off)) || (rc = pend_record(s, rec))) return rc;
+  (*rec)->off = off;
+  *host = s->pending->arena + off;
+  return KC_OK;
 }
 
 static int deferring(const kc_state *s) { return s->pending && s->pending->on; }
 
-void kc_optim_close(kc_state *s) {
-  struct kc_pending *P = s->pending;
-  if (!P) return;
-  if (P->arena) cudaFreeHost(P->arena);
-  free(P->recs);
-  free(P);
-  s->pending = NULL;
-}
+/* Multi-tensor batches (below). */
+static int batch_launch(kc_state *s);
+static int queue_stats(kc_state *s, const kc_view *g, int64_t nunits, int64_t len, const double *a, const double *v,
+                       double pw, keel_grad_stats *st, double *spow, const kc_view *w);
 
 /* }====================================================================== */
 
@@ -424,6 +437,12 @@ static int grad_stats(kc_state *s, const kc_view *g, int64_t nunits, const doubl
       if (spow) spow[u] = 0;
     }
     return KC_OK;
+  }
+  if (deferring(s)) {
+    if (!w || w->dtype == g->dtype) return queue_stats(s, g, nunits, len, a, v, pw, st, spow, w);
+    /* a parameter of another dtype: the single-tensor path, after what is
+    ** queued (stream order is call order) */
+    if ((rc = batch_launch(s))) return rc;
   }
   make_plan(s, nunits, len, &pl);
   /* device scratch: a and v, the partials, the unit totals */
@@ -756,6 +775,10 @@ static int update_typed(kc_state *s, int kind, const keel_optim_hparams *h, int6
   }
 }
 
+static int queue_update(kc_state *s, int kind, const keel_optim_hparams *h, int64_t step, int dtype,
+                        const upd_args *A, const oflags *f, int64_t nunits, int64_t len, const double *a,
+                        const double *v, double *dsq);
+
 static int optim_update(kc_state *s, int kind, const keel_optim_hparams *h, int64_t step, const kc_view *p,
                         const kc_view *g, const kc_view *const *state, int nstate, unsigned fresh, int64_t nunits,
                         const double *a, const double *v, int nf, double *dsq) {
@@ -805,8 +828,10 @@ static int optim_update(kc_state *s, int kind, const keel_optim_hparams *h, int6
     A.vec = A.vec && aligned16(t->data);
   }
   if (nunits <= 0 || (len = p->numel / nunits) == 0) return KC_OK;
-  make_plan(s, nunits, len, &pl);
   A.vec = A.vec && len % vw == 0;
+  /* every update the engine makes is batched while deferring */
+  if (deferring(s)) return queue_update(s, kind, h, step, p->dtype, &A, &f, nunits, len, a, v, dsq);
+  make_plan(s, nunits, len, &pl);
   /* device scratch: a and v, the partial sums and their total */
   ndev = nunits > 1 && (a || v) ? 2 * nunits : 0;
   off_part = (size_t)round16(ndev * (int64_t)sizeof(double));
@@ -819,21 +844,583 @@ static int optim_update(kc_state *s, int kind, const keel_optim_hparams *h, int6
   if (rc || !dsq) return rc;
   KC_LAUNCH(1, KC_THREADS, 0, s->stream, sum_final_kernel)(part, pl.items, part + pl.items);
   if ((rc = KC_LAUNCHED())) return rc;
-  if (deferring(s)) {
-    pend_rec *rec;
-    if ((rc = pend_reserve(s, sizeof(double), &rec, (void **)&hres))) return rc;
-    rec->kind = PEND_DSQ;
-    rec->dsq = dsq;
-  } else if ((rc = kc_host_scratch(s, sizeof(double), (void **)&hres))) {
-    return rc;
-  }
+  if ((rc = kc_host_scratch(s, sizeof(double), (void **)&hres))) return rc;
   if ((rc = kc_check_cuda(cudaMemcpyAsync(hres, part + pl.items, sizeof(double), cudaMemcpyDeviceToHost,
                                           s->stream))))
     return rc;
-  if (deferring(s)) return KC_OK;   /* written by the closing defer_results */
   if ((rc = kc_sync(s))) return rc;
   *dsq = *hres;
   return KC_OK;
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Multi-tensor batches. While results are deferred (defer_results in
+** keel_cuda.h), grad_stats and optim_update do not launch: each call is
+** queued as a descriptor (its pointers, unit sizes, a/v factors, update
+** constants and flags). Closing or flushing the batch launches them all,
+** per class (the statistics, or one update kind, of one dtype) one kernel
+** over the chunks of every tensor of the class and one that adds each
+** unit's chunk partials in chunk order, as multi_tensor_apply does: a
+** block finds its tensor by a binary search over the descriptors' first
+** items. The descriptor table and the a/v factors go up in one copy from
+** pinned staging, and the unit results of every class come back in one
+** copy into the results arena. Blocks are KC_THREADS wide whatever the
+** tensor, so a tensor's sums do not depend on what else is batched.
+** ======================================================================= */
+
+/* Elements per chunk at most (a multiple of 8). */
+#define MT_CHUNK 16384
+
+enum { MT_STATS, MT_UPDATE };
+
+/* One queued call as the kernels read it. */
+typedef struct mt_desc {
+  const void *g, *w;            /* w: the parameter of a statistics call (NULL: none) */
+  void *p, *s[3];               /* an update's parameter and state */
+  int64_t len, clen, nchunk;    /* units of len elements, chunks of clen, nchunk per unit */
+  int64_t item0, unit0;         /* the call's first item and unit in its launch */
+  int64_t ia, iv;               /* a[u] is AV[ia + u] (ia >= 0) else a0; v likewise */
+  double a0, v0;
+  double pw;                    /* statistics: the order of sum |x|^pw (0: none) */
+  kconsts<double> k;            /* update constants in double: (T)k.x is FILL_CONSTS' value */
+  oflags f;
+  int32_t vec;                  /* whole 16-byte packs: aligned, len a multiple of the width */
+} mt_desc;
+
+/* One queued call on the host: its class, its descriptor, where its
+** results go. */
+typedef struct mt_call {
+  int op, dtype, kind;          /* MT_*, keel_dtype, UK_* (0 for statistics) */
+  int64_t nunits, av;           /* av: its a and v (nunits each) in the queue's av, -1: none */
+  int has_a, has_v;
+  keel_grad_stats *st;          /* statistics */
+  double *spow;
+  double *dsq;                  /* update */
+  mt_desc d;
+} mt_call;
+
+struct kc_batch {
+  mt_call *calls;
+  int n, cap;
+  double *av;                   /* host copies of the calls' a and v */
+  int64_t nav, cap_av;
+  void *dev;                    /* device: descriptors, a/v, partials, unit results */
+  size_t dev_size;
+  void *stage;                  /* pinned: descriptors and a/v on their way up */
+  size_t stage_size;
+  cudaEvent_t staged;           /* recorded after the last upload from stage */
+  int err;                      /* the first error of a flush the engine did not see */
+};
+
+/* The last descriptor whose first item (unit) is at most k. */
+__device__ __forceinline__ int mt_find(const mt_desc *D, int n, int64_t k, int by_unit) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    int mid = (lo + hi + 1) >> 1;
+    if ((by_unit ? D[mid].unit0 : D[mid].item0) <= k) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+/* Item k of descriptor d: its unit and element range [*b, *e). */
+__device__ __forceinline__ int64_t mt_range(const mt_desc &d, int64_t k, int64_t *b, int64_t *e) {
+  int64_t kk = k - d.item0, u = kk / d.nchunk, c = kk - u * d.nchunk, end = (u + 1) * d.len;
+  *b = u * d.len + c * d.clen;
+  *e = *b + d.clen < end ? *b + d.clen : end;
+  return u;
+}
+
+template <typename T>
+__device__ __forceinline__ void mt_unit(const mt_desc &d, const double *AV, int64_t u, T *ca, T *lo, T *hi) {
+  *ca = (T)(d.ia >= 0 ? AV[d.ia + u] : d.a0);
+  *hi = (T)(d.iv >= 0 ? AV[d.iv + u] : d.v0);
+  *lo = -*hi;
+}
+
+template <typename T>
+__global__ void mt_stats_kernel(const mt_desc *D, int nd, const double *AV, int64_t items, gstat *part) {
+  const int N = 16 / sizeof(T);
+  __shared__ double sh[9][32];
+  for (int64_t k = blockIdx.x; k < items; k += gridDim.x) {
+    const mt_desc &d = D[mt_find(D, nd, k, 0)];
+    int64_t b, e, u = mt_range(d, k, &b, &e);
+    const T *g = (const T *)d.g, *w = (const T *)d.w;
+    double pw = d.pw;
+    T ca, lo, hi;
+    sacc A;
+    mt_unit(d, AV, u, &ca, &lo, &hi);
+    sacc_zero(A);
+    if (d.vec) {
+      int64_t nv = (e - b) / N;
+      for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
+        kpack<T> x = *(const kpack<T> *)(g + b + j * N);
+        for (int l = 0; l < N; l++) stat_elem(A, x.x[l], ca, lo, hi, pw);
+        if (w) {
+          kpack<T> y = *(const kpack<T> *)(w + b + j * N);
+          for (int l = 0; l < N; l++) stat_w(A, y.x[l]);
+        }
+      }
+    } else {
+      for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) {
+        stat_elem(A, g[i], ca, lo, hi, pw);
+        if (w) stat_w(A, w[i]);
+      }
+    }
+    sacc_block(A, sh);
+    if (threadIdx.x == 0) sacc_store(A, &part[k]);
+  }
+}
+
+/* Unit u's totals: its chunks' partials in chunk order. */
+__global__ void mt_stats_final_kernel(const mt_desc *D, int nd, int64_t units, const gstat *part, gstat *out) {
+  __shared__ double sh[9][32];
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const mt_desc &d = D[mt_find(D, nd, u, 1)];
+    int64_t base = d.item0 + (u - d.unit0) * d.nchunk;
+    sacc A;
+    sacc_zero(A);
+    for (int64_t c = threadIdx.x; c < d.nchunk; c += blockDim.x) {
+      const gstat *p = &part[base + c];
+      A.sum += p->sum; A.sq += p->sumsq; A.ab += p->sabs; A.wq += p->wsq; A.pw += p->pw;
+      A.mx = p->mx > A.mx ? p->mx : A.mx;
+      A.nan += p->nan; A.inf += p->inf; A.zeros += p->zeros;
+    }
+    sacc_block(A, sh);
+    if (threadIdx.x == 0) sacc_store(A, &out[u]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ kconsts<T> kcast(const kconsts<double> &k) {
+  kconsts<T> r;
+  r.wd = (T)k.wd; r.decay = (T)k.decay; r.mom = (T)k.mom; r.omd = (T)k.omd; r.nlr = (T)k.nlr;
+  r.b1 = (T)k.b1; r.omb1 = (T)k.omb1; r.b2 = (T)k.b2; r.omb2 = (T)k.omb2; r.bc2s = (T)k.bc2s;
+  r.eps = (T)k.eps; r.nss = (T)k.nss; r.alpha = (T)k.alpha; r.oma = (T)k.oma; r.nclr = (T)k.nclr;
+  r.one = (T)k.one; r.mone = (T)k.mone;
+  return r;
+}
+
+/* part[2k], part[2k+1]: item k's sum of squared changes and of the new
+** parameter's squares. */
+template <typename T, int K>
+__global__ void mt_update_kernel(const mt_desc *D, int nd, const double *AV, int64_t items, double *part) {
+  const int N = 16 / sizeof(T);
+  __shared__ double sh[32];
+  for (int64_t k = blockIdx.x; k < items; k += gridDim.x) {
+    const mt_desc &d = D[mt_find(D, nd, k, 0)];
+    int64_t b, e, u = mt_range(d, k, &b, &e);
+    const oflags f = d.f;
+    const kconsts<T> kc = kcast<T>(d.k);
+    T *P = (T *)d.p, *S0 = (T *)d.s[0], *S1 = (T *)d.s[1], *S2 = (T *)d.s[2];
+    const T *G = (const T *)d.g;
+    T ca, lo, hi;
+    double acc = 0, wq = 0;
+    bool u0, u1, u2;
+    uses<K>(f, &u0, &u1, &u2);
+    mt_unit(d, AV, u, &ca, &lo, &hi);
+    if (d.vec) {
+      int64_t nv = (e - b) / N;
+      for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
+        int64_t i = b + j * N;
+        kpack<T> p = *(const kpack<T> *)(P + i), g = *(const kpack<T> *)(G + i), s0, s1, s2;
+        if (u0) s0 = *(const kpack<T> *)(S0 + i);
+        if (u1) s1 = *(const kpack<T> *)(S1 + i);
+        if (u2) s2 = *(const kpack<T> *)(S2 + i);
+        for (int l = 0; l < N; l++) {
+          acc += upd_elem<T, K>(p.x[l], g.x[l], s0.x[l], s1.x[l], s2.x[l], ca, lo, hi, kc, f);
+          wq += (double)p.x[l] * (double)p.x[l];
+        }
+        *(kpack<T> *)(P + i) = p;
+        if (u0) *(kpack<T> *)(S0 + i) = s0;
+        if (u1) *(kpack<T> *)(S1 + i) = s1;
+        if (u2) *(kpack<T> *)(S2 + i) = s2;
+      }
+    } else {
+      for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) {
+        T p = P[i], s0 = u0 ? S0[i] : (T)0, s1 = u1 ? S1[i] : (T)0, s2 = u2 ? S2[i] : (T)0;
+        acc += upd_elem<T, K>(p, G[i], s0, s1, s2, ca, lo, hi, kc, f);
+        wq += (double)p * (double)p;
+        P[i] = p;
+        if (u0) S0[i] = s0;
+        if (u1) S1[i] = s1;
+        if (u2) S2[i] = s2;
+      }
+    }
+    acc = kc_block_sum(acc, sh);
+    wq = kc_block_sum(wq, sh);
+    if (threadIdx.x == 0) {
+      part[2 * k] = acc;
+      part[2 * k + 1] = wq;
+    }
+  }
+}
+
+/* Unit u's pair: its chunks' pairs in chunk order. */
+__global__ void mt_pair_final_kernel(const mt_desc *D, int nd, int64_t units, const double *part, double *out) {
+  __shared__ double sh[32];
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const mt_desc &d = D[mt_find(D, nd, u, 1)];
+    int64_t base = d.item0 + (u - d.unit0) * d.nchunk;
+    double x = 0, y = 0;
+    for (int64_t c = threadIdx.x; c < d.nchunk; c += blockDim.x) {
+      x += part[2 * (base + c)];
+      y += part[2 * (base + c) + 1];
+    }
+    x = kc_block_sum(x, sh);
+    y = kc_block_sum(y, sh);
+    if (threadIdx.x == 0) {
+      out[2 * u] = x;
+      out[2 * u + 1] = y;
+    }
+  }
+}
+
+/* Only while deferring: s->pending exists. */
+static int batch_get(kc_state *s, struct kc_batch **out) {
+  struct kc_pending *P = s->pending;
+  if (!P->batch && !(P->batch = (struct kc_batch *)calloc(1, sizeof *P->batch))) return KC_ERR_NOMEM;
+  *out = P->batch;
+  return KC_OK;
+}
+
+/* Room for one more call and for 2 * nunits factors. */
+static int batch_room(struct kc_batch *B, int64_t nunits) {
+  if (B->n == B->cap) {
+    int cap = B->cap ? 2 * B->cap : 64;
+    mt_call *c = (mt_call *)realloc(B->calls, sizeof *c * (size_t)cap);
+    if (!c) return KC_ERR_NOMEM;
+    B->calls = c;
+    B->cap = cap;
+  }
+  if (B->nav + 2 * nunits > B->cap_av) {
+    int64_t cap = B->cap_av ? 2 * B->cap_av : 1024;
+    double *a;
+    while (cap < B->nav + 2 * nunits) cap *= 2;
+    if (!(a = (double *)realloc(B->av, sizeof *a * (size_t)cap))) return KC_ERR_NOMEM;
+    B->av = a;
+    B->cap_av = cap;
+  }
+  return KC_OK;
+}
+
+/* A new call of class (op, dtype, kind) with its chunking and factors
+** (the engine's a and v are copied: they need not outlive the call). */
+static int batch_add(kc_state *s, int op, int dtype, int kind, int64_t nunits, int64_t len, const double *a,
+                     const double *v, mt_call **out) {
+  struct kc_batch *B;
+  mt_call *c;
+  int64_t nc;
+  int rc;
+  if ((rc = batch_get(s, &B)) || (rc = batch_room(B, nunits))) return rc;
+  c = &B->calls[B->n++];
+  memset(c, 0, sizeof *c);
+  c->op = op;
+  c->dtype = dtype;
+  c->kind = kind;
+  c->nunits = nunits;
+  c->d.len = len;
+  nc = (len + MT_CHUNK - 1) / MT_CHUNK;
+  c->d.clen = (((len + nc - 1) / nc) + 7) & ~(int64_t)7;
+  c->d.nchunk = (len + c->d.clen - 1) / c->d.clen;
+  c->d.a0 = a ? a[0] : 1.0;
+  c->d.v0 = v ? v[0] : INFINITY;
+  c->av = -1;
+  if (nunits > 1 && (a || v)) {
+    c->av = B->nav;
+    c->has_a = a != NULL;
+    c->has_v = v != NULL;
+    if (a) memcpy(B->av + B->nav, a, sizeof(double) * (size_t)nunits);
+    if (v) memcpy(B->av + B->nav + nunits, v, sizeof(double) * (size_t)nunits);
+    B->nav += 2 * nunits;
+  }
+  *out = c;
+  return KC_OK;
+}
+
+/* The classes, in launch order. */
+#define MT_CLASSES 10
+static int class_of(const mt_call *c) {
+  int d = c->dtype == KEEL_F64;
+  return c->op == MT_STATS ? d : 2 + 4 * d + c->kind;
+}
+
+static int grow_dev(kc_state *s, struct kc_batch *B, size_t n) {
+  void *q = NULL;
+  int rc;
+  if (n <= B->dev_size) return KC_OK;
+  n = n + n / 2;
+  if (B->dev) {
+    if ((rc = kc_sync(s))) return rc;   /* queued work may still read it */
+    cudaFree(B->dev);
+    B->dev = NULL;
+    B->dev_size = 0;
+  }
+  if ((rc = kc_check_cuda(cudaMalloc(&q, n)))) return rc;
+  B->dev = q;
+  B->dev_size = n;
+  return KC_OK;
+}
+
+/* n bytes of staging at *off. Uploads since the stream was last idle
+** (a step's update batch and the next statistics batch) take successive
+** places, so staging is not written while an upload from it may be
+** queued; only when it is full does it wait for the last upload. */
+static int grow_stage(kc_state *s, struct kc_batch *B, size_t n, size_t *off) {
+  struct kc_pending *P = s->pending;
+  void *q = NULL;
+  int rc;
+  n = (n + 255) & ~(size_t)255;
+  if (!B->staged && (rc = kc_check_cuda(cudaEventCreateWithFlags(&B->staged, cudaEventDisableTiming)))) return rc;
+  if (P->staged + n > B->stage_size && P->staged > 0) {
+    if ((rc = kc_check_cuda(cudaEventSynchronize(B->staged)))) return rc;
+    P->staged = 0;
+  }
+  *off = P->staged;
+  if (n <= B->stage_size) {
+    P->staged += n;
+    return KC_OK;
+  }
+  n = 3 * n;   /* room for the next two batches of this size */
+  if (B->stage) cudaFreeHost(B->stage);
+  B->stage = NULL;
+  B->stage_size = 0;
+  if ((rc = kc_check_cuda(cudaMallocHost(&q, n)))) return rc;
+  B->stage = q;
+  B->stage_size = n;
+  P->staged = (n / 3 + 255) & ~(size_t)255;
+  return KC_OK;
+}
+
+/* Launches the queued calls (see above); their results are queued for
+** the host as pending records. The queue is empty afterwards, launched
+** or not. */
+static int batch_launch(kc_state *s) {
+  struct kc_batch *B = s->pending ? s->pending->batch : NULL;
+  int64_t items[MT_CLASSES] = {0}, units[MT_CLASSES] = {0}, maxch[MT_CLASSES] = {0};
+  int first[MT_CLASSES], count[MT_CLASSES] = {0};
+  size_t off_av, off_part[MT_CLASSES], off_res[MT_CLASSES], res0, total, nres, hoff, soff;
+  mt_desc *D;
+  mt_call **order = NULL;
+  char *dev, *host;
+  int rc = KC_OK, n;
+  if (!B || B->n == 0) return KC_OK;
+  n = B->n;
+  if (!(order = (mt_call **)malloc(sizeof *order * (size_t)n))) {
+    rc = KC_ERR_NOMEM;
+    goto out;
+  }
+  /* descriptors grouped by class, queue order within a class */
+  for (int i = 0; i < n; i++) count[class_of(&B->calls[i])]++;
+  for (int c = 0, k = 0; c < MT_CLASSES; c++) {
+    first[c] = k;
+    k += count[c];
+    count[c] = 0;
+  }
+  for (int i = 0; i < n; i++) {
+    mt_call *c = &B->calls[i];
+    int cl = class_of(c);
+    order[first[cl] + count[cl]++] = c;
+    c->d.item0 = items[cl];
+    c->d.unit0 = units[cl];
+    c->d.ia = c->has_a ? c->av : -1;
+    c->d.iv = c->has_v ? c->av + c->nunits : -1;
+    items[cl] += c->nunits * c->d.nchunk;
+    units[cl] += c->nunits;
+    if (c->d.nchunk > maxch[cl]) maxch[cl] = c->d.nchunk;
+  }
+  /* device layout: descriptors, a/v, then per class partials; the unit
+  ** results of all classes together at the end (one copy down) */
+  off_av = (size_t)round16((int64_t)(sizeof(mt_desc) * (size_t)n));
+  total = off_av + (size_t)round16(B->nav * (int64_t)sizeof(double));
+  for (int c = 0; c < MT_CLASSES; c++) {
+    off_part[c] = total;
+    total += (size_t)round16(items[c] * (int64_t)(c < 2 ? sizeof(gstat) : 2 * sizeof(double)));
+  }
+  res0 = total;
+  for (int c = 0; c < MT_CLASSES; c++) {
+    off_res[c] = total;
+    total += (size_t)units[c] * (c < 2 ? sizeof(gstat) : 2 * sizeof(double));
+  }
+  nres = total - res0;
+  if ((rc = grow_dev(s, B, total)) || (rc = grow_stage(s, B, off_av + (size_t)B->nav * sizeof(double), &soff)))
+    goto out;
+  dev = (char *)B->dev;
+  host = (char *)B->stage + soff;
+  D = (mt_desc *)host;
+  for (int i = 0; i < n; i++) D[i] = order[i]->d;
+  memcpy(host + off_av, B->av, (size_t)B->nav * sizeof(double));
+  if ((rc = kc_check_cuda(cudaMemcpyAsync(dev, host, off_av + (size_t)B->nav * sizeof(double),
+                                          cudaMemcpyHostToDevice, s->stream))) ||
+      (rc = kc_check_cuda(cudaEventRecord(B->staged, s->stream))))
+    goto out;
+  for (int c = 0; c < MT_CLASSES; c++) {
+    const mt_desc *dd = (const mt_desc *)dev + first[c];
+    const double *av = (const double *)(dev + off_av);
+    unsigned nb = grid_of(items[c]), nf = grid_of(units[c]);
+    int th = maxch[c] <= 32 ? 32 : KC_THREADS;
+    if (!count[c]) continue;
+    if (c < 2) {
+      gstat *part = (gstat *)(dev + off_part[c]), *res = (gstat *)(dev + off_res[c]);
+      if (c == 0) KC_LAUNCH(nb, KC_THREADS, 0, s->stream, mt_stats_kernel<float>)(dd, count[c], av, items[c], part);
+      else KC_LAUNCH(nb, KC_THREADS, 0, s->stream, mt_stats_kernel<double>)(dd, count[c], av, items[c], part);
+      if ((rc = KC_LAUNCHED())) goto out;
+      KC_LAUNCH(nf, th, 0, s->stream, mt_stats_final_kernel)(dd, count[c], units[c], part, res);
+    } else {
+      double *part = (double *)(dev + off_part[c]), *res = (double *)(dev + off_res[c]);
+      switch (c - 2) {
+#define MT_UPD(i, T, K) \
+  case i: KC_LAUNCH(nb, KC_THREADS, 0, s->stream, mt_update_kernel<T, K>)(dd, count[c], av, items[c], part); break
+        MT_UPD(0, float, UK_SGD); MT_UPD(1, float, UK_ADAM); MT_UPD(2, float, UK_RMSPROP); MT_UPD(3, float, UK_ADAGRAD);
+        MT_UPD(4, double, UK_SGD); MT_UPD(5, double, UK_ADAM); MT_UPD(6, double, UK_RMSPROP);
+        MT_UPD(7, double, UK_ADAGRAD);
+#undef MT_UPD
+      }
+      if ((rc = KC_LAUNCHED())) goto out;
+      KC_LAUNCH(nf, th, 0, s->stream, mt_pair_final_kernel)(dd, count[c], units[c], part, res);
+    }
+    if ((rc = KC_LAUNCHED())) goto out;
+  }
+  /* one copy of every unit result, then a record per call */
+  if ((rc = pend_region(s, nres, &hoff))) goto out;
+  host = s->pending->arena + hoff;
+  if ((rc = kc_check_cuda(cudaMemcpyAsync(host, dev + res0, nres, cudaMemcpyDeviceToHost, s->stream)))) goto out;
+  for (int i = 0; i < n && !rc; i++) {
+    const mt_call *c = order[i];
+    int cl = class_of(c);
+    pend_rec *r;
+    if ((rc = pend_record(s, &r))) break;
+    r->nunits = c->nunits;
+    r->len = c->d.len;
+    if (c->op == MT_STATS) {
+      r->kind = PEND_STATS;
+      r->off = hoff + (off_res[cl] - res0) + (size_t)c->d.unit0 * sizeof(gstat);
+      r->has_w = c->d.w != NULL;
+      r->st = c->st;
+      r->spow = c->spow;
+    } else {
+      r->kind = PEND_UPD;
+      r->off = hoff + (off_res[cl] - res0) + (size_t)c->d.unit0 * 2 * sizeof(double);
+      r->dsq = c->dsq;
+    }
+  }
+out:
+  free(order);
+  B->n = 0;
+  B->nav = 0;
+  return rc;
+}
+
+static void batch_free(struct kc_batch *B) {
+  if (!B) return;
+  if (B->staged) cudaEventDestroy(B->staged);
+  if (B->stage) cudaFreeHost(B->stage);
+  if (B->dev) cudaFree(B->dev);
+  free(B->calls);
+  free(B->av);
+  free(B);
+}
+
+/* }====================================================================== */
+
+static int queue_stats(kc_state *s, const kc_view *g, int64_t nunits, int64_t len, const double *a, const double *v,
+                       double pw, keel_grad_stats *st, double *spow, const kc_view *w) {
+  int64_t N = 16 / (g->dtype == KEEL_F32 ? 4 : 8);
+  mt_call *c;
+  int rc;
+  if ((rc = batch_add(s, MT_STATS, g->dtype, 0, nunits, len, a, v, &c))) return rc;
+  c->d.g = g->data;
+  c->d.w = w ? w->data : NULL;
+  c->d.pw = spow ? pw : 0;
+  c->d.vec = len % N == 0 && aligned16(g->data) && (!w || aligned16(w->data));
+  c->st = st;
+  c->spow = spow;
+  return KC_OK;
+}
+
+static int queue_update(kc_state *s, int kind, const keel_optim_hparams *h, int64_t step, int dtype,
+                        const upd_args *A, const oflags *f, int64_t nunits, int64_t len, const double *a,
+                        const double *v, double *dsq) {
+  int uk = kind == KEEL_OPTIM_SGD ? UK_SGD : kind == KEEL_OPTIM_RMSPROP ? UK_RMSPROP
+           : kind == KEEL_OPTIM_ADAGRAD ? UK_ADAGRAD : UK_ADAM;
+  mt_call *c;
+  int rc;
+  if ((rc = batch_add(s, MT_UPDATE, dtype, uk, nunits, len, a, v, &c))) return rc;
+  c->d.g = A->g;
+  c->d.p = A->p;
+  for (int j = 0; j < 3; j++) c->d.s[j] = A->s[j];
+  c->d.vec = A->vec;
+  c->d.f = *f;
+  fill_consts(&c->d.k, h, step);
+  c->dsq = dsq;
+  return KC_OK;
+}
+
+/* The queued calls launched, whatever the mode; errors of earlier
+** flushes first (they were not reported to anyone). */
+static int batch_close(kc_state *s) {
+  struct kc_pending *P = s->pending;
+  int rc = batch_launch(s), err = P->err;
+  P->err = KC_OK;
+  return err ? err : rc;
+}
+
+static int defer_results(kc_state *s, int mode) {
+  struct kc_pending *P;
+  int rc;
+  if (mode < KC_DEFER_WAIT || mode > KC_DEFER_FLUSH) return KC_ERR_ARG;
+  if (!s->pending) {
+    if (mode != KC_DEFER_ON) return KC_OK;
+    if (!(s->pending = (struct kc_pending *)calloc(1, sizeof *s->pending))) return KC_ERR_NOMEM;
+  }
+  P = s->pending;
+  switch (mode) {
+    case KC_DEFER_ON:
+      /* results of a batch closed with LATER stay pending: the closing
+      ** wait of this one writes them too (their places are still valid:
+      ** the contract), so a step waits once */
+      if (P->on && (rc = batch_close(s))) return rc;
+      P->on = 1;
+      return KC_OK;
+    case KC_DEFER_FLUSH:
+      /* something other than grad_stats or optim_update is about to run:
+      ** what is queued goes first, so that stream order is call order */
+      if (P->on && (rc = batch_launch(s)) && !P->err) P->err = rc;
+      return KC_OK;
+    case KC_DEFER_LATER:
+      P->on = 0;
+      return batch_close(s);
+    default:
+      P->on = 0;
+      rc = batch_close(s);
+      if (rc) {
+        pend_flush(s);
+        return rc;
+      }
+      return pend_flush(s);
+  }
+}
+
+static int results_wait(kc_state *s) {
+  struct kc_pending *P = s->pending;
+  int rc;
+  if (!P) return KC_OK;
+  if (P->on && (rc = batch_launch(s)) && !P->err) P->err = rc;
+  return pend_flush(s);
+}
+
+void kc_optim_flush(kc_state *s) { defer_results(s, KC_DEFER_FLUSH); }
+
+void kc_optim_close(kc_state *s) {
+  struct kc_pending *P = s->pending;
+  if (!P) return;
+  batch_free(P->batch);
+  if (P->arena) cudaFreeHost(P->arena);
+  free(P->recs);
+  free(P);
+  s->pending = NULL;
 }
 
 /* }====================================================================== */
@@ -843,4 +1430,5 @@ void kc_register_optim(keel_cuda_table *t) {
   t->grad_scale_ = grad_scale_;
   t->optim_update = optim_update;
   t->defer_results = defer_results;
+  t->results_wait = results_wait;
 }

@@ -240,7 +240,10 @@ static int set_gemm_precision(kc_state *s, int prec) {
   return KC_OK;
 }
 
-static int synchronize(kc_state *s) { return from_cuda(cudaStreamSynchronize(s->stream)); }
+static int synchronize(kc_state *s) {
+  kc_optim_flush(s);   /* queued optimizer work first (keel_cuda.h: defer_results) */
+  return from_cuda(cudaStreamSynchronize(s->stream));
+}
 
 /* }====================================================================== */
 
@@ -256,20 +259,25 @@ static int dev_malloc(kc_state *s, void **p, size_t nbytes) {
 }
 
 static int dev_free(kc_state *s, void *p) {
-  (void)s;
+  kc_optim_flush(s);
   /* cudaFree synchronizes the device: the block may still be in use by
   ** queued work, which must finish first anyway */
   return p ? from_cuda(cudaFree(p)) : KC_OK;
 }
 
-/* Both directions are ordered on the stream. H2D returns once src may be
-** reused (stage.cu: without waiting for the device), D2H when the data
-** has arrived. */
-static int memcpy_h2d(kc_state *s, void *dst, const void *src, size_t n) { return kc_stage_h2d(s, dst, src, n); }
+/* Both directions are ordered on the stream (an open optimizer batch is
+** launched first). H2D returns once src may be reused (stage.cu: without
+** waiting for the device), D2H when the data has arrived. */
+static int memcpy_h2d(kc_state *s, void *dst, const void *src, size_t n) {
+  if (!n) return KC_OK;
+  kc_optim_flush(s);
+  return kc_stage_h2d(s, dst, src, n);
+}
 
 static int memcpy_d2h(kc_state *s, void *dst, const void *src, size_t n) {
   cudaError_t e;
   if (!n) return KC_OK;
+  kc_optim_flush(s);
   e = cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, s->stream);
   if (e == cudaSuccess) e = cudaStreamSynchronize(s->stream);
   return from_cuda(e);
@@ -277,6 +285,7 @@ static int memcpy_d2h(kc_state *s, void *dst, const void *src, size_t n) {
 
 static int memcpy_d2d(kc_state *s, void *dst, const void *src, size_t n) {
   if (!n) return KC_OK;
+  kc_optim_flush(s);
   return from_cuda(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, s->stream));
 }
 

@@ -614,3 +614,101 @@ describe("cuda update statistics", function()
 end)
 
 -- }======================================================================
+
+-- {======================================================================
+-- Update sizes that arrive late: a device step does not wait for its
+-- update's sum of squares; reading it (or the next step, add_param_group,
+-- freeing the optimizer) does. Read after other work, they must be the
+-- step's own.
+-- =======================================================================
+
+describe("cuda update sizes read late", function()
+  local function sizes(o)
+    local t = {}
+    for i, s in ipairs(o:grad_stats()) do t[i] = s.update_sumsq end
+    return t
+  end
+  local function same_sizes(a, b, tol, what)
+    assert.equals(#a, #b, what .. ": count")
+    for i = 1, #a do
+      if a[i] == nil then assert.is_nil(b[i], what .. " " .. i)
+      else close(a[i], b[i], tol, ("%s: parameter %d update_sumsq"):format(what, i)) end
+    end
+  end
+  for _, dtype in ipairs{"float32", "float64"} do
+    gpu_it("after another step, after add_param_group, after free (" .. dtype .. ")", function()
+      local tol = TOL[dtype]
+      local cpu, dev = params(dtype, 20)
+      local oc, od = optim.AdamW(cpu, {lr = 0.05}), optim.AdamW(dev, {lr = 0.05})
+      -- two steps, nothing read in between: the second step's sizes
+      for t = 1, 2 do
+        set_grads(cpu, dev, t)
+        oc:step(); od:step()
+      end
+      local sc = sizes(oc)
+      assert.is_number(sc[1])
+      same_sizes(sc, sizes(od), tol, "two steps")
+      -- a step, other device work, then add_param_group (the records move)
+      set_grads(cpu, dev, 3)
+      oc:step(); od:step()
+      local extra = tensor(H.values(12, -1, 1, 77), {3, 4}, dtype)
+      local xc, xd = leaf(extra, "cpu"), leaf(extra, "cuda")
+      local junk = (dev[1] * 2):sum():item()   -- device work and a host wait in between
+      assert.is_number(junk)
+      oc:add_param_group{params = {xc}}
+      od:add_param_group{params = {xd}}
+      same_sizes(sizes(oc), sizes(od), tol, "after add_param_group")
+      assert.is_nil(sizes(od)[#dev + 1], "the new parameter has no update yet")
+      same_params(cpu, dev, nil, "after add_param_group")
+      -- a step, then the optimizer is dropped unread: its results must not
+      -- land in freed memory (ASan), and a new optimizer's must be right
+      set_grads(cpu, dev, 4)
+      od:step()
+      od = nil
+      collectgarbage(); collectgarbage()
+      local oc2, od2 = optim.SGD(cpu, {lr = 0.1, momentum = 0.5}), optim.SGD(dev, {lr = 0.1, momentum = 0.5})
+      oc:step()   -- the CPU side catches up with the dropped step
+      same_params(cpu, dev, nil, "after the dropped optimizer's step")
+      set_grads(cpu, dev, 5)
+      oc2:step(); od2:step()
+      same_sizes(sizes(oc2), sizes(od2), tol, "a new optimizer")
+      same_params(cpu, dev, nil, "a new optimizer")
+    end)
+  end
+end)
+
+-- }======================================================================
+
+-- {======================================================================
+-- Launches per step (simulator only: it counts them): the statistics and
+-- the update run as multi-tensor batches, so the count does not grow with
+-- the number of parameters, and a step waits for the device once.
+-- =======================================================================
+
+describe("cuda optimizer launches", function()
+  local plugin = os.getenv("KEEL_CUDA_PLUGIN") or ""
+  local bin = os.getenv("KEEL_BIN")
+  local on_sim = plugin:find("sim", 1, true) and bin
+  local function counts(n, steps)
+    local cmd = ("KEEL_CUDA_SIM_STATS=1 %q tests/optim_launch_count.lua %d %d 2>&1"):format(bin, n, steps)
+    local f = assert(io.popen(cmd))
+    local out = f:read("a")
+    f:close()
+    local l, w = out:match("kcsim: (%d+) launches, %d+ blocks, %d+ threads, (%d+) waits")
+    assert(l, "no simulator counts in: " .. out)
+    return tonumber(l), tonumber(w)
+  end
+  local test = on_sim and gpu_it or pending
+  test("per step: as many launches for 40 parameters as for 3, one more wait per step", function()
+    local l3a, w3a = counts(3, 2)
+    local l3b, w3b = counts(3, 4)
+    local l40a, w40a = counts(40, 2)
+    local l40b, w40b = counts(40, 4)
+    assert.equals(l3b - l3a, l40b - l40a, "launches of two more steps")
+    assert.is_true((l40b - l40a) / 2 <= 4, "launches per step: " .. (l40b - l40a) / 2)
+    assert.equals(2, w3b - w3a, "waits of two more steps (3 parameters)")
+    assert.equals(2, w40b - w40a, "waits of two more steps (40 parameters)")
+  end)
+end)
+
+-- }======================================================================

@@ -17,6 +17,8 @@ namespace kcsim {
 /* Counters since the library was loaded (reported by KEEL_CUDA_SIM_STATS). */
 struct stats {
   uint64_t launches, blocks, threads;
+  /* host waits (stream, event, device synchronize) and copies by kind */
+  uint64_t waits, h2d, d2h, d2d;
 };
 extern KCSIM_API stats sim_stats;
 

@@ -14,7 +14,8 @@
 **                              a larger total in use is cudaErrorMemoryAllocation
 **   KEEL_CUDA_SIM_SMS=n        multiprocessors reported (default 4)
 **   KEEL_CUDA_SIM_QUIET=1      no "kcsim:" line on stderr for a failed launch
-**   KEEL_CUDA_SIM_STATS=1      launches, blocks and threads run, at exit
+**   KEEL_CUDA_SIM_STATS=1      launches, blocks and threads run, host waits
+**                              and copies by direction, at exit
 */
 #include <stdarg.h>
 #include <stdio.h>
@@ -67,8 +68,10 @@ static size_t total_memory(void) {
 static int devices(void) { return (int)env_ll("KEEL_CUDA_SIM_DEVICES", 1); }
 
 static void print_stats(void) {
-  fprintf(stderr, "kcsim: %llu launches, %llu blocks, %llu threads\n", (unsigned long long)sim_stats.launches,
-          (unsigned long long)sim_stats.blocks, (unsigned long long)sim_stats.threads);
+  fprintf(stderr, "kcsim: %llu launches, %llu blocks, %llu threads, %llu waits, %llu h2d, %llu d2h, %llu d2d\n",
+          (unsigned long long)sim_stats.launches, (unsigned long long)sim_stats.blocks,
+          (unsigned long long)sim_stats.threads, (unsigned long long)sim_stats.waits,
+          (unsigned long long)sim_stats.h2d, (unsigned long long)sim_stats.d2h, (unsigned long long)sim_stats.d2d);
 }
 
 __attribute__((constructor)) static void init(void) {
@@ -278,7 +281,10 @@ cudaError_t cudaDriverGetVersion(int *v) {
   return cudaSuccess;
 }
 
-cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize(void) {
+  sim_stats.waits++;
+  return cudaSuccess;
+}
 cudaError_t cudaDeviceReset(void) { return cudaSuccess; }
 
 cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes) {
@@ -362,6 +368,9 @@ cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind
   if (!n) return cudaSuccess;
   if ((e = check_copy(dst, src, n, kind)) != cudaSuccess) return fail(e);
   memmove(dst, src, n);
+  if (kind == cudaMemcpyHostToDevice) sim_stats.h2d++;
+  else if (kind == cudaMemcpyDeviceToHost) sim_stats.d2h++;
+  else if (kind == cudaMemcpyDeviceToDevice) sim_stats.d2d++;
   return cudaSuccess;
 }
 
@@ -420,6 +429,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t st) {
 
 cudaError_t cudaStreamSynchronize(cudaStream_t st) {
   (void)st;
+  sim_stats.waits++;
   return cudaSuccess;
 }
 
@@ -455,7 +465,11 @@ cudaError_t cudaEventRecord(cudaEvent_t ev, cudaStream_t st) {
   return cudaSuccess;
 }
 
-cudaError_t cudaEventSynchronize(cudaEvent_t ev) { return ev ? cudaSuccess : fail(cudaErrorInvalidResourceHandle); }
+cudaError_t cudaEventSynchronize(cudaEvent_t ev) {
+  if (!ev) return fail(cudaErrorInvalidResourceHandle);
+  sim_stats.waits++;
+  return cudaSuccess;
+}
 cudaError_t cudaEventQuery(cudaEvent_t ev) { return ev ? cudaSuccess : fail(cudaErrorInvalidResourceHandle); }
 
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {

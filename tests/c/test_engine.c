@@ -596,7 +596,7 @@ static void test_optim_sgd(void) {
   CHECK(near(got[0], 1.0 - 0.1 * 0.5, 1e-15) && near(got[1], -2.0 - 0.1 * 1.0, 1e-15), "SGD step 1 by hand");
   CHECK(r.applied && r.step == 1 && r.n_updated == 1 && near(r.grad_norm, sqrt(1.25), 1e-15),
         "SGD step 1 report");
-  u = keel_optim_last_updates(o);
+  CHECK_OK(ctx, keel_optim_last_updates(o, &u), "optim: last_updates");
   CHECK(u[0].step == 1 && near(u[0].update_sumsq, 0.05 * 0.05 + 0.1 * 0.1, 1e-16) && u[0].w_sumsq == 5.0,
         "SGD step 1 update size and weight before it");
   set_grad_values(ctx, p, 2, g2);
