@@ -13,6 +13,9 @@
 --                  p, g, m, v, write p, m, v: 28 B per parameter), beside a
 --                  device-to-device copy of 400 MB in the same run (GB/s
 --                  read + written); the ratio is the issue's target (>= 0.8)
+--   attn           scaled_dot_product_attention forward+backward, float32,
+--                  batch 8 x 16 heads, L = S = 1024, head size 64, causal
+--                  (queries/s: rows of all heads)
 --
 -- Run with the keel executable (it carries Lua) or lua5.4; timing is the
 -- monotonic wall clock after keel.cuda.synchronize(), medians of rounds.
@@ -127,6 +130,18 @@ elseif what == "adamw" then
   result("gpu_clip_adamw_100M_keel_bw", bw, "GB/s")
   result("gpu_d2d_copy_keel_bw", copy_bw, "GB/s")
   result("gpu_clip_adamw_100M_vs_copy", bw / copy_bw, "x_copy")
+elseif what == "attn" then
+  local B, Hd, L, E = 8, 16, 1024, 64
+  local q = keel.randn({B, Hd, L, E}, {requires_grad = true})
+  local k = keel.randn({B, Hd, L, E}, {requires_grad = true})
+  local v = keel.randn({B, Hd, L, E}, {requires_grad = true})
+  local g = keel.randn{B, Hd, L, E}
+  local F = nn.functional
+  local s = time_steps(function()
+    q.grad, k.grad, v.grad = nil, nil, nil
+    F.scaled_dot_product_attention(q, k, v, {is_causal = true}):backward(g)
+  end, 3, scaled(20), 5)
+  result("gpu_attn_keel", B * Hd * L / s, "queries/s")
 else
-  error("bench/gpu.lua: unknown workload " .. tostring(what) .. " (cnn, mlp, lstm, adamw)", 0)
+  error("bench/gpu.lua: unknown workload " .. tostring(what) .. " (cnn, mlp, lstm, adamw, attn)", 0)
 end

@@ -3,7 +3,7 @@
 # side by side in one run on the same GPU, then ratio lines:
 #   RESULT name=gpu_cnn_b128_ratio value=... unit=x_torch   (>1: keel faster)
 #   RESULT name=gpu_clip_adamw_100M_vs_copy value=... unit=x_copy (target >= 0.8)
-# Workloads: cnn mlp lstm adamw (default: all). On the GPU machine, after
+# Workloads: cnn mlp lstm adamw attn (default: all). On the GPU machine, after
 # tools/gpu_bundle.sh here: bash bench/gpu.sh (it uses build/gpu's
 # libraries when they are there). env: KEEL_PYTHON (python with a CUDA
 # torch; default python3, "none" skips the twin), BENCH_SCALE.
@@ -27,7 +27,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clo
 log=$(mktemp -t keel-gpu-bench.XXXXXX)
 trap 'rm -f "$log"' EXIT
 work=("$@")
-[ ${#work[@]} -gt 0 ] || work=(cnn mlp lstm adamw)
+[ ${#work[@]} -gt 0 ] || work=(cnn mlp lstm adamw attn)
 status=0
 for w in "${work[@]}"; do
   # keel first, then torch: each process has the GPU to itself
@@ -39,7 +39,7 @@ awk '
   /^RESULT/ { split($2, n, "="); split($3, v, "="); val[n[2]] = v[2] }
   END {
     for (k in val) {
-      if (k ~ /^gpu_(cnn|mlp)_b[0-9]+_keel$|^gpu_lstm_keel$/) {
+      if (k ~ /^gpu_(cnn|mlp)_b[0-9]+_keel$|^gpu_(lstm|attn)_keel$/) {
         base = substr(k, 1, length(k) - 5)
         if ((base "_torch") in val)
           printf "RESULT name=%s_ratio value=%.4g unit=x_torch\n", base, val[k] / val[base "_torch"]

@@ -117,5 +117,16 @@ elif what == "adamw":
     dst = torch.empty(total, device=dev)
     c = time_steps(lambda: dst.copy_(src), 2, scaled(20), 5)
     result("gpu_d2d_copy_torch_bw", 2 * 4 * total / c / 1e9, "GB/s")
+elif what == "attn":
+    B, Hd, L, E = 8, 16, 1024, 64
+    q, k, v = (torch.randn(B, Hd, L, E, device=dev, requires_grad=True) for _ in range(3))
+    g = torch.randn(B, Hd, L, E, device=dev)
+
+    def step():
+        q.grad = k.grad = v.grad = None
+        nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+
+    s = time_steps(step, 3, scaled(20), 5)
+    result("gpu_attn_torch", B * Hd * L / s, "queries/s")
 else:
-    sys.exit(f"bench/gpu_torch.py: unknown workload {what} (cnn, mlp, lstm, adamw)")
+    sys.exit(f"bench/gpu_torch.py: unknown workload {what} (cnn, mlp, lstm, adamw, attn)")
