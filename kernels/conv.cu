@@ -37,8 +37,6 @@
 #endif
 #define INT_LIMIT ((int64_t)0x7fffffff)
 
-static int elem_size(int dt) { return dt == KEEL_F32 ? 4 : dt == KEEL_F64 ? 8 : 0; }
-
 /* Row-major products through kc_gemm (gemm.cu: the matmul precision
 ** applies); callers keep sizes under 2^31 and k > 0. */
 template <typename T>
@@ -308,7 +306,7 @@ static int conv_bwd(kc_state *s, const kc_win2d *g, const T *gout, const T *x, c
   T *col, *gt;
   int st;
   if (gb && g->oc > 0) {
-    unsigned blocks = (unsigned)(g->oc < 65535 ? g->oc : 65535);
+    unsigned blocks = kc_grid_yz(g->oc);
     KC_LAUNCH(blocks, KC_THREADS, 0, s->stream, bias_grad_kernel<T>)(gb, gout, g->n, g->oc, P);
     if ((st = KC_LAUNCHED())) return st;
   }
@@ -551,7 +549,7 @@ __global__ void avg_pool_back_kernel(T *gx, const T *gout, kc_win2d g, int64_t t
 
 static int pool_dtype(const kc_view *a, const kc_view *b) {
   if (a->dtype != b->dtype) return KC_ERR_DTYPE;
-  return elem_size(a->dtype) ? KC_OK : KC_ERR_DTYPE;
+  return kc_is_float(a->dtype) ? KC_OK : KC_ERR_DTYPE;
 }
 
 template <typename T>
@@ -601,7 +599,7 @@ static int cv_max_pool2d_backward(kc_state *s, const kc_win2d *g, const kc_view 
   if (idx->dtype != KEEL_I64) return KC_ERR_DTYPE;
   if (n == 0) return KC_OK;
   if (g->oh * g->ow == 0)
-    return kc_check_cuda(cudaMemsetAsync(gx->data, 0, (size_t)n * elem_size(gx->dtype), s->stream));
+    return kc_check_cuda(cudaMemsetAsync(gx->data, 0, (size_t)n * kc_elem_size(gx->dtype), s->stream));
   if (gx->dtype == KEEL_F32) return launch_max_pool_back<float>(s, g, gx, gout, idx);
   return launch_max_pool_back<double>(s, g, gx, gout, idx);
 }
@@ -629,7 +627,7 @@ static int cv_avg_pool2d_backward(kc_state *s, const kc_win2d *g, const kc_view 
   if ((st = pool_dtype(gx, gout))) return st;
   if (n == 0) return KC_OK;
   if (g->oh * g->ow == 0)
-    return kc_check_cuda(cudaMemsetAsync(gx->data, 0, (size_t)n * elem_size(gx->dtype), s->stream));
+    return kc_check_cuda(cudaMemsetAsync(gx->data, 0, (size_t)n * kc_elem_size(gx->dtype), s->stream));
   if (gx->dtype == KEEL_F32)
     KC_LAUNCH(kc_blocks(n), KC_THREADS, 0, s->stream, avg_pool_back_kernel<float>)(
         (float *)gx->data, (const float *)gout->data, *g, n);

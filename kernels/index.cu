@@ -39,8 +39,6 @@ template <typename T, int VW> struct alignas(sizeof(T) * VW) vec {
   T v[VW];
 };
 
-static int elem_size(int dt) { return dt == KEEL_F32 ? 4 : dt == KEEL_F64 || dt == KEEL_I64 ? 8 : 0; }
-
 /* }====================================================================== */
 
 /* {======================================================================
@@ -141,9 +139,9 @@ static int launch_rows(kc_state *s, void *out, const void *a, const int64_t *idx
 ** and both addresses allow them. */
 static int rows(kc_state *s, int dtype, void *out, const void *a, const int64_t *idx, int64_t is, int64_t outer,
                 int64_t nsel, int64_t V, int64_t inner) {
-  int es = elem_size(dtype);
+  int es = kc_elem_size(dtype);
   int vw = 16 / (es ? es : 1);
-  int vec_ok = inner % vw == 0 && ((uintptr_t)out | (uintptr_t)a) % 16 == 0;
+  int vec_ok = inner % vw == 0 && kc_aligned16(out) && kc_aligned16(a);
   switch (dtype) {
     case KEEL_F32:
       return vec_ok ? launch_rows<float, 4>(s, out, a, idx, is, outer, nsel, V, inner)
@@ -180,7 +178,7 @@ static int gather(kc_state *s, const kc_view *out, const kc_view *a, int dim, co
   if (!check_ndim(out) || !check_ndim(a) || !check_ndim(index)) return KC_ERR_ARG;
   if (out->ndim != a->ndim || index->ndim != a->ndim || dim < 0 || dim >= a->ndim) return KC_ERR_ARG;
   if (index->dtype != KEEL_I64 || out->dtype != a->dtype) return KC_ERR_DTYPE;
-  if (!elem_size(out->dtype)) return KC_ERR_DTYPE;
+  if (!kc_elem_size(out->dtype)) return KC_ERR_DTYPE;
   for (int d = 0; d < out->ndim; d++)
     if (out->shape[d] != index->shape[d]) return KC_ERR_ARG;
   if (out->numel == 0) return KC_OK;
@@ -193,7 +191,7 @@ static int index_select(kc_state *s, const kc_view *out, const kc_view *a, int d
   if (!check_ndim(out) || !check_ndim(a) || !check_ndim(index) || index->ndim > 1) return KC_ERR_ARG;
   if (out->ndim != a->ndim || dim < 0 || dim >= a->ndim || out->shape[dim] != nsel) return KC_ERR_ARG;
   if (index->dtype != KEEL_I64 || out->dtype != a->dtype) return KC_ERR_DTYPE;
-  if (!elem_size(out->dtype)) return KC_ERR_DTYPE;
+  if (!kc_elem_size(out->dtype)) return KC_ERR_DTYPE;
   if (out->numel == 0) return KC_OK;
   /* the index seen through out's shape: it moves along dim only */
   iv = *out;
@@ -219,7 +217,7 @@ static int scatter_add(kc_state *s, const kc_view *out, int dim, const kc_view *
   if (!check_ndim(out) || !check_ndim(index) || !check_ndim(src)) return KC_ERR_ARG;
   if (index->ndim != out->ndim || src->ndim != out->ndim || dim < 0 || dim >= out->ndim) return KC_ERR_ARG;
   if (index->dtype != KEEL_I64 || src->dtype != out->dtype) return KC_ERR_DTYPE;
-  if (!elem_size(out->dtype)) return KC_ERR_DTYPE;
+  if (!kc_elem_size(out->dtype)) return KC_ERR_DTYPE;
   n = index->numel;
   if (n == 0) return KC_OK;
   oz = *out;
@@ -255,7 +253,7 @@ static int embedding(kc_state *s, const kc_view *out, const kc_view *weight, con
   if (out->ndim != 2 || weight->ndim != 2 || out->shape[1] != weight->shape[1] || out->shape[0] != idx->numel)
     return KC_ERR_ARG;
   if (idx->dtype != KEEL_I64 || out->dtype != weight->dtype) return KC_ERR_DTYPE;
-  if (!elem_size(out->dtype)) return KC_ERR_DTYPE;
+  if (!kc_elem_size(out->dtype)) return KC_ERR_DTYPE;
   if (out->numel == 0) return KC_OK;
   if (!contiguous(out) || !contiguous(weight) || !contiguous(idx)) return KC_ERR_ARG;
   return rows(s, out->dtype, out->data, weight->data, (const int64_t *)idx->data, 1, 1, idx->numel,

@@ -244,8 +244,6 @@ __global__ void dropout_kernel(T *mask, int64_t n, double p, T scale, uint64_t k
 ** Entries
 ** ======================================================================= */
 
-static int is_float(int dt) { return dt == KEEL_F32 || dt == KEEL_F64; }
-
 /* Same dtype as x and at least n elements (NULL passes). */
 static int check_vec(const kc_view *v, const kc_view *x, int64_t n) {
   if (!v) return KC_OK;
@@ -255,17 +253,15 @@ static int check_vec(const kc_view *v, const kc_view *x, int64_t n) {
 
 static int check_x(const kc_view *x, int64_t groups) {
   if (!x || x->ndim != 3 || groups < 0) return KC_ERR_ARG;
-  if (!is_float(x->dtype)) return KC_ERR_DTYPE;
+  if (!kc_is_float(x->dtype)) return KC_ERR_DTYPE;
   if (groups && x->shape[1] % groups) return KC_ERR_ARG;
   return KC_OK;
 }
 
-static unsigned blocks_for(int64_t n) { return (unsigned)(n < 1 ? 1 : n > KC_MAX_BLOCKS ? KC_MAX_BLOCKS : n); }
-
 template <typename T>
 static int stats_t(kc_state *s, const nshape &g, const kc_view *mean, const kc_view *rstd, const kc_view *var,
                    const kc_view *x, double eps) {
-  KC_LAUNCH(blocks_for(g.S), NT, 0, s->stream, stats_kernel<T>)(g, (T *)mean->data, (T *)rstd->data,
+  KC_LAUNCH(kc_grid_x(g.S), NT, 0, s->stream, stats_kernel<T>)(g, (T *)mean->data, (T *)rstd->data,
                                                                var ? (T *)var->data : NULL, (const T *)x->data, eps);
   return KC_LAUNCHED();
 }
@@ -290,7 +286,7 @@ template <typename T>
 static int forward_t(kc_state *s, const nshape &g, const kc_view *y, const kc_view *x, const kc_view *mean,
                      const kc_view *rstd, const kc_view *w, const kc_view *b) {
   int64_t CL = g.C * g.L;
-  dim3 grid(kc_blocks(CL), (unsigned)(g.N < 65535 ? g.N : 65535));
+  dim3 grid(kc_blocks(CL), kc_grid_yz(g.N));
   KC_LAUNCH(grid, KC_THREADS, 0, s->stream, forward_kernel<T>)(g, (T *)y->data, (const T *)x->data,
                                                                DATA(const T, mean), DATA(const T, rstd),
                                                                DATA(const T, w), DATA(const T, b));
@@ -318,7 +314,7 @@ static int backward_t(kc_state *s, const nshape &g, const kc_view *gx, const kc_
                       const kc_view *w, int stats_of_x) {
   int e;
   if (gx || !g.groups) {
-    KC_LAUNCH(blocks_for(g.S), NT, 0, s->stream, backward_kernel<T>)(
+    KC_LAUNCH(kc_grid_x(g.S), NT, 0, s->stream, backward_kernel<T>)(
         g, DATA(T, gx), g.groups ? NULL : DATA(T, gw), g.groups ? NULL : DATA(T, gb), (const T *)gy->data,
         (const T *)x->data, DATA(const T, mean), DATA(const T, rstd), DATA(const T, w), stats_of_x);
     if ((e = KC_LAUNCHED())) return e;
@@ -347,7 +343,7 @@ static int backward_t(kc_state *s, const nshape &g, const kc_view *gx, const kc_
       if (gb && (e = kc_fill(s, gb, 0.0))) return e;
       return KC_OK;
     }
-    KC_LAUNCH(blocks_for(g.C), NT, 0, s->stream, wgrad_finish<T>)(g, DATA(T, gw), DATA(T, gb), part, slices);
+    KC_LAUNCH(kc_grid_x(g.C), NT, 0, s->stream, wgrad_finish<T>)(g, DATA(T, gw), DATA(T, gb), part, slices);
     return KC_LAUNCHED();
   }
   return KC_OK;

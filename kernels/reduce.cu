@@ -318,7 +318,7 @@ static int launch(kc_state *s, rplan *P, const kc_view *out, const kc_view *idx,
     int e = kc_scratch(s, sizeof(racc) * (size_t)(P->S * P->M), (void **)&part);
     if (e) return e;
   }
-  gx = (unsigned)(tiles < KC_MAX_BLOCKS ? tiles : KC_MAX_BLOCKS);
+  gx = kc_grid_x(tiles);
   dim3 grid(gx, (unsigned)P->S), block((unsigned)bx, (unsigned)by);
   T *o = (T *)out->data;
   int64_t *ix = idx ? (int64_t *)idx->data : NULL;
