@@ -111,10 +111,10 @@ __global__ void act_dense(T *o, const T *a, int64_t nv, int64_t n, act_par<T> p)
 }
 
 template <int OP, typename T>
-__global__ void act_strided(T *o, const T *a, kc_geom g, int64_t n, act_par<T> p) {
+__global__ void act_strided(T *o, const T *a, kc_geom g, bool small, int64_t n, act_par<T> p) {
   KC_GRID_LOOP(i, n) {
     int64_t off[2];
-    kc_offsets<2>(g, i, off);
+    kc_offsets_sel<2>(g, small, i, off);
     o[off[0]] = act_value<OP, T>(a[off[1]], p);
   }
 }
@@ -134,10 +134,11 @@ __global__ void act_back_dense(T *gin, const T *g, const T *a, int64_t nv, int64
 }
 
 template <int OP, typename T>
-__global__ void act_back_strided(T *gin, const T *g, const T *a, kc_geom geo, int64_t n, act_par<T> p) {
+__global__ void act_back_strided(T *gin, const T *g, const T *a, kc_geom geo, bool small, int64_t n,
+                                 act_par<T> p) {
   KC_GRID_LOOP(i, n) {
     int64_t off[3];
-    kc_offsets<3>(geo, i, off);
+    kc_offsets_sel<3>(geo, small, i, off);
     gin[off[0]] = g[off[1]] * act_slope<OP, T>(a[off[2]], p);
   }
 }
@@ -165,8 +166,8 @@ static int act_launch(kc_state *s, bool back, const kc_view *o, const kc_view *g
     else KC_LAUNCH(nb, KC_THREADS, 0, s->stream, act_dense<OP, T>)(po, pa, nv, n, p);
   } else {
     unsigned nb = kc_blocks_sm(s, n);
-    if (back) KC_LAUNCH(nb, KC_THREADS, 0, s->stream, act_back_strided<OP, T>)(po, pg, pa, geo, n, p);
-    else KC_LAUNCH(nb, KC_THREADS, 0, s->stream, act_strided<OP, T>)(po, pa, geo, n, p);
+    if (back) KC_LAUNCH(nb, KC_THREADS, 0, s->stream, act_back_strided<OP, T>)(po, pg, pa, geo, kc_index32(n), n, p);
+    else KC_LAUNCH(nb, KC_THREADS, 0, s->stream, act_strided<OP, T>)(po, pa, geo, kc_index32(n), n, p);
   }
   return KC_LAUNCHED();
 }

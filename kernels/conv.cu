@@ -131,19 +131,23 @@ __global__ void col2im_kernel(T *gx, const T *col, geo<I> g, I nb) {
   }
 }
 
-/* out [nb, oc, P] = bias[o] (the GEMM then adds onto it, as the CPU does). */
-template <typename T>
+/* out [nb, oc, P] = bias[o] (the GEMM then adds onto it, as the CPU does).
+** I: the type indices divide in (uint32_t when kc_index32 of the total
+** allows; the source offset is still formed in int64). */
+template <typename T, typename I>
 __global__ void bias_fill_kernel(T *out, const T *b, int64_t total, int64_t oc, int64_t P) {
-  KC_GRID_LOOP(t, total) out[t] = b[(t / P) % oc];
+  I c = (I)oc, q = (I)P;
+  KC_GRID_LOOP(t, total) out[t] = b[((I)t / q) % c];
 }
 
-/* dst [R, nb*P] from src [nb, R, P]. */
-template <typename T>
+/* dst [R, nb*P] from src [nb, R, P]; I as bias_fill_kernel. */
+template <typename T, typename I>
 __global__ void transpose_kernel(T *dst, const T *src, int64_t nb, int64_t R, int64_t P) {
-  int64_t L = nb * P, total = R * L;
+  int64_t total = R * nb * P;
+  I L = (I)(nb * P), q = (I)P;
   KC_GRID_LOOP(t, total) {
-    int64_t r = t / L, j = t - r * L, i = j / P, p = j - i * P;
-    dst[t] = src[(i * R + r) * P + p];
+    I r = (I)t / L, j = (I)t - r * L, i = j / q, p = j - i * q;
+    dst[t] = src[((int64_t)i * R + r) * P + p];
   }
 }
 
@@ -162,6 +166,25 @@ __global__ void bias_grad_kernel(T *gb, const T *gout, int64_t n, int64_t oc, in
     s = kc_block_sum(s, buf);
     if (threadIdx.x == 0) gb[o] = (T)s;
   }
+}
+
+template <typename T>
+static int launch_bias_fill(kc_state *s, T *out, const T *b, int64_t total, int64_t oc, int64_t P) {
+  if (kc_index32(total))
+    KC_LAUNCH(kc_blocks(total), KC_THREADS, 0, s->stream, bias_fill_kernel<T, uint32_t>)(out, b, total, oc, P);
+  else
+    KC_LAUNCH(kc_blocks(total), KC_THREADS, 0, s->stream, bias_fill_kernel<T, int64_t>)(out, b, total, oc, P);
+  return KC_LAUNCHED();
+}
+
+template <typename T>
+static int launch_transpose(kc_state *s, T *dst, const T *src, int64_t nb, int64_t R, int64_t P) {
+  int64_t total = R * nb * P;
+  if (kc_index32(total))
+    KC_LAUNCH(kc_blocks(total), KC_THREADS, 0, s->stream, transpose_kernel<T, uint32_t>)(dst, src, nb, R, P);
+  else
+    KC_LAUNCH(kc_blocks(total), KC_THREADS, 0, s->stream, transpose_kernel<T, int64_t>)(dst, src, nb, R, P);
+  return KC_LAUNCHED();
 }
 
 /* Columns of m images (x: the first one's pixels); see im2col_kernel. */
@@ -252,8 +275,7 @@ static int conv_fwd(kc_state *s, const kc_win2d *g, T *out, const T *x, const T 
   if (rows == 0) {  /* no input channels: the bias alone */
     int64_t n = g->n * g->oc * P;
     if (!b) return kc_check_cuda(cudaMemsetAsync(out, 0, (size_t)n * sizeof(T), s->stream));
-    KC_LAUNCH(kc_blocks(n), KC_THREADS, 0, s->stream, bias_fill_kernel<T>)(out, b, n, g->oc, P);
-    return KC_LAUNCHED();
+    return launch_bias_fill<T>(s, out, b, n, g->oc, P);
   }
   if (!direct && (st = kc_scratch(s, (size_t)(nb * rows * P) * sizeof(T), (void **)&col))) return st;
   for (int64_t n0 = 0; n0 < g->n; n0 += nb) {
@@ -263,8 +285,7 @@ static int conv_fwd(kc_state *s, const kc_win2d *g, T *out, const T *x, const T 
     int64_t cs = chw;
     if (b) {
       int64_t n = m * g->oc * P;
-      KC_LAUNCH(kc_blocks(n), KC_THREADS, 0, s->stream, bias_fill_kernel<T>)(o, b, n, g->oc, P);
-      if ((st = KC_LAUNCHED())) return st;
+      if ((st = launch_bias_fill<T>(s, o, b, n, g->oc, P))) return st;
     }
     if (!direct) {
       if ((st = launch_im2col<T>(s, g, col, cp, m, rows * P, P))) return st;
@@ -328,16 +349,14 @@ static int conv_bwd(kc_state *s, const kc_win2d *g, const T *gout, const T *x, c
     if (gw) {
       const T *gtp = gp, *cp = xp;
       if (m > 1) {  /* [m, oc, P] to [oc, m*P] */
-        KC_LAUNCH(kc_blocks(g->oc * L), KC_THREADS, 0, s->stream, transpose_kernel<T>)(gt, gp, m, g->oc, P);
-        if ((st = KC_LAUNCHED())) return st;
+        if ((st = launch_transpose<T>(s, gt, gp, m, g->oc, P))) return st;
         gtp = gt;
       }
       if (!direct) {
         if ((st = launch_im2col<T>(s, g, col, xp, m, P, L))) return st;
         cp = col;
       } else if (m > 1) {
-        KC_LAUNCH(kc_blocks(g->c * L), KC_THREADS, 0, s->stream, transpose_kernel<T>)(col, xp, m, g->c, P);
-        if ((st = KC_LAUNCHED())) return st;
+        if ((st = launch_transpose<T>(s, col, xp, m, g->c, P))) return st;
         cp = col;
       }
       for (int64_t k = 0; k < g->groups && !st; k++)

@@ -3,7 +3,9 @@
 ** that converts dtypes (float32, float64, int64 in any pair) and a strided
 ** fill. Conversions are those of the CPU backend (engine/backend_cpu.c):
 ** float32 <-> float64 directly, anything to or from int64 through double,
-** so a CPU and a CUDA copy give the same bits.
+** so a CPU and a CUDA copy give the same bits. Strided operands go
+** through kc_geom (dims merged where both are contiguous across them) with
+** 32-bit index division when the launch allows (common.cuh).
 */
 #include "common.cuh"
 
@@ -23,10 +25,10 @@ template <> struct cvt<int64_t, float> {
 };
 
 template <typename D, typename S>
-__global__ void copy_kernel(D *dst, const S *src, kc_geom g, int64_t n) {
+__global__ void copy_kernel(D *dst, const S *src, kc_geom g, bool small, int64_t n) {
   KC_GRID_LOOP(i, n) {
     int64_t off[2];
-    kc_offsets<2>(g, i, off);
+    kc_offsets_sel<2>(g, small, i, off);
     dst[off[0]] = cvt<D, S>::go(src[off[1]]);
   }
 }
@@ -38,10 +40,10 @@ __global__ void copy_dense_kernel(D *dst, const S *src, int64_t n) {
 }
 
 template <typename D>
-__global__ void fill_kernel(D *dst, D v, kc_geom g, int64_t n) {
+__global__ void fill_kernel(D *dst, D v, kc_geom g, bool small, int64_t n) {
   KC_GRID_LOOP(i, n) {
     int64_t off[1];
-    kc_offsets<1>(g, i, off);
+    kc_offsets_sel<1>(g, small, i, off);
     dst[off[0]] = v;
   }
 }
@@ -59,7 +61,7 @@ static int launch_copy(kc_state *s, const kc_view *dst, const kc_view *src, cons
   if (kc_geom_dense(g, 2))
     KC_LAUNCH(nb, KC_THREADS, 0, s->stream, copy_dense_kernel<D, S>)((D *)dst->data, (const S *)src->data, n);
   else
-    KC_LAUNCH(nb, KC_THREADS, 0, s->stream, copy_kernel<D, S>)((D *)dst->data, (const S *)src->data, *g, n);
+    KC_LAUNCH(nb, KC_THREADS, 0, s->stream, copy_kernel<D, S>)((D *)dst->data, (const S *)src->data, *g, kc_index32(n), n);
   return kc_check_cuda(cudaGetLastError());
 }
 
@@ -96,7 +98,8 @@ int kc_copy(kc_state *s, const kc_view *dst, const kc_view *src) {
 
 template <typename D>
 static int launch_fill(kc_state *s, const kc_view *dst, D v, const kc_geom *g) {
-  KC_LAUNCH(kc_blocks(dst->numel), KC_THREADS, 0, s->stream, fill_kernel<D>)((D *)dst->data, v, *g, dst->numel);
+  KC_LAUNCH(kc_blocks(dst->numel), KC_THREADS, 0, s->stream, fill_kernel<D>)((D *)dst->data, v, *g, kc_index32(dst->numel),
+                                                                         dst->numel);
   return kc_check_cuda(cudaGetLastError());
 }
 

@@ -106,16 +106,18 @@ __global__ void stats_kernel(nshape g, T *mean, T *rstd, T *var, const T *x, dou
 }
 
 /* y = (x - mean) rstd w + b over [N, C*L]: blockIdx.y walks n, so the
-** statistic costs no division; the channel one when L > 1. */
-template <typename T>
+** statistic costs no division; the channel one when L > 1, in I
+** (uint32_t when kc_index32 of C*L allows). */
+template <typename T, typename I>
 __global__ void forward_kernel(nshape g, T *y, const T *x, const T *mean, const T *rstd, const T *w,
                                const T *b) {
   int64_t CL = g.C * g.L;
+  I L = (I)g.L;
   for (int64_t n = blockIdx.y; n < g.N; n += gridDim.y) {
     const T *xr = x + n * CL;
     T *yr = y + n * CL;
     KC_GRID_LOOP(j, CL) {
-      int64_t c = g.L == 1 ? j : j / g.L;
+      int64_t c = g.L == 1 ? j : (int64_t)((I)j / L);
       int64_t s = g.groups ? n * g.groups + c / g.Cg : c;
       double u = ld(mean, s, 0.0), rs = ld(rstd, s, 1.0);
       yr[j] = (T)(((double)xr[j] - u) * rs * ld(w, c, 1.0) + ld(b, c, 0.0));
@@ -287,9 +289,14 @@ static int forward_t(kc_state *s, const nshape &g, const kc_view *y, const kc_vi
                      const kc_view *rstd, const kc_view *w, const kc_view *b) {
   int64_t CL = g.C * g.L;
   dim3 grid(kc_blocks(CL), kc_grid_yz(g.N));
-  KC_LAUNCH(grid, KC_THREADS, 0, s->stream, forward_kernel<T>)(g, (T *)y->data, (const T *)x->data,
-                                                               DATA(const T, mean), DATA(const T, rstd),
-                                                               DATA(const T, w), DATA(const T, b));
+  if (kc_index32(CL))
+    KC_LAUNCH(grid, KC_THREADS, 0, s->stream, forward_kernel<T, uint32_t>)(
+        g, (T *)y->data, (const T *)x->data, DATA(const T, mean), DATA(const T, rstd), DATA(const T, w),
+        DATA(const T, b));
+  else
+    KC_LAUNCH(grid, KC_THREADS, 0, s->stream, forward_kernel<T, int64_t>)(
+        g, (T *)y->data, (const T *)x->data, DATA(const T, mean), DATA(const T, rstd), DATA(const T, w),
+        DATA(const T, b));
   return KC_LAUNCHED();
 }
 
