@@ -328,6 +328,72 @@ __device__ __forceinline__ T kc_block_max(T v, T *buf, T lowest) {
 /* }====================================================================== */
 
 /* {======================================================================
+** Per-channel sums over [N, C, L] (batch-norm statistics and backward,
+** conv bias gradients): channel c's N*L elements are N runs of L, C*L
+** apart. One block per channel leaves most of a GPU idle when channels
+** are few and runs are long, so the N*L range splits into S slices of
+** chunk elements (gridDim.y); each block writes a partial, and a second
+** pass adds the S partials of a channel in slice order: deterministic, no
+** atomics, and S == 1 (enough channels) is the one-block-per-channel
+** kernel as it was.
+** ======================================================================= */
+
+/* The simulator's minimum is small, so the tests' modest sizes split. */
+#ifdef KEEL_CUDA_SIM
+#define KC_SPLIT_MIN 2
+#else
+#define KC_SPLIT_MIN 16
+#endif
+
+typedef struct kc_split {
+  int64_t S, chunk;             /* slices, elements per slice (the last may be short) */
+} kc_split;
+
+/* Slices for C channels of n elements each, blocks of bd threads: enough
+** blocks for about 4 per SM, every thread still walking at least
+** KC_SPLIT_MIN elements of its slice. */
+static inline kc_split kc_chan_split(const kc_state *s, int64_t C, int64_t n, int bd) {
+  int64_t target = (int64_t)(s->sm_count > 0 ? s->sm_count : 1) * 4, most = n / ((int64_t)bd * KC_SPLIT_MIN);
+  int64_t S = C < target ? (target + C - 1) / C : 1;
+  kc_split p;
+  if (S > most) S = most;
+  if (S > 65535) S = 65535;
+  if (S < 1) S = 1;
+  p.chunk = S > 1 ? (n + S - 1) / S : (n > 0 ? n : 1);
+  p.S = S > 1 ? (n + p.chunk - 1) / p.chunk : 1;
+  return p;
+}
+
+/* f(offset) for this block's threads over elements [j0, j1) of channel c
+** (element j = n*L + l lies at n*C*L + c*L + l). Runs at least a block
+** long go row by row (coalesced, no division per element). */
+template <typename F>
+__device__ __forceinline__ void kc_chan_visit(int64_t C, int64_t L, int64_t c, int64_t j0, int64_t j1, F &f) {
+  int64_t tid = threadIdx.x, bd = blockDim.x, CL = C * L;
+  if (L >= bd) {
+    for (int64_t n = j0 / L; n * L < j1; n++) {
+      int64_t r0 = n * L, lo = j0 > r0 ? j0 - r0 : 0, hi = j1 - r0 < L ? j1 - r0 : L, base = n * CL + c * L;
+      for (int64_t l = lo + tid; l < hi; l += bd) f(base + l);
+    }
+  } else if (L == 1) {
+    for (int64_t j = j0 + tid; j < j1; j += bd) f(j * CL + c);
+  } else {
+    for (int64_t j = j0 + tid; j < j1; j += bd) {
+      int64_t n = j / L;
+      f(n * CL + c * L + (j - n * L));
+    }
+  }
+}
+
+/* Slice sl's range [*j0, *j1) of n elements. */
+__device__ __forceinline__ void kc_split_range(const kc_split &p, int64_t sl, int64_t n, int64_t *j0, int64_t *j1) {
+  *j0 = sl * p.chunk;
+  *j1 = *j0 + p.chunk < n ? *j0 + p.chunk : n;
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
 ** The families of entries, one .cu file each: each sets its slots of the
 ** table (runtime.cu calls them all).
 ** ======================================================================= */

@@ -15,7 +15,8 @@
 ** - gx goes through per-image dcol = W^T gout (strided-batched) and a
 **   gather col2im: each input pixel sums its taps in a fixed order (the
 **   CPU's), so the result is deterministic without atomics;
-** - gb is one block per output channel.
+** - gb is one block per output channel, or per (channel, slice of its
+**   n*P elements) with an ordered second pass when channels are few.
 ** A 1x1, stride-1, unpadded kernel skips im2col: x already is the column
 ** matrix.
 **
@@ -151,20 +152,36 @@ __global__ void transpose_kernel(T *dst, const T *src, int64_t nb, int64_t R, in
   }
 }
 
-/* gb[o] = sum of gout[n, o, :] over n and pixels, in double; one block per
-** channel (a grid-stride loop over channels), walking each image's plane
-** with coalesced reads and no index division. */
+/* gb[o] = sum of gout[n, o, :] over images and pixels, in double: a block
+** per (channel, slice of its n*P elements) (common.cuh kc_chan_split).
+** One slice writes gb; more write partials, which bias_grad_finish adds
+** in slice order. */
 template <typename T>
-__global__ void bias_grad_kernel(T *gb, const T *gout, int64_t n, int64_t oc, int64_t P) {
+__global__ void bias_grad_kernel(T *gb, double *part, const T *gout, int64_t n, int64_t oc, int64_t P,
+                                 kc_split sp) {
   __shared__ double buf[32];
-  for (int64_t o = blockIdx.x; o < oc; o += gridDim.x) {
-    double s = 0;
-    for (int64_t i = 0; i < n; i++) {
-      const T *plane = gout + (i * oc + o) * P;
-      for (int64_t p = threadIdx.x; p < P; p += blockDim.x) s += (double)plane[p];
+  for (int64_t sl = blockIdx.y; sl < sp.S; sl += gridDim.y) {
+    int64_t j0, j1;
+    kc_split_range(sp, sl, n * P, &j0, &j1);
+    for (int64_t o = blockIdx.x; o < oc; o += gridDim.x) {
+      double s = 0;
+      auto add = [&](int64_t i) { s += (double)gout[i]; };
+      kc_chan_visit(oc, P, o, j0, j1, add);
+      s = kc_block_sum(s, buf);
+      if (threadIdx.x == 0) {
+        if (sp.S == 1) gb[o] = (T)s;
+        else part[sl * oc + o] = s;
+      }
     }
-    s = kc_block_sum(s, buf);
-    if (threadIdx.x == 0) gb[o] = (T)s;
+  }
+}
+
+template <typename T>
+__global__ void bias_grad_finish(T *gb, const double *part, int64_t oc, int64_t S) {
+  KC_GRID_LOOP(o, oc) {
+    double s = 0;
+    for (int64_t k = 0; k < S; k++) s += part[k * oc + o];
+    gb[o] = (T)s;
   }
 }
 
@@ -327,9 +344,18 @@ static int conv_bwd(kc_state *s, const kc_win2d *g, const T *gout, const T *x, c
   T *col, *gt;
   int st;
   if (gb && g->oc > 0) {
-    unsigned blocks = kc_grid_yz(g->oc);
-    KC_LAUNCH(blocks, KC_THREADS, 0, s->stream, bias_grad_kernel<T>)(gb, gout, g->n, g->oc, P);
+    /* few channels over many images: slices (the scratch is free again
+    ** once bias_grad_finish has run, before the columns reuse it) */
+    kc_split sp = kc_chan_split(s, g->oc, g->n * P, KC_THREADS);
+    double *part = NULL;
+    if (sp.S > 1 && (st = kc_scratch(s, sizeof(double) * (size_t)(sp.S * g->oc), (void **)&part))) return st;
+    dim3 grid(kc_grid_x(g->oc), (unsigned)sp.S);
+    KC_LAUNCH(grid, KC_THREADS, 0, s->stream, bias_grad_kernel<T>)(gb, part, gout, g->n, g->oc, P, sp);
     if ((st = KC_LAUNCHED())) return st;
+    if (sp.S > 1) {
+      KC_LAUNCH(kc_blocks(g->oc), KC_THREADS, 0, s->stream, bias_grad_finish<T>)(gb, part, g->oc, sp.S);
+      if ((st = KC_LAUNCHED())) return st;
+    }
   }
   if (!gx && !gw) return KC_OK;
   if (g->n == 0 || g->oc == 0 || P == 0 || rows == 0) {  /* nothing to multiply: zeros */

@@ -7,7 +7,9 @@
 ** (mean/rstd [N*groups]: the elements of one are a contiguous run of
 ** C/groups*L) or per channel when groups == 0 (batch norm: N runs of L).
 ** One block owns one statistic and does all its passes, in double, the
-** CPU's way: mean first, then squared deviations (no cancellation).
+** CPU's way: mean first, then squared deviations (no cancellation). Batch
+** norm with few channels over long runs splits each channel over blocks
+** instead (kc_chan_split), with ordered second passes.
 ** Per-channel weight gradients of layer/group norm cross statistics, so
 ** they are column sums: partial sums over slices of N in scratch, then a
 ** block per channel adds them in a fixed order. Nothing uses atomics, so
@@ -59,18 +61,8 @@ __device__ __forceinline__ void visit(const nshape &g, int64_t s, F &f) {
       for (int64_t j = tid; j < len; j += bd) f(o + j, c0 + j / g.L);
     }
   } else {
-    int64_t CL = g.C * g.L, o = s * g.L;
-    if (g.L >= bd) {
-      for (int64_t n = 0; n < g.N; n++)
-        for (int64_t l = tid; l < g.L; l += bd) f(o + n * CL + l, s);
-    } else if (g.L == 1) {
-      for (int64_t n = tid; n < g.N; n += bd) f(o + n * CL, s);
-    } else {
-      for (int64_t j = tid; j < g.N * g.L; j += bd) {
-        int64_t n = j / g.L;
-        f(o + n * CL + (j - n * g.L), s);
-      }
-    }
+    auto h = [&](int64_t i) { f(i, s); };
+    kc_chan_visit(g.C, g.L, s, 0, g.N * g.L, h);
   }
 }
 
@@ -102,6 +94,53 @@ __global__ void stats_kernel(nshape g, T *mean, T *rstd, T *var, const T *x, dou
       rstd[s] = (T)(1.0 / sqrt(v + eps));
       if (var) var[s] = (T)v;
     }
+  }
+}
+
+/*
+** Batch norm with few channels over long runs: each channel's N*L
+** elements split into slices (kc_chan_split, gridDim.y). Pass 1 sums x
+** per slice; pass 2 rebuilds the mean from pass 1's partials (in slice
+** order, the same bits in every block) and sums squared deviations;
+** bn_stats_finish adds those per channel. Two passes over x, as the
+** one-block kernel: no cancellation.
+*/
+__device__ __forceinline__ double bn_mean(const nshape &g, const double *sums, int64_t S, int64_t c) {
+  double a = 0;
+  for (int64_t k = 0; k < S; k++) a += sums[k * g.C + c];
+  return a / g.m;
+}
+
+/* sums NULL: pass 1 (sum x); else pass 2 (sum (x - mean)^2). */
+template <typename T>
+__global__ void bn_stats_part(nshape g, kc_split sp, double *part, const double *sums, const T *x) {
+  __shared__ double buf[32];
+  for (int64_t sl = blockIdx.y; sl < sp.S; sl += gridDim.y) {
+    int64_t j0, j1;
+    kc_split_range(sp, sl, g.N * g.L, &j0, &j1);
+    for (int64_t c = blockIdx.x; c < g.C; c += gridDim.x) {
+      double acc = 0, mu = sums ? bn_mean(g, sums, sp.S, c) : 0.0;
+      auto add = [&](int64_t i) {
+        double d = (double)x[i] - mu;
+        acc += sums ? d * d : d;
+      };
+      kc_chan_visit(g.C, g.L, c, j0, j1, add);
+      acc = kc_block_sum(acc, buf);
+      if (threadIdx.x == 0) part[sl * g.C + c] = acc;
+    }
+  }
+}
+
+template <typename T>
+__global__ void bn_stats_finish(nshape g, kc_split sp, const double *sums, const double *sq, T *mean, T *rstd,
+                                T *var, double eps) {
+  KC_GRID_LOOP(c, g.C) {
+    double mu = bn_mean(g, sums, sp.S, c), v = 0;
+    for (int64_t k = 0; k < sp.S; k++) v += sq[k * g.C + c];
+    v /= g.m;                                      /* biased variance */
+    mean[c] = (T)mu;
+    rstd[c] = (T)(1.0 / sqrt(v + eps));
+    if (var) var[c] = (T)v;
   }
 }
 
@@ -170,6 +209,66 @@ __global__ void backward_kernel(nshape g, T *gx, T *gw, T *gb, const T *gy, cons
         gx[i] = (T)(rs * ((double)gy[i] * ld(w, c, 1.0) - am - xh * bm));
       };
       visit(g, s, pass2);
+    }
+  }
+}
+
+/*
+** Batch norm backward with few channels (the split of bn_stats_part):
+** bn_back_part sums dy and dy xhat per slice; bn_back_apply adds a
+** channel's partials in slice order (the same in every block), writes
+** dw, db (slice 0) and dx over its slice.
+*/
+template <typename T>
+__global__ void bn_back_part(nshape g, kc_split sp, dpair *part, const T *gy, const T *x, const T *mean,
+                             const T *rstd) {
+  __shared__ double buf[32];
+  for (int64_t sl = blockIdx.y; sl < sp.S; sl += gridDim.y) {
+    int64_t j0, j1;
+    kc_split_range(sp, sl, g.N * g.L, &j0, &j1);
+    for (int64_t c = blockIdx.x; c < g.C; c += gridDim.x) {
+      double u = ld(mean, c, 0.0), rs = ld(rstd, c, 1.0), a = 0, b = 0;
+      auto add = [&](int64_t i) {
+        double dy = (double)gy[i];
+        a += dy;
+        b += dy * (((double)x[i] - u) * rs);
+      };
+      kc_chan_visit(g.C, g.L, c, j0, j1, add);
+      a = kc_block_sum(a, buf);
+      b = kc_block_sum(b, buf);
+      if (threadIdx.x == 0) part[sl * g.C + c] = dpair{a, b};
+    }
+  }
+}
+
+/* part NULL: the sums are not needed (no dw, db, and given statistics). */
+template <typename T>
+__global__ void bn_back_apply(nshape g, kc_split sp, const dpair *part, T *gx, T *gw, T *gb, const T *gy,
+                              const T *x, const T *mean, const T *rstd, const T *w, int stats_of_x) {
+  for (int64_t sl = blockIdx.y; sl < sp.S; sl += gridDim.y) {
+    int64_t j0, j1;
+    kc_split_range(sp, sl, g.N * g.L, &j0, &j1);
+    for (int64_t c = blockIdx.x; c < g.C; c += gridDim.x) {
+      double a = 0, b = 0, wc = ld(w, c, 1.0);
+      if (part)
+        for (int64_t k = 0; k < sp.S; k++) {
+          dpair v = part[k * g.C + c];
+          a += v.x;
+          b += v.y;
+        }
+      if (sl == 0 && threadIdx.x == 0) {
+        if (gw) gw[c] = (T)b;
+        if (gb) gb[c] = (T)a;
+      }
+      if (gx) {
+        double u = ld(mean, c, 0.0), rs = ld(rstd, c, 1.0);
+        double am = stats_of_x ? a * wc / g.m : 0, bm = stats_of_x ? b * wc / g.m : 0;
+        auto put = [&](int64_t i) {
+          double xh = ((double)x[i] - u) * rs;
+          gx[i] = (T)(rs * ((double)gy[i] * wc - am - xh * bm));
+        };
+        kc_chan_visit(g.C, g.L, c, j0, j1, put);
+      }
     }
   }
 }
@@ -263,6 +362,20 @@ static int check_x(const kc_view *x, int64_t groups) {
 template <typename T>
 static int stats_t(kc_state *s, const nshape &g, const kc_view *mean, const kc_view *rstd, const kc_view *var,
                    const kc_view *x, double eps) {
+  kc_split sp = kc_chan_split(s, g.groups ? g.S : g.C, g.groups ? 0 : g.N * g.L, NT);
+  if (sp.S > 1) {   /* batch norm, few channels: slices */
+    dim3 grid(kc_grid_x(g.C), (unsigned)sp.S);
+    double *sums;
+    int e;
+    if ((e = kc_scratch(s, 2 * sizeof(double) * (size_t)(sp.S * g.C), (void **)&sums))) return e;
+    KC_LAUNCH(grid, NT, 0, s->stream, bn_stats_part<T>)(g, sp, sums, NULL, (const T *)x->data);
+    if ((e = KC_LAUNCHED())) return e;
+    KC_LAUNCH(grid, NT, 0, s->stream, bn_stats_part<T>)(g, sp, sums + sp.S * g.C, sums, (const T *)x->data);
+    if ((e = KC_LAUNCHED())) return e;
+    KC_LAUNCH(kc_blocks(g.C), KC_THREADS, 0, s->stream, bn_stats_finish<T>)(
+        g, sp, sums, sums + sp.S * g.C, (T *)mean->data, (T *)rstd->data, var ? (T *)var->data : NULL, eps);
+    return KC_LAUNCHED();
+  }
   KC_LAUNCH(kc_grid_x(g.S), NT, 0, s->stream, stats_kernel<T>)(g, (T *)mean->data, (T *)rstd->data,
                                                                var ? (T *)var->data : NULL, (const T *)x->data, eps);
   return KC_LAUNCHED();
@@ -320,6 +433,22 @@ static int backward_t(kc_state *s, const nshape &g, const kc_view *gx, const kc_
                       const kc_view *gy, const kc_view *x, const kc_view *mean, const kc_view *rstd,
                       const kc_view *w, int stats_of_x) {
   int e;
+  kc_split sp = kc_chan_split(s, g.groups ? g.S : g.C, g.groups ? 0 : g.N * g.L, NT);
+  if (sp.S > 1) {   /* batch norm, few channels: slices */
+    dim3 grid(kc_grid_x(g.C), (unsigned)sp.S);
+    dpair *part = NULL;
+    if (stats_of_x || gw || gb) {
+      if ((e = kc_scratch(s, sizeof(dpair) * (size_t)(sp.S * g.C), (void **)&part))) return e;
+      KC_LAUNCH(grid, NT, 0, s->stream, bn_back_part<T>)(g, sp, part, (const T *)gy->data, (const T *)x->data,
+                                                          DATA(const T, mean), DATA(const T, rstd));
+      if ((e = KC_LAUNCHED())) return e;
+    }
+    KC_LAUNCH(grid, NT, 0, s->stream, bn_back_apply<T>)(g, sp, part, DATA(T, gx), DATA(T, gw), DATA(T, gb),
+                                                         (const T *)gy->data, (const T *)x->data,
+                                                         DATA(const T, mean), DATA(const T, rstd),
+                                                         DATA(const T, w), stats_of_x);
+    return KC_LAUNCHED();
+  }
   if (gx || !g.groups) {
     KC_LAUNCH(kc_grid_x(g.S), NT, 0, s->stream, backward_kernel<T>)(
         g, DATA(T, gx), g.groups ? NULL : DATA(T, gw), g.groups ? NULL : DATA(T, gb), (const T *)gy->data,

@@ -45,6 +45,31 @@ describe("cuda batch_norm", function()
                  D.input({C}, dt, {grad = false, lo = 0.5, hi = 2, seed = 35})})
       end)
     end
+    -- few channels over long runs: each channel splits over blocks with
+    -- ordered partials (kc_chan_split): runs of 1, below a block (index
+    -- division) and past one (slices ending mid-row)
+    for _, shape in ipairs({{5000, 1}, {50, 2, 37}, {9, 2, 601}}) do
+      local name = table.concat(shape, "x")
+      gpu_it("channels split over blocks, " .. name .. " " .. dt, function()
+        local C = shape[2]
+        local function bn(a, ww, bb, m, v)
+          local y = F.batch_norm(a, m, v, ww, bb, true, 0.1, 1e-5)
+          return {y, m * 1, v * 1}
+        end
+        local ins = {D.input(shape, dt, {seed = 41}), D.input({C}, dt, {lo = 0.5, hi = 1.5, seed = 42}),
+                     D.input({C}, dt, {seed = 43}), D.input({C}, dt, {grad = false, seed = 44}),
+                     D.input({C}, dt, {grad = false, lo = 0.5, hi = 2, seed = 45})}
+        D.check(bn, ins)
+        -- eval, input gradient only: no sums needed
+        D.check(function(a, m, v) return F.batch_norm(a, m, v, nil, nil, false) end,
+                {D.input(shape, dt, {seed = 46}), ins[4], ins[5]})
+        -- the same result twice, to the bit: no atomics, a fixed order
+        local xd = D.input(shape, dt, {seed = 47, grad = false}):to("cuda")
+        local y1 = F.batch_norm(xd, nil, nil, nil, nil, true):cpu():totable()
+        local y2 = F.batch_norm(xd, nil, nil, nil, nil, true):cpu():totable()
+        assert.same(y1, y2)
+      end)
+    end
     gpu_it("a large batch: [2049, 3] and [64, 3, 1025], " .. dt, function()
       D.check(function(a) return F.batch_norm(a, nil, nil, nil, nil, true) end, {D.input({2049, 3}, dt)})
       D.check(function(a) return F.batch_norm(a, nil, nil, nil, nil, true) end, {D.input({64, 3, 1025}, dt)})
