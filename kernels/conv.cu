@@ -132,24 +132,33 @@ __global__ void col2im_kernel(T *gx, const T *col, geo<I> g, I nb) {
   }
 }
 
-/* out [nb, oc, P] = bias[o] (the GEMM then adds onto it, as the CPU does).
-** I: the type indices divide in (uint32_t when kc_index32 of the total
-** allows; the source offset is still formed in int64). */
+/* The loops below divide in I: uint32_t when small (kc_index32 of the
+** launch's total: the same for every thread), else int64_t. */
+
+/* out [nb, oc, P] = bias[o] (the GEMM then adds onto it, as the CPU does). */
 template <typename T, typename I>
-__global__ void bias_fill_kernel(T *out, const T *b, int64_t total, int64_t oc, int64_t P) {
-  I c = (I)oc, q = (I)P;
-  KC_GRID_LOOP(t, total) out[t] = b[((I)t / q) % c];
+__device__ __forceinline__ void bias_fill_loop(T *out, const T *b, int64_t total, I oc, I P) {
+  KC_GRID_LOOP(t, total) out[t] = b[((I)t / P) % oc];
+}
+template <typename T>
+__global__ void bias_fill_kernel(T *out, const T *b, int64_t total, int64_t oc, int64_t P, bool small) {
+  if (small) bias_fill_loop<T, uint32_t>(out, b, total, (uint32_t)oc, (uint32_t)P);
+  else bias_fill_loop<T, int64_t>(out, b, total, oc, P);
 }
 
-/* dst [R, nb*P] from src [nb, R, P]; I as bias_fill_kernel. */
+/* dst [R, nb*P] from src [nb, R, P] (the source offset formed in int64). */
 template <typename T, typename I>
-__global__ void transpose_kernel(T *dst, const T *src, int64_t nb, int64_t R, int64_t P) {
-  int64_t total = R * nb * P;
-  I L = (I)(nb * P), q = (I)P;
+__device__ __forceinline__ void transpose_loop(T *dst, const T *src, int64_t total, int64_t R, I L, I P) {
   KC_GRID_LOOP(t, total) {
-    I r = (I)t / L, j = (I)t - r * L, i = j / q, p = j - i * q;
+    I r = (I)t / L, j = (I)t - r * L, i = j / P, p = j - i * P;
     dst[t] = src[((int64_t)i * R + r) * P + p];
   }
+}
+template <typename T>
+__global__ void transpose_kernel(T *dst, const T *src, int64_t nb, int64_t R, int64_t P, bool small) {
+  int64_t total = R * nb * P;
+  if (small) transpose_loop<T, uint32_t>(dst, src, total, R, (uint32_t)(nb * P), (uint32_t)P);
+  else transpose_loop<T, int64_t>(dst, src, total, R, nb * P, P);
 }
 
 /* gb[o] = sum of gout[n, o, :] over images and pixels, in double: a block
@@ -187,20 +196,14 @@ __global__ void bias_grad_finish(T *gb, const double *part, int64_t oc, int64_t 
 
 template <typename T>
 static int launch_bias_fill(kc_state *s, T *out, const T *b, int64_t total, int64_t oc, int64_t P) {
-  if (kc_index32(total))
-    KC_LAUNCH(kc_blocks(total), KC_THREADS, 0, s->stream, bias_fill_kernel<T, uint32_t>)(out, b, total, oc, P);
-  else
-    KC_LAUNCH(kc_blocks(total), KC_THREADS, 0, s->stream, bias_fill_kernel<T, int64_t>)(out, b, total, oc, P);
+  KC_LAUNCH(kc_blocks(total), KC_THREADS, 0, s->stream, bias_fill_kernel<T>)(out, b, total, oc, P, kc_index32(total));
   return KC_LAUNCHED();
 }
 
 template <typename T>
 static int launch_transpose(kc_state *s, T *dst, const T *src, int64_t nb, int64_t R, int64_t P) {
   int64_t total = R * nb * P;
-  if (kc_index32(total))
-    KC_LAUNCH(kc_blocks(total), KC_THREADS, 0, s->stream, transpose_kernel<T, uint32_t>)(dst, src, nb, R, P);
-  else
-    KC_LAUNCH(kc_blocks(total), KC_THREADS, 0, s->stream, transpose_kernel<T, int64_t>)(dst, src, nb, R, P);
+  KC_LAUNCH(kc_blocks(total), KC_THREADS, 0, s->stream, transpose_kernel<T>)(dst, src, nb, R, P, kc_index32(total));
   return KC_LAUNCHED();
 }
 

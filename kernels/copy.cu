@@ -61,7 +61,8 @@ static int launch_copy(kc_state *s, const kc_view *dst, const kc_view *src, cons
   if (kc_geom_dense(g, 2))
     KC_LAUNCH(nb, KC_THREADS, 0, s->stream, copy_dense_kernel<D, S>)((D *)dst->data, (const S *)src->data, n);
   else
-    KC_LAUNCH(nb, KC_THREADS, 0, s->stream, copy_kernel<D, S>)((D *)dst->data, (const S *)src->data, *g, kc_index32(n), n);
+    KC_LAUNCH(nb, KC_THREADS, 0, s->stream, copy_kernel<D, S>)((D *)dst->data, (const S *)src->data, *g,
+                                                               kc_index32(n), n);
   return kc_check_cuda(cudaGetLastError());
 }
 
@@ -98,8 +99,8 @@ int kc_copy(kc_state *s, const kc_view *dst, const kc_view *src) {
 
 template <typename D>
 static int launch_fill(kc_state *s, const kc_view *dst, D v, const kc_geom *g) {
-  KC_LAUNCH(kc_blocks(dst->numel), KC_THREADS, 0, s->stream, fill_kernel<D>)((D *)dst->data, v, *g, kc_index32(dst->numel),
-                                                                         dst->numel);
+  int64_t n = dst->numel;
+  KC_LAUNCH(kc_blocks(n), KC_THREADS, 0, s->stream, fill_kernel<D>)((D *)dst->data, v, *g, kc_index32(n), n);
   return kc_check_cuda(cudaGetLastError());
 }
 

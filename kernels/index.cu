@@ -223,6 +223,8 @@ static int scatter_add(kc_state *s, const kc_view *out, int dim, const kc_view *
   kc_geom g;
   int64_t n, sd;
   unsigned nb;
+  bool small;
+  const int64_t *ix;
   if (!check_ndim(out) || !check_ndim(index) || !check_ndim(src)) return KC_ERR_ARG;
   if (index->ndim != out->ndim || src->ndim != out->ndim || dim < 0 || dim >= out->ndim) return KC_ERR_ARG;
   if (index->dtype != KEEL_I64 || src->dtype != out->dtype) return KC_ERR_DTYPE;
@@ -237,19 +239,20 @@ static int scatter_add(kc_state *s, const kc_view *out, int dim, const kc_view *
     kc_make_geom(&g, 3, ops);
   }
   nb = kc_blocks(n);
+  small = kc_index32(n);
+  ix = (const int64_t *)index->data;
   switch (out->dtype) {
     case KEEL_F32:
-      KC_LAUNCH(nb, KC_THREADS, 0, s->stream, scatter_kernel<float>)((float *)out->data, (const float *)src->data,
-                                                                     (const int64_t *)index->data, g, sd, kc_index32(n), n);
+      KC_LAUNCH(nb, KC_THREADS, 0, s->stream, scatter_kernel<float>)((float *)out->data, (const float *)src->data, ix,
+                                                                     g, sd, small, n);
       break;
     case KEEL_F64:
       KC_LAUNCH(nb, KC_THREADS, 0, s->stream, scatter_kernel<double>)((double *)out->data, (const double *)src->data,
-                                                                      (const int64_t *)index->data, g, sd, kc_index32(n), n);
+                                                                      ix, g, sd, small, n);
       break;
     case KEEL_I64:
       KC_LAUNCH(nb, KC_THREADS, 0, s->stream, scatter_kernel<int64_t>)((int64_t *)out->data,
-                                                                       (const int64_t *)src->data,
-                                                                       (const int64_t *)index->data, g, sd, kc_index32(n), n);
+                                                                       (const int64_t *)src->data, ix, g, sd, small, n);
       break;
     default: return KC_ERR_DTYPE;
   }
