@@ -24,15 +24,13 @@
 #include <string.h>
 #include "keel_impl.h"
 
-typedef struct ws_layout { int64_t hp, hn, c, c0, g, tc, total; } ws_layout;
-
 static int64_t n_gates(int mode) {
   return mode == KEEL_RNN_LSTM ? 4 : mode == KEEL_RNN_GRU ? 3 : 1;
 }
 
-static ws_layout layout(const kl_rnn_args *a) {
+kl_rnn_ws kl_rnn_ws_layout(const kl_rnn_args *a) {
   int64_t TS = a->T * a->B * a->H;
-  ws_layout w;
+  kl_rnn_ws w;
   memset(&w, 0, sizeof w);
   w.total = TS;                                  /* hp */
   if (a->mode == KEEL_RNN_LSTM) {
@@ -47,8 +45,6 @@ static ws_layout layout(const kl_rnn_args *a) {
   }
   return w;
 }
-
-int64_t kl_rnn_ws_numel(const kl_rnn_args *a) { return layout(a).total; }
 
 /* C = op(A) op(B) + beta C, row-major, in dt (the matmul precision
 ** applies: gemm.c); any size may be 0. Needs st and a done label. */
@@ -339,7 +335,7 @@ keel_status kl_cpu_rnn_forward(keel_ctx *ctx, kl_rnn_args *a) {
   int64_t es = (int64_t)kl_dtype_size[dt];
   int64_t T = a->T, B = a->B, In = a->In, H = a->H, S = B * H, GH = n_gates(a->mode) * H;
   int lstm = a->mode == KEEL_RNN_LSTM, gru = a->mode == KEEL_RNN_GRU, relu = a->mode == KEEL_RNN_RELU;
-  ws_layout w = layout(a);
+  kl_rnn_ws w = kl_rnn_ws_layout(a);
   keel_tensor *ws = NULL, *scratch = NULL;
   char *W, *O = (char *)kl_data(a->out);
   const char *X = (const char *)kl_data(a->x), *Wi = (const char *)kl_data(a->w_ih);
@@ -401,7 +397,7 @@ keel_status kl_cpu_rnn_backward(keel_ctx *ctx, kl_rnn_args *a) {
   int64_t es = (int64_t)kl_dtype_size[dt];
   int64_t T = a->T, B = a->B, In = a->In, H = a->H, S = B * H, GH = n_gates(a->mode) * H;
   int lstm = a->mode == KEEL_RNN_LSTM, gru = a->mode == KEEL_RNN_GRU, relu = a->mode == KEEL_RNN_RELU;
-  ws_layout w = layout(a);
+  kl_rnn_ws w = kl_rnn_ws_layout(a);
   const char *W = (const char *)kl_data(a->ws), *GO = (const char *)kl_data(a->gout);
   const char *X = (const char *)kl_data(a->x), *Wi = (const char *)kl_data(a->w_ih);
   const char *Wh = (const char *)kl_data(a->w_hh);

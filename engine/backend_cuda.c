@@ -534,8 +534,11 @@ static const char *const rnn_bwd_names[KEEL_RNN_MODE_COUNT] = {
 };
 
 /* The plugin's view of the arguments: v holds the 17 views (the kc_rnn
-** fields point into it). */
+** fields point into it); the workspace's layout is the CPU backend's. */
 static const kc_rnn *rnn_args(const kl_rnn_args *a, kc_rnn *r, kc_view *v) {
+  kl_rnn_ws w = kl_rnn_ws_layout(a);
+  r->ws_at.hp = w.hp; r->ws_at.hn = w.hn; r->ws_at.c = w.c; r->ws_at.c0 = w.c0;
+  r->ws_at.g = w.g; r->ws_at.tc = w.tc; r->ws_at.total = w.total;
   r->mode = a->mode;
   r->reverse = a->reverse;
   r->T = a->T; r->B = a->B; r->In = a->In; r->H = a->H;
@@ -574,7 +577,7 @@ static keel_status cuda_rnn_forward(keel_ctx *ctx, kl_rnn_args *a) {
                    NULL)) ||
       (st = gemm_precision(ctx, fn)))
     return st;
-  n = kl_rnn_ws_numel(a);
+  n = kl_rnn_ws_layout(a).total;
   if ((st = kl_new(ctx, a->x->dtype, a->x->storage->device, 1, &n, &ws))) return st;
   a->ws = ws;
   st = done(ctx, fn, PL->rnn_forward(ST, rnn_args(a, &r, v)));

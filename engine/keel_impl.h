@@ -431,9 +431,12 @@ typedef struct kl_rnn_args {
 } kl_rnn_args;
 KEEL_INTERNAL keel_status kl_cpu_rnn_forward(keel_ctx *ctx, kl_rnn_args *a);
 KEEL_INTERNAL keel_status kl_cpu_rnn_backward(keel_ctx *ctx, kl_rnn_args *a);
-/* Elements of the workspace forward makes (backend_cpu_rnn.c lays it out;
-** the CUDA backend allocates the same on the device). */
-KEEL_INTERNAL int64_t kl_rnn_ws_numel(const kl_rnn_args *a);
+/* The workspace forward makes: where each region starts and the total, in
+** elements (backend_cpu_rnn.c describes the regions; one a mode lacks
+** starts at 0). The one layout: the CUDA backend allocates total elements
+** on the device and hands these offsets to the plugin's kernels. */
+typedef struct kl_rnn_ws { int64_t hp, hn, c, c0, g, tc, total; } kl_rnn_ws;
+KEEL_INTERNAL kl_rnn_ws kl_rnn_ws_layout(const kl_rnn_args *a);
 
 /* @backward:attn */
 KL_BACKWARD(kl_sdpa_backward);

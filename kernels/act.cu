@@ -28,31 +28,17 @@
 #define ACT_INV_SQRT_2PI 0.39894228040143267794   /* 1/sqrt(2 pi) */
 #define ACT_GELU_C 0.044715
 
-/* float or double library functions by argument type */
-__device__ __forceinline__ float act_exp(float x) { return expf(x); }
-__device__ __forceinline__ double act_exp(double x) { return exp(x); }
-__device__ __forceinline__ float act_expm1(float x) { return expm1f(x); }
-__device__ __forceinline__ double act_expm1(double x) { return expm1(x); }
-__device__ __forceinline__ float act_log1p(float x) { return log1pf(x); }
-__device__ __forceinline__ double act_log1p(double x) { return log1p(x); }
-__device__ __forceinline__ float act_tanh(float x) { return tanhf(x); }
-__device__ __forceinline__ double act_tanh(double x) { return tanh(x); }
-__device__ __forceinline__ float act_erfc(float x) { return erfcf(x); }
-__device__ __forceinline__ double act_erfc(double x) { return erfc(x); }
-__device__ __forceinline__ float act_fabs(float x) { return fabsf(x); }
-__device__ __forceinline__ double act_fabs(double x) { return fabs(x); }
-
 /* The logistic function; exp only ever sees a non-positive argument. */
 template <typename T>
 __device__ __forceinline__ T act_sigm(T x) {
-  if (x >= 0) return (T)1 / ((T)1 + act_exp(-x));
-  T e = act_exp(x);
+  if (x >= 0) return (T)1 / ((T)1 + kc_exp(-x));
+  T e = kc_exp(x);
   return e / ((T)1 + e);
 }
 
 /* log(1 + exp(x)): the CPU's expression in double; in float the form
 ** max(x, 0) + log1p(exp(-|x|)), which expf cannot overflow. */
-__device__ __forceinline__ double act_log1pexp(double x) { return log1p(exp(x)); }
+__device__ __forceinline__ double act_log1pexp(double x) { return kc_log1p(kc_exp(x)); }
 __device__ __forceinline__ float act_log1pexp(float x) {
   return (x > 0 ? x : 0.0f) + log1pf(expf(-fabsf(x)));
 }
@@ -67,12 +53,12 @@ template <int OP, typename T>
 __device__ __forceinline__ T act_value(T x, act_par<T> p) {
   switch (OP) {
     case KL_OP_LEAKY_RELU: return x > 0 ? x : x * p.p0;
-    case KL_OP_ELU: return x > 0 ? x : p.p0 * act_expm1(x);
+    case KL_OP_ELU: return x > 0 ? x : p.p0 * kc_expm1(x);
     case KL_OP_GELU:
       if (p.p0 != 0)
-        return (T)0.5 * x * ((T)1 + act_tanh((T)ACT_SQRT_2_OVER_PI * (x + (T)ACT_GELU_C * x * x * x)));
+        return (T)0.5 * x * ((T)1 + kc_tanh((T)ACT_SQRT_2_OVER_PI * (x + (T)ACT_GELU_C * x * x * x)));
       /* 1 + erf(z) == erfc(-z), without the cancellation for x << 0 */
-      return (T)0.5 * x * act_erfc(-x * (T)ACT_SQRT1_2);
+      return (T)0.5 * x * kc_erfc(-x * (T)ACT_SQRT1_2);
     case KL_OP_SILU: return x * act_sigm(x);
     default: {  /* softplus: p0 beta, p1 threshold (linear above it) */
       T bx = p.p0 * x;
@@ -86,14 +72,14 @@ template <int OP, typename T>
 __device__ __forceinline__ T act_slope(T x, act_par<T> p) {
   switch (OP) {
     case KL_OP_LEAKY_RELU: return x > 0 ? (T)1 : p.p0;
-    case KL_OP_ELU: return x > 0 ? (T)1 : p.p0 * act_exp(x);
+    case KL_OP_ELU: return x > 0 ? (T)1 : p.p0 * kc_exp(x);
     case KL_OP_GELU:
       if (p.p0 != 0) {
-        T x2 = x * x, t = act_tanh((T)ACT_SQRT_2_OVER_PI * (x + (T)ACT_GELU_C * x2 * x));
+        T x2 = x * x, t = kc_tanh((T)ACT_SQRT_2_OVER_PI * (x + (T)ACT_GELU_C * x2 * x));
         return (T)0.5 * ((T)1 + t) +
                (T)0.5 * x * ((T)1 - t * t) * (T)ACT_SQRT_2_OVER_PI * ((T)1 + (T)3 * (T)ACT_GELU_C * x2);
       }
-      return (T)0.5 * act_erfc(-x * (T)ACT_SQRT1_2) + x * (T)ACT_INV_SQRT_2PI * act_exp((T)-0.5 * x * x);
+      return (T)0.5 * kc_erfc(-x * (T)ACT_SQRT1_2) + x * (T)ACT_INV_SQRT_2PI * kc_exp((T)-0.5 * x * x);
     case KL_OP_SILU: {
       T s = act_sigm(x);
       return s * ((T)1 + x * ((T)1 - s));
@@ -111,18 +97,13 @@ __device__ __forceinline__ T act_slope(T x, act_par<T> p) {
 ** Kernels: dense (16-byte vectors when aligned) and strided
 ** ======================================================================= */
 
-template <typename T>
-struct alignas(16) act_vec {
-  T v[16 / sizeof(T)];
-};
-
 template <int OP, typename T>
 __global__ void act_dense(T *o, const T *a, int64_t nv, int64_t n, act_par<T> p) {
   constexpr int V = 16 / sizeof(T);
   KC_GRID_LOOP(i, nv) {
-    act_vec<T> va = ((const act_vec<T> *)a)[i], vo;
+    kc_vec16<T> va = ((const kc_vec16<T> *)a)[i], vo;
     for (int k = 0; k < V; k++) vo.v[k] = act_value<OP, T>(va.v[k], p);
-    ((act_vec<T> *)o)[i] = vo;
+    ((kc_vec16<T> *)o)[i] = vo;
   }
   for (int64_t i = nv * V + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x)
@@ -130,10 +111,10 @@ __global__ void act_dense(T *o, const T *a, int64_t nv, int64_t n, act_par<T> p)
 }
 
 template <int OP, typename T>
-__global__ void act_strided(T *o, const T *a, kc_geom g, int64_t n, act_par<T> p) {
+__global__ void act_strided(T *o, const T *a, kc_geom g, bool small, int64_t n, act_par<T> p) {
   KC_GRID_LOOP(i, n) {
     int64_t off[2];
-    kc_offsets<2>(g, i, off);
+    kc_offsets_sel<2>(g, small, i, off);
     o[off[0]] = act_value<OP, T>(a[off[1]], p);
   }
 }
@@ -143,9 +124,9 @@ template <int OP, typename T>
 __global__ void act_back_dense(T *gin, const T *g, const T *a, int64_t nv, int64_t n, act_par<T> p) {
   constexpr int V = 16 / sizeof(T);
   KC_GRID_LOOP(i, nv) {
-    act_vec<T> vg = ((const act_vec<T> *)g)[i], va = ((const act_vec<T> *)a)[i], vo;
+    kc_vec16<T> vg = ((const kc_vec16<T> *)g)[i], va = ((const kc_vec16<T> *)a)[i], vo;
     for (int k = 0; k < V; k++) vo.v[k] = vg.v[k] * act_slope<OP, T>(va.v[k], p);
-    ((act_vec<T> *)gin)[i] = vo;
+    ((kc_vec16<T> *)gin)[i] = vo;
   }
   for (int64_t i = nv * V + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x)
@@ -153,10 +134,11 @@ __global__ void act_back_dense(T *gin, const T *g, const T *a, int64_t nv, int64
 }
 
 template <int OP, typename T>
-__global__ void act_back_strided(T *gin, const T *g, const T *a, kc_geom geo, int64_t n, act_par<T> p) {
+__global__ void act_back_strided(T *gin, const T *g, const T *a, kc_geom geo, bool small, int64_t n,
+                                 act_par<T> p) {
   KC_GRID_LOOP(i, n) {
     int64_t off[3];
-    kc_offsets<3>(geo, i, off);
+    kc_offsets_sel<3>(geo, small, i, off);
     gin[off[0]] = g[off[1]] * act_slope<OP, T>(a[off[2]], p);
   }
 }
@@ -166,18 +148,6 @@ __global__ void act_back_strided(T *gin, const T *g, const T *a, kc_geom geo, in
 /* {======================================================================
 ** Launchers
 ** ======================================================================= */
-
-static unsigned act_blocks(const kc_state *s, int64_t n) {
-  unsigned b = kc_blocks(n), cap = (unsigned)(s->sm_count > 0 ? s->sm_count : 1) * 16u;
-  return b < cap ? b : cap;
-}
-
-/* Vectors over n dense elements when every pointer is 16-byte aligned. */
-template <typename T>
-static int64_t act_nvec(int64_t n, const void *x, const void *y, const void *z) {
-  if (n < 1024 || (((uintptr_t)x | (uintptr_t)y | (uintptr_t)z) & 15)) return 0;
-  return n / (int64_t)(16 / sizeof(T));
-}
 
 template <int OP, typename T>
 static int act_launch(kc_state *s, bool back, const kc_view *o, const kc_view *g, const kc_view *a,
@@ -190,14 +160,14 @@ static int act_launch(kc_state *s, bool back, const kc_view *o, const kc_view *g
   const T *pg = (const T *)(back ? g->data : NULL), *pa = (const T *)a->data;
   kc_make_geom(&geo, nops, v);
   if (kc_geom_dense(&geo, nops)) {
-    int64_t nv = act_nvec<T>(n, po, pa, back ? pg : pa);
-    unsigned nb = act_blocks(s, nv ? nv : n);
+    int64_t nv = kc_vec_count<T>(n, po, pa, back ? pg : NULL);
+    unsigned nb = kc_blocks_sm(s, nv ? nv : n);
     if (back) KC_LAUNCH(nb, KC_THREADS, 0, s->stream, act_back_dense<OP, T>)(po, pg, pa, nv, n, p);
     else KC_LAUNCH(nb, KC_THREADS, 0, s->stream, act_dense<OP, T>)(po, pa, nv, n, p);
   } else {
-    unsigned nb = act_blocks(s, n);
-    if (back) KC_LAUNCH(nb, KC_THREADS, 0, s->stream, act_back_strided<OP, T>)(po, pg, pa, geo, n, p);
-    else KC_LAUNCH(nb, KC_THREADS, 0, s->stream, act_strided<OP, T>)(po, pa, geo, n, p);
+    unsigned nb = kc_blocks_sm(s, n);
+    if (back) KC_LAUNCH(nb, KC_THREADS, 0, s->stream, act_back_strided<OP, T>)(po, pg, pa, geo, kc_index32(n), n, p);
+    else KC_LAUNCH(nb, KC_THREADS, 0, s->stream, act_strided<OP, T>)(po, pa, geo, kc_index32(n), n, p);
   }
   return KC_LAUNCHED();
 }

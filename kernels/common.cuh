@@ -117,6 +117,72 @@ static inline unsigned kc_blocks(int64_t n) {
 #define KC_GRID_LOOP(i, n) \
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
 
+/* kc_blocks capped at 16 blocks per SM: a grid-stride loop needs no more
+** blocks than keep every SM busy (8 blocks of 256 threads fill one); more
+** only costs block scheduling. */
+static inline unsigned kc_blocks_sm(const kc_state *s, int64_t n) {
+  unsigned b = kc_blocks(n), cap = (unsigned)(s->sm_count > 0 ? s->sm_count : 1) * 16u;
+  return b < cap ? b : cap;
+}
+/* n blocks (one per item of a block-per-item kernel that loops over the
+** rest), within 1 .. KC_MAX_BLOCKS. */
+static inline unsigned kc_grid_x(int64_t n) {
+  return (unsigned)(n < 1 ? 1 : n > KC_MAX_BLOCKS ? KC_MAX_BLOCKS : n);
+}
+/* n within 1 .. 65535: a grid's y or z size. */
+static inline unsigned kc_grid_yz(int64_t n) { return (unsigned)(n < 1 ? 1 : n > 65535 ? 65535 : n); }
+
+/* Bytes per element of a dtype the kernels move (0: none of them). */
+static inline int kc_elem_size(int dt) {
+  return dt == KEEL_F32 ? 4 : dt == KEEL_F64 || dt == KEEL_I64 ? 8 : 0;
+}
+static inline int kc_is_float(int dt) { return dt == KEEL_F32 || dt == KEEL_F64; }
+static inline bool kc_aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
+/* 16 bytes of T: one vector load or store (float4, double2, longlong2). */
+template <typename T>
+struct alignas(16) kc_vec16 {
+  T v[16 / sizeof(T)];
+};
+/* Dense loops of fewer elements than this take no vectors: they would be
+** all tail and launch overhead. */
+#define KC_VEC_MIN 1024
+/* Elements of a dense loop over n done as kc_vec16 (n rounded down to
+** whole vectors): 0 unless n is large enough and every pointer (NULL: not
+** streamed) is 16-byte aligned. */
+template <typename T>
+static inline int64_t kc_vec_count(int64_t n, const void *a, const void *b, const void *c) {
+  if (n < KC_VEC_MIN || !kc_aligned16(a) || (b && !kc_aligned16(b)) || (c && !kc_aligned16(c))) return 0;
+  return n / (int64_t)(16 / sizeof(T));
+}
+
+/* {======================================================================
+** The float or double library function by argument type, as <tgmath.h>
+** picks it on the CPU (spelled out: the simulator's C++ need not overload
+** the C names).
+** ======================================================================= */
+
+__device__ __forceinline__ float kc_exp(float x) { return expf(x); }
+__device__ __forceinline__ double kc_exp(double x) { return exp(x); }
+__device__ __forceinline__ float kc_expm1(float x) { return expm1f(x); }
+__device__ __forceinline__ double kc_expm1(double x) { return expm1(x); }
+__device__ __forceinline__ float kc_log(float x) { return logf(x); }
+__device__ __forceinline__ double kc_log(double x) { return log(x); }
+__device__ __forceinline__ float kc_log1p(float x) { return log1pf(x); }
+__device__ __forceinline__ double kc_log1p(double x) { return log1p(x); }
+__device__ __forceinline__ float kc_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double kc_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float kc_fabs(float x) { return fabsf(x); }
+__device__ __forceinline__ double kc_fabs(double x) { return fabs(x); }
+__device__ __forceinline__ float kc_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double kc_tanh(double x) { return tanh(x); }
+__device__ __forceinline__ float kc_erfc(float x) { return erfcf(x); }
+__device__ __forceinline__ double kc_erfc(double x) { return erfc(x); }
+__device__ __forceinline__ float kc_pow(float x, float y) { return powf(x, y); }
+__device__ __forceinline__ double kc_pow(double x, double y) { return pow(x, y); }
+
+/* }====================================================================== */
+
 /* {======================================================================
 ** Strided geometry: up to KC_GEOM_OPS operands of one shape, dimensions
 ** merged where every operand is contiguous across them, size-1 dims
@@ -177,6 +243,38 @@ __device__ __forceinline__ void kc_offsets(const kc_geom &g, int64_t i, int64_t 
   }
 }
 
+/*
+** 32-bit index paths. A 64-bit integer division is a long software
+** sequence on a GPU, several times the cost of a 32-bit one, and strided
+** loops do one per merged dimension per element. When a launch's element
+** count is below KC_INDEX32_LIMIT, every linear index and every size of
+** its geometry fits 32 bits, so kc_offsets32 divides in uint32 (offsets
+** still add up in int64: strides times coordinates can exceed 32 bits,
+** and a 64-bit multiply-add is cheap). The choice is the same for the
+** whole launch, so the branch on it never diverges. The simulator builds
+** with a small limit, so the tests' sizes take both paths.
+*/
+#ifndef KC_INDEX32_LIMIT
+#define KC_INDEX32_LIMIT ((int64_t)1 << 32)
+#endif
+static inline bool kc_index32(int64_t n) { return n < (int64_t)KC_INDEX32_LIMIT; }
+
+template <int N>
+__device__ __forceinline__ void kc_offsets32(const kc_geom &g, uint32_t u, int64_t *off) {
+  for (int k = 0; k < N; k++) off[k] = 0;
+  for (int d = g.ndim - 1; d >= 0; d--) {
+    uint32_t sz = (uint32_t)g.shape[d], q = u / sz, r = u - q * sz;
+    u = q;
+    for (int k = 0; k < N; k++) off[k] += (int64_t)r * g.st[k][d];
+  }
+}
+/* kc_offsets, or kc_offsets32 when small (kc_index32 of the launch's n). */
+template <int N>
+__device__ __forceinline__ void kc_offsets_sel(const kc_geom &g, bool small, int64_t i, int64_t *off) {
+  if (small) kc_offsets32<N>(g, (uint32_t)i, off);
+  else kc_offsets<N>(g, i, off);
+}
+
 /* }====================================================================== */
 
 /* {======================================================================
@@ -227,6 +325,72 @@ __device__ __forceinline__ T kc_block_max(T v, T *buf, T lowest) {
   __syncthreads();
   v = lane < nw ? buf[lane] : lowest;
   return kc_warp_max(v);
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Per-channel sums over [N, C, L] (batch-norm statistics and backward,
+** conv bias gradients): channel c's N*L elements are N runs of L, C*L
+** apart. One block per channel leaves most of a GPU idle when channels
+** are few and runs are long, so the N*L range splits into S slices of
+** chunk elements (gridDim.y); each block writes a partial, and a second
+** pass adds the S partials of a channel in slice order: deterministic, no
+** atomics, and S == 1 (enough channels) is the one-block-per-channel
+** kernel as it was.
+** ======================================================================= */
+
+/* The simulator's minimum is small, so the tests' modest sizes split. */
+#ifdef KEEL_CUDA_SIM
+#define KC_SPLIT_MIN 2
+#else
+#define KC_SPLIT_MIN 16
+#endif
+
+typedef struct kc_split {
+  int64_t S, chunk;             /* slices, elements per slice (the last may be short) */
+} kc_split;
+
+/* Slices for C channels of n elements each, blocks of bd threads: enough
+** blocks for about 4 per SM, every thread still walking at least
+** KC_SPLIT_MIN elements of its slice. */
+static inline kc_split kc_chan_split(const kc_state *s, int64_t C, int64_t n, int bd) {
+  int64_t target = (int64_t)(s->sm_count > 0 ? s->sm_count : 1) * 4, most = n / ((int64_t)bd * KC_SPLIT_MIN);
+  int64_t S = C < target ? (target + C - 1) / C : 1;
+  kc_split p;
+  if (S > most) S = most;
+  if (S > 65535) S = 65535;
+  if (S < 1) S = 1;
+  p.chunk = S > 1 ? (n + S - 1) / S : (n > 0 ? n : 1);
+  p.S = S > 1 ? (n + p.chunk - 1) / p.chunk : 1;
+  return p;
+}
+
+/* f(offset) for this block's threads over elements [j0, j1) of channel c
+** (element j = n*L + l lies at n*C*L + c*L + l). Runs at least a block
+** long go row by row (coalesced, no division per element). */
+template <typename F>
+__device__ __forceinline__ void kc_chan_visit(int64_t C, int64_t L, int64_t c, int64_t j0, int64_t j1, F &f) {
+  int64_t tid = threadIdx.x, bd = blockDim.x, CL = C * L;
+  if (L >= bd) {
+    for (int64_t n = j0 / L; n * L < j1; n++) {
+      int64_t r0 = n * L, lo = j0 > r0 ? j0 - r0 : 0, hi = j1 - r0 < L ? j1 - r0 : L, base = n * CL + c * L;
+      for (int64_t l = lo + tid; l < hi; l += bd) f(base + l);
+    }
+  } else if (L == 1) {
+    for (int64_t j = j0 + tid; j < j1; j += bd) f(j * CL + c);
+  } else {
+    for (int64_t j = j0 + tid; j < j1; j += bd) {
+      int64_t n = j / L;
+      f(n * CL + c * L + (j - n * L));
+    }
+  }
+}
+
+/* Slice sl's range [*j0, *j1) of n elements. */
+__device__ __forceinline__ void kc_split_range(const kc_split &p, int64_t sl, int64_t n, int64_t *j0, int64_t *j1) {
+  *j0 = sl * p.chunk;
+  *j1 = *j0 + p.chunk < n ? *j0 + p.chunk : n;
 }
 
 /* }====================================================================== */

@@ -15,7 +15,8 @@
 ** - gx goes through per-image dcol = W^T gout (strided-batched) and a
 **   gather col2im: each input pixel sums its taps in a fixed order (the
 **   CPU's), so the result is deterministic without atomics;
-** - gb is one block per output channel.
+** - gb is one block per output channel, or per (channel, slice of its
+**   n*P elements) with an ordered second pass when channels are few.
 ** A 1x1, stride-1, unpadded kernel skips im2col: x already is the column
 ** matrix.
 **
@@ -36,8 +37,6 @@
 #define COL_MAX_BYTES ((int64_t)256 << 20)
 #endif
 #define INT_LIMIT ((int64_t)0x7fffffff)
-
-static int elem_size(int dt) { return dt == KEEL_F32 ? 4 : dt == KEEL_F64 ? 8 : 0; }
 
 /* Row-major products through kc_gemm (gemm.cu: the matmul precision
 ** applies); callers keep sizes under 2^31 and k > 0. */
@@ -133,37 +132,79 @@ __global__ void col2im_kernel(T *gx, const T *col, geo<I> g, I nb) {
   }
 }
 
+/* The loops below divide in I: uint32_t when small (kc_index32 of the
+** launch's total: the same for every thread), else int64_t. */
+
 /* out [nb, oc, P] = bias[o] (the GEMM then adds onto it, as the CPU does). */
+template <typename T, typename I>
+__device__ __forceinline__ void bias_fill_loop(T *out, const T *b, int64_t total, I oc, I P) {
+  KC_GRID_LOOP(t, total) out[t] = b[((I)t / P) % oc];
+}
 template <typename T>
-__global__ void bias_fill_kernel(T *out, const T *b, int64_t total, int64_t oc, int64_t P) {
-  KC_GRID_LOOP(t, total) out[t] = b[(t / P) % oc];
+__global__ void bias_fill_kernel(T *out, const T *b, int64_t total, int64_t oc, int64_t P, bool small) {
+  if (small) bias_fill_loop<T, uint32_t>(out, b, total, (uint32_t)oc, (uint32_t)P);
+  else bias_fill_loop<T, int64_t>(out, b, total, oc, P);
 }
 
-/* dst [R, nb*P] from src [nb, R, P]. */
-template <typename T>
-__global__ void transpose_kernel(T *dst, const T *src, int64_t nb, int64_t R, int64_t P) {
-  int64_t L = nb * P, total = R * L;
+/* dst [R, nb*P] from src [nb, R, P] (the source offset formed in int64). */
+template <typename T, typename I>
+__device__ __forceinline__ void transpose_loop(T *dst, const T *src, int64_t total, int64_t R, I L, I P) {
   KC_GRID_LOOP(t, total) {
-    int64_t r = t / L, j = t - r * L, i = j / P, p = j - i * P;
-    dst[t] = src[(i * R + r) * P + p];
+    I r = (I)t / L, j = (I)t - r * L, i = j / P, p = j - i * P;
+    dst[t] = src[((int64_t)i * R + r) * P + p];
+  }
+}
+template <typename T>
+__global__ void transpose_kernel(T *dst, const T *src, int64_t nb, int64_t R, int64_t P, bool small) {
+  int64_t total = R * nb * P;
+  if (small) transpose_loop<T, uint32_t>(dst, src, total, R, (uint32_t)(nb * P), (uint32_t)P);
+  else transpose_loop<T, int64_t>(dst, src, total, R, nb * P, P);
+}
+
+/* gb[o] = sum of gout[n, o, :] over images and pixels, in double: a block
+** per (channel, slice of its n*P elements) (common.cuh kc_chan_split).
+** One slice writes gb; more write partials, which bias_grad_finish adds
+** in slice order. */
+template <typename T>
+__global__ void bias_grad_kernel(T *gb, double *part, const T *gout, int64_t n, int64_t oc, int64_t P,
+                                 kc_split sp) {
+  __shared__ double buf[32];
+  for (int64_t sl = blockIdx.y; sl < sp.S; sl += gridDim.y) {
+    int64_t j0, j1;
+    kc_split_range(sp, sl, n * P, &j0, &j1);
+    for (int64_t o = blockIdx.x; o < oc; o += gridDim.x) {
+      double s = 0;
+      auto add = [&](int64_t i) { s += (double)gout[i]; };
+      kc_chan_visit(oc, P, o, j0, j1, add);
+      s = kc_block_sum(s, buf);
+      if (threadIdx.x == 0) {
+        if (sp.S == 1) gb[o] = (T)s;
+        else part[sl * oc + o] = s;
+      }
+    }
   }
 }
 
-/* gb[o] = sum of gout[n, o, :] over n and pixels, in double; one block per
-** channel (a grid-stride loop over channels), walking each image's plane
-** with coalesced reads and no index division. */
 template <typename T>
-__global__ void bias_grad_kernel(T *gb, const T *gout, int64_t n, int64_t oc, int64_t P) {
-  __shared__ double buf[32];
-  for (int64_t o = blockIdx.x; o < oc; o += gridDim.x) {
+__global__ void bias_grad_finish(T *gb, const double *part, int64_t oc, int64_t S) {
+  KC_GRID_LOOP(o, oc) {
     double s = 0;
-    for (int64_t i = 0; i < n; i++) {
-      const T *plane = gout + (i * oc + o) * P;
-      for (int64_t p = threadIdx.x; p < P; p += blockDim.x) s += (double)plane[p];
-    }
-    s = kc_block_sum(s, buf);
-    if (threadIdx.x == 0) gb[o] = (T)s;
+    for (int64_t k = 0; k < S; k++) s += part[k * oc + o];
+    gb[o] = (T)s;
   }
+}
+
+template <typename T>
+static int launch_bias_fill(kc_state *s, T *out, const T *b, int64_t total, int64_t oc, int64_t P) {
+  KC_LAUNCH(kc_blocks(total), KC_THREADS, 0, s->stream, bias_fill_kernel<T>)(out, b, total, oc, P, kc_index32(total));
+  return KC_LAUNCHED();
+}
+
+template <typename T>
+static int launch_transpose(kc_state *s, T *dst, const T *src, int64_t nb, int64_t R, int64_t P) {
+  int64_t total = R * nb * P;
+  KC_LAUNCH(kc_blocks(total), KC_THREADS, 0, s->stream, transpose_kernel<T>)(dst, src, nb, R, P, kc_index32(total));
+  return KC_LAUNCHED();
 }
 
 /* Columns of m images (x: the first one's pixels); see im2col_kernel. */
@@ -254,8 +295,7 @@ static int conv_fwd(kc_state *s, const kc_win2d *g, T *out, const T *x, const T 
   if (rows == 0) {  /* no input channels: the bias alone */
     int64_t n = g->n * g->oc * P;
     if (!b) return kc_check_cuda(cudaMemsetAsync(out, 0, (size_t)n * sizeof(T), s->stream));
-    KC_LAUNCH(kc_blocks(n), KC_THREADS, 0, s->stream, bias_fill_kernel<T>)(out, b, n, g->oc, P);
-    return KC_LAUNCHED();
+    return launch_bias_fill<T>(s, out, b, n, g->oc, P);
   }
   if (!direct && (st = kc_scratch(s, (size_t)(nb * rows * P) * sizeof(T), (void **)&col))) return st;
   for (int64_t n0 = 0; n0 < g->n; n0 += nb) {
@@ -265,8 +305,7 @@ static int conv_fwd(kc_state *s, const kc_win2d *g, T *out, const T *x, const T 
     int64_t cs = chw;
     if (b) {
       int64_t n = m * g->oc * P;
-      KC_LAUNCH(kc_blocks(n), KC_THREADS, 0, s->stream, bias_fill_kernel<T>)(o, b, n, g->oc, P);
-      if ((st = KC_LAUNCHED())) return st;
+      if ((st = launch_bias_fill<T>(s, o, b, n, g->oc, P))) return st;
     }
     if (!direct) {
       if ((st = launch_im2col<T>(s, g, col, cp, m, rows * P, P))) return st;
@@ -308,9 +347,18 @@ static int conv_bwd(kc_state *s, const kc_win2d *g, const T *gout, const T *x, c
   T *col, *gt;
   int st;
   if (gb && g->oc > 0) {
-    unsigned blocks = (unsigned)(g->oc < 65535 ? g->oc : 65535);
-    KC_LAUNCH(blocks, KC_THREADS, 0, s->stream, bias_grad_kernel<T>)(gb, gout, g->n, g->oc, P);
+    /* few channels over many images: slices (the scratch is free again
+    ** once bias_grad_finish has run, before the columns reuse it) */
+    kc_split sp = kc_chan_split(s, g->oc, g->n * P, KC_THREADS);
+    double *part = NULL;
+    if (sp.S > 1 && (st = kc_scratch(s, sizeof(double) * (size_t)(sp.S * g->oc), (void **)&part))) return st;
+    dim3 grid(kc_grid_x(g->oc), (unsigned)sp.S);
+    KC_LAUNCH(grid, KC_THREADS, 0, s->stream, bias_grad_kernel<T>)(gb, part, gout, g->n, g->oc, P, sp);
     if ((st = KC_LAUNCHED())) return st;
+    if (sp.S > 1) {
+      KC_LAUNCH(kc_blocks(g->oc), KC_THREADS, 0, s->stream, bias_grad_finish<T>)(gb, part, g->oc, sp.S);
+      if ((st = KC_LAUNCHED())) return st;
+    }
   }
   if (!gx && !gw) return KC_OK;
   if (g->n == 0 || g->oc == 0 || P == 0 || rows == 0) {  /* nothing to multiply: zeros */
@@ -330,16 +378,14 @@ static int conv_bwd(kc_state *s, const kc_win2d *g, const T *gout, const T *x, c
     if (gw) {
       const T *gtp = gp, *cp = xp;
       if (m > 1) {  /* [m, oc, P] to [oc, m*P] */
-        KC_LAUNCH(kc_blocks(g->oc * L), KC_THREADS, 0, s->stream, transpose_kernel<T>)(gt, gp, m, g->oc, P);
-        if ((st = KC_LAUNCHED())) return st;
+        if ((st = launch_transpose<T>(s, gt, gp, m, g->oc, P))) return st;
         gtp = gt;
       }
       if (!direct) {
         if ((st = launch_im2col<T>(s, g, col, xp, m, P, L))) return st;
         cp = col;
       } else if (m > 1) {
-        KC_LAUNCH(kc_blocks(g->c * L), KC_THREADS, 0, s->stream, transpose_kernel<T>)(col, xp, m, g->c, P);
-        if ((st = KC_LAUNCHED())) return st;
+        if ((st = launch_transpose<T>(s, col, xp, m, g->c, P))) return st;
         cp = col;
       }
       for (int64_t k = 0; k < g->groups && !st; k++)
@@ -551,7 +597,7 @@ __global__ void avg_pool_back_kernel(T *gx, const T *gout, kc_win2d g, int64_t t
 
 static int pool_dtype(const kc_view *a, const kc_view *b) {
   if (a->dtype != b->dtype) return KC_ERR_DTYPE;
-  return elem_size(a->dtype) ? KC_OK : KC_ERR_DTYPE;
+  return kc_is_float(a->dtype) ? KC_OK : KC_ERR_DTYPE;
 }
 
 template <typename T>
@@ -601,7 +647,7 @@ static int cv_max_pool2d_backward(kc_state *s, const kc_win2d *g, const kc_view 
   if (idx->dtype != KEEL_I64) return KC_ERR_DTYPE;
   if (n == 0) return KC_OK;
   if (g->oh * g->ow == 0)
-    return kc_check_cuda(cudaMemsetAsync(gx->data, 0, (size_t)n * elem_size(gx->dtype), s->stream));
+    return kc_check_cuda(cudaMemsetAsync(gx->data, 0, (size_t)n * kc_elem_size(gx->dtype), s->stream));
   if (gx->dtype == KEEL_F32) return launch_max_pool_back<float>(s, g, gx, gout, idx);
   return launch_max_pool_back<double>(s, g, gx, gout, idx);
 }
@@ -629,7 +675,7 @@ static int cv_avg_pool2d_backward(kc_state *s, const kc_win2d *g, const kc_view 
   if ((st = pool_dtype(gx, gout))) return st;
   if (n == 0) return KC_OK;
   if (g->oh * g->ow == 0)
-    return kc_check_cuda(cudaMemsetAsync(gx->data, 0, (size_t)n * elem_size(gx->dtype), s->stream));
+    return kc_check_cuda(cudaMemsetAsync(gx->data, 0, (size_t)n * kc_elem_size(gx->dtype), s->stream));
   if (gx->dtype == KEEL_F32)
     KC_LAUNCH(kc_blocks(n), KC_THREADS, 0, s->stream, avg_pool_back_kernel<float>)(
         (float *)gx->data, (const float *)gout->data, *g, n);

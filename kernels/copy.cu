@@ -3,43 +3,11 @@
 ** that converts dtypes (float32, float64, int64 in any pair) and a strided
 ** fill. Conversions are those of the CPU backend (engine/backend_cpu.c):
 ** float32 <-> float64 directly, anything to or from int64 through double,
-** so a CPU and a CUDA copy give the same bits.
+** so a CPU and a CUDA copy give the same bits. Strided operands go
+** through kc_geom (dims merged where both are contiguous across them) with
+** 32-bit index division when the launch allows (common.cuh).
 */
 #include "common.cuh"
-
-/* {======================================================================
-** Geometry: dimensions merged where both operands are contiguous across
-** them, size-1 dimensions dropped; a dense copy ends up one-dimensional.
-** ======================================================================= */
-
-typedef struct geom {
-  int ndim;
-  int64_t shape[KC_MAX_DIMS];
-  int64_t ds[KC_MAX_DIMS];      /* destination strides */
-  int64_t ss[KC_MAX_DIMS];      /* source strides (unused by fill) */
-} geom;
-
-static void make_geom(geom *g, const kc_view *dst, const kc_view *src) {
-  int n = 0;
-  for (int d = 0; d < dst->ndim; d++) {
-    int64_t sz = dst->shape[d], a = dst->stride[d], b = src ? src->stride[d] : 0;
-    if (sz == 1) continue;
-    /* merge with the previous (outer) dim when it steps over this one exactly */
-    if (n > 0 && g->ds[n - 1] == a * sz && g->ss[n - 1] == b * sz) {
-      g->shape[n - 1] *= sz;
-      g->ds[n - 1] = a;
-      g->ss[n - 1] = b;
-      continue;
-    }
-    g->shape[n] = sz;
-    g->ds[n] = a;
-    g->ss[n] = b;
-    n++;
-  }
-  g->ndim = n;
-}
-
-/* }====================================================================== */
 
 /* {======================================================================
 ** Kernels
@@ -56,40 +24,27 @@ template <> struct cvt<int64_t, float> {
   __device__ static int64_t go(float x) { return (int64_t)(double)x; }
 };
 
-__device__ static inline void offsets(const geom &g, int64_t i, int64_t *od, int64_t *os) {
-  int64_t a = 0, b = 0;
-  for (int d = g.ndim - 1; d >= 0; d--) {
-    int64_t k = i % g.shape[d];
-    i /= g.shape[d];
-    a += k * g.ds[d];
-    b += k * g.ss[d];
-  }
-  *od = a;
-  *os = b;
-}
-
 template <typename D, typename S>
-__global__ void copy_kernel(D *dst, const S *src, geom g, int64_t n) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    int64_t od, os;
-    offsets(g, i, &od, &os);
-    dst[od] = cvt<D, S>::go(src[os]);
+__global__ void copy_kernel(D *dst, const S *src, kc_geom g, bool small, int64_t n) {
+  KC_GRID_LOOP(i, n) {
+    int64_t off[2];
+    kc_offsets_sel<2>(g, small, i, off);
+    dst[off[0]] = cvt<D, S>::go(src[off[1]]);
   }
 }
 
 /* dense operands: no index arithmetic */
 template <typename D, typename S>
 __global__ void copy_dense_kernel(D *dst, const S *src, int64_t n) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    dst[i] = cvt<D, S>::go(src[i]);
+  KC_GRID_LOOP(i, n) dst[i] = cvt<D, S>::go(src[i]);
 }
 
 template <typename D>
-__global__ void fill_kernel(D *dst, D v, geom g, int64_t n) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    int64_t od, os;
-    offsets(g, i, &od, &os);
-    dst[od] = v;
+__global__ void fill_kernel(D *dst, D v, kc_geom g, bool small, int64_t n) {
+  KC_GRID_LOOP(i, n) {
+    int64_t off[1];
+    kc_offsets_sel<1>(g, small, i, off);
+    dst[off[0]] = v;
   }
 }
 
@@ -100,18 +55,19 @@ __global__ void fill_kernel(D *dst, D v, geom g, int64_t n) {
 ** ======================================================================= */
 
 template <typename D, typename S>
-static int launch_copy(kc_state *s, const kc_view *dst, const kc_view *src, const geom *g) {
+static int launch_copy(kc_state *s, const kc_view *dst, const kc_view *src, const kc_geom *g) {
   int64_t n = dst->numel;
   unsigned nb = kc_blocks(n);
-  if (g->ndim <= 1 && (g->ndim == 0 || (g->ds[0] == 1 && g->ss[0] == 1)))
+  if (kc_geom_dense(g, 2))
     KC_LAUNCH(nb, KC_THREADS, 0, s->stream, copy_dense_kernel<D, S>)((D *)dst->data, (const S *)src->data, n);
   else
-    KC_LAUNCH(nb, KC_THREADS, 0, s->stream, copy_kernel<D, S>)((D *)dst->data, (const S *)src->data, *g, n);
+    KC_LAUNCH(nb, KC_THREADS, 0, s->stream, copy_kernel<D, S>)((D *)dst->data, (const S *)src->data, *g,
+                                                               kc_index32(n), n);
   return kc_check_cuda(cudaGetLastError());
 }
 
 template <typename D>
-static int copy_from(kc_state *s, const kc_view *dst, const kc_view *src, const geom *g) {
+static int copy_from(kc_state *s, const kc_view *dst, const kc_view *src, const kc_geom *g) {
   switch (src->dtype) {
     case KEEL_F32: return launch_copy<D, float>(s, dst, src, g);
     case KEEL_F64: return launch_copy<D, double>(s, dst, src, g);
@@ -120,21 +76,18 @@ static int copy_from(kc_state *s, const kc_view *dst, const kc_view *src, const 
   }
 }
 
-static int elem_size(int dt) {
-  return dt == KEEL_F32 ? 4 : dt == KEEL_F64 || dt == KEEL_I64 ? 8 : 0;
-}
-
 int kc_copy(kc_state *s, const kc_view *dst, const kc_view *src) {
-  geom g;
+  const kc_view *v[2] = {dst, src};
+  kc_geom g;
   if (!dst || !src || dst->ndim != src->ndim || dst->ndim < 0 || dst->ndim > KC_MAX_DIMS) return KC_ERR_ARG;
   for (int d = 0; d < dst->ndim; d++)
     if (dst->shape[d] != src->shape[d]) return KC_ERR_ARG;
-  if (!elem_size(dst->dtype) || !elem_size(src->dtype)) return KC_ERR_DTYPE;
+  if (!kc_elem_size(dst->dtype) || !kc_elem_size(src->dtype)) return KC_ERR_DTYPE;
   if (dst->numel == 0) return KC_OK;
-  make_geom(&g, dst, src);
+  kc_make_geom(&g, 2, v);
   /* same dtype, both dense: the copy engine does it */
-  if (dst->dtype == src->dtype && (g.ndim == 0 || (g.ndim == 1 && g.ds[0] == 1 && g.ss[0] == 1)))
-    return kc_check_cuda(cudaMemcpyAsync(dst->data, src->data, (size_t)dst->numel * elem_size(dst->dtype),
+  if (dst->dtype == src->dtype && kc_geom_dense(&g, 2))
+    return kc_check_cuda(cudaMemcpyAsync(dst->data, src->data, (size_t)dst->numel * kc_elem_size(dst->dtype),
                                          cudaMemcpyDeviceToDevice, s->stream));
   switch (dst->dtype) {
     case KEEL_F32: return copy_from<float>(s, dst, src, &g);
@@ -145,19 +98,20 @@ int kc_copy(kc_state *s, const kc_view *dst, const kc_view *src) {
 }
 
 template <typename D>
-static int launch_fill(kc_state *s, const kc_view *dst, D v, const geom *g) {
-  KC_LAUNCH(kc_blocks(dst->numel), KC_THREADS, 0, s->stream, fill_kernel<D>)((D *)dst->data, v, *g, dst->numel);
+static int launch_fill(kc_state *s, const kc_view *dst, D v, const kc_geom *g) {
+  int64_t n = dst->numel;
+  KC_LAUNCH(kc_blocks(n), KC_THREADS, 0, s->stream, fill_kernel<D>)((D *)dst->data, v, *g, kc_index32(n), n);
   return kc_check_cuda(cudaGetLastError());
 }
 
 int kc_fill(kc_state *s, const kc_view *dst, double v) {
-  geom g;
+  kc_geom g;
   if (!dst || dst->ndim < 0 || dst->ndim > KC_MAX_DIMS) return KC_ERR_ARG;
   if (dst->numel == 0) return KC_OK;
-  make_geom(&g, dst, NULL);
+  kc_make_geom(&g, 1, &dst);
   /* +0 is all zero bits in every dtype: a memset does it */
-  if (v == 0 && !signbit(v) && (g.ndim == 0 || (g.ndim == 1 && g.ds[0] == 1)) && elem_size(dst->dtype))
-    return kc_check_cuda(cudaMemsetAsync(dst->data, 0, (size_t)dst->numel * elem_size(dst->dtype), s->stream));
+  if (v == 0 && !signbit(v) && kc_geom_dense(&g, 1) && kc_elem_size(dst->dtype))
+    return kc_check_cuda(cudaMemsetAsync(dst->data, 0, (size_t)dst->numel * kc_elem_size(dst->dtype), s->stream));
   switch (dst->dtype) {
     case KEEL_F32: return launch_fill<float>(s, dst, (float)v, &g);
     case KEEL_F64: return launch_fill<double>(s, dst, v, &g);

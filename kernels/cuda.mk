@@ -72,9 +72,11 @@ SIMOPT := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer
 else
 SIMOPT := -O2
 endif
-# KC_MAX_BLOCKS: a small odd grid cap, so grid-stride loops go round
+# KC_MAX_BLOCKS: a small odd grid cap, so grid-stride loops go round;
+# KC_INDEX32_LIMIT: a small one, so the tests' sizes take both the 32-bit
+# and the 64-bit index paths (common.cuh kc_index32)
 SIMFLAGS := -std=c++17 $(SIMOPT) -fPIC -fvisibility=hidden -Wall -Wno-unknown-pragmas -DKEEL_CUDA_SIM \
-            -DKC_MAX_BLOCKS=7 -I$(ROOT)/kernels/sim -I$(ROOT)/engine -I$(ROOT)/kernels
+            -DKC_MAX_BLOCKS=7 -DKC_INDEX32_LIMIT=4096 -I$(ROOT)/kernels/sim -I$(ROOT)/engine -I$(ROOT)/kernels
 SIMSRC := $(wildcard $(ROOT)/kernels/sim/*.cpp)
 SIMOBJS := $(patsubst $(ROOT)/kernels/%.cu,$(SIMOBJ)/%.o,$(SRC)) \
            $(patsubst $(ROOT)/kernels/sim/%.cpp,$(SIMOBJ)/%.o,$(SIMSRC))

@@ -12,67 +12,16 @@
 **   dims), or a broadcast operand that is one element (all strides 0): no
 **   index arithmetic, and 16-byte vector loads/stores when the pointers
 **   allow (float4, double2, longlong2 worth of elements per thread);
-** - general: kc_geom merges what it can and kc_offsets finds each
-**   operand's element (broadcast by stride 0, any views, strided output).
+** - general: kc_geom merges what it can and kc_offsets_sel finds each
+**   operand's element (broadcast by stride 0, any views, strided output),
+**   dividing in 32 bits when the launch allows (common.cuh).
 ** The op is a template parameter, so each loop is specialised per op.
 */
 #include "common.cuh"
 
 /* {======================================================================
-** Launch sizing and vectors
-** ======================================================================= */
-
-/* A grid-stride loop needs no more blocks than keep every SM busy (8
-** blocks of 256 threads fill one); more only costs block scheduling. */
-static unsigned ew_blocks(const kc_state *s, int64_t n) {
-  unsigned b = kc_blocks(n);
-  unsigned cap = (unsigned)(s->sm_count > 0 ? s->sm_count : 1) * 16u;
-  return b < cap ? b : cap;
-}
-
-/* 16 bytes of T: one vector load or store */
-template <typename T>
-struct alignas(16) ew_vec {
-  T v[16 / sizeof(T)];
-};
-
-static bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
-
-/*
-** kc_offsets with 32-bit division when the index space fits 32 bits
-** (small: numel < 2^32, so every index and size does): a 64-bit division
-** is a long software sequence on a GPU, and the strided loops do one per
-** merged dimension per element. small is the same for the whole launch,
-** so the branch never diverges.
-*/
-template <int N>
-__device__ __forceinline__ void ew_offsets(const kc_geom &g, bool small, int64_t i, int64_t *off) {
-  for (int k = 0; k < N; k++) off[k] = 0;
-  if (small) {
-    uint32_t u = (uint32_t)i;
-    for (int d = g.ndim - 1; d >= 0; d--) {
-      uint32_t sz = (uint32_t)g.shape[d], q = u / sz, r = u - q * sz;
-      u = q;
-      for (int k = 0; k < N; k++) off[k] += (int64_t)r * g.st[k][d];
-    }
-  } else {
-    kc_offsets<N>(g, i, off);
-  }
-}
-
-static bool small_index(int64_t n) { return n < ((int64_t)1 << 32); }
-
-/* Vector loops run below this size would be all tail and launch overhead. */
-#define EW_VEC_MIN 1024
-
-/* }====================================================================== */
-
-/* {======================================================================
 ** Binary
 ** ======================================================================= */
-
-__device__ __forceinline__ float ew_pow(float x, float y) { return powf(x, y); }
-__device__ __forceinline__ double ew_pow(double x, double y) { return pow(x, y); }
 
 /* x op y for the float dtypes, as BINARY_FLOAT_OPS of backend_cpu.c */
 template <int OP, typename T>
@@ -82,7 +31,7 @@ __device__ __forceinline__ T bin_f(T x, T y) {
     case KEEL_BIN_SUB: return x - y;
     case KEEL_BIN_MUL: return x * y;
     case KEEL_BIN_DIV: return x / y;
-    case KEEL_BIN_POW: return ew_pow(x, y);
+    case KEEL_BIN_POW: return kc_pow(x, y);
     case KEEL_BIN_MAXIMUM: return (x > y || x != x) ? x : y;
     case KEEL_BIN_MINIMUM: return (x < y || x != x) ? x : y;
     case KEEL_BIN_EQ: return (T)(x == y);
@@ -129,11 +78,11 @@ __global__ void binary_dense(T *o, const T *a, const T *b, int64_t nv, int64_t n
   constexpr int V = 16 / sizeof(T);
   const T x0 = SA ? a[0] : T(0), y0 = SB ? b[0] : T(0);
   KC_GRID_LOOP(i, nv) {
-    ew_vec<T> va, vb, vo;
-    if (!SA) va = ((const ew_vec<T> *)a)[i];
-    if (!SB) vb = ((const ew_vec<T> *)b)[i];
+    kc_vec16<T> va, vb, vo;
+    if (!SA) va = ((const kc_vec16<T> *)a)[i];
+    if (!SB) vb = ((const kc_vec16<T> *)b)[i];
     for (int k = 0; k < V; k++) vo.v[k] = bin_op<OP, T>::go(SA ? x0 : va.v[k], SB ? y0 : vb.v[k]);
-    ((ew_vec<T> *)o)[i] = vo;
+    ((kc_vec16<T> *)o)[i] = vo;
   }
   for (int64_t i = nv * V + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x)
@@ -144,7 +93,7 @@ template <int OP, typename T>
 __global__ void binary_strided(T *o, const T *a, const T *b, kc_geom g, bool small, int64_t n) {
   KC_GRID_LOOP(i, n) {
     int64_t off[3];
-    ew_offsets<3>(g, small, i, off);
+    kc_offsets_sel<3>(g, small, i, off);
     o[off[0]] = bin_op<OP, T>::go(a[off[1]], b[off[2]]);
   }
 }
@@ -163,13 +112,6 @@ static int dense_kind(const kc_geom *g, int nops) {
   return mask;
 }
 
-/* Elements done as vectors: 0 unless every streamed pointer is aligned. */
-template <typename T>
-static int64_t vec_count(int64_t n, const void *o, const void *a, const void *b) {
-  if (n < EW_VEC_MIN || !aligned16(o) || (a && !aligned16(a)) || (b && !aligned16(b))) return 0;
-  return n / (int64_t)(16 / sizeof(T));
-}
-
 template <int OP, typename T>
 static int binary_launch(kc_state *s, const kc_view *out, const kc_view *a, const kc_view *b) {
   const kc_view *v[3] = {out, a, b};
@@ -181,8 +123,8 @@ static int binary_launch(kc_state *s, const kc_view *out, const kc_view *a, cons
   int kind = dense_kind(&g, 3);
   bool sa = (kind & 2) != 0, sb = (kind & 4) != 0;
   if (kind && !(sa && sb)) {
-    int64_t nv = vec_count<T>(n, po, sa ? NULL : pa, sb ? NULL : pb);
-    unsigned nb = ew_blocks(s, nv ? nv : n);
+    int64_t nv = kc_vec_count<T>(n, po, sa ? NULL : pa, sb ? NULL : pb);
+    unsigned nb = kc_blocks_sm(s, nv ? nv : n);
     if (sa)
       KC_LAUNCH(nb, KC_THREADS, 0, s->stream, binary_dense<OP, T, true, false>)(po, pa, pb, nv, n);
     else if (sb)
@@ -191,8 +133,8 @@ static int binary_launch(kc_state *s, const kc_view *out, const kc_view *a, cons
       KC_LAUNCH(nb, KC_THREADS, 0, s->stream, binary_dense<OP, T, false, false>)(po, pa, pb, nv, n);
   } else {
     /* both inputs one element (the output may be long): the general loop */
-    bool small = small_index(n);
-    KC_LAUNCH(ew_blocks(s, n), KC_THREADS, 0, s->stream, binary_strided<OP, T>)(po, pa, pb, g, small, n);
+    bool small = kc_index32(n);
+    KC_LAUNCH(kc_blocks_sm(s, n), KC_THREADS, 0, s->stream, binary_strided<OP, T>)(po, pa, pb, g, small, n);
   }
   return KC_LAUNCHED();
 }
@@ -267,32 +209,19 @@ static int ew_binary(kc_state *s, int op, const kc_view *out, const kc_view *a, 
 ** Unary and clamp: one functor per op, shared loops
 ** ======================================================================= */
 
-/* The float or double function by argument type, as <tgmath.h> picks it
-** on the CPU (spelled out: the simulator's C++ need not overload them). */
-__device__ __forceinline__ float ew_exp(float x) { return expf(x); }
-__device__ __forceinline__ double ew_exp(double x) { return exp(x); }
-__device__ __forceinline__ float ew_log(float x) { return logf(x); }
-__device__ __forceinline__ double ew_log(double x) { return log(x); }
-__device__ __forceinline__ float ew_sqrt(float x) { return sqrtf(x); }
-__device__ __forceinline__ double ew_sqrt(double x) { return sqrt(x); }
-__device__ __forceinline__ float ew_fabs(float x) { return fabsf(x); }
-__device__ __forceinline__ double ew_fabs(double x) { return fabs(x); }
-__device__ __forceinline__ float ew_tanh(float x) { return tanhf(x); }
-__device__ __forceinline__ double ew_tanh(double x) { return tanh(x); }
-
 /* f(x) as UNARY_FLOAT_OPS / UNARY_INT_OPS of backend_cpu.c */
 template <int OP, typename T>
 struct un_op {
   __device__ static T go(T x) {
     switch (OP) {
       case KEEL_UN_NEG: return -x;
-      case KEEL_UN_EXP: return ew_exp(x);
-      case KEEL_UN_LOG: return ew_log(x);
-      case KEEL_UN_SQRT: return ew_sqrt(x);
-      case KEEL_UN_ABS: return ew_fabs(x);
+      case KEEL_UN_EXP: return kc_exp(x);
+      case KEEL_UN_LOG: return kc_log(x);
+      case KEEL_UN_SQRT: return kc_sqrt(x);
+      case KEEL_UN_ABS: return kc_fabs(x);
       case KEEL_UN_RELU: return x < 0 ? (T)0 : x;     /* NaN stays NaN */
-      case KEEL_UN_SIGMOID: return (T)1 / ((T)1 + ew_exp(-x));
-      case KEEL_UN_TANH: return ew_tanh(x);
+      case KEEL_UN_SIGMOID: return (T)1 / ((T)1 + kc_exp(-x));
+      case KEEL_UN_TANH: return kc_tanh(x);
       default: return (T)((x > 0) - (x < 0));        /* sign; NaN gives 0 */
     }
   }
@@ -332,9 +261,9 @@ template <typename T, typename F>
 __global__ void map_dense(T *o, const T *a, int64_t nv, int64_t n, F f) {
   constexpr int V = 16 / sizeof(T);
   KC_GRID_LOOP(i, nv) {
-    ew_vec<T> va = ((const ew_vec<T> *)a)[i], vo;
+    kc_vec16<T> va = ((const kc_vec16<T> *)a)[i], vo;
     for (int k = 0; k < V; k++) vo.v[k] = f.go(va.v[k]);
-    ((ew_vec<T> *)o)[i] = vo;
+    ((kc_vec16<T> *)o)[i] = vo;
   }
   for (int64_t i = nv * V + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x)
@@ -345,7 +274,7 @@ template <typename T, typename F>
 __global__ void map_strided(T *o, const T *a, kc_geom g, bool small, int64_t n, F f) {
   KC_GRID_LOOP(i, n) {
     int64_t off[2];
-    ew_offsets<2>(g, small, i, off);
+    kc_offsets_sel<2>(g, small, i, off);
     o[off[0]] = f.go(a[off[1]]);
   }
 }
@@ -361,10 +290,10 @@ static int map_launch(kc_state *s, const kc_view *out, const kc_view *a, F f) {
   kc_make_geom(&g, 2, v);
   int kind = dense_kind(&g, 2);
   if (kind && !(kind & 2)) {
-    int64_t nv = vec_count<T>(n, po, pa, NULL);
-    KC_LAUNCH(ew_blocks(s, nv ? nv : n), KC_THREADS, 0, s->stream, map_dense<T, F>)(po, pa, nv, n, f);
+    int64_t nv = kc_vec_count<T>(n, po, pa, NULL);
+    KC_LAUNCH(kc_blocks_sm(s, nv ? nv : n), KC_THREADS, 0, s->stream, map_dense<T, F>)(po, pa, nv, n, f);
   } else {
-    KC_LAUNCH(ew_blocks(s, n), KC_THREADS, 0, s->stream, map_strided<T, F>)(po, pa, g, small_index(n), n, f);
+    KC_LAUNCH(kc_blocks_sm(s, n), KC_THREADS, 0, s->stream, map_strided<T, F>)(po, pa, g, kc_index32(n), n, f);
   }
   return KC_LAUNCHED();
 }
@@ -443,7 +372,7 @@ template <typename C, typename U>
 __global__ void where_strided(U *o, const C *c, const U *a, const U *b, kc_geom g, bool small, int64_t n) {
   KC_GRID_LOOP(i, n) {
     int64_t off[4];
-    ew_offsets<4>(g, small, i, off);
+    kc_offsets_sel<4>(g, small, i, off);
     o[off[0]] = c[off[1]] != (C)0 ? a[off[2]] : b[off[3]];
   }
 }
@@ -456,11 +385,11 @@ static int where_launch(kc_state *s, const kc_view *out, const kc_view *c, const
   int64_t n = out->numel;
   kc_make_geom(&g, 4, v);
   if (kc_geom_dense(&g, 4))
-    KC_LAUNCH(ew_blocks(s, n), KC_THREADS, 0, s->stream, where_dense<C, U>)(
+    KC_LAUNCH(kc_blocks_sm(s, n), KC_THREADS, 0, s->stream, where_dense<C, U>)(
         (U *)out->data, (const C *)c->data, (const U *)a->data, (const U *)b->data, n);
   else
-    KC_LAUNCH(ew_blocks(s, n), KC_THREADS, 0, s->stream, where_strided<C, U>)(
-        (U *)out->data, (const C *)c->data, (const U *)a->data, (const U *)b->data, g, small_index(n), n);
+    KC_LAUNCH(kc_blocks_sm(s, n), KC_THREADS, 0, s->stream, where_strided<C, U>)(
+        (U *)out->data, (const C *)c->data, (const U *)a->data, (const U *)b->data, g, kc_index32(n), n);
   return KC_LAUNCHED();
 }
 

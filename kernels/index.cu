@@ -39,8 +39,6 @@ template <typename T, int VW> struct alignas(sizeof(T) * VW) vec {
   T v[VW];
 };
 
-static int elem_size(int dt) { return dt == KEEL_F32 ? 4 : dt == KEEL_F64 || dt == KEEL_I64 ? 8 : 0; }
-
 /* }====================================================================== */
 
 /* {======================================================================
@@ -49,46 +47,51 @@ static int elem_size(int dt) { return dt == KEEL_F32 ? 4 : dt == KEEL_F64 || dt 
 
 /* Operands of g: 0 out, 1 index, 2 a (stride 0 at dim); sd: a's stride at dim. */
 template <typename T>
-__global__ void take_kernel(T *out, const T *a, const int64_t *idx, kc_geom g, int64_t sd, int64_t n) {
+__global__ void take_kernel(T *out, const T *a, const int64_t *idx, kc_geom g, int64_t sd, bool small, int64_t n) {
   KC_GRID_LOOP(i, n) {
     int64_t off[3];
-    kc_offsets<3>(g, i, off);
+    kc_offsets_sel<3>(g, small, i, off);
     out[off[0]] = a[off[2] + idx[off[1]] * sd];
   }
 }
 
 /*
 ** Dense rows: out [outer, nsel, inner] = a [outer, V, inner] rows idx[j]
-** (idx stride is), inner counted in vectors of VW elements.
+** (idx stride is), inner counted in vectors of VW elements. I: the type
+** the output index divides in (uint32_t when kc_index32 allows).
 */
-template <typename T, int VW>
+template <typename T, int VW, typename I>
 __global__ void rows_kernel(vec<T, VW> *out, const vec<T, VW> *a, const int64_t *idx, int64_t is, int64_t outer,
                             int64_t nsel, int64_t V, int64_t inner) {
   int64_t n = outer * nsel * inner;
+  I in = (I)inner, ns = (I)nsel;
   KC_GRID_LOOP(i, n) {
-    int64_t t = i / inner, k = i - t * inner;
-    int64_t o = outer == 1 ? 0 : t / nsel, j = t - o * nsel;   /* embedding: outer 1, one division */
-    out[i] = a[(o * V + idx[j * is]) * inner + k];
+    I t = (I)i / in, k = (I)i - t * in;
+    I o = outer == 1 ? 0 : t / ns, j = t - o * ns;   /* embedding: outer 1, one division */
+    out[i] = a[((int64_t)o * V + idx[j * is]) * inner + k];
   }
 }
 
 /* Operands of g (index's shape): 0 index, 1 src, 2 out (stride 0 at dim). */
 template <typename T>
-__global__ void scatter_kernel(T *out, const T *src, const int64_t *idx, kc_geom g, int64_t sd, int64_t n) {
+__global__ void scatter_kernel(T *out, const T *src, const int64_t *idx, kc_geom g, int64_t sd, bool small,
+                               int64_t n) {
   KC_GRID_LOOP(i, n) {
     int64_t off[3];
-    kc_offsets<3>(g, i, off);
+    kc_offsets_sel<3>(g, small, i, off);
     add_to(out + off[2] + idx[off[0]] * sd, src[off[1]]);
   }
 }
 
-/* gw [V, D] += gout [n, D] rows at idx, except row pad. */
-template <typename T>
+/* gw [V, D] += gout [n, D] rows at idx, except row pad; I as rows_kernel. */
+template <typename T, typename I>
 __global__ void embedding_backward_kernel(T *gw, const T *gout, const int64_t *idx, int64_t D, int64_t pad,
                                           int64_t n) {
+  I d = (I)D;
   KC_GRID_LOOP(i, n) {
-    int64_t r = i / D, row = idx[r];
-    if (row != pad) add_to(gw + row * D + (i - r * D), gout[i]);
+    I r = (I)i / d;
+    int64_t row = idx[r];
+    if (row != pad) add_to(gw + row * D + ((I)i - r * d), gout[i]);
   }
 }
 
@@ -107,20 +110,21 @@ static int take(kc_state *s, const kc_view *out, const kc_view *a, int dim, cons
   kc_geom g;
   int64_t n = out->numel, sd = a->stride[dim];
   unsigned nb = kc_blocks(n);
+  bool small = kc_index32(n);
   az.stride[dim] = 0;
   kc_make_geom(&g, 3, ops);
   switch (out->dtype) {
     case KEEL_F32:
       KC_LAUNCH(nb, KC_THREADS, 0, s->stream, take_kernel<float>)((float *)out->data, (const float *)a->data, idx, g,
-                                                                  sd, n);
+                                                                  sd, small, n);
       break;
     case KEEL_F64:
       KC_LAUNCH(nb, KC_THREADS, 0, s->stream, take_kernel<double>)((double *)out->data, (const double *)a->data, idx,
-                                                                   g, sd, n);
+                                                                   g, sd, small, n);
       break;
     case KEEL_I64:
       KC_LAUNCH(nb, KC_THREADS, 0, s->stream, take_kernel<int64_t>)((int64_t *)out->data, (const int64_t *)a->data,
-                                                                    idx, g, sd, n);
+                                                                    idx, g, sd, small, n);
       break;
     default: return KC_ERR_DTYPE;
   }
@@ -131,9 +135,12 @@ template <typename T, int VW>
 static int launch_rows(kc_state *s, void *out, const void *a, const int64_t *idx, int64_t is, int64_t outer,
                        int64_t nsel, int64_t V, int64_t inner) {
   int64_t n = outer * nsel * (inner / VW);
-  KC_LAUNCH(kc_blocks(n), KC_THREADS, 0, s->stream, rows_kernel<T, VW>)((vec<T, VW> *)out,
-                                                                        (const vec<T, VW> *)a, idx, is, outer, nsel,
-                                                                        V, inner / VW);
+  if (kc_index32(n))
+    KC_LAUNCH(kc_blocks(n), KC_THREADS, 0, s->stream, rows_kernel<T, VW, uint32_t>)(
+        (vec<T, VW> *)out, (const vec<T, VW> *)a, idx, is, outer, nsel, V, inner / VW);
+  else
+    KC_LAUNCH(kc_blocks(n), KC_THREADS, 0, s->stream, rows_kernel<T, VW, int64_t>)(
+        (vec<T, VW> *)out, (const vec<T, VW> *)a, idx, is, outer, nsel, V, inner / VW);
   return KC_LAUNCHED();
 }
 
@@ -141,9 +148,9 @@ static int launch_rows(kc_state *s, void *out, const void *a, const int64_t *idx
 ** and both addresses allow them. */
 static int rows(kc_state *s, int dtype, void *out, const void *a, const int64_t *idx, int64_t is, int64_t outer,
                 int64_t nsel, int64_t V, int64_t inner) {
-  int es = elem_size(dtype);
+  int es = kc_elem_size(dtype);
   int vw = 16 / (es ? es : 1);
-  int vec_ok = inner % vw == 0 && ((uintptr_t)out | (uintptr_t)a) % 16 == 0;
+  int vec_ok = inner % vw == 0 && kc_aligned16(out) && kc_aligned16(a);
   switch (dtype) {
     case KEEL_F32:
       return vec_ok ? launch_rows<float, 4>(s, out, a, idx, is, outer, nsel, V, inner)
@@ -180,7 +187,7 @@ static int gather(kc_state *s, const kc_view *out, const kc_view *a, int dim, co
   if (!check_ndim(out) || !check_ndim(a) || !check_ndim(index)) return KC_ERR_ARG;
   if (out->ndim != a->ndim || index->ndim != a->ndim || dim < 0 || dim >= a->ndim) return KC_ERR_ARG;
   if (index->dtype != KEEL_I64 || out->dtype != a->dtype) return KC_ERR_DTYPE;
-  if (!elem_size(out->dtype)) return KC_ERR_DTYPE;
+  if (!kc_elem_size(out->dtype)) return KC_ERR_DTYPE;
   for (int d = 0; d < out->ndim; d++)
     if (out->shape[d] != index->shape[d]) return KC_ERR_ARG;
   if (out->numel == 0) return KC_OK;
@@ -193,7 +200,7 @@ static int index_select(kc_state *s, const kc_view *out, const kc_view *a, int d
   if (!check_ndim(out) || !check_ndim(a) || !check_ndim(index) || index->ndim > 1) return KC_ERR_ARG;
   if (out->ndim != a->ndim || dim < 0 || dim >= a->ndim || out->shape[dim] != nsel) return KC_ERR_ARG;
   if (index->dtype != KEEL_I64 || out->dtype != a->dtype) return KC_ERR_DTYPE;
-  if (!elem_size(out->dtype)) return KC_ERR_DTYPE;
+  if (!kc_elem_size(out->dtype)) return KC_ERR_DTYPE;
   if (out->numel == 0) return KC_OK;
   /* the index seen through out's shape: it moves along dim only */
   iv = *out;
@@ -216,10 +223,12 @@ static int scatter_add(kc_state *s, const kc_view *out, int dim, const kc_view *
   kc_geom g;
   int64_t n, sd;
   unsigned nb;
+  bool small;
+  const int64_t *ix;
   if (!check_ndim(out) || !check_ndim(index) || !check_ndim(src)) return KC_ERR_ARG;
   if (index->ndim != out->ndim || src->ndim != out->ndim || dim < 0 || dim >= out->ndim) return KC_ERR_ARG;
   if (index->dtype != KEEL_I64 || src->dtype != out->dtype) return KC_ERR_DTYPE;
-  if (!elem_size(out->dtype)) return KC_ERR_DTYPE;
+  if (!kc_elem_size(out->dtype)) return KC_ERR_DTYPE;
   n = index->numel;
   if (n == 0) return KC_OK;
   oz = *out;
@@ -230,19 +239,20 @@ static int scatter_add(kc_state *s, const kc_view *out, int dim, const kc_view *
     kc_make_geom(&g, 3, ops);
   }
   nb = kc_blocks(n);
+  small = kc_index32(n);
+  ix = (const int64_t *)index->data;
   switch (out->dtype) {
     case KEEL_F32:
-      KC_LAUNCH(nb, KC_THREADS, 0, s->stream, scatter_kernel<float>)((float *)out->data, (const float *)src->data,
-                                                                     (const int64_t *)index->data, g, sd, n);
+      KC_LAUNCH(nb, KC_THREADS, 0, s->stream, scatter_kernel<float>)((float *)out->data, (const float *)src->data, ix,
+                                                                     g, sd, small, n);
       break;
     case KEEL_F64:
       KC_LAUNCH(nb, KC_THREADS, 0, s->stream, scatter_kernel<double>)((double *)out->data, (const double *)src->data,
-                                                                      (const int64_t *)index->data, g, sd, n);
+                                                                      ix, g, sd, small, n);
       break;
     case KEEL_I64:
       KC_LAUNCH(nb, KC_THREADS, 0, s->stream, scatter_kernel<int64_t>)((int64_t *)out->data,
-                                                                       (const int64_t *)src->data,
-                                                                       (const int64_t *)index->data, g, sd, n);
+                                                                       (const int64_t *)src->data, ix, g, sd, small, n);
       break;
     default: return KC_ERR_DTYPE;
   }
@@ -255,17 +265,29 @@ static int embedding(kc_state *s, const kc_view *out, const kc_view *weight, con
   if (out->ndim != 2 || weight->ndim != 2 || out->shape[1] != weight->shape[1] || out->shape[0] != idx->numel)
     return KC_ERR_ARG;
   if (idx->dtype != KEEL_I64 || out->dtype != weight->dtype) return KC_ERR_DTYPE;
-  if (!elem_size(out->dtype)) return KC_ERR_DTYPE;
+  if (!kc_elem_size(out->dtype)) return KC_ERR_DTYPE;
   if (out->numel == 0) return KC_OK;
   if (!contiguous(out) || !contiguous(weight) || !contiguous(idx)) return KC_ERR_ARG;
   return rows(s, out->dtype, out->data, weight->data, (const int64_t *)idx->data, 1, 1, idx->numel,
               weight->shape[0], weight->shape[1]);
 }
 
+template <typename T>
+static int launch_emb_back(kc_state *s, const kc_view *gw, const kc_view *gout, const kc_view *idx, int64_t D,
+                           int64_t pad, int64_t n) {
+  T *w = (T *)gw->data;
+  const T *g = (const T *)gout->data;
+  const int64_t *ix = (const int64_t *)idx->data;
+  if (kc_index32(n))
+    KC_LAUNCH(kc_blocks(n), KC_THREADS, 0, s->stream, embedding_backward_kernel<T, uint32_t>)(w, g, ix, D, pad, n);
+  else
+    KC_LAUNCH(kc_blocks(n), KC_THREADS, 0, s->stream, embedding_backward_kernel<T, int64_t>)(w, g, ix, D, pad, n);
+  return KC_LAUNCHED();
+}
+
 /* gw [V, D] += gout [n, D] rows at idx, skipping row pad (-1: none). */
 static int embedding_backward(kc_state *s, const kc_view *gw, const kc_view *gout, const kc_view *idx, int64_t pad) {
   int64_t n, D;
-  unsigned nb;
   if (!check_ndim(gw) || !check_ndim(gout) || !check_ndim(idx)) return KC_ERR_ARG;
   if (gw->ndim != 2 || gout->ndim != 2 || gout->shape[1] != gw->shape[1] || gout->shape[0] != idx->numel)
     return KC_ERR_ARG;
@@ -274,19 +296,11 @@ static int embedding_backward(kc_state *s, const kc_view *gw, const kc_view *gou
   n = gout->numel;
   if (n == 0) return KC_OK;
   if (!contiguous(gw) || !contiguous(gout) || !contiguous(idx)) return KC_ERR_ARG;
-  nb = kc_blocks(n);
   switch (gw->dtype) {
-    case KEEL_F32:
-      KC_LAUNCH(nb, KC_THREADS, 0, s->stream, embedding_backward_kernel<float>)(
-          (float *)gw->data, (const float *)gout->data, (const int64_t *)idx->data, D, pad, n);
-      break;
-    case KEEL_F64:
-      KC_LAUNCH(nb, KC_THREADS, 0, s->stream, embedding_backward_kernel<double>)(
-          (double *)gw->data, (const double *)gout->data, (const int64_t *)idx->data, D, pad, n);
-      break;
+    case KEEL_F32: return launch_emb_back<float>(s, gw, gout, idx, D, pad, n);
+    case KEEL_F64: return launch_emb_back<double>(s, gw, gout, idx, D, pad, n);
     default: return KC_ERR_DTYPE;   /* the CPU slot takes float32 and float64 */
   }
-  return KC_LAUNCHED();
 }
 
 /* }====================================================================== */

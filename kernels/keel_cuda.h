@@ -108,12 +108,17 @@ typedef struct kc_closs {
 ** [G*H, In], w_hh [G*H, H], b_* [G*H] (G = 1, 4 or 3 gates). ws holds what
 ** forward keeps for backward, laid out as the CPU backend lays it out.
 ** Absent tensors are NULL; backward fills the non-NULL d* (adding into
-** none: they arrive zeroed). */
+** none: they arrive zeroed). ws_at: where each region of ws starts, in
+** elements (the engine's kl_rnn_ws_layout: the one description of it). */
+typedef struct kc_rnn_ws {
+  int64_t hp, hn, c, c0, g, tc, total;
+} kc_rnn_ws;
 typedef struct kc_rnn {
   int32_t mode, reverse;         /* keel_rnn_mode; steps run t = T-1 .. 0 */
   int64_t T, B, In, H;
   const kc_view *x, *h0, *c0, *w_ih, *w_hh, *b_ih, *b_hh;
   const kc_view *out, *ws;       /* forward writes, backward reads */
+  kc_rnn_ws ws_at;               /* ws's regions */
   const kc_view *gout;
   const kc_view *dx, *dh0, *dc0, *dw_ih, *dw_hh, *db_ih, *db_hh;
 } kc_rnn;

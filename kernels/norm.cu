@@ -7,7 +7,10 @@
 ** (mean/rstd [N*groups]: the elements of one are a contiguous run of
 ** C/groups*L) or per channel when groups == 0 (batch norm: N runs of L).
 ** One block owns one statistic and does all its passes, in double, the
-** CPU's way: mean first, then squared deviations (no cancellation).
+** CPU's way: mean first, then squared deviations (no cancellation). Few
+** statistics over long runs (batch norm with few channels, layer/group
+** norm with few samples) split each over blocks instead (kc_chan_split),
+** with ordered second passes.
 ** Per-channel weight gradients of layer/group norm cross statistics, so
 ** they are column sums: partial sums over slices of N in scratch, then a
 ** block per channel adds them in a fixed order. Nothing uses atomics, so
@@ -44,33 +47,30 @@ static nshape shape_of(const kc_view *x, int64_t groups) {
   return g;
 }
 
-/* Calls f(offset in x, channel) for this thread's share of statistic s. */
+/* Elements behind each statistic: a run of C/groups*L, or N runs of L. */
+__host__ __device__ __forceinline__ int64_t stat_len(const nshape &g) { return g.groups ? g.Cg * g.L : g.N * g.L; }
+
+/* Calls f(offset in x, channel) for this thread's share of elements
+** [j0, j1) of statistic s (group: its run in order; batch norm: n-major,
+** kc_chan_visit). Runs of a block or more go row by row (no division). */
 template <typename F>
-__device__ __forceinline__ void visit(const nshape &g, int64_t s, F &f) {
+__device__ __forceinline__ void visit(const nshape &g, int64_t s, int64_t j0, int64_t j1, F &f) {
   int64_t tid = threadIdx.x, bd = blockDim.x;
   if (g.groups) {
-    int64_t len = g.Cg * g.L, c0 = (s % g.groups) * g.Cg, o = s * len;
+    int64_t c0 = (s % g.groups) * g.Cg, o = s * g.Cg * g.L;
     if (g.L == 1) {
-      for (int64_t j = tid; j < len; j += bd) f(o + j, c0 + j);
+      for (int64_t j = j0 + tid; j < j1; j += bd) f(o + j, c0 + j);
     } else if (g.L >= bd) {
-      for (int64_t k = 0; k < g.Cg; k++)
-        for (int64_t l = tid; l < g.L; l += bd) f(o + k * g.L + l, c0 + k);
+      for (int64_t k = j0 / g.L; k * g.L < j1; k++) {
+        int64_t r0 = k * g.L, lo = j0 > r0 ? j0 - r0 : 0, hi = j1 - r0 < g.L ? j1 - r0 : g.L;
+        for (int64_t l = lo + tid; l < hi; l += bd) f(o + r0 + l, c0 + k);
+      }
     } else {
-      for (int64_t j = tid; j < len; j += bd) f(o + j, c0 + j / g.L);
+      for (int64_t j = j0 + tid; j < j1; j += bd) f(o + j, c0 + j / g.L);
     }
   } else {
-    int64_t CL = g.C * g.L, o = s * g.L;
-    if (g.L >= bd) {
-      for (int64_t n = 0; n < g.N; n++)
-        for (int64_t l = tid; l < g.L; l += bd) f(o + n * CL + l, s);
-    } else if (g.L == 1) {
-      for (int64_t n = tid; n < g.N; n += bd) f(o + n * CL, s);
-    } else {
-      for (int64_t j = tid; j < g.N * g.L; j += bd) {
-        int64_t n = j / g.L;
-        f(o + n * CL + (j - n * g.L), s);
-      }
-    }
+    auto h = [&](int64_t i) { f(i, s); };
+    kc_chan_visit(g.C, g.L, s, j0, j1, h);
   }
 }
 
@@ -91,11 +91,11 @@ __global__ void stats_kernel(nshape g, T *mean, T *rstd, T *var, const T *x, dou
   for (int64_t s = blockIdx.x; s < g.S; s += gridDim.x) {
     double acc = 0, mu, v;
     auto sum = [&](int64_t i, int64_t) { acc += (double)x[i]; };
-    visit(g, s, sum);
+    visit(g, s, 0, stat_len(g), sum);
     mu = kc_block_sum(acc, buf) / g.m;
     acc = 0;
     auto dev = [&](int64_t i, int64_t) { double d = (double)x[i] - mu; acc += d * d; };
-    visit(g, s, dev);
+    visit(g, s, 0, stat_len(g), dev);
     v = kc_block_sum(acc, buf) / g.m;              /* biased variance */
     if (threadIdx.x == 0) {
       mean[s] = (T)mu;
@@ -105,17 +105,67 @@ __global__ void stats_kernel(nshape g, T *mean, T *rstd, T *var, const T *x, dou
   }
 }
 
-/* y = (x - mean) rstd w + b over [N, C*L]: blockIdx.y walks n, so the
-** statistic costs no division; the channel one when L > 1. */
+/*
+** Few statistics over long runs (batch norm with few channels, layer or
+** group norm with few samples): each statistic's elements split into
+** slices (kc_chan_split, gridDim.y). Pass 1 sums x per slice; pass 2
+** rebuilds the mean from pass 1's partials (in slice order: the same bits
+** in every block) and sums squared deviations; split_stats_finish adds
+** those per statistic. Two passes over x, as the one-block kernel: no
+** cancellation. Partials of slice k, statistic s: part[k * S + s].
+*/
+__device__ __forceinline__ double split_mean(const nshape &g, const double *sums, int64_t slices, int64_t s) {
+  double a = 0;
+  for (int64_t k = 0; k < slices; k++) a += sums[k * g.S + s];
+  return a / g.m;
+}
+
+/* sums NULL: pass 1 (sum x); else pass 2 (sum (x - mean)^2). */
 template <typename T>
+__global__ void split_stats_part(nshape g, kc_split sp, double *part, const double *sums, const T *x) {
+  __shared__ double buf[32];
+  for (int64_t sl = blockIdx.y; sl < sp.S; sl += gridDim.y) {
+    int64_t j0, j1;
+    kc_split_range(sp, sl, stat_len(g), &j0, &j1);
+    for (int64_t s = blockIdx.x; s < g.S; s += gridDim.x) {
+      double acc = 0, mu = sums ? split_mean(g, sums, sp.S, s) : 0.0;
+      auto add = [&](int64_t i, int64_t) {
+        double d = (double)x[i] - mu;
+        acc += sums ? d * d : d;
+      };
+      visit(g, s, j0, j1, add);
+      acc = kc_block_sum(acc, buf);
+      if (threadIdx.x == 0) part[sl * g.S + s] = acc;
+    }
+  }
+}
+
+template <typename T>
+__global__ void split_stats_finish(nshape g, kc_split sp, const double *sums, const double *sq, T *mean, T *rstd,
+                                   T *var, double eps) {
+  KC_GRID_LOOP(s, g.S) {
+    double mu = split_mean(g, sums, sp.S, s), v = 0;
+    for (int64_t k = 0; k < sp.S; k++) v += sq[k * g.S + s];
+    v /= g.m;                                      /* biased variance */
+    mean[s] = (T)mu;
+    rstd[s] = (T)(1.0 / sqrt(v + eps));
+    if (var) var[s] = (T)v;
+  }
+}
+
+/* y = (x - mean) rstd w + b over [N, C*L]: blockIdx.y walks n, so the
+** statistic costs no division; the channel one when L > 1, in I
+** (uint32_t when kc_index32 of C*L allows). */
+template <typename T, typename I>
 __global__ void forward_kernel(nshape g, T *y, const T *x, const T *mean, const T *rstd, const T *w,
                                const T *b) {
   int64_t CL = g.C * g.L;
+  I L = (I)g.L;
   for (int64_t n = blockIdx.y; n < g.N; n += gridDim.y) {
     const T *xr = x + n * CL;
     T *yr = y + n * CL;
     KC_GRID_LOOP(j, CL) {
-      int64_t c = g.L == 1 ? j : j / g.L;
+      int64_t c = g.L == 1 ? j : (int64_t)((I)j / L);
       int64_t s = g.groups ? n * g.groups + c / g.Cg : c;
       double u = ld(mean, s, 0.0), rs = ld(rstd, s, 1.0);
       yr[j] = (T)(((double)xr[j] - u) * rs * ld(w, c, 1.0) + ld(b, c, 0.0));
@@ -146,7 +196,7 @@ __global__ void backward_kernel(nshape g, T *gx, T *gw, T *gb, const T *gy, cons
       b += dy * wc * xh;
     };
     if (stats_of_x || (!g.groups && (gw || gb))) {
-      visit(g, s, pass1);
+      visit(g, s, 0, stat_len(g), pass1);
       a = kc_block_sum(a, buf);
       b = kc_block_sum(b, buf);
     }
@@ -167,7 +217,67 @@ __global__ void backward_kernel(nshape g, T *gx, T *gw, T *gb, const T *gy, cons
         double xh = ((double)x[i] - u) * rs;
         gx[i] = (T)(rs * ((double)gy[i] * ld(w, c, 1.0) - am - xh * bm));
       };
-      visit(g, s, pass2);
+      visit(g, s, 0, stat_len(g), pass2);
+    }
+  }
+}
+
+/*
+** Backward over split statistics (those of split_stats_part):
+** split_back_part sums A and B of each slice; split_back_apply adds a
+** statistic's partials in slice order (the same in every block), writes
+** batch norm's dw, db (slice 0) and dx over its slice.
+*/
+template <typename T>
+__global__ void split_back_part(nshape g, kc_split sp, dpair *part, const T *gy, const T *x, const T *mean,
+                                const T *rstd, const T *w) {
+  __shared__ double buf[32];
+  for (int64_t sl = blockIdx.y; sl < sp.S; sl += gridDim.y) {
+    int64_t j0, j1;
+    kc_split_range(sp, sl, stat_len(g), &j0, &j1);
+    for (int64_t s = blockIdx.x; s < g.S; s += gridDim.x) {
+      double u = ld(mean, s, 0.0), rs = ld(rstd, s, 1.0), a = 0, b = 0;
+      auto add = [&](int64_t i, int64_t c) {
+        double dy = (double)gy[i] * (g.groups ? ld(w, c, 1.0) : 1.0);
+        a += dy;
+        b += dy * (((double)x[i] - u) * rs);
+      };
+      visit(g, s, j0, j1, add);
+      a = kc_block_sum(a, buf);
+      b = kc_block_sum(b, buf);
+      if (threadIdx.x == 0) part[sl * g.S + s] = dpair{a, b};
+    }
+  }
+}
+
+/* part NULL: the sums are not needed (no batch-norm dw, db; given statistics). */
+template <typename T>
+__global__ void split_back_apply(nshape g, kc_split sp, const dpair *part, T *gx, T *gw, T *gb, const T *gy,
+                                 const T *x, const T *mean, const T *rstd, const T *w, int stats_of_x) {
+  for (int64_t sl = blockIdx.y; sl < sp.S; sl += gridDim.y) {
+    int64_t j0, j1;
+    kc_split_range(sp, sl, stat_len(g), &j0, &j1);
+    for (int64_t s = blockIdx.x; s < g.S; s += gridDim.x) {
+      double a = 0, b = 0, ws = g.groups ? 1.0 : ld(w, s, 1.0);
+      if (part)
+        for (int64_t k = 0; k < sp.S; k++) {
+          dpair v = part[k * g.S + s];
+          a += v.x;
+          b += v.y;
+        }
+      if (!g.groups && sl == 0 && threadIdx.x == 0) {
+        if (gw) gw[s] = (T)b;
+        if (gb) gb[s] = (T)a;
+      }
+      if (gx) {
+        double u = ld(mean, s, 0.0), rs = ld(rstd, s, 1.0);
+        double am = stats_of_x ? a * ws / g.m : 0, bm = stats_of_x ? b * ws / g.m : 0;
+        auto put = [&](int64_t i, int64_t c) {
+          double xh = ((double)x[i] - u) * rs;
+          gx[i] = (T)(rs * ((double)gy[i] * ld(w, c, 1.0) - am - xh * bm));
+        };
+        visit(g, s, j0, j1, put);
+      }
     }
   }
 }
@@ -244,8 +354,6 @@ __global__ void dropout_kernel(T *mask, int64_t n, double p, T scale, uint64_t k
 ** Entries
 ** ======================================================================= */
 
-static int is_float(int dt) { return dt == KEEL_F32 || dt == KEEL_F64; }
-
 /* Same dtype as x and at least n elements (NULL passes). */
 static int check_vec(const kc_view *v, const kc_view *x, int64_t n) {
   if (!v) return KC_OK;
@@ -255,17 +363,29 @@ static int check_vec(const kc_view *v, const kc_view *x, int64_t n) {
 
 static int check_x(const kc_view *x, int64_t groups) {
   if (!x || x->ndim != 3 || groups < 0) return KC_ERR_ARG;
-  if (!is_float(x->dtype)) return KC_ERR_DTYPE;
+  if (!kc_is_float(x->dtype)) return KC_ERR_DTYPE;
   if (groups && x->shape[1] % groups) return KC_ERR_ARG;
   return KC_OK;
 }
 
-static unsigned blocks_for(int64_t n) { return (unsigned)(n < 1 ? 1 : n > KC_MAX_BLOCKS ? KC_MAX_BLOCKS : n); }
-
 template <typename T>
 static int stats_t(kc_state *s, const nshape &g, const kc_view *mean, const kc_view *rstd, const kc_view *var,
                    const kc_view *x, double eps) {
-  KC_LAUNCH(blocks_for(g.S), NT, 0, s->stream, stats_kernel<T>)(g, (T *)mean->data, (T *)rstd->data,
+  kc_split sp = kc_chan_split(s, g.S, stat_len(g), NT);
+  if (sp.S > 1) {   /* few statistics: slices */
+    dim3 grid(kc_grid_x(g.S), (unsigned)sp.S);
+    double *sums;
+    int e;
+    if ((e = kc_scratch(s, 2 * sizeof(double) * (size_t)(sp.S * g.S), (void **)&sums))) return e;
+    KC_LAUNCH(grid, NT, 0, s->stream, split_stats_part<T>)(g, sp, sums, NULL, (const T *)x->data);
+    if ((e = KC_LAUNCHED())) return e;
+    KC_LAUNCH(grid, NT, 0, s->stream, split_stats_part<T>)(g, sp, sums + sp.S * g.S, sums, (const T *)x->data);
+    if ((e = KC_LAUNCHED())) return e;
+    KC_LAUNCH(kc_blocks(g.S), KC_THREADS, 0, s->stream, split_stats_finish<T>)(
+        g, sp, sums, sums + sp.S * g.S, (T *)mean->data, (T *)rstd->data, var ? (T *)var->data : NULL, eps);
+    return KC_LAUNCHED();
+  }
+  KC_LAUNCH(kc_grid_x(g.S), NT, 0, s->stream, stats_kernel<T>)(g, (T *)mean->data, (T *)rstd->data,
                                                                var ? (T *)var->data : NULL, (const T *)x->data, eps);
   return KC_LAUNCHED();
 }
@@ -290,10 +410,15 @@ template <typename T>
 static int forward_t(kc_state *s, const nshape &g, const kc_view *y, const kc_view *x, const kc_view *mean,
                      const kc_view *rstd, const kc_view *w, const kc_view *b) {
   int64_t CL = g.C * g.L;
-  dim3 grid(kc_blocks(CL), (unsigned)(g.N < 65535 ? g.N : 65535));
-  KC_LAUNCH(grid, KC_THREADS, 0, s->stream, forward_kernel<T>)(g, (T *)y->data, (const T *)x->data,
-                                                               DATA(const T, mean), DATA(const T, rstd),
-                                                               DATA(const T, w), DATA(const T, b));
+  dim3 grid(kc_blocks(CL), kc_grid_yz(g.N));
+  if (kc_index32(CL))
+    KC_LAUNCH(grid, KC_THREADS, 0, s->stream, forward_kernel<T, uint32_t>)(
+        g, (T *)y->data, (const T *)x->data, DATA(const T, mean), DATA(const T, rstd), DATA(const T, w),
+        DATA(const T, b));
+  else
+    KC_LAUNCH(grid, KC_THREADS, 0, s->stream, forward_kernel<T, int64_t>)(
+        g, (T *)y->data, (const T *)x->data, DATA(const T, mean), DATA(const T, rstd), DATA(const T, w),
+        DATA(const T, b));
   return KC_LAUNCHED();
 }
 
@@ -317,8 +442,24 @@ static int backward_t(kc_state *s, const nshape &g, const kc_view *gx, const kc_
                       const kc_view *gy, const kc_view *x, const kc_view *mean, const kc_view *rstd,
                       const kc_view *w, int stats_of_x) {
   int e;
-  if (gx || !g.groups) {
-    KC_LAUNCH(blocks_for(g.S), NT, 0, s->stream, backward_kernel<T>)(
+  kc_split sp = kc_chan_split(s, g.S, stat_len(g), NT);
+  if (sp.S > 1 && (gx || !g.groups)) {   /* few statistics: slices */
+    dim3 grid(kc_grid_x(g.S), (unsigned)sp.S);
+    dpair *part = NULL;
+    if (stats_of_x || (!g.groups && (gw || gb))) {
+      if ((e = kc_scratch(s, sizeof(dpair) * (size_t)(sp.S * g.S), (void **)&part))) return e;
+      KC_LAUNCH(grid, NT, 0, s->stream, split_back_part<T>)(g, sp, part, (const T *)gy->data, (const T *)x->data,
+                                                             DATA(const T, mean), DATA(const T, rstd),
+                                                             DATA(const T, w));
+      if ((e = KC_LAUNCHED())) return e;
+    }
+    KC_LAUNCH(grid, NT, 0, s->stream, split_back_apply<T>)(g, sp, part, DATA(T, gx), g.groups ? NULL : DATA(T, gw),
+                                                            g.groups ? NULL : DATA(T, gb), (const T *)gy->data,
+                                                            (const T *)x->data, DATA(const T, mean),
+                                                            DATA(const T, rstd), DATA(const T, w), stats_of_x);
+    if ((e = KC_LAUNCHED())) return e;
+  } else if (gx || !g.groups) {
+    KC_LAUNCH(kc_grid_x(g.S), NT, 0, s->stream, backward_kernel<T>)(
         g, DATA(T, gx), g.groups ? NULL : DATA(T, gw), g.groups ? NULL : DATA(T, gb), (const T *)gy->data,
         (const T *)x->data, DATA(const T, mean), DATA(const T, rstd), DATA(const T, w), stats_of_x);
     if ((e = KC_LAUNCHED())) return e;
@@ -347,7 +488,7 @@ static int backward_t(kc_state *s, const nshape &g, const kc_view *gx, const kc_
       if (gb && (e = kc_fill(s, gb, 0.0))) return e;
       return KC_OK;
     }
-    KC_LAUNCH(blocks_for(g.C), NT, 0, s->stream, wgrad_finish<T>)(g, DATA(T, gw), DATA(T, gb), part, slices);
+    KC_LAUNCH(kc_grid_x(g.C), NT, 0, s->stream, wgrad_finish<T>)(g, DATA(T, gw), DATA(T, gb), part, slices);
     return KC_LAUNCHED();
   }
   return KC_OK;

@@ -10,7 +10,8 @@
 **   +inf (max / min, which the engine refuses before).
 **
 ** One plan serves every case. Kept dims (outputs) and reduced dims are
-** each merged where contiguous; a block holds a tile of outputs and, for
+** each merged where contiguous (two kc_geoms; their offsets divide in 32
+** bits when the counts allow, common.cuh); a block holds a tile of outputs and, for
 ** each, a power-of-two team of threads that walk the reduced elements:
 ** - "inner" (a reduced dim has the smallest stride: rows): the team is
 **   threadIdx.x, so a warp reads consecutive elements of a row;
@@ -116,12 +117,11 @@ template <> struct rop<OP_MIN> : rext<false> {};
 ** ======================================================================= */
 
 typedef struct rplan {
-  int nk, nr;                                 /* kept / reduced dims (nr >= 1) */
+  kc_geom kept;                               /* the outputs: operands a, out, idx (stride 0 without) */
+  kc_geom red;                                /* the reduced elements of one output in a */
+  bool kept32, red32;                         /* kc_index32 of M, R: 32-bit index division */
   int inner;                                  /* the team walks threadIdx.x */
   int fin;                                    /* FIN_* */
-  int64_t kshape[KC_MAX_DIMS];
-  int64_t kst[KC_MAX_DIMS], ost[KC_MAX_DIMS], ist[KC_MAX_DIMS];  /* a, out, idx strides */
-  int64_t rshape[KC_MAX_DIMS], rst[KC_MAX_DIMS];
   int64_t M, R;                               /* outputs, reduced elements per output */
   int64_t S, chunk;                           /* splits of the reduced range, elements each */
   double p;                                   /* norm order (OP_POW, FIN_ROOT) */
@@ -129,44 +129,30 @@ typedef struct rplan {
 } rplan;
 
 /* Offsets of output m in a, out and idx. */
-__device__ __forceinline__ void kept_offsets(const rplan &P, int64_t m, int64_t *ao, int64_t *oo, int64_t *io) {
-  int64_t a = 0, o = 0, x = 0;
-  for (int d = P.nk - 1; d >= 0; d--) {
-    int64_t q = m / P.kshape[d], r = m - q * P.kshape[d];
-    m = q;
-    a += r * P.kst[d];
-    o += r * P.ost[d];
-    x += r * P.ist[d];
-  }
-  *ao = a;
-  *oo = o;
-  *io = x;
+__device__ __forceinline__ void kept_offsets(const rplan &P, int64_t m, int64_t *off) {
+  kc_offsets_sel<3>(P.kept, P.kept32, m, off);
 }
 
 /* Offset in a of reduced element r (several reduced dims). */
 __device__ __forceinline__ int64_t red_offset(const rplan &P, int64_t r) {
-  int64_t off = 0;
-  for (int d = P.nr - 1; d >= 0; d--) {
-    int64_t q = r / P.rshape[d];
-    off += (r - q * P.rshape[d]) * P.rst[d];
-    r = q;
-  }
-  return off;
+  int64_t off[1];
+  kc_offsets_sel<1>(P.red, P.red32, r, off);
+  return off[0];
 }
 
 template <typename T>
 __device__ __forceinline__ void put(const rplan &P, int64_t m, racc a, T *out, int64_t *idx) {
-  int64_t ao, oo, io;
+  int64_t off[3];
   double v = a.v;
-  kept_offsets(P, m, &ao, &oo, &io);
+  kept_offsets(P, m, off);
   switch (P.fin) {
     case FIN_MEAN: v = v / (double)P.R; break;       /* R == 0: 0/0, NaN as the CPU */
     case FIN_SQRT: v = sqrt(v); break;
     case FIN_ROOT: v = pow(v, 1.0 / P.p); break;
     default: break;
   }
-  out[oo] = (T)v;
-  if (idx) idx[io] = (a.pos == NO_POS ? 0 : a.pos) + P.base;
+  out[off[1]] = (T)v;
+  if (idx) idx[off[2]] = (a.pos == NO_POS ? 0 : a.pos) + P.base;
 }
 
 /* }====================================================================== */
@@ -190,11 +176,11 @@ __global__ void reduce_kernel(rplan P, const T *a, T *out, int64_t *idx, racc *p
       int64_t m = t * ns + slot;
       racc acc = rop<OP>::init();
       if (m < P.M) {
-        int64_t ao, oo, io;
-        kept_offsets(P, m, &ao, &oo, &io);
-        const T *row = a + ao;
+        int64_t off[3];
+        kept_offsets(P, m, off);
+        const T *row = a + off[0];
         if (ONE) {
-          int64_t st = P.rst[0];
+          int64_t st = P.red.ndim ? P.red.st[0][0] : 0;
           for (int64_t r = r0 + lane; r < r1; r += nl) rop<OP>::step(acc, (double)row[r * st], P.p, r);
         } else {
           for (int64_t r = r0 + lane; r < r1; r += nl) rop<OP>::step(acc, (double)row[red_offset(P, r)], P.p, r);
@@ -233,61 +219,48 @@ __global__ void reduce_finish(rplan P, T *out, int64_t *idx, const racc *part) {
 
 static int elem_ok(int dt) { return dt == KEEL_F32 || dt == KEEL_F64 || dt == KEEL_I64; }
 
-/* Builds the plan's geometry; KC_ERR_ARG when the views disagree. */
+/* Builds the plan's geometry; KC_ERR_ARG when the views disagree. The
+** kept dims of (a, out, idx) and the reduced dims of a become two views,
+** each merged by kc_make_geom. */
 static int make_plan(rplan *P, const kc_view *out, const kc_view *idx, const kc_view *a, const int *reduce) {
   int64_t kmin = INT64_MAX, rmin = INT64_MAX;
+  kc_view ka, ko, ki, ra;
   if (!a || !out || !reduce || a->ndim != out->ndim || a->ndim < 0 || a->ndim > KC_MAX_DIMS) return KC_ERR_ARG;
   if (idx && (idx->ndim != a->ndim || idx->dtype != KEEL_I64)) return KC_ERR_ARG;
-  P->nk = P->nr = 0;
+  ka.ndim = ra.ndim = 0;
   P->M = P->R = 1;
   for (int d = 0; d < a->ndim; d++) {
     int64_t sz = a->shape[d];
     if (out->shape[d] != (reduce[d] ? 1 : sz) || (idx && idx->shape[d] != out->shape[d])) return KC_ERR_ARG;
     if (reduce[d]) {
       P->R *= sz;
-      if (sz == 1) continue;
-      if (P->nr > 0 && P->rst[P->nr - 1] == a->stride[d] * sz) {
-        P->rshape[P->nr - 1] *= sz;
-        P->rst[P->nr - 1] = a->stride[d];
-      } else {
-        P->rshape[P->nr] = sz;
-        P->rst[P->nr] = a->stride[d];
-        P->nr++;
-      }
+      ra.shape[ra.ndim] = sz;
+      ra.stride[ra.ndim++] = a->stride[d];
     } else {
-      int64_t is = idx ? idx->stride[d] : 0;
       P->M *= sz;
-      if (sz == 1) continue;
-      if (P->nk > 0 && P->kst[P->nk - 1] == a->stride[d] * sz && P->ost[P->nk - 1] == out->stride[d] * sz &&
-          P->ist[P->nk - 1] == is * sz) {
-        P->kshape[P->nk - 1] *= sz;
-        P->kst[P->nk - 1] = a->stride[d];
-        P->ost[P->nk - 1] = out->stride[d];
-        P->ist[P->nk - 1] = is;
-      } else {
-        P->kshape[P->nk] = sz;
-        P->kst[P->nk] = a->stride[d];
-        P->ost[P->nk] = out->stride[d];
-        P->ist[P->nk] = is;
-        P->nk++;
-      }
+      ka.shape[ka.ndim] = sz;
+      ka.stride[ka.ndim] = a->stride[d];
+      ko.stride[ka.ndim] = out->stride[d];
+      ki.stride[ka.ndim++] = idx ? idx->stride[d] : 0;
     }
   }
-  if (P->nr == 0) {             /* nothing (or one element) to reduce per output */
-    P->rshape[0] = 1;
-    P->rst[0] = 0;
-    P->nr = 1;
+  {
+    const kc_view *kv[3] = {&ka, &ko, &ki}, *rv = &ra;
+    kc_make_geom(&P->kept, 3, kv);
+    kc_make_geom(&P->red, 1, &rv);
   }
-  for (int d = 0; d < P->nk; d++) {
-    int64_t v = P->kst[d] < 0 ? -P->kst[d] : P->kst[d];
+  P->kept32 = kc_index32(P->M);
+  P->red32 = kc_index32(P->R);
+  for (int d = 0; d < P->kept.ndim; d++) {
+    int64_t v = P->kept.st[0][d] < 0 ? -P->kept.st[0][d] : P->kept.st[0][d];
     if (v < kmin) kmin = v;
   }
-  for (int d = 0; d < P->nr; d++) {
-    int64_t v = P->rst[d] < 0 ? -P->rst[d] : P->rst[d];
-    if (P->rshape[d] > 1 && v < rmin) rmin = v;
+  for (int d = 0; d < P->red.ndim; d++) {
+    int64_t v = P->red.st[0][d] < 0 ? -P->red.st[0][d] : P->red.st[0][d];
+    if (v < rmin) rmin = v;
   }
   /* rows when the reduced elements are the closer ones in memory */
-  P->inner = P->nk == 0 || (rmin != INT64_MAX && rmin < kmin);
+  P->inner = P->kept.ndim == 0 || (rmin != INT64_MAX && rmin < kmin);
   return KC_OK;
 }
 
@@ -318,11 +291,11 @@ static int launch(kc_state *s, rplan *P, const kc_view *out, const kc_view *idx,
     int e = kc_scratch(s, sizeof(racc) * (size_t)(P->S * P->M), (void **)&part);
     if (e) return e;
   }
-  gx = (unsigned)(tiles < KC_MAX_BLOCKS ? tiles : KC_MAX_BLOCKS);
+  gx = kc_grid_x(tiles);
   dim3 grid(gx, (unsigned)P->S), block((unsigned)bx, (unsigned)by);
   T *o = (T *)out->data;
   int64_t *ix = idx ? (int64_t *)idx->data : NULL;
-  if (P->nr == 1)
+  if (P->red.ndim <= 1)
     KC_LAUNCH(grid, block, 0, s->stream, reduce_kernel<T, OP, true>)(*P, (const T *)a->data, o, ix, part);
   else
     KC_LAUNCH(grid, block, 0, s->stream, reduce_kernel<T, OP, false>)(*P, (const T *)a->data, o, ix, part);

@@ -14,7 +14,9 @@
 ** one GEMM each over all steps and the bias gradients are column sums
 ** accumulated in double, as the CPU does.
 **
-** Workspace (kc_rnn.ws), S = B*H elements per state, regions by time t:
+** Workspace (kc_rnn.ws; kc_rnn.ws_at says where each region starts: the
+** engine's kl_rnn_ws_layout, the one place that orders them), S = B*H
+** elements per state, regions by time t:
 **   hp  [T, B, H]   the state each step starts from
 **   RNN   hn [T, B, H]
 **   LSTM  c [T, B, H], c0 [B, H], g [T, B, 4H] (i, f, g, o), tc [T, B, H]
@@ -27,34 +29,13 @@
 ** Layout and helpers
 ** ======================================================================= */
 
-typedef struct rnn_layout { int64_t hp, hn, c, c0, g, tc, total; } rnn_layout;
-
-/* as layout() in engine/backend_cpu_rnn.c */
-static rnn_layout ws_layout(const kc_rnn *a) {
-  int64_t TS = a->T * a->B * a->H;
-  rnn_layout w = {0, 0, 0, 0, 0, 0, 0};
-  w.total = TS;
-  if (a->mode == KEEL_RNN_LSTM) {
-    w.c = w.total;  w.total += TS;
-    w.c0 = w.total; w.total += a->B * a->H;
-    w.g = w.total;  w.total += 4 * TS;
-    w.tc = w.total; w.total += TS;
-  } else if (a->mode == KEEL_RNN_GRU) {
-    w.g = w.total;  w.total += 4 * TS;
-  } else {
-    w.hn = w.total; w.total += TS;
-  }
-  return w;
-}
-
 static int64_t n_gates(int mode) {
   return mode == KEEL_RNN_LSTM ? 4 : mode == KEEL_RNN_GRU ? 3 : 1;
 }
 
-__device__ __forceinline__ float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ __forceinline__ double sigm(double x) { return 1.0 / (1.0 + exp(-x)); }
-__device__ __forceinline__ float tanh_(float x) { return tanhf(x); }
-__device__ __forceinline__ double tanh_(double x) { return tanh(x); }
+/* the CPU's logistic expression (backend_cpu_rnn.c), in R */
+template <typename R>
+__device__ __forceinline__ R sigm(R x) { return (R)1 / ((R)1 + kc_exp(-x)); }
 
 /* dst[i] = src ? src[i] : 0 */
 template <typename R>
@@ -104,7 +85,7 @@ template <typename R>
 static int colsum(kc_state *s, R *out, const R *A, int64_t rows, int64_t cols) {
   int64_t nb = (cols + 31) / 32;
   if (cols == 0) return KC_OK;
-  KC_LAUNCH((unsigned)(nb > KC_MAX_BLOCKS ? KC_MAX_BLOCKS : nb), KC_THREADS, 0, s->stream, colsum_kernel<R>)(
+  KC_LAUNCH(kc_grid_x(nb), KC_THREADS, 0, s->stream, colsum_kernel<R>)(
       out, A, rows, cols);
   return KC_LAUNCHED();
 }
@@ -126,7 +107,7 @@ __global__ void rnn_fwd_kernel(R *pre, R *ho, R *hn2, const R *bi, const R *bh, 
     R v = pre[k];
     if (bi) v += bi[j];
     if (bh) v += bh[j];
-    v = relu ? (v < (R)0 ? (R)0 : v) : tanh_(v);   /* NaN stays NaN */
+    v = relu ? (v < (R)0 ? (R)0 : v) : kc_tanh(v);   /* NaN stays NaN */
     pre[k] = v;
     ho[k] = v;
     if (hn2) hn2[k] = v;
@@ -149,9 +130,9 @@ __global__ void lstm_fwd_kernel(R *g, const R *cp, R *cn, R *tc, R *ho, R *hn2, 
       if (bh) v += bh[q * H + j];
       p[q] = v;
     }
-    R vi = sigm(p[0]), vf = sigm(p[1]), vg = tanh_(p[2]), vo = sigm(p[3]);
+    R vi = sigm(p[0]), vf = sigm(p[1]), vg = kc_tanh(p[2]), vo = sigm(p[3]);
     R c = vf * cp[k] + vi * vg;
-    R t = tanh_(c);
+    R t = kc_tanh(c);
     R h = vo * t;
     gr[j] = vi; gr[H + j] = vf; gr[2 * H + j] = vg; gr[3 * H + j] = vo;
     cn[k] = c;
@@ -179,7 +160,7 @@ __global__ void gru_fwd_kernel(R *g, const R *gh, const R *hp, R *ho, R *hn2, co
       if (bh) sh[q] += bh[q * H + j];
     }
     R r = sigm(xi[0] + sh[0]), z = sigm(xi[1] + sh[1]);
-    R n = tanh_(xi[2] + r * sh[2]);
+    R n = kc_tanh(xi[2] + r * sh[2]);
     R h = ((R)1 - z) * n + z * hp[k];
     gr[j] = r; gr[H + j] = z; gr[2 * H + j] = n; gr[3 * H + j] = sh[2];
     ho[k] = h;
@@ -258,6 +239,19 @@ static int check(const kc_view *v, int dt, int64_t n, int required) {
   return KC_OK;
 }
 
+/* The regions this mode uses lie inside the workspace (the engine places
+** them; a mismatch must not reach memory). */
+static int check_regions(const kc_rnn *a) {
+  const kc_rnn_ws &w = a->ws_at;
+  int64_t S = a->B * a->H, TS = a->T * S;
+  int lstm = a->mode == KEEL_RNN_LSTM, gated = lstm || a->mode == KEEL_RNN_GRU;
+  const int64_t at[6] = {w.hp, w.hn, w.c, w.c0, w.g, w.tc};
+  const int64_t len[6] = {TS, gated ? 0 : TS, lstm ? TS : 0, lstm ? S : 0, gated ? 4 * TS : 0, lstm ? TS : 0};
+  for (int k = 0; k < 6; k++)
+    if (len[k] && (at[k] < 0 || at[k] > w.total - len[k])) return KC_ERR_ARG;
+  return KC_OK;
+}
+
 /* The arguments both directions share; *dt gets the dtype. */
 static int check_common(const kc_rnn *a, int *dt) {
   int64_t T = a->T, B = a->B, In = a->In, H = a->H, GH = n_gates(a->mode) * H;
@@ -270,15 +264,15 @@ static int check_common(const kc_rnn *a, int *dt) {
   TRY(check(a->x, *dt, T * B * In, 1));
   TRY(check(a->w_ih, *dt, GH * In, 1));
   TRY(check(a->w_hh, *dt, GH * H, 1));
-  TRY(check(a->ws, *dt, ws_layout(a).total, 1));
-  return KC_OK;
+  TRY(check(a->ws, *dt, a->ws_at.total, 1));
+  return check_regions(a);
 }
 
 template <typename R>
 static int forward_t(kc_state *s, const kc_rnn *a) {
   int64_t T = a->T, B = a->B, In = a->In, H = a->H, S = B * H, GH = n_gates(a->mode) * H;
   int lstm = a->mode == KEEL_RNN_LSTM, gru = a->mode == KEEL_RNN_GRU, relu = a->mode == KEEL_RNN_RELU;
-  rnn_layout w = ws_layout(a);
+  const kc_rnn_ws &w = a->ws_at;
   R *W = (R *)a->ws->data, *O = (R *)a->out->data, *gh = NULL;
   const R *X = (const R *)a->x->data, *Wi = (const R *)a->w_ih->data, *Wh = (const R *)a->w_hh->data;
   const R *bi = a->b_ih ? (const R *)a->b_ih->data : NULL, *bh = a->b_hh ? (const R *)a->b_hh->data : NULL;
@@ -340,7 +334,7 @@ template <typename R>
 static int backward_t(kc_state *s, const kc_rnn *a) {
   int64_t T = a->T, B = a->B, In = a->In, H = a->H, S = B * H, GH = n_gates(a->mode) * H;
   int lstm = a->mode == KEEL_RNN_LSTM, gru = a->mode == KEEL_RNN_GRU, relu = a->mode == KEEL_RNN_RELU;
-  rnn_layout w = ws_layout(a);
+  const kc_rnn_ws &w = a->ws_at;
   const R *W = (const R *)a->ws->data, *GO = (const R *)a->gout->data;
   const R *X = (const R *)a->x->data, *Wi = (const R *)a->w_ih->data, *Wh = (const R *)a->w_hh->data;
   int64_t n = T * B * GH;

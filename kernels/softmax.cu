@@ -32,11 +32,6 @@
 #define SM_ROW_THREADS 128      /* block size of the register kernels */
 #define SM_BLOCK_THREADS 512    /* block per row */
 
-__device__ __forceinline__ float sm_exp(float x) { return expf(x); }
-__device__ __forceinline__ double sm_exp(double x) { return exp(x); }
-__device__ __forceinline__ float sm_log(float x) { return logf(x); }
-__device__ __forceinline__ double sm_log(double x) { return log(x); }
-
 /* Reductions over groups of L lanes (L a power of two, at most 32); every
 ** lane of the warp calls them. */
 template <int L, typename T>
@@ -56,7 +51,7 @@ __device__ __forceinline__ T sm_gmax(T v) {
 /* One term of s for x under max m (see the header). */
 template <typename T>
 __device__ __forceinline__ T sm_term(T x, T m) {
-  return x == (T)-INFINITY ? (T)0 : x == m ? (T)1 : sm_exp(x - m);
+  return x == (T)-INFINITY ? (T)0 : x == m ? (T)1 : kc_exp(x - m);
 }
 
 /* s once the row is summed: the CPU's rules for a +inf max. */
@@ -70,17 +65,17 @@ __device__ __forceinline__ T sm_finish(int log_out, T m, T s) {
 template <typename T>
 __device__ __forceinline__ void sm_online(T x, T &m, T &s) {
   if (x > m) {
-    s = s * sm_exp(m - x) + (T)1;
+    s = s * kc_exp(m - x) + (T)1;
     m = x;
   } else if (x != (T)-INFINITY) {
-    s += x == m ? (T)1 : sm_exp(x - m);
+    s += x == m ? (T)1 : kc_exp(x - m);
   }
 }
 
 /* The scale of a partial sum kept under max m when the max is M. */
 template <typename T>
 __device__ __forceinline__ T sm_rescale(T s, T m, T M) {
-  return m == M ? s : s * sm_exp(m - M);
+  return m == M ? s : s * kc_exp(m - M);
 }
 
 /* {======================================================================
@@ -109,14 +104,14 @@ __global__ void sm_rows_reg(T *out, const T *a, int64_t rows, int n, int log_out
     for (int k = 0; k < K; k++) {
       if (log_out) s += sm_term(v[k], m);
       else if (lane + k * L < nr) {
-        v[k] = sm_exp(v[k] - m);
+        v[k] = kc_exp(v[k] - m);
         s += v[k];
       }
     }
     s = sm_finish(log_out, m, sm_gsum<L>(s));
     T *o = out + row * n;
     if (log_out) {
-      T ls = sm_log(s);
+      T ls = kc_log(s);
 #pragma unroll
       for (int k = 0; k < K; k++) {
         int c = lane + k * L;
@@ -145,11 +140,11 @@ __global__ void sm_rows_block(T *out, const T *a, int64_t rows, int64_t n, int l
     M = kc_block_max(m, buf, (T)-INFINITY);
     s = sm_finish(log_out, M, kc_block_sum(sm_rescale(s, m, M), buf));
     if (log_out) {
-      ls = sm_log(s);
+      ls = kc_log(s);
       for (int64_t c = threadIdx.x; c < n; c += blockDim.x) o[c] = (x[c] - M) - ls;
     } else {
       inv = (T)1 / s;
-      for (int64_t c = threadIdx.x; c < n; c += blockDim.x) o[c] = sm_exp(x[c] - M) * inv;
+      for (int64_t c = threadIdx.x; c < n; c += blockDim.x) o[c] = kc_exp(x[c] - M) * inv;
     }
   }
 }
@@ -165,11 +160,11 @@ __global__ void sm_cols(T *out, const T *a, int64_t outer, int64_t n, int64_t in
     for (int64_t i = 0; i < n; i++) sm_online(x[i * inner], m, s);
     s = sm_finish(log_out, m, s);
     if (log_out) {
-      T ls = sm_log(s);
+      T ls = kc_log(s);
       for (int64_t i = 0; i < n; i++) o[i * inner] = (x[i * inner] - m) - ls;
     } else {
       T inv = (T)1 / s;
-      for (int64_t i = 0; i < n; i++) o[i * inner] = sm_exp(x[i * inner] - m) * inv;
+      for (int64_t i = 0; i < n; i++) o[i * inner] = kc_exp(x[i * inner] - m) * inv;
     }
   }
 }
@@ -201,7 +196,7 @@ __global__ void smb_rows_reg(T *gin, const T *gout, const T *y, int64_t rows, in
 #pragma unroll
     for (int k = 0; k < K; k++) {
       int c = lane + k * L;
-      if (c < nr) o[c] = log_out ? gv[k] - sm_exp(yv[k]) * dot : yv[k] * (gv[k] - dot);
+      if (c < nr) o[c] = log_out ? gv[k] - kc_exp(yv[k]) * dot : yv[k] * (gv[k] - dot);
     }
   }
 }
@@ -216,7 +211,7 @@ __global__ void smb_rows_block(T *gin, const T *gout, const T *y, int64_t rows, 
     for (int64_t c = threadIdx.x; c < n; c += blockDim.x) dot += log_out ? gr[c] : gr[c] * yr[c];
     dot = kc_block_sum(dot, buf);
     for (int64_t c = threadIdx.x; c < n; c += blockDim.x)
-      o[c] = log_out ? gr[c] - sm_exp(yr[c]) * dot : yr[c] * (gr[c] - dot);
+      o[c] = log_out ? gr[c] - kc_exp(yr[c]) * dot : yr[c] * (gr[c] - dot);
   }
 }
 
@@ -232,7 +227,7 @@ __global__ void smb_cols(T *gin, const T *gout, const T *y, int64_t outer, int64
     }
     for (int64_t i = 0; i < n; i++) {
       int64_t k = at + i * inner;
-      gin[k] = log_out ? gout[k] - sm_exp(y[k]) * dot : y[k] * (gout[k] - dot);
+      gin[k] = log_out ? gout[k] - kc_exp(y[k]) * dot : y[k] * (gout[k] - dot);
     }
   }
 }
@@ -244,8 +239,7 @@ __global__ void smb_cols(T *gin, const T *gout, const T *y, int64_t outer, int64
 ** ======================================================================= */
 
 static unsigned sm_grid(int64_t units, int64_t per_block) {
-  int64_t b = (units + per_block - 1) / per_block;
-  return (unsigned)(b < 1 ? 1 : b > KC_MAX_BLOCKS ? KC_MAX_BLOCKS : b);
+  return kc_grid_x((units + per_block - 1) / per_block);
 }
 
 /* [outer, n, inner] around dim (a 0-d tensor is [1, 1, 1]). */

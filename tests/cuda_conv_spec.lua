@@ -65,6 +65,13 @@ local CONV = {
   {"several chunks of several images", {9, 2, 12, 12}, {3, 2, 3, 3}, {padding = 1}, true},
   {"several chunks, groups 2", {7, 4, 11, 12}, {4, 2, 3, 3}, {padding = 1, groups = 2}, true},
   {"1x1 (no im2col), several chunks", {9, 4, 16, 16}, {3, 4, 1, 1}, {}, true},
+  -- few output channels over many images: the bias gradient splits each
+  -- channel over blocks (kc_chan_split), maps below and above a block;
+  -- totals past the simulator's 32-bit index limit (4096) take the
+  -- 64-bit bias fill and transposes
+  {"bias gradient split: 2 channels, 64 images", {64, 2, 10, 10}, {2, 2, 3, 3}, {padding = 1}, true},
+  {"bias gradient split: 1 channel, maps past a block", {6, 1, 20, 20}, {1, 1, 3, 3}, {padding = 1}, true},
+  {"1x1, chunks past the 32-bit index limit", {16, 8, 16, 16}, {8, 8, 1, 1}, {}, true},
 }
 
 describe("cuda conv2d", function()

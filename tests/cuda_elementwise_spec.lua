@@ -305,6 +305,22 @@ describe("CUDA activations (act, act_backward)", function()
   end
 end)
 
+describe("CUDA strided copies (kernels/copy.cu)", function()
+  -- sizes on both sides of the simulator's 32-bit index limit (4096)
+  for _, n in ipairs({30, 130}) do
+    for _, dt in ipairs(FLOATS) do
+      gpu_it(("transposed, narrowed and converted, [%d, 50] %s"):format(n, dt), function()
+        D.check(function(a) return a:t():contiguous() end, {input({n, 50}, dt, 50)})
+        D.check(function(a) return a:narrow(2, 3, 40):permute(2, 1):contiguous() end, {input({n, 50}, dt, 51)})
+        local other = dt == "float32" and "float64" or "float32"
+        D.check(function(a) return a:t():to(other) end, {input({n, 50}, dt, 52)}, {tol = D.tol.float32})
+        D.check(function(a) return a:t():to("int64") end, {input({n, 50}, dt, 53, -9, 9, false)},
+                {backward = false})
+      end)
+    end
+  end
+end)
+
 describe("CUDA pointwise errors", function()
   gpu_it("an unsupported dtype or op is an error, never a crash", function()
     local a = keel.tensor({1, 2, 3}, {dtype = "int64"}):to("cuda")

@@ -61,6 +61,10 @@ describe("cuda gather", function()
       local idx3 = index({5, 4, 3}, 6, 4)
       check(function(a) return a:permute(3, 1, 2):gather(3, idx3) end, {input({4, 6, 5}, dt, 1)}, dt)
       check(function(a) return a:expand({5, 9, 6}):gather(2, idx3:narrow(2, 1, 4)) end, {input({1, 9, 1}, dt, 1)}, dt)
+      -- past the simulator's 32-bit index limit (4096): the 64-bit take, and scatter_add behind it
+      local idx3 = index({1200, 5}, 7, 8)
+      check(function(a) return a:gather(2, idx3) end, {input({1200, 7}, dt, 1)}, dt)
+      check(function(a) return a:t():gather(1, idx3:t()) end, {input({1200, 7}, dt, 1)}, dt)
     end)
 
     gpu_it(dt .. ": empty index, NaN and Inf", function()
@@ -142,6 +146,13 @@ describe("cuda index_select", function()
       check(function(a) return a:index_select(2, index({500}, 300, 3)) end, {input({3, 300}, dt, 1)}, dt)
     end)
 
+    gpu_it(dt .. ": outputs past the simulator's 32-bit index limit (4096)", function()
+      -- dense rows, vector and scalar widths, and the strided take
+      check(function(a) return a:index_select(1, index({700}, 50, 4)) end, {input({50, 8}, dt, 1)}, dt)
+      check(function(a) return a:index_select(2, index({900}, 40, 5)) end, {input({7, 40}, dt, 1)}, dt)
+      check(function(a) return a:t():index_select(1, index({1100}, 60, 6)) end, {input({5, 60}, dt, 1)}, dt)
+    end)
+
     gpu_it(dt .. ": empty index, 0-d index, NaN", function()
       check(function(a) return a:index_select(1, index({0}, 4)) end, {input({4, 3}, dt, 1)}, dt)
       local i0 = keel.tensor(2, {dtype = "int64"})
@@ -169,6 +180,10 @@ describe("cuda embedding", function()
         check(function(w) return F.embedding(idx, w, 3) end, {input({V, Dm}, dt, 1)}, dt)
         check(function(w) return F.embedding(idx, w, -1) end, {input({V, Dm}, dt, 1)}, dt)
       end
+      -- past the simulator's 32-bit index limit (4096 elements), forward and backward
+      local wide = index({600}, 40, 7)
+      check(function(w) return F.embedding(wide, w, 5) end, {input({40, 9}, dt, 1)}, dt,
+            {grad_tol = dt == "float32" and {atol = 1e-4, rtol = 1e-5} or nil})
       local big = index({700}, 3, 2)          -- few rows, many repeats
       check(function(w) return F.embedding(big, w, 2) end, {input({3, 33}, dt, 1)}, dt,
             {grad_tol = dt == "float32" and {atol = 1e-4, rtol = 1e-5} or nil})

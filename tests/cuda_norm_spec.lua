@@ -45,6 +45,31 @@ describe("cuda batch_norm", function()
                  D.input({C}, dt, {grad = false, lo = 0.5, hi = 2, seed = 35})})
       end)
     end
+    -- few channels over long runs: each channel splits over blocks with
+    -- ordered partials (kc_chan_split): runs of 1, below a block (index
+    -- division) and past one (slices ending mid-row)
+    for _, shape in ipairs({{5000, 1}, {50, 2, 37}, {9, 2, 601}}) do
+      local name = table.concat(shape, "x")
+      gpu_it("channels split over blocks, " .. name .. " " .. dt, function()
+        local C = shape[2]
+        local function bn(a, ww, bb, m, v)
+          local y = F.batch_norm(a, m, v, ww, bb, true, 0.1, 1e-5)
+          return {y, m * 1, v * 1}
+        end
+        local ins = {D.input(shape, dt, {seed = 41}), D.input({C}, dt, {lo = 0.5, hi = 1.5, seed = 42}),
+                     D.input({C}, dt, {seed = 43}), D.input({C}, dt, {grad = false, seed = 44}),
+                     D.input({C}, dt, {grad = false, lo = 0.5, hi = 2, seed = 45})}
+        D.check(bn, ins)
+        -- eval, input gradient only: no sums needed
+        D.check(function(a, m, v) return F.batch_norm(a, m, v, nil, nil, false) end,
+                {D.input(shape, dt, {seed = 46}), ins[4], ins[5]})
+        -- the same result twice, to the bit: no atomics, a fixed order
+        local xd = D.input(shape, dt, {seed = 47, grad = false}):to("cuda")
+        local y1 = F.batch_norm(xd, nil, nil, nil, nil, true):cpu():totable()
+        local y2 = F.batch_norm(xd, nil, nil, nil, nil, true):cpu():totable()
+        assert.same(y1, y2)
+      end)
+    end
     gpu_it("a large batch: [2049, 3] and [64, 3, 1025], " .. dt, function()
       D.check(function(a) return F.batch_norm(a, nil, nil, nil, nil, true) end, {D.input({2049, 3}, dt)})
       D.check(function(a) return F.batch_norm(a, nil, nil, nil, nil, true) end, {D.input({64, 3, 1025}, dt)})
@@ -88,6 +113,13 @@ describe("cuda layer_norm", function()
         D.check(function(a) return F.layer_norm(a, ns) end, {D.input(shape, dt, {seed = 64})})
       end)
     end
+    -- few rows, long ones: each row's statistics split over blocks (kc_chan_split)
+    gpu_it("few long rows split over blocks: [2, 5000] and [3, 4, 700], " .. dt, function()
+      D.check(function(a, w, b) return F.layer_norm(a, 5000, w, b) end,
+              {D.input({2, 5000}, dt, {seed = 65}), D.input({5000}, dt, {lo = 0.5, hi = 1.5, seed = 66}),
+               D.input({5000}, dt, {seed = 67})})
+      D.check(function(a) return F.layer_norm(a, {4, 700}) end, {D.input({3, 4, 700}, dt, {seed = 68})})
+    end)
     gpu_it("many rows: [3001, 24], " .. dt, function()
       D.check(function(a, w, b) return F.layer_norm(a, 24, w, b) end,
               {D.input({3001, 24}, dt), D.input({24}, dt, {seed = 2}), D.input({24}, dt, {seed = 3})})
@@ -113,6 +145,19 @@ describe("cuda group_norm", function()
       end)
       gpu_it("without affine, " .. name .. " " .. dt, function()
         D.check(function(a) return F.group_norm(a, g) end, {D.input(shape, dt, {seed = 74})})
+      end)
+    end
+    -- few samples, long groups: statistics split over blocks, runs below
+    -- a block (index division) and past one (slices ending mid-row)
+    for _, c in ipairs({{{2, 12, 200}, 2}, {{2, 6, 700}, 3}}) do
+      local shape, g = c[1], c[2]
+      gpu_it(("few long groups split over blocks: %s groups %d, %s"):format(table.concat(shape, "x"), g, dt),
+             function()
+        local C = shape[2]
+        D.check(function(a, w, b) return F.group_norm(a, g, w, b, 1e-5) end,
+                {D.input(shape, dt, {seed = 75}), D.input({C}, dt, {lo = 0.5, hi = 1.5, seed = 76}),
+                 D.input({C}, dt, {seed = 77})})
+        D.check(function(a) return F.group_norm(a, g) end, {D.input(shape, dt, {seed = 78})})
       end)
     end
     gpu_it("a large batch splits the weight gradients: [300, 4, 3], " .. dt, function()

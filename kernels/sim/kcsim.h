@@ -33,7 +33,8 @@
 **   KEEL_CUDA_SIM_STACK=bytes changes it): no large local arrays.
 ** - `__shared__` statics keep their contents from block to block; a GPU
 **   gives garbage there. Never read shared memory before writing it.
-** Built with -DKC_MAX_BLOCKS=7, so every grid-stride loop goes round.
+** Built with -DKC_MAX_BLOCKS=7, so every grid-stride loop goes round, and
+** -DKC_INDEX32_LIMIT=4096, so modest sizes take the 64-bit index paths.
 */
 #ifndef KCSIM_H
 #define KCSIM_H
