@@ -53,19 +53,11 @@ typedef struct sdpa_geo {
   int64_t brs, bcs;             /* bias row, column strides */
 } sdpa_geo;
 
-static __host__ __device__ __forceinline__ uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
 /* The dropout scale of weight (b, i, j): 0 or 1/(1-p) (1 without dropout),
 ** drawn as kl_sdpa_drop does. */
 __device__ __forceinline__ double keep_of(const sdpa_geo &g, int64_t b, int64_t i, int64_t j) {
   if (g.p <= 0) return 1;
-  uint64_t idx = (uint64_t)((b * g.L + i) * g.S + j);
-  uint64_t z = mix64(g.key + (idx + 1) * 0x9E3779B97F4A7C15ull);
-  return (double)(z >> 11) * (1.0 / 9007199254740992.0) < g.p ? 0.0 : g.keep;
+  return kc_drop_u(g.key, (uint64_t)((b * g.L + i) * g.S + j)) < g.p ? 0.0 : g.keep;
 }
 
 /* Offset of batch b's [L, S] plane in the bias view. */
@@ -406,7 +398,7 @@ static sdpa_geo geo_of(const kc_state *s, const kc_sdpa *a) {
   memset(&g, 0, sizeof g);
   g.B = a->B; g.L = a->L; g.S = a->S; g.E = a->E; g.Ev = a->Ev;
   g.scale = a->scale; g.p = a->p; g.keep = a->p < 1 ? 1.0 / (1.0 - a->p) : 0.0;
-  g.key = mix64(a->seed ^ 0x8CB92BA72F3D8DD7ull);
+  g.key = kc_drop_key(a->seed);
   g.causal = a->causal;
   g.prec = a->q->dtype == KEEL_F32 ? s->gemm_prec : KEEL_MATMUL_HIGHEST;
   if (a->bias) {

@@ -184,6 +184,28 @@ __device__ __forceinline__ double kc_pow(double x, double y) { return pow(x, y);
 /* }====================================================================== */
 
 /* {======================================================================
+** Counter-based dropout draws (norm.cu's dropout, attention.cu's weights;
+** engine/backend_cpu_attn.c draws the same on the CPU): the seed goes
+** through the splitmix64 finalizer once (nearby seeds give unrelated
+** streams), then draw i is the finalizer of the stream's i-th step, as a
+** uniform in [0, 1) with 53 bits.
+** ======================================================================= */
+
+static __host__ __device__ __forceinline__ uint64_t kc_mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+static __host__ __device__ __forceinline__ uint64_t kc_drop_key(uint64_t seed) {
+  return kc_mix64(seed ^ 0x8CB92BA72F3D8DD7ull);
+}
+__device__ __forceinline__ double kc_drop_u(uint64_t key, uint64_t i) {
+  return (double)(kc_mix64(key + (i + 1) * 0x9E3779B97F4A7C15ull) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
 ** Strided geometry: up to KC_GEOM_OPS operands of one shape, dimensions
 ** merged where every operand is contiguous across them, size-1 dims
 ** dropped; passed to kernels by value.

@@ -28,12 +28,6 @@
 #define LS_ROW_THREADS 128      /* block size of the group kernels */
 #define LS_BLOCK_THREADS 256    /* one block per sample */
 
-__device__ __forceinline__ float ls_exp(float x) { return expf(x); }
-__device__ __forceinline__ double ls_exp(double x) { return exp(x); }
-__device__ __forceinline__ float ls_log1p(float x) { return log1pf(x); }
-__device__ __forceinline__ double ls_log1p(double x) { return log1p(x); }
-__device__ __forceinline__ float ls_abs(float x) { return fabsf(x); }
-__device__ __forceinline__ double ls_abs(double x) { return fabs(x); }
 
 static unsigned ls_grid(int64_t units, int64_t per_block, int64_t cap) {
   int64_t b = (units + per_block - 1) / per_block;
@@ -183,7 +177,7 @@ static int pl_back(kc_state *s, int op, T *gx, const T *g, const T *x, const T *
 }
 
 static int ls_float(const kc_view *v, int dt) {
-  return v && v->dtype == dt && (dt == KEEL_F32 || dt == KEEL_F64);
+  return v && v->dtype == dt && kc_is_float(dt);
 }
 
 static int kc_ploss(kc_state *s, int op, const kc_view *out, const kc_view *x, const kc_view *y, double p,
@@ -219,12 +213,12 @@ static int kc_ploss_backward(kc_state *s, int op, const kc_view *gx, const kc_vi
 /* log(1 + exp(-x)) for every x */
 template <typename T>
 __device__ __forceinline__ T bce_softplus_neg(T x) {
-  return (x < 0 ? -x : (T)0) + ls_log1p(ls_exp(-ls_abs(x)));
+  return (x < 0 ? -x : (T)0) + kc_log1p(kc_exp(-kc_fabs(x)));
 }
 template <typename T>
 __device__ __forceinline__ T bce_sigm(T x) {
-  if (x >= 0) return (T)1 / ((T)1 + ls_exp(-x));
-  T e = ls_exp(x);
+  if (x >= 0) return (T)1 / ((T)1 + kc_exp(-x));
+  T e = kc_exp(x);
   return e / ((T)1 + e);
 }
 
@@ -402,7 +396,7 @@ __global__ void cl_forward(cl_args<T> q, T *out, double *lse, double *parts) {
       for (int64_t k = lane; k < nc; k += G) {
         T v = x[k * inner];
         double wk = q.w ? (double)q.w[k] : 1;
-        sx += v == (T)-INFINITY ? (T)0 : v == m ? (T)1 : ls_exp(v - m);
+        sx += v == (T)-INFINITY ? (T)0 : v == m ? (T)1 : kc_exp(v - m);
         if (q.probs) {
           double tk = (1 - q.e) * (double)q.tp[base + k * inner] + q.e / (double)C;
           a1 += wk * tk * ((double)m - (double)v);
@@ -476,7 +470,7 @@ __global__ void cl_backward(cl_args<T> q, T *gx, T *gt, const T *g, const double
         int64_t at = k * inner;
         double wk = q.w ? (double)q.w[k] : 1, lp = (double)x[at] - z;
         double tk = (1 - e) * (double)q.tp[base + at] + eC;
-        if (gx) gx[base + at] = (T)(gs * ((double)ls_exp((T)lp) * swt - wk * tk));
+        if (gx) gx[base + at] = (T)(gs * ((double)kc_exp((T)lp) * swt - wk * tk));
         if (gt) gt[base + at] = (T)(-gs * (1 - e) * wk * lp);
       }
       continue;
@@ -492,7 +486,7 @@ __global__ void cl_backward(cl_args<T> q, T *gx, T *gt, const T *g, const double
       double wy = q.w ? (double)q.w[y] : 1;
       for (int64_t k = lane; k < nc; k += G) {
         int64_t at = k * inner;
-        double p = (double)ls_exp((T)((double)x[at] - z));
+        double p = (double)kc_exp((T)((double)x[at] - z));
         double d = (1 - e) * wy * (p - (k == y));
         if (e > 0) d += eC * (p * sw - (q.w ? (double)q.w[k] : 1));
         gx[base + at] = (T)(gs * d);

@@ -332,20 +332,9 @@ __global__ void wgrad_finish(nshape g, T *gw, T *gb, const dpair *part, int64_t 
 ** Dropout
 ** ======================================================================= */
 
-static __host__ __device__ __forceinline__ uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
 template <typename T>
 __global__ void dropout_kernel(T *mask, int64_t n, double p, T scale, uint64_t key) {
-  KC_GRID_LOOP(i, n) {
-    /* splitmix64 of the i-th step of a stream keyed by the seed */
-    uint64_t z = mix64(key + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull);
-    double u = (double)(z >> 11) * (1.0 / 9007199254740992.0);     /* [0, 1), 53 bits */
-    mask[i] = u < p ? (T)0 : scale;
-  }
+  KC_GRID_LOOP(i, n) mask[i] = kc_drop_u(key, (uint64_t)i) < p ? (T)0 : scale;
 }
 
 /* }====================================================================== */
@@ -516,7 +505,7 @@ static int dropout_mask(kc_state *s, const kc_view *mask, double p, uint64_t see
   uint64_t key;
   if (!mask) return KC_ERR_ARG;
   if (mask->numel == 0) return KC_OK;
-  key = mix64(seed ^ 0x8CB92BA72F3D8DD7ull);
+  key = kc_drop_key(seed);
   switch (mask->dtype) {
     case KEEL_F32:
       KC_LAUNCH(kc_blocks(mask->numel), KC_THREADS, 0, s->stream, dropout_kernel<float>)(
