@@ -27,7 +27,9 @@
 ** reaches no other row and no key.
 */
 #include <math.h>
+#include <pthread.h>
 #include <string.h>
+#include <cblas.h>
 #include "keel_impl.h"
 
 /* Tile sizes: BQ query rows against BK keys; a score tile is BQ*BK. */
@@ -314,7 +316,6 @@ typedef struct tile_ctx {
   const kl_sdpa_args *a;
   const row_ops *ops;
   int64_t es;                   /* element size */
-  int64_t bk;                   /* keys per tile */
   const char *bias;             /* element (0, 0) of batch b's bias, or NULL */
   int64_t brs, bcs;             /* bias row and column strides */
   uint64_t key;                 /* the mixed dropout seed (drop_key) */
@@ -325,7 +326,6 @@ static void tile_init(tile_ctx *t, const kl_sdpa_args *a) {
   t->a = a;
   t->ops = a->q->dtype == KEEL_F64 ? &ops_f64 : &ops_f32;
   t->es = (int64_t)kl_dtype_size[a->q->dtype];
-  t->bk = BK;
   t->bias = NULL;
   t->brs = t->bcs = 0;
   t->key = drop_key(a->seed);
@@ -386,6 +386,26 @@ static void drop_row(const tile_ctx *t, int64_t b, int64_t i, int64_t j0, void *
   }
 }
 
+/* t = x^T for x [nr, nj]. A head's keys and values are transposed once
+** so that the products against them (scores, dP) take plain operands:
+** OpenBLAS 0.3.21 runs a row-major A B^T of a 64 x 128 tile through its
+** general driver, which wakes its own threads (whose spinning then
+** competes with the workers, see Threads below), while A B and A^T B go
+** to its small-matrix kernels on the calling thread. */
+static void transpose(char *t, const char *x, int64_t nr, int64_t nj, int64_t es) {
+  if (es == 8) {
+    double *td = (double *)t;
+    const double *xd = (const double *)x;
+    for (int64_t r = 0; r < nr; r++)
+      for (int64_t c = 0; c < nj; c++) td[c * nr + r] = xd[r * nj + c];
+  } else {
+    float *tf = (float *)t;
+    const float *xf = (const float *)x;
+    for (int64_t r = 0; r < nr; r++)
+      for (int64_t c = 0; c < nj; c++) tf[c * nr + r] = xf[r * nj + c];
+  }
+}
+
 static double ld(const void *p, int64_t i, int64_t es) {
   return es == 8 ? ((const double *)p)[i] : (double)((const float *)p)[i];
 }
@@ -400,24 +420,23 @@ static void st(void *p, int64_t i, double v, int64_t es) {
 ** Forward
 ** ======================================================================= */
 
-/* Rows [i0, i0+nr) of batch b: sc the score tile, m and l the rows'
-** running statistics. */
-static keel_status fwd_rows(keel_ctx *ctx, const tile_ctx *t, int64_t b, int64_t i0, int64_t nr, char *sc,
-                            double *m, double *l) {
+/* Rows [i0, i0+nr) of batch b: kt its keys transposed, sc the score
+** tile, m and l the rows' running statistics. */
+static keel_status fwd_rows(keel_ctx *ctx, const tile_ctx *t, int64_t b, int64_t i0, int64_t nr, const char *kt,
+                            char *sc, double *m, double *l) {
   const kl_sdpa_args *a = t->a;
   const row_ops *ops = t->ops;
   int64_t es = t->es, E = a->E, Ev = a->Ev, S = a->S;
   const char *q = (const char *)kl_data(a->q) + (b * a->L + i0) * E * es;
-  const char *k = (const char *)kl_data(a->k) + b * S * E * es;
   const char *v = (const char *)kl_data(a->v) + b * S * Ev * es;
   char *o = (char *)kl_data(a->out) + (b * a->L + i0) * Ev * es;
   int64_t jend = key_end(a, i0 + nr);
   keel_status s;
   memset(o, 0, (size_t)(nr * Ev * es));
   for (int64_t r = 0; r < nr; r++) { m[r] = -INFINITY; l[r] = 0; }
-  for (int64_t j0 = 0; j0 < jend; j0 += t->bk) {
-    int64_t nj = jend - j0 < t->bk ? jend - j0 : t->bk;
-    if ((s = kl_cpu_gemm(ctx, a->q->dtype, 0, 1, nr, nj, E, q, E, k + j0 * E * es, E, 0.0, sc, nj))) return s;
+  for (int64_t j0 = 0; j0 < jend; j0 += BK) {
+    int64_t nj = jend - j0 < BK ? jend - j0 : BK;
+    if ((s = kl_cpu_gemm(ctx, a->q->dtype, 0, 0, nr, nj, E, q, E, kt + j0 * es, S, 0.0, sc, nj))) return s;
     for (int64_t r = 0; r < nr; r++) {
       int64_t i = i0 + r, nv = visible(a, i, j0, nj);
       char *x = sc + r * nj * es;
@@ -453,22 +472,25 @@ static keel_status fwd_rows(keel_ctx *ctx, const tile_ctx *t, int64_t b, int64_t
   return KEEL_OK;
 }
 
-keel_status kl_cpu_sdpa_forward(keel_ctx *ctx, const kl_sdpa_args *a) {
+/* Heads [b0, b1); buf holds the score tile, then the head's keys
+** transposed [E, S] (fwd_bytes). */
+static size_t fwd_bytes(const kl_sdpa_args *a) {
+  return kl_dtype_size[a->q->dtype] * (size_t)(BQ * BK + a->E * a->S);
+}
+
+static keel_status fwd_heads(keel_ctx *ctx, const kl_sdpa_args *a, int64_t b0, int64_t b1, char *buf) {
   tile_ctx t;
-  size_t sc_bytes;
-  char *sc;
   double ml[2 * BQ];
   keel_status s = KEEL_OK;
+  char *sc = buf, *kt;
   tile_init(&t, a);
-  sc_bytes = (size_t)(t.es * BQ * t.bk);
-  if (!(sc = (char *)kl_cpu_alloc(ctx, sc_bytes)))
-    return kl_error(ctx, KEEL_ERR_NOMEM, "scaled_dot_product_attention: out of memory");
-  for (int64_t b = 0; b < a->B && !s; b++) {
+  kt = buf + t.es * BQ * BK;
+  for (int64_t b = b0; b < b1 && !s; b++) {
     tile_batch(&t, b);
+    transpose(kt, (const char *)kl_data(a->k) + b * a->S * a->E * t.es, a->S, a->E, t.es);
     for (int64_t i0 = 0; i0 < a->L && !s; i0 += BQ)
-      s = fwd_rows(ctx, &t, b, i0, a->L - i0 < BQ ? a->L - i0 : BQ, sc, ml, ml + BQ);
+      s = fwd_rows(ctx, &t, b, i0, a->L - i0 < BQ ? a->L - i0 : BQ, kt, sc, ml, ml + BQ);
   }
-  kl_cpu_free(ctx, sc, sc_bytes);
   return s;
 }
 
@@ -480,6 +502,7 @@ keel_status kl_cpu_sdpa_forward(keel_ctx *ctx, const kl_sdpa_args *a) {
 
 typedef struct bwd_bufs {
   char *p, *pd, *ds;            /* tiles: weights, dropped weights, dP then dS */
+  char *kt, *vt;                /* the head's keys [E, S] and values [Ev, S] transposed */
   double D[BQ];
 } bwd_bufs;
 
@@ -490,7 +513,6 @@ static keel_status bwd_rows(keel_ctx *ctx, const tile_ctx *t, int64_t b, int64_t
   int64_t es = t->es, E = a->E, Ev = a->Ev, S = a->S, L = a->L;
   const char *q = (const char *)kl_data(a->q) + (b * L + i0) * E * es;
   const char *k = (const char *)kl_data(a->k) + b * S * E * es;
-  const char *v = (const char *)kl_data(a->v) + b * S * Ev * es;
   const char *o = (const char *)kl_data(a->out) + (b * L + i0) * Ev * es;
   const char *go = (const char *)kl_data(a->gout) + (b * L + i0) * Ev * es;
   const void *lse = kl_data(a->lse);
@@ -504,11 +526,11 @@ static keel_status bwd_rows(keel_ctx *ctx, const tile_ctx *t, int64_t b, int64_t
   /* the keys a causal tile skips get no gradient from it */
   if (db && jend < S)
     for (int64_t r = 0; r < nr; r++) memset(db + (r * S + jend) * es, 0, (size_t)((S - jend) * es));
-  for (int64_t j0 = 0; j0 < jend; j0 += t->bk) {
-    int64_t nj = jend - j0 < t->bk ? jend - j0 : t->bk;
+  for (int64_t j0 = 0; j0 < jend; j0 += BK) {
+    int64_t nj = jend - j0 < BK ? jend - j0 : BK;
     /* without dropout the dropped weights are the weights */
     char *pd = a->p > 0 ? w->pd : w->p;
-    if ((s = kl_cpu_gemm(ctx, dt, 0, 1, nr, nj, E, q, E, k + j0 * E * es, E, 0.0, w->p, nj))) return s;
+    if ((s = kl_cpu_gemm(ctx, dt, 0, 0, nr, nj, E, q, E, w->kt + j0 * es, S, 0.0, w->p, nj))) return s;
     for (int64_t r = 0; r < nr; r++) {
       int64_t i = i0 + r, nv = visible(a, i, j0, nj);
       double m = ld(lse, b * L + i, es);
@@ -528,7 +550,7 @@ static keel_status bwd_rows(keel_ctx *ctx, const tile_ctx *t, int64_t b, int64_t
     if (dv && (s = kl_cpu_gemm(ctx, dt, 1, 0, nj, Ev, nr, pd, nj, go, Ev, 1.0, dv + j0 * Ev * es, Ev))) return s;
     if (!dq && !dk && !db) continue;
     /* dP = (dO V_j^T) * keep, dS = P (dP - D) */
-    if ((s = kl_cpu_gemm(ctx, dt, 0, 1, nr, nj, Ev, go, Ev, v + j0 * Ev * es, Ev, 0.0, w->ds, nj))) return s;
+    if ((s = kl_cpu_gemm(ctx, dt, 0, 0, nr, nj, Ev, go, Ev, w->vt + j0 * es, S, 0.0, w->ds, nj))) return s;
     for (int64_t r = 0; r < nr; r++) {
       char *x = w->ds + r * nj * es;
       /* past the visible keys p == 0 and dS is 0 whatever dP is */
@@ -541,33 +563,123 @@ static keel_status bwd_rows(keel_ctx *ctx, const tile_ctx *t, int64_t b, int64_t
   return KEEL_OK;
 }
 
-keel_status kl_cpu_sdpa_backward(keel_ctx *ctx, const kl_sdpa_args *a) {
+/* Heads [b0, b1); buf holds the tiles p, dS (and pd under dropout),
+** then kt and vt (bwd_bytes). */
+static size_t bwd_bytes(const kl_sdpa_args *a) {
+  return kl_dtype_size[a->q->dtype] * (size_t)((a->p > 0 ? 3 : 2) * BQ * BK + (a->E + a->Ev) * a->S);
+}
+
+static keel_status bwd_heads(keel_ctx *ctx, const kl_sdpa_args *a, int64_t b0, int64_t b1, char *buf) {
   tile_ctx t;
   bwd_bufs w;
-  size_t tb;
   keel_status s = KEEL_OK;
+  int64_t tb;
   tile_init(&t, a);
-  tb = (size_t)(t.es * BQ * t.bk);
-  w.p = (char *)kl_cpu_alloc(ctx, tb);
-  w.pd = a->p > 0 ? (char *)kl_cpu_alloc(ctx, tb) : NULL;
-  w.ds = (char *)kl_cpu_alloc(ctx, tb);
-  if (!w.p || (a->p > 0 && !w.pd) || !w.ds) {
-    s = kl_error(ctx, KEEL_ERR_NOMEM, "scaled_dot_product_attention backward: out of memory");
-    goto done;
-  }
-  if (a->dq) memset(kl_data(a->dq), 0, (size_t)(t.es * a->dq->numel));
-  if (a->dk) memset(kl_data(a->dk), 0, (size_t)(t.es * a->dk->numel));
-  if (a->dv) memset(kl_data(a->dv), 0, (size_t)(t.es * a->dv->numel));
-  for (int64_t b = 0; b < a->B && !s; b++) {
+  tb = t.es * BQ * BK;
+  w.p = buf;
+  w.ds = buf + tb;
+  w.pd = a->p > 0 ? buf + 2 * tb : NULL;
+  w.kt = buf + (a->p > 0 ? 3 : 2) * tb;
+  w.vt = w.kt + a->E * a->S * t.es;
+  for (int64_t b = b0; b < b1 && !s; b++) {
     tile_batch(&t, b);
+    transpose(w.kt, (const char *)kl_data(a->k) + b * a->S * a->E * t.es, a->S, a->E, t.es);
+    transpose(w.vt, (const char *)kl_data(a->v) + b * a->S * a->Ev * t.es, a->S, a->Ev, t.es);
     for (int64_t i0 = 0; i0 < a->L && !s; i0 += BQ)
       s = bwd_rows(ctx, &t, b, i0, a->L - i0 < BQ ? a->L - i0 : BQ, &w);
   }
-done:
-  if (w.p) kl_cpu_free(ctx, w.p, tb);
-  if (w.pd) kl_cpu_free(ctx, w.pd, tb);
-  if (w.ds) kl_cpu_free(ctx, w.ds, tb);
   return s;
+}
+
+/* }====================================================================== */
+
+/* {======================================================================
+** Threads: the heads split over workers
+**
+** The engine has no thread pool, and the tiles' products are too small
+** for OpenBLAS to spread well (most run on the calling thread, and the
+** exps between them always do), so the kernels start their own workers
+** for a call: each takes a contiguous range of heads with tiles of its
+** own. Heads share nothing they write (dq, dk, dv, dbias, out and lse
+** rows are per head), and each head runs exactly as it would alone, so
+** the results do not depend on the number of workers.
+**
+** Workers touch no context state: kl_cpu_gemm at the highest precision
+** (float64 always is) neither allocates nor fails, so a reduced matmul
+** precision, whose rounded copies are allocated from the context, runs on
+** the calling thread alone. As many workers as OpenBLAS has threads
+** (OPENBLAS_NUM_THREADS: one per core unless set; one per process under
+** MPI), at most one per head, and one for a call too small to gain.
+** ======================================================================= */
+
+#define MAX_WORKERS 64
+
+typedef struct attn_job {
+  keel_ctx *ctx;
+  const kl_sdpa_args *a;
+  int backward;
+  int64_t b0, b1;               /* its heads */
+  char *buf;                    /* its tiles */
+  keel_status s;
+} attn_job;
+
+static void *job_run(void *p) {
+  attn_job *j = (attn_job *)p;
+  j->s = j->backward ? bwd_heads(j->ctx, j->a, j->b0, j->b1, j->buf) : fwd_heads(j->ctx, j->a, j->b0, j->b1, j->buf);
+  return NULL;
+}
+
+static int workers(const keel_ctx *ctx, const kl_sdpa_args *a) {
+  int n = openblas_get_num_threads();
+  if (a->q->dtype != KEEL_F64 && ctx->gemm_prec != KEEL_MATMUL_HIGHEST) return 1;
+  /* a thread costs tens of microseconds: below ~2^16 multiply-adds, one */
+  if ((double)a->B * (double)a->L * (double)a->S * (double)(a->E + a->Ev) < 65536.0) return 1;
+  if (n > MAX_WORKERS) n = MAX_WORKERS;
+  if (n > a->B) n = (int)a->B;
+  return n < 1 ? 1 : n;
+}
+
+static keel_status run_jobs(keel_ctx *ctx, const kl_sdpa_args *a, int backward, size_t tb) {
+  attn_job jobs[MAX_WORKERS];
+  pthread_t th[MAX_WORKERS];
+  int started[MAX_WORKERS];
+  int n = workers(ctx, a);
+  size_t bytes = tb * (size_t)n;
+  char *buf = (char *)kl_cpu_alloc(ctx, bytes);
+  keel_status s = KEEL_OK;
+  if (!buf)
+    return kl_error(ctx, KEEL_ERR_NOMEM, "scaled_dot_product_attention%s: out of memory", backward ? " backward" : "");
+  for (int w = 0; w < n; w++) {
+    jobs[w].ctx = ctx;
+    jobs[w].a = a;
+    jobs[w].backward = backward;
+    jobs[w].b0 = a->B * w / n;
+    jobs[w].b1 = a->B * (w + 1) / n;
+    jobs[w].buf = buf + tb * (size_t)w;
+    jobs[w].s = KEEL_OK;
+  }
+  /* a worker that cannot start runs on this thread after the others */
+  for (int w = 1; w < n; w++) started[w] = pthread_create(&th[w], NULL, job_run, &jobs[w]) == 0;
+  job_run(&jobs[0]);
+  for (int w = 1; w < n; w++) {
+    if (started[w]) pthread_join(th[w], NULL);
+    else job_run(&jobs[w]);
+  }
+  for (int w = 0; w < n && !s; w++) s = jobs[w].s;
+  kl_cpu_free(ctx, buf, bytes);
+  return s;
+}
+
+keel_status kl_cpu_sdpa_forward(keel_ctx *ctx, const kl_sdpa_args *a) {
+  return run_jobs(ctx, a, 0, fwd_bytes(a));
+}
+
+keel_status kl_cpu_sdpa_backward(keel_ctx *ctx, const kl_sdpa_args *a) {
+  size_t es = kl_dtype_size[a->q->dtype];
+  if (a->dq) memset(kl_data(a->dq), 0, es * (size_t)a->dq->numel);
+  if (a->dk) memset(kl_data(a->dk), 0, es * (size_t)a->dk->numel);
+  if (a->dv) memset(kl_data(a->dv), 0, es * (size_t)a->dv->numel);
+  return run_jobs(ctx, a, 1, bwd_bytes(a));
 }
 
 /* }====================================================================== */
