@@ -367,6 +367,9 @@ static int64_t visible(const kl_sdpa_args *a, int64_t i, int64_t j0, int64_t nj)
   return n < 0 ? 0 : n < nj ? n : nj;
 }
 
+/* Row tiles per head. */
+static int64_t row_tiles(const kl_sdpa_args *a) { return (a->L + BQ - 1) / BQ; }
+
 /* The last key a tile of rows [i0, i1) sees, plus one. */
 static int64_t key_end(const kl_sdpa_args *a, int64_t i1) {
   if (a->causal && i1 < a->S) return i1;
@@ -472,24 +475,30 @@ static keel_status fwd_rows(keel_ctx *ctx, const tile_ctx *t, int64_t b, int64_t
   return KEEL_OK;
 }
 
-/* Heads [b0, b1); buf holds the score tile, then the head's keys
-** transposed [E, S] (fwd_bytes). */
+/* Row tiles [t0, t1) of all heads' (b * row_tiles + i0 / BQ: rows are
+** independent in forward, so a head may be split between workers); buf
+** holds the score tile, then the head's keys transposed [E, S]
+** (fwd_bytes). */
 static size_t fwd_bytes(const kl_sdpa_args *a) {
   return kl_dtype_size[a->q->dtype] * (size_t)(BQ * BK + a->E * a->S);
 }
 
-static keel_status fwd_heads(keel_ctx *ctx, const kl_sdpa_args *a, int64_t b0, int64_t b1, char *buf) {
+static keel_status fwd_tiles(keel_ctx *ctx, const kl_sdpa_args *a, int64_t t0, int64_t t1, char *buf) {
   tile_ctx t;
   double ml[2 * BQ];
   keel_status s = KEEL_OK;
   char *sc = buf, *kt;
+  int64_t rt = row_tiles(a), b = -1;
   tile_init(&t, a);
   kt = buf + t.es * BQ * BK;
-  for (int64_t b = b0; b < b1 && !s; b++) {
-    tile_batch(&t, b);
-    transpose(kt, (const char *)kl_data(a->k) + b * a->S * a->E * t.es, a->S, a->E, t.es);
-    for (int64_t i0 = 0; i0 < a->L && !s; i0 += BQ)
-      s = fwd_rows(ctx, &t, b, i0, a->L - i0 < BQ ? a->L - i0 : BQ, kt, sc, ml, ml + BQ);
+  for (int64_t x = t0; x < t1 && !s; x++) {
+    int64_t i0 = x % rt * BQ;
+    if (x / rt != b) {
+      b = x / rt;
+      tile_batch(&t, b);
+      transpose(kt, (const char *)kl_data(a->k) + b * a->S * a->E * t.es, a->S, a->E, t.es);
+    }
+    s = fwd_rows(ctx, &t, b, i0, a->L - i0 < BQ ? a->L - i0 : BQ, kt, sc, ml, ml + BQ);
   }
   return s;
 }
@@ -618,24 +627,25 @@ typedef struct attn_job {
   keel_ctx *ctx;
   const kl_sdpa_args *a;
   int backward;
-  int64_t b0, b1;               /* its heads */
+  int64_t b0, b1;               /* its heads (backward) or row tiles (forward) */
   char *buf;                    /* its tiles */
   keel_status s;
 } attn_job;
 
 static void *job_run(void *p) {
   attn_job *j = (attn_job *)p;
-  j->s = j->backward ? bwd_heads(j->ctx, j->a, j->b0, j->b1, j->buf) : fwd_heads(j->ctx, j->a, j->b0, j->b1, j->buf);
+  j->s = j->backward ? bwd_heads(j->ctx, j->a, j->b0, j->b1, j->buf) : fwd_tiles(j->ctx, j->a, j->b0, j->b1, j->buf);
   return NULL;
 }
 
-static int workers(const keel_ctx *ctx, const kl_sdpa_args *a) {
+/* units: what the workers split (heads, or row tiles in forward) */
+static int workers(const keel_ctx *ctx, const kl_sdpa_args *a, int64_t units) {
   int n = openblas_get_num_threads();
   if (a->q->dtype != KEEL_F64 && ctx->gemm_prec != KEEL_MATMUL_HIGHEST) return 1;
   /* a thread costs tens of microseconds: below ~2^16 multiply-adds, one */
   if ((double)a->B * (double)a->L * (double)a->S * (double)(a->E + a->Ev) < 65536.0) return 1;
   if (n > MAX_WORKERS) n = MAX_WORKERS;
-  if (n > a->B) n = (int)a->B;
+  if (n > units) n = (int)units;
   return n < 1 ? 1 : n;
 }
 
@@ -643,7 +653,8 @@ static keel_status run_jobs(keel_ctx *ctx, const kl_sdpa_args *a, int backward, 
   attn_job jobs[MAX_WORKERS];
   pthread_t th[MAX_WORKERS];
   int started[MAX_WORKERS];
-  int n = workers(ctx, a);
+  int64_t units = backward ? a->B : a->B * row_tiles(a);
+  int n = workers(ctx, a, units);
   size_t bytes = tb * (size_t)n;
   char *buf = (char *)kl_cpu_alloc(ctx, bytes);
   keel_status s = KEEL_OK;
@@ -653,8 +664,8 @@ static keel_status run_jobs(keel_ctx *ctx, const kl_sdpa_args *a, int backward, 
     jobs[w].ctx = ctx;
     jobs[w].a = a;
     jobs[w].backward = backward;
-    jobs[w].b0 = a->B * w / n;
-    jobs[w].b1 = a->B * (w + 1) / n;
+    jobs[w].b0 = units * w / n;
+    jobs[w].b1 = units * (w + 1) / n;
     jobs[w].buf = buf + tb * (size_t)w;
     jobs[w].s = KEEL_OK;
   }
