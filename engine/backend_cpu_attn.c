@@ -14,7 +14,17 @@
 ** exp(s - lse), and runs the flash-attention recurrence with
 **   D_i = sum_d dO_id O_id,  dS = P * (dP - D),  dP = dO V^T (dropped),
 ** as five GEMMs per tile pair (S, dV, dP, dQ, dK), accumulating dQ, dK and
-** dV in place. Nothing the size of the score matrix is ever allocated.
+** dV in place. Nothing the size of the score matrix is ever allocated:
+** each worker (Threads, at the end) holds its tiles and one head's keys
+** (and, in backward, values) transposed, O(BQ*BK + S*(E+Ev)).
+**
+** Speed on the CPU comes from three things, each measured with
+** bench/attention.lua: the row work between the products runs in
+** per-dtype loops with the causal bound, bias row and dropout test hoisted
+** out (float32 4 lanes at a time, with an exp of its own); the products
+** take plain operands, which keeps OpenBLAS on its small-matrix kernels
+** (transpose below); and the heads (the rows, in forward) are split over
+** worker threads, since tile products are too small for OpenBLAS's own.
 **
 ** Every product goes through kl_cpu_gemm, so a reduced matmul precision
 ** rounds its float32 operands as matmul's do: q and k for the scores, the
