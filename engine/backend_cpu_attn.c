@@ -195,6 +195,7 @@ static inline float exp_f32(float x) {
 #define VEC 4
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef int32_t i32x4 __attribute__((vector_size(16)));
+typedef uint32_t u32x4 __attribute__((vector_size(16)));
 
 static inline f32x4 splat(float x) { f32x4 v = {x, x, x, x}; return v; }
 static inline f32x4 ld4(const float *p) { f32x4 v; memcpy(&v, p, sizeof v); return v; }
@@ -216,7 +217,7 @@ static inline f32x4 exp4(f32x4 x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  p = p * (f32x4)(((i32x4)t - (i32x4)shift + 127) << 23);
+  p = p * (f32x4)(((u32x4)t - (u32x4)shift + 127) << 23);   /* unsigned: a NaN lane's bits wrap */
   return sel4(over, splat(INFINITY), sel4(under, splat(0), p));   /* NaN lanes compare false: stay NaN */
 }
 static inline float hsum4(f32x4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
