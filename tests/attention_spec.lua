@@ -228,3 +228,38 @@ describe("fused attention arguments", function()
       "scaled_dot_product_attention: dropout_p must be in %[0, 1%], got 2")
   end)
 end)
+
+describe("fused attention on worker threads", function()
+  it("gives the same bits under OPENBLAS_NUM_THREADS=1 and 2 (a child process)", function()
+    local bin = os.getenv("KEEL_BIN")
+    if not bin then pending("KEEL_BIN is not set (tools/test.sh sets it)") return end
+    local script = os.tmpname()
+    local f = assert(io.open(script, "w"))
+    -- sizes past the one-thread threshold, several heads and row tiles
+    f:write([[
+      local keel = require "keel"
+      local F = keel.nn.functional
+      keel.manual_seed(3)
+      local q = keel.randn({4, 200, 32}, {requires_grad = true})
+      local k = keel.randn({4, 150, 32}, {requires_grad = true})
+      local v = keel.randn({4, 150, 16}, {requires_grad = true})
+      local o = F.scaled_dot_product_attention(q, k, v, {is_causal = true, dropout_p = 0.1});
+      (o * o):sum():backward()
+      local parts = {}
+      for _, t in ipairs{o, q.grad, k.grad, v.grad} do
+        parts[#parts + 1] = string.format("%a", t:to("float64"):abs():sum():item())
+      end
+      io.write(table.concat(parts, " "))
+    ]])
+    f:close()
+    local outs = {}
+    for _, n in ipairs{1, 2} do
+      local h = io.popen(("OPENBLAS_NUM_THREADS=%d OMP_NUM_THREADS=%d %q %q"):format(n, n, bin, script))
+      outs[n] = h:read("a")
+      h:close()
+    end
+    os.remove(script)
+    assert.is_truthy(outs[1]:match("^0x"), outs[1])
+    assert.equals(outs[1], outs[2])
+  end)
+end)
