@@ -427,6 +427,10 @@ static int chain_has(const kl_clip_chain *c, keel_clip_kind kind) {
   return 0;
 }
 
+int64_t kl_clip_units(const kl_clip_chain *c, const keel_tensor *g) {
+  return chain_has(c, KEEL_CLIP_AGC) ? kl_clip_agc_units(g) : 1;
+}
+
 static int is_plain_p(double p) { return p == 1 || p == 2 || isinf(p); }
 
 /* The norm order the first norm transform needs beyond 1, 2 and inf. */
@@ -503,9 +507,10 @@ static keel_status unscaled_stats(keel_ctx *ctx, kl_clip_work *w, keel_tensor *g
 ** starts at gs, so that the clip chain and the update see the unscaled
 ** gradient too. The parameters p (NULL: none; else contiguous, of the
 ** gradients' shapes and dtypes) are read in the same pass, for their sums
-** of squares (AGC's weight norms, the optimizer's statistics). */
+** of squares (AGC's weight norms, the optimizer's statistics), unless
+** wk[k] has them already (the optimizer's update pass summed them). */
 keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w, int m,
-                          keel_tensor *const *g, keel_tensor *const *p, double gs) {
+                          keel_tensor *const *g, keel_tensor *const *p, const double *const *wk, double gs) {
   int agc = chain_has(c, KEEL_CLIP_AGC), dev = 0;
   int64_t nu = 0;
   double sumsq = 0;
@@ -530,7 +535,7 @@ keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w
     int64_t n = agc ? kl_clip_agc_units(g[k]) : 1;
     w->u0[k] = nu;
     for (int64_t u = nu; u < nu + n; u++) { w->a[u] = gs; w->v[u] = INFINITY; w->spow[u] = 0; w->wsq[u] = 0; }
-    st = unscaled_stats(ctx, w, g[k], p ? p[k] : NULL, nu, n, gs);
+    st = unscaled_stats(ctx, w, g[k], p && !(wk && wk[k]) ? p[k] : NULL, nu, n, gs);
     nu += n;
   }
   if (dev && (st2 = kl_cuda_defer(ctx, "clip", KL_DEFER_WAIT)) && !st) st = st2;
@@ -540,6 +545,7 @@ keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w
     keel_grad_stats *ts = &w->ts[k];
     memset(ts, 0, sizeof *ts);
     for (int64_t u = w->u0[k]; u < w->u0[k + 1]; u++) {
+      if (wk && wk[k]) w->us[u].w_sumsq = wk[k][u - w->u0[k]];
       stats_add(ts, &w->us[u]);
       w->wsq[u] = w->us[u].w_sumsq;
     }
@@ -952,7 +958,7 @@ keel_status keel_clip_grad_agc(keel_ctx *ctx, int n, keel_tensor *const *params,
     else
       st = keel_contiguous(ctx, G.par[k], &pc[k]);
   }
-  if (!st) st = kl_clip_stats(ctx, chain, &w, G.m, G.g, pc, 1);
+  if (!st) st = kl_clip_stats(ctx, chain, &w, G.m, G.g, pc, NULL, 1);
   if (!st) st = kl_clip_eval(ctx, chain, &w, G.g);
   for (int k = 0; k < G.m && !st; k++)
     st = grads_apply(ctx, &G, k, w.u0[k + 1] - w.u0[k], w.a + w.u0[k], w.v + w.u0[k]);

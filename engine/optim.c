@@ -45,6 +45,16 @@ typedef struct oparam {
   int64_t step;                 /* PyTorch's state["step"] */
   keel_tensor *state[MAX_STATE];
   unsigned valid;               /* bit k: state[k] holds data (else fresh or absent) */
+  /* The parameter's sums of squares per unit (wsq_n units; 0: none) as its
+  ** last update wrote them (the update pass sums them as it writes, so
+  ** they may still be on their way from the device: upd_pending), and the
+  ** storage generation and version that update left. While the parameter
+  ** still has them, the next statistics pass takes these sums instead of
+  ** reading the parameter a second time; any write in between (an
+  ** in-place op, copy_, a new storage) bumps the version and they go. */
+  double *wsq;
+  int64_t wsq_cap, wsq_n;
+  uint64_t wgen, wver;
 } oparam;
 
 struct keel_optim {
@@ -64,9 +74,11 @@ struct keel_optim {
   double lr_scale;
   kl_clip_work work;
   /* scratch of a step: active parameter indices, their gradients
-  ** (contiguous: maybe copies; retained while m > 0) and the parameters */
+  ** (contiguous: maybe copies; retained while m > 0), the parameters and
+  ** their sums of squares when known (oparam.wsq, else NULL) */
   int *act;
   keel_tensor **ag, **ap;
+  const double **wk;
   int cap_act;
   int m;
   /* the prepared step: what apply will do, and the report of prepare;
@@ -156,7 +168,8 @@ static void scratch_free(keel_optim *o) {
   kl_free(ctx, o->act, sizeof(int) * (size_t)o->cap_act);
   kl_free(ctx, o->ag, sizeof(keel_tensor *) * (size_t)o->cap_act);
   kl_free(ctx, o->ap, sizeof(keel_tensor *) * (size_t)o->cap_act);
-  o->act = NULL; o->ag = o->ap = NULL; o->cap_act = 0;
+  kl_free(ctx, o->wk, sizeof(double *) * (size_t)o->cap_act);
+  o->act = NULL; o->ag = o->ap = NULL; o->wk = NULL; o->cap_act = 0;
 }
 
 void keel_optim_free(keel_optim *o) {
@@ -168,6 +181,7 @@ void keel_optim_free(keel_optim *o) {
   for (int i = 0; i < o->np; i++) {
     keel_tensor_release(o->params[i].p);
     for (int k = 0; k < MAX_STATE; k++) keel_tensor_release(o->params[i].state[k]);
+    kl_free(ctx, o->params[i].wsq, sizeof(double) * (size_t)o->params[i].wsq_cap);
   }
   kl_free(ctx, o->params, sizeof(oparam) * (size_t)o->cap_p);
   kl_free(ctx, o->last, sizeof(keel_grad_stats) * (size_t)o->cap_p);
@@ -451,18 +465,21 @@ static keel_status scratch_reserve(keel_optim *o, int n) {
   keel_ctx *ctx = o->ctx;
   int *act;
   keel_tensor **ag, **ap;
+  const double **wk;
   if (n <= o->cap_act) return KEEL_OK;
   act = (int *)kl_malloc(ctx, sizeof(int) * (size_t)n);
   ag = (keel_tensor **)kl_malloc(ctx, sizeof(keel_tensor *) * (size_t)n);
   ap = (keel_tensor **)kl_malloc(ctx, sizeof(keel_tensor *) * (size_t)n);
-  if (!act || !ag || !ap) {
+  wk = (const double **)kl_malloc(ctx, sizeof(double *) * (size_t)n);
+  if (!act || !ag || !ap || !wk) {
     kl_free(ctx, act, sizeof(int) * (size_t)n);
     kl_free(ctx, ag, sizeof(keel_tensor *) * (size_t)n);
     kl_free(ctx, ap, sizeof(keel_tensor *) * (size_t)n);
+    kl_free(ctx, wk, sizeof(double *) * (size_t)n);
     return kl_error(ctx, KEEL_ERR_NOMEM, "%s: out of memory", kind_names[o->kind]);
   }
   scratch_free(o);
-  o->act = act; o->ag = ag; o->ap = ap;
+  o->act = act; o->ag = ag; o->ap = ap; o->wk = wk;
   o->cap_act = n;
   return KEEL_OK;
 }
@@ -533,6 +550,37 @@ static keel_status ensure_state(keel_optim *o) {
   return KEEL_OK;
 }
 
+/* Room in every active parameter's oparam.wsq for its units of this step
+** (before the update pass, which cannot fail). An array the device may
+** still write into is not moved before that is done. */
+static keel_status wsq_reserve(keel_optim *o) {
+  keel_ctx *ctx = o->ctx;
+  const kl_clip_work *w = &o->work;
+  keel_status st;
+  for (int k = 0; k < o->m; k++) {
+    oparam *op = &o->params[o->act[k]];
+    int64_t n = w->u0[k + 1] - w->u0[k];
+    double *q;
+    if (n <= op->wsq_cap) continue;
+    if ((st = resolve_updates(o, "step"))) return st;
+    if (!(q = (double *)kl_malloc(ctx, sizeof(double) * (size_t)n)))
+      return kl_error(ctx, KEEL_ERR_NOMEM, "%s: out of memory", kind_names[o->kind]);
+    kl_free(ctx, op->wsq, sizeof(double) * (size_t)op->wsq_cap);
+    op->wsq = q;
+    op->wsq_cap = n;
+    op->wsq_n = 0;
+  }
+  return KEEL_OK;
+}
+
+/* The sums of squares of parameter op as its last update left them, when
+** nothing has written to it since and the units are n: else NULL. */
+static const double *wsq_known(const oparam *op, int64_t n) {
+  const kl_storage *s = op->p->storage;
+  if (op->wsq_n != n || op->wgen != s->gen || op->wver != s->version) return NULL;
+  return op->wsq;
+}
+
 keel_status keel_optim_prepare(keel_optim *o, keel_step_report *r) {
   keel_ctx *ctx = o->ctx;
   const char *kn = kind_names[o->kind];
@@ -581,7 +629,13 @@ keel_status keel_optim_prepare(keel_optim *o, keel_step_report *r) {
     goto out;
   }
   if ((st = ensure_state(o))) goto out;
-  if ((st = kl_clip_stats(ctx, o->clip, w, o->m, o->ag, o->ap, o->ls.enabled ? o->ls.inv_scale : 1))) goto out;
+  /* a parameter whose last update summed its squares is not read again;
+  ** those sums are there once the statistics pass has waited (a device
+  ** parameter's gradient is on the device: that pass waits) */
+  for (int k = 0; k < o->m; k++)
+    o->wk[k] = wsq_known(&o->params[o->act[k]], kl_clip_units(o->clip, o->ag[k]));
+  if ((st = kl_clip_stats(ctx, o->clip, w, o->m, o->ag, o->ap, o->wk, o->ls.enabled ? o->ls.inv_scale : 1)))
+    goto out;
   for (int k = 0; k < o->m; k++) {
     o->last[o->act[k]] = w->ts[k];
     total += w->ts[k].sumsq;
@@ -680,7 +734,7 @@ keel_status keel_optim_apply(keel_optim *o, keel_step_report *r) {
       break;
     default:
       /* the hyper-parameters may have changed since prepare */
-      if ((st = ensure_state(o))) {
+      if ((st = ensure_state(o)) || (st = wsq_reserve(o))) {
         rep.n_updated = 0;
         break;
       }
@@ -703,10 +757,15 @@ keel_status keel_optim_apply(keel_optim *o, keel_step_report *r) {
         h.lr *= o->lr_scale;
         for (int j = 0; j < MAX_STATE; j++)
           if (need >> j & 1u) state[j] = op->state[j];
+        op->wsq_n = 0;
         st = kl_backend_for(ctx, op->p->storage->device)
                  ->optim_update(ctx, o->kind, &h, op->step + 1, op->p, o->ag[k], state, (~op->valid) & need, nu,
-                                w->a + u0, w->v + u0, nf, &us->update_sumsq);
+                                w->a + u0, w->v + u0, nf, &us->update_sumsq, op->wsq);
         if (st) break;   /* a backend that cannot fail after its checks; kept for safety */
+        /* the sums are of what the update left (it bumped the version) */
+        op->wsq_n = nu;
+        op->wgen = op->p->storage->gen;
+        op->wver = op->p->storage->version;
         if (op->p->storage->device != KEEL_CPU) o->upd_pending = 1;
         op->step++;
         op->valid |= need;

@@ -46,7 +46,7 @@
 extern "C" {
 #endif
 
-#define KEEL_CUDA_ABI_VERSION 3
+#define KEEL_CUDA_ABI_VERSION 4
 #define KEEL_CUDA_PLUGIN_SYMBOL "keel_cuda_plugin"
 /* The file name the engine looks for (device.c gives the places). */
 #define KEEL_CUDA_PLUGIN_FILE "libkeel_cuda.so"
@@ -259,13 +259,16 @@ typedef struct keel_cuda_table {
   /* Optimizer, as the kl_backend slots of the same names (engine/keel_impl.h).
   ** a, v (nunits each) and st, spow, dsq are host arrays; an entry that
   ** fills a host result returns when it is there. state: nstate views
-  ** (NULL where the optimizer keeps none), in keel_optim_state_names order. */
+  ** (NULL where the optimizer keeps none), in keel_optim_state_names order.
+  ** optim_update's wsq (nunits doubles; NULL: not wanted) gets each unit's
+  ** sum of squares of the updated parameter, summed as the update writes
+  ** it: the engine keeps it for the next statistics pass (engine/optim.c). */
   int (*grad_stats)(kc_state *s, const kc_view *g, int64_t nunits, const double *a, const double *v, double pw,
                     keel_grad_stats *st, double *spow, const kc_view *w);
   int (*grad_scale_)(kc_state *s, const kc_view *g, int64_t nunits, const double *a, const double *v);
   int (*optim_update)(kc_state *s, int kind, const keel_optim_hparams *h, int64_t step, const kc_view *p,
                       const kc_view *g, const kc_view *const *state, int nstate, unsigned fresh, int64_t nunits,
-                      const double *a, const double *v, int nf, double *dsq);
+                      const double *a, const double *v, int nf, double *dsq, double *wsq);
 
   /* Batches of optimizer work with deferred host results. Between
   ** defer_results(s, KC_DEFER_ON) and the call that closes the batch
@@ -273,7 +276,7 @@ typedef struct keel_cuda_table {
   ** optim_update (and error_string, error_kind); they check their
   ** arguments, return, and are queued: closing the batch runs them as a few
   ** multi-tensor launches (one descriptor upload, one copy of all host
-  ** results). st, spow and dsq must stay valid, and are not to be read,
+  ** results). st, spow, dsq and wsq must stay valid, and are not to be read,
   ** until the results are written:
   ** - KC_DEFER_WAIT closes the batch, waits once and writes them;
   ** - KC_DEFER_LATER closes it and returns at once; results_wait waits and

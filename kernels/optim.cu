@@ -7,7 +7,9 @@
 ** - grad_scale_: that clip, in place;
 ** - optim_update: one SGD / Adam / AdamW / RMSprop / Adagrad update of one
 **   parameter, the clip applied to each gradient element as it is read,
-**   the non-finite policy, and the sum of squares of the changes.
+**   the non-finite policy, the sum of squares of the changes and, per
+**   unit, of the new parameter (the next statistics pass need not read
+**   the parameter again for its norm);
 **
 ** Work is cut into items: a run of one unit (a chunk of it when the units
 ** are few and long), one block per item at a time. A block thus never
@@ -302,7 +304,7 @@ typedef struct pend_rec {
   int64_t nunits, len;          /* PEND_STATS, PEND_UPD */
   int has_w;
   keel_grad_stats *st;
-  double *spow, *dsq;
+  double *spow, *dsq, *wsq;
 } pend_rec;
 
 struct kc_batch;
@@ -347,10 +349,14 @@ static int pend_flush(kc_state *s) {
     if (r->kind == PEND_STATS) {
       write_stats((const gstat *)h, r->nunits, r->len, r->has_w, r->st, r->spow);
     } else {
-      /* per unit (changes, new squares): the changes' total in unit order */
+      /* per unit (changes, new squares): the changes' total in unit
+      ** order, the squares per unit */
       const double *q = (const double *)h;
       double d = 0;
-      for (int64_t u = 0; u < r->nunits; u++) d += q[2 * u];
+      for (int64_t u = 0; u < r->nunits; u++) {
+        d += q[2 * u];
+        if (r->wsq) r->wsq[u] = q[2 * u + 1];
+      }
       if (r->dsq) *r->dsq = d;
     }
   }
@@ -652,90 +658,12 @@ __device__ __forceinline__ double upd_elem(T &p, T gx, T &s0, T &s1, T &s2, T ca
   }
 }
 
-/* The block's sum of x, in thread 0; then item k's partial. */
-__device__ __forceinline__ void dsq_store(double x, double *sh, double *part, int64_t k) {
-  x = kc_block_sum(x, sh);
-  if (part && threadIdx.x == 0) part[k] = x;
-}
-
-template <typename T, int K>
-__global__ void update_kernel(T *P, const T *G, T *S0, T *S1, T *S2, plan pl, unitp q, kconsts<T> kc, oflags f,
-                              double *part) {
-  __shared__ double sh[32];
-  bool u0, u1, u2;
-  uses<K>(f, &u0, &u1, &u2);
-  for (int64_t k = blockIdx.x; k < pl.items; k += gridDim.x) {
-    int64_t b, e, u = item_range(pl, k, &b, &e);
-    T ca = (T)unit_a(q, u), hi = (T)unit_v(q, u), lo = -hi;
-    double acc = 0;
-    for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) {
-      T p = P[i], s0 = u0 ? S0[i] : (T)0, s1 = u1 ? S1[i] : (T)0, s2 = u2 ? S2[i] : (T)0;
-      acc += upd_elem<T, K>(p, G[i], s0, s1, s2, ca, lo, hi, kc, f);
-      P[i] = p;
-      if (u0) S0[i] = s0;
-      if (u1) S1[i] = s1;
-      if (u2) S2[i] = s2;
-    }
-    if (part) dsq_store(acc, sh, part, k);
-  }
-}
-
-template <typename T, int K>
-__global__ void update_vec_kernel(T *P, const T *G, T *S0, T *S1, T *S2, plan pl, unitp q, kconsts<T> kc,
-                                  oflags f, double *part) {
-  const int N = 16 / sizeof(T);
-  __shared__ double sh[32];
-  bool u0, u1, u2;
-  uses<K>(f, &u0, &u1, &u2);
-  for (int64_t k = blockIdx.x; k < pl.items; k += gridDim.x) {
-    int64_t b, e, u = item_range(pl, k, &b, &e), nv = (e - b) / N;
-    T ca = (T)unit_a(q, u), hi = (T)unit_v(q, u), lo = -hi;
-    double acc = 0;
-    for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
-      int64_t i = b + j * N;
-      kpack<T> p = *(const kpack<T> *)(P + i), g = *(const kpack<T> *)(G + i), s0, s1, s2;
-      if (u0) s0 = *(const kpack<T> *)(S0 + i);
-      if (u1) s1 = *(const kpack<T> *)(S1 + i);
-      if (u2) s2 = *(const kpack<T> *)(S2 + i);
-      for (int l = 0; l < N; l++)
-        acc += upd_elem<T, K>(p.x[l], g.x[l], s0.x[l], s1.x[l], s2.x[l], ca, lo, hi, kc, f);
-      *(kpack<T> *)(P + i) = p;
-      if (u0) *(kpack<T> *)(S0 + i) = s0;
-      if (u1) *(kpack<T> *)(S1 + i) = s1;
-      if (u2) *(kpack<T> *)(S2 + i) = s2;
-    }
-    if (part) dsq_store(acc, sh, part, k);
-  }
-}
-
-/* The sum of n partials in order, into out[0]: one block. */
-__global__ void sum_final_kernel(const double *part, int64_t n, double *out) {
-  __shared__ double sh[32];
-  double x = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) x += part[i];
-  x = kc_block_sum(x, sh);
-  if (threadIdx.x == 0) out[0] = x;
-}
-
 typedef struct upd_args {
   void *p;
   const void *g;
   void *s[3];
   int vec;
 } upd_args;
-
-template <typename T, int K>
-static int update_launch(kc_state *s, const upd_args *A, const plan &pl, const unitp &q, const kconsts<T> &kc,
-                         const oflags &f, double *part) {
-  unsigned nb = grid_of(pl.items);
-  T *P = (T *)A->p, *S0 = (T *)A->s[0], *S1 = (T *)A->s[1], *S2 = (T *)A->s[2];
-  const T *G = (const T *)A->g;
-  if (A->vec)
-    KC_LAUNCH(nb, pl.threads, 0, s->stream, update_vec_kernel<T, K>)(P, G, S0, S1, S2, pl, q, kc, f, part);
-  else
-    KC_LAUNCH(nb, pl.threads, 0, s->stream, update_kernel<T, K>)(P, G, S0, S1, S2, pl, q, kc, f, part);
-  return KC_LAUNCHED();
-}
 
 /* As FILL_CONSTS: every hyper-parameter rounded to T, the step-dependent
 ** ones computed in double first. */
@@ -761,36 +689,18 @@ static void fill_consts(kconsts<T> *k, const keel_optim_hparams *h, int64_t step
   k->mone = (T)-1;
 }
 
-template <typename T>
-static int update_typed(kc_state *s, int kind, const keel_optim_hparams *h, int64_t step, const upd_args *A,
-                        const plan &pl, const unitp &q, const oflags &f, double *part) {
-  kconsts<T> k;
-  fill_consts(&k, h, step);
-  switch (kind) {
-    case KEEL_OPTIM_SGD: return update_launch<T, UK_SGD>(s, A, pl, q, k, f, part);
-    case KEEL_OPTIM_ADAM: case KEEL_OPTIM_ADAMW: return update_launch<T, UK_ADAM>(s, A, pl, q, k, f, part);
-    case KEEL_OPTIM_RMSPROP: return update_launch<T, UK_RMSPROP>(s, A, pl, q, k, f, part);
-    case KEEL_OPTIM_ADAGRAD: return update_launch<T, UK_ADAGRAD>(s, A, pl, q, k, f, part);
-    default: return KC_ERR_ARG;
-  }
-}
-
 static int queue_update(kc_state *s, int kind, const keel_optim_hparams *h, int64_t step, int dtype,
                         const upd_args *A, const oflags *f, int64_t nunits, int64_t len, const double *a,
-                        const double *v, double *dsq);
+                        const double *v, double *dsq, double *wsq);
+static int defer_results(kc_state *s, int mode);
 
 static int optim_update(kc_state *s, int kind, const keel_optim_hparams *h, int64_t step, const kc_view *p,
                         const kc_view *g, const kc_view *const *state, int nstate, unsigned fresh, int64_t nunits,
-                        const double *a, const double *v, int nf, double *dsq) {
+                        const double *a, const double *v, int nf, double *dsq, double *wsq) {
   oflags f;
-  plan pl;
-  unitp q;
   upd_args A;
   bool need[3];
-  int64_t len, ndev, vw;
-  size_t off_part, total;
-  char *dev = NULL;
-  double *part = NULL, *hres;
+  int64_t len, vw;
   int rc;
   if (dsq) *dsq = 0;
   if (!p || !g || !h || nstate < 0 || (nstate > 0 && !state)) return KC_ERR_ARG;
@@ -827,30 +737,21 @@ static int optim_update(kc_state *s, int kind, const keel_optim_hparams *h, int6
     A.s[j] = t->data;
     A.vec = A.vec && aligned16(t->data);
   }
-  if (nunits <= 0 || (len = p->numel / nunits) == 0) return KC_OK;
+  if (nunits <= 0) return KC_OK;
+  if ((len = p->numel / nunits) == 0) {
+    for (int64_t u = 0; wsq && u < nunits; u++) wsq[u] = 0;
+    return KC_OK;
+  }
   A.vec = A.vec && len % vw == 0;
-  /* every update the engine makes is batched while deferring */
-  if (deferring(s)) return queue_update(s, kind, h, step, p->dtype, &A, &f, nunits, len, a, v, dsq);
-  make_plan(s, nunits, len, &pl);
-  /* device scratch: a and v, the partial sums and their total */
-  ndev = nunits > 1 && (a || v) ? 2 * nunits : 0;
-  off_part = (size_t)round16(ndev * (int64_t)sizeof(double));
-  total = off_part + (dsq ? (size_t)round16((pl.items + 1) * (int64_t)sizeof(double)) : 0);
-  if (total > 0 && (rc = kc_scratch(s, total, (void **)&dev))) return rc;
-  if (dsq) part = (double *)(dev + off_part);
-  if ((rc = units_to_device(s, nunits, a, v, (double *)dev, &q))) return rc;
-  rc = p->dtype == KEEL_F32 ? update_typed<float>(s, kind, h, step, &A, pl, q, f, part)
-                            : update_typed<double>(s, kind, h, step, &A, pl, q, f, part);
-  if (rc || !dsq) return rc;
-  KC_LAUNCH(1, KC_THREADS, 0, s->stream, sum_final_kernel)(part, pl.items, part + pl.items);
-  if ((rc = KC_LAUNCHED())) return rc;
-  if ((rc = kc_host_scratch(s, sizeof(double), (void **)&hres))) return rc;
-  if ((rc = kc_check_cuda(cudaMemcpyAsync(hres, part + pl.items, sizeof(double), cudaMemcpyDeviceToHost,
-                                          s->stream))))
-    return rc;
-  if ((rc = kc_sync(s))) return rc;
-  *dsq = *hres;
-  return KC_OK;
+  /* every update the engine makes is batched while deferring; one outside
+  ** a batch runs as a batch of its own (the same kernels, so the same sums) */
+  if (deferring(s)) return queue_update(s, kind, h, step, p->dtype, &A, &f, nunits, len, a, v, dsq, wsq);
+  if ((rc = defer_results(s, KC_DEFER_ON))) return rc;
+  rc = queue_update(s, kind, h, step, p->dtype, &A, &f, nunits, len, a, v, dsq, wsq);
+  {
+    int rc2 = defer_results(s, KC_DEFER_WAIT);
+    return rc ? rc : rc2;
+  }
 }
 
 /* }====================================================================== */
@@ -897,7 +798,7 @@ typedef struct mt_call {
   int has_a, has_v;
   keel_grad_stats *st;          /* statistics */
   double *spow;
-  double *dsq;                  /* update */
+  double *dsq, *wsq;            /* update */
   mt_desc d;
 } mt_call;
 
@@ -1304,6 +1205,7 @@ static int batch_launch(kc_state *s) {
       r->kind = PEND_UPD;
       r->off = hoff + (off_res[cl] - res0) + (size_t)c->d.unit0 * 2 * sizeof(double);
       r->dsq = c->dsq;
+      r->wsq = c->wsq;
     }
   }
 out:
@@ -1342,7 +1244,7 @@ static int queue_stats(kc_state *s, const kc_view *g, int64_t nunits, int64_t le
 
 static int queue_update(kc_state *s, int kind, const keel_optim_hparams *h, int64_t step, int dtype,
                         const upd_args *A, const oflags *f, int64_t nunits, int64_t len, const double *a,
-                        const double *v, double *dsq) {
+                        const double *v, double *dsq, double *wsq) {
   int uk = kind == KEEL_OPTIM_SGD ? UK_SGD : kind == KEEL_OPTIM_RMSPROP ? UK_RMSPROP
            : kind == KEEL_OPTIM_ADAGRAD ? UK_ADAGRAD : UK_ADAM;
   mt_call *c;
@@ -1355,6 +1257,7 @@ static int queue_update(kc_state *s, int kind, const keel_optim_hparams *h, int6
   c->d.f = *f;
   fill_consts(&c->d.k, h, step);
   c->dsq = dsq;
+  c->wsq = wsq;
   return KC_OK;
 }
 
