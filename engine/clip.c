@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "keel_impl.h"
+#include "keel_cuda.h"
 
 /* torch.nn.utils.clip_grad_norm_: max_norm / (total_norm + 1e-6), at most 1. */
 #define TORCH_EPS 1e-6
@@ -511,14 +512,27 @@ static keel_status unscaled_stats(keel_ctx *ctx, kl_clip_work *w, keel_tensor *g
 ** wk[k] has them already (the optimizer's update pass summed them). */
 keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w, int m,
                           keel_tensor *const *g, keel_tensor *const *p, const double *const *wk, double gs) {
-  int agc = chain_has(c, KEEL_CLIP_AGC), dev = 0;
-  int64_t nu = 0;
-  double sumsq = 0;
-  keel_status st = KEEL_OK, st2;
-  for (int k = 0; k < m; k++) {
-    nu += agc ? kl_clip_agc_units(g[k]) : 1;
+  int dev = 0;
+  keel_status st, st2;
+  for (int k = 0; k < m; k++)
     if (g[k]->storage->device != KEEL_CPU) dev = 1;
-  }
+  /* Device gradients: every statistics pass is queued first and the host
+  ** waits once for all of them (kl_cuda_defer); unscaled_stats reads no
+  ** device result on the way. */
+  if (dev && (st = kl_cuda_defer(ctx, "clip", KL_DEFER_ON))) return st;
+  st = kl_clip_stats_begin(ctx, c, w, m, g, p, wk, gs);
+  if (dev && (st2 = kl_cuda_defer(ctx, "clip", KL_DEFER_WAIT)) && !st) st = st2;
+  if (st) return st;
+  kl_clip_stats_end(w, wk);
+  return KEEL_OK;
+}
+
+keel_status kl_clip_stats_begin(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w, int m,
+                                keel_tensor *const *g, keel_tensor *const *p, const double *const *wk, double gs) {
+  int agc = chain_has(c, KEEL_CLIP_AGC);
+  int64_t nu = 0;
+  keel_status st = KEEL_OK;
+  for (int k = 0; k < m; k++) nu += agc ? kl_clip_agc_units(g[k]) : 1;
   if ((st = work_reserve(ctx, w, m, nu))) return st;
   w->m = m;
   w->nu = nu;
@@ -526,10 +540,6 @@ keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w
   w->nonfinite = 0;
   w->coef = 1;
   w->clipped = 0;
-  /* Device gradients: every statistics pass is queued first and the host
-  ** waits once for all of them (kl_cuda_defer); unscaled_stats reads no
-  ** device result on the way. */
-  if (dev && (st = kl_cuda_defer(ctx, "clip", KL_DEFER_ON))) return st;
   nu = 0;
   for (int k = 0; k < m && !st; k++) {
     int64_t n = agc ? kl_clip_agc_units(g[k]) : 1;
@@ -538,10 +548,14 @@ keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w
     st = unscaled_stats(ctx, w, g[k], p && !(wk && wk[k]) ? p[k] : NULL, nu, n, gs);
     nu += n;
   }
-  if (dev && (st2 = kl_cuda_defer(ctx, "clip", KL_DEFER_WAIT)) && !st) st = st2;
-  if (st) return st;
   w->u0[m] = nu;
-  for (int k = 0; k < m; k++) {
+  return st;
+}
+
+void kl_clip_stats_end(kl_clip_work *w, const double *const *wk) {
+  double sumsq = 0;
+  w->nonfinite = 0;
+  for (int k = 0; k < w->m; k++) {
     keel_grad_stats *ts = &w->ts[k];
     memset(ts, 0, sizeof *ts);
     for (int64_t u = w->u0[k]; u < w->u0[k + 1]; u++) {
@@ -553,7 +567,32 @@ keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w
     w->nonfinite += ts->nan + ts->inf;
   }
   w->grad_norm = sqrt(sumsq);
-  return KEEL_OK;
+}
+
+int kl_clip_device_chain(const kl_clip_chain *c, kc_decide *q) {
+  int seen_value = 0;
+  memset(q, 0, sizeof *q);
+  if (c && c->n > KC_DECIDE_MAX) return 0;
+  for (int i = 0; c && i < c->n; i++) {
+    const keel_clip_spec *s = &c->items[i].spec;
+    switch (s->kind) {
+      case KEEL_CLIP_VALUE:
+        seen_value = 1;
+        q->kind[i] = KC_DECIDE_VALUE;
+        break;
+      case KEEL_CLIP_NORM: case KEEL_CLIP_GLOBAL_NORM:
+        /* L2 only (the statistics' sums of squares), and not after a clamp
+        ** (one that clamped would need a second statistics pass) */
+        if (s->p != 2 || seen_value) return 0;
+        q->kind[i] = s->kind == KEEL_CLIP_NORM ? KC_DECIDE_NORM : KC_DECIDE_GLOBAL_NORM;
+        break;
+      default:
+        return 0;   /* AGC's units, percentile's and ZClip's history */
+    }
+    q->threshold[i] = s->threshold;
+  }
+  q->nitems = c ? c->n : 0;
+  return 1;
 }
 
 /* }====================================================================== */
@@ -647,6 +686,7 @@ static double zscore_coef(clip_item *it, double norm) {
 ** changed data), with spow for order pw when it is not 1, 2 or inf. */
 static keel_status restat(keel_ctx *ctx, kl_clip_work *w, keel_tensor *const *g, double pw) {
   keel_status st;
+  if (!g) return kl_error(ctx, KEEL_ERR_STATE, "clip: a second statistics pass without the gradients");
   w->pw = is_plain_p(pw) ? 0 : pw;
   for (int k = 0; k < w->m; k++) {
     const kl_backend *be = kl_backend_for(ctx, g[k]->storage->device);

@@ -649,6 +649,16 @@ KEEL_INTERNAL keel_status kl_cuda_error(keel_ctx *ctx, const char *fn, int code)
 enum { KL_DEFER_WAIT = 0, KL_DEFER_ON = 1, KL_DEFER_LATER = 2 };
 KEEL_INTERNAL keel_status kl_cuda_defer(keel_ctx *ctx, const char *fn, int mode);
 KEEL_INTERNAL keel_status kl_cuda_results_wait(keel_ctx *ctx, const char *fn);
+/* A step decided on the device (keel_cuda.h's decide and results_ready):
+** whether the plugin can; the decision, inside an open batch after the
+** step's statistics; the results of closed batches written when their
+** copy is done (*ready 1; else 0 and nothing written: no wait). */
+struct kc_decide;
+struct kc_decision;
+KEEL_INTERNAL int kl_cuda_can_decide(const keel_ctx *ctx);
+KEEL_INTERNAL keel_status kl_cuda_decide(keel_ctx *ctx, const char *fn, const struct kc_decide *q,
+                                         struct kc_decision *out);
+KEEL_INTERNAL keel_status kl_cuda_results_ready(keel_ctx *ctx, const char *fn, int *ready);
 KEEL_INTERNAL struct kc_state *kl_cuda_batch_state(const keel_ctx *ctx);
 /* The context's caching device allocator. alloc sets the context's error
 ** (naming fn) and returns NULL on failure. */
@@ -711,8 +721,19 @@ KEEL_INTERNAL keel_status kl_clip_chain_set_state(keel_ctx *ctx, kl_clip_chain *
 KEEL_INTERNAL keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w, int m,
                                         keel_tensor *const *g, keel_tensor *const *p,
                                         const double *const *wk, double gs);
+/* kl_clip_stats in halves, for a caller that manages the CUDA batch:
+** begin queues the statistics (device results arrive when the batch's
+** results are written), end totals them once they are there. */
+KEEL_INTERNAL keel_status kl_clip_stats_begin(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w, int m,
+                                              keel_tensor *const *g, keel_tensor *const *p,
+                                              const double *const *wk, double gs);
+KEEL_INTERNAL void kl_clip_stats_end(kl_clip_work *w, const double *const *wk);
+/* 1 when chain c can be decided on the device (keel_cuda.h's kc_decide,
+** filled in q but for its ntensors and skip_nonfinite), else 0. */
+KEEL_INTERNAL int kl_clip_device_chain(const kl_clip_chain *c, struct kc_decide *q);
 /* The units chain c splits gradient g into (AGC's, else 1). */
 KEEL_INTERNAL int64_t kl_clip_units(const kl_clip_chain *c, const keel_tensor *g);
+/* g may be NULL when the chain needs no second statistics pass. */
 KEEL_INTERNAL keel_status kl_clip_eval(keel_ctx *ctx, kl_clip_chain *c, kl_clip_work *w,
                                        keel_tensor *const *g);
 /* kl_clip_eval changes no adaptive state; commit makes it what the last

@@ -296,7 +296,7 @@ static int stats_launch(kc_state *s, const kc_view *g, const kc_view *w, const p
 ** them all.
 ** ======================================================================= */
 
-enum { PEND_STATS, PEND_UPD };
+enum { PEND_STATS, PEND_UPD, PEND_DEC };
 
 typedef struct pend_rec {
   int kind;
@@ -305,6 +305,7 @@ typedef struct pend_rec {
   int has_w;
   keel_grad_stats *st;
   double *spow, *dsq, *wsq;
+  kc_decision *dec;             /* PEND_DEC */
 } pend_rec;
 
 struct kc_batch;
@@ -318,6 +319,7 @@ struct kc_pending {
   struct kc_batch *batch;       /* the queued calls of the open batch */
   int err;                      /* an error of a flush that no caller has seen yet */
   size_t staged;                /* bytes of staging uploads since the stream was last idle */
+  cudaEvent_t copied;           /* recorded after the last copy of results (results_ready) */
 };
 
 static void write_stats(const gstat *h, int64_t nunits, int64_t len, int has_w, keel_grad_stats *st, double *spow) {
@@ -336,18 +338,21 @@ static void write_stats(const gstat *h, int64_t nunits, int64_t len, int has_w, 
   }
 }
 
-/* Waits for the queued copies and writes every record's values. */
-static int pend_flush(kc_state *s) {
+/* Writes every record's values (their copies have completed). */
+static void pend_write(kc_state *s) {
   struct kc_pending *P = s->pending;
-  int rc;
-  if (!P || P->n == 0) return KC_OK;
-  rc = kc_sync(s);
-  if (rc == KC_OK) P->staged = 0;   /* the stream is idle: staging is free */
-  for (int i = 0; i < P->n && rc == KC_OK; i++) {
+  for (int i = 0; i < P->n; i++) {
     const pend_rec *r = &P->recs[i];
     const char *h = P->arena + r->off;
     if (r->kind == PEND_STATS) {
       write_stats((const gstat *)h, r->nunits, r->len, r->has_w, r->st, r->spow);
+    } else if (r->kind == PEND_DEC) {
+      const double *q = (const double *)h;
+      r->dec->total_sumsq = q[0];
+      r->dec->nonfinite = q[1];
+      r->dec->coef = q[2];
+      r->dec->skip = q[3];
+      r->dec->clipped = q[4];
     } else {
       /* per unit (changes, new squares): the changes' total in unit
       ** order, the squares per unit */
@@ -362,7 +367,21 @@ static int pend_flush(kc_state *s) {
   }
   P->n = 0;
   P->used = 0;
-  return rc;
+}
+
+/* Waits for the queued copies and writes every record's values. */
+static int pend_flush(kc_state *s) {
+  struct kc_pending *P = s->pending;
+  int rc;
+  if (!P || P->n == 0) return KC_OK;
+  if ((rc = kc_sync(s))) {
+    P->n = 0;   /* nothing to write: the copies failed */
+    P->used = 0;
+    return rc;
+  }
+  P->staged = 0;   /* the stream is idle: staging is free */
+  pend_write(s);
+  return KC_OK;
 }
 
 /* n bytes of the arena at *off; a full arena is flushed (one wait) before
@@ -788,6 +807,7 @@ typedef struct mt_desc {
   kconsts<double> k;            /* update constants in double: (T)k.x is FILL_CONSTS' value */
   oflags f;
   int32_t vec;                  /* whole 16-byte packs: aligned, len a multiple of the width */
+  int64_t dk;                   /* an update of a decided step: its tensor in the decision (-1: none) */
 } mt_desc;
 
 /* One queued call on the host: its class, its descriptor, where its
@@ -813,6 +833,12 @@ struct kc_batch {
   size_t stage_size;
   cudaEvent_t staged;           /* recorded after the last upload from stage */
   int err;                      /* the first error of a flush the engine did not see */
+  /* a step decided on the device (decide): its chain, where its record
+  ** goes, the statistics calls queued so far and the updates that read it */
+  int has_dec, multi_unit;
+  kc_decide dec;
+  kc_decision *dec_out;
+  int64_t nstats, ndecided;
 };
 
 /* The last descriptor whose first item (unit) is at most k. */
@@ -904,10 +930,78 @@ __device__ __forceinline__ kconsts<T> kcast(const kconsts<double> &k) {
   return r;
 }
 
+/* A decided step as the update kernels read it: per tensor scale a and
+** bound v, and the decision record (out[3]: skip). */
+typedef struct mt_dec {
+  const double *a, *v, *out;
+} mt_dec;
+
+__device__ __forceinline__ double dec_coef(double max_norm, double total) {
+  double c = max_norm / (total + 1e-6);   /* clip.c's torch_coef */
+  return c < 1 ? c : 1;
+}
+
+/* The decision (kc_decide) from the statistics of the step's n tensors
+** (res[idx[k]]), by one thread in clip.c's order: the totals as
+** kl_clip_stats adds them, then the chain as kl_clip_eval runs it, each
+** scale applied as units_scale applies it. W: 4n doubles of work (a, v,
+** and the running sums of squares and max). out: total, nonfinite, coef,
+** skip, clipped. */
+__global__ void mt_decide_kernel(const gstat *res, const int64_t *idx, kc_decide q, double *W, double *out) {
+  int64_t n = q.ntensors;
+  double *A = W, *V = W + n, *SQ = W + 2 * n, *MX = W + 3 * n;
+  double total = 0, nf = 0, coef = 1, clipped = 0;
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  for (int64_t k = 0; k < n; k++) {
+    const gstat &g = res[idx[k]];
+    A[k] = 1;
+    V[k] = INFINITY;
+    SQ[k] = g.sumsq;
+    MX[k] = g.mx;
+    total += g.sumsq;
+    nf += (double)(g.nan + g.inf);
+  }
+  if (!(q.skip_nonfinite && nf > 0)) {
+    for (int i = 0; i < q.nitems; i++) {
+      double t = q.threshold[i];
+      if (q.kind[i] == KC_DECIDE_VALUE) {
+        for (int64_t k = 0; k < n; k++) {
+          if (MX[k] > t) { clipped = 1; MX[k] = t; }
+          if (t < V[k]) V[k] = t;
+        }
+        continue;
+      }
+      for (int64_t k0 = 0; k0 < n;) {
+        /* a per-tensor norm scales one tensor at a time, the global one all */
+        int64_t k1 = q.kind[i] == KC_DECIDE_NORM ? k0 + 1 : n;
+        double s = 0, c;
+        for (int64_t k = k0; k < k1; k++) s += SQ[k];
+        c = dec_coef(t, sqrt(s));
+        if (c != 1)
+          for (int64_t k = k0; k < k1; k++) {
+            if (MX[k] > 0) clipped = 1;
+            A[k] *= c;
+            V[k] *= c;
+            SQ[k] *= c * c;
+            MX[k] *= c;
+          }
+        if (q.kind[i] == KC_DECIDE_GLOBAL_NORM) coef *= c;
+        k0 = k1;
+      }
+    }
+  }
+  out[0] = total;
+  out[1] = nf;
+  out[2] = coef;
+  out[3] = q.skip_nonfinite && nf > 0 ? 1 : 0;
+  out[4] = clipped;
+}
+
 /* part[2k], part[2k+1]: item k's sum of squared changes and of the new
 ** parameter's squares. */
 template <typename T, int K>
-__global__ void mt_update_kernel(const mt_desc *D, int nd, const double *AV, int64_t items, double *part) {
+__global__ void mt_update_kernel(const mt_desc *D, int nd, const double *AV, int64_t items, double *part,
+                                 mt_dec dec) {
   const int N = 16 / sizeof(T);
   __shared__ double sh[32];
   for (int64_t k = blockIdx.x; k < items; k += gridDim.x) {
@@ -922,6 +1016,17 @@ __global__ void mt_update_kernel(const mt_desc *D, int nd, const double *AV, int
     bool u0, u1, u2;
     uses<K>(f, &u0, &u1, &u2);
     mt_unit(d, AV, u, &ca, &lo, &hi);
+    if (d.dk >= 0) {
+      /* a decided step: skipped (every item alike), or this tensor's
+      ** scale and bound as the decision kernel left them */
+      if (dec.out[3] != 0) {
+        if (threadIdx.x == 0) part[2 * k] = part[2 * k + 1] = 0;
+        continue;
+      }
+      ca = (T)dec.a[d.dk];
+      hi = (T)dec.v[d.dk];
+      lo = -hi;
+    }
     if (d.vec) {
       int64_t nv = (e - b) / N;
       for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
@@ -1029,6 +1134,7 @@ static int batch_add(kc_state *s, int op, int dtype, int kind, int64_t nunits, i
   c->d.a0 = a ? a[0] : 1.0;
   c->d.v0 = v ? v[0] : INFINITY;
   c->av = -1;
+  c->d.dk = -1;
   if (nunits > 1 && (a || v)) {
     c->av = B->nav;
     c->has_a = a != NULL;
@@ -1102,7 +1208,9 @@ static int batch_launch(kc_state *s) {
   struct kc_batch *B = s->pending ? s->pending->batch : NULL;
   int64_t items[MT_CLASSES] = {0}, units[MT_CLASSES] = {0}, maxch[MT_CLASSES] = {0};
   int first[MT_CLASSES], count[MT_CLASSES] = {0};
-  size_t off_av, off_part[MT_CLASSES], off_res[MT_CLASSES], res0, total, nres, hoff, soff;
+  size_t off_av, off_idx, up, off_work = 0, off_dec = 0, off_part[MT_CLASSES], off_res[MT_CLASSES], res0, total,
+      nres, hoff, soff;
+  int64_t nt = B && B->has_dec ? B->dec.ntensors : 0;
   mt_desc *D;
   mt_call **order = NULL;
   char *dev, *host;
@@ -1135,7 +1243,16 @@ static int batch_launch(kc_state *s) {
   /* device layout: descriptors, a/v, then per class partials; the unit
   ** results of all classes together at the end (one copy down) */
   off_av = (size_t)round16((int64_t)(sizeof(mt_desc) * (size_t)n));
-  total = off_av + (size_t)round16(B->nav * (int64_t)sizeof(double));
+  /* a decided step: where each tensor's statistics land (in gstat
+  ** records from the first statistics class's results), uploaded with the
+  ** descriptors; the decision's work space; its record with the results */
+  off_idx = off_av + (size_t)round16(B->nav * (int64_t)sizeof(double));
+  up = off_idx + (size_t)nt * sizeof(int64_t);
+  total = (size_t)round16((int64_t)up);
+  if (nt) {
+    off_work = total;
+    total += (size_t)round16(4 * nt * (int64_t)sizeof(double));
+  }
   for (int c = 0; c < MT_CLASSES; c++) {
     off_part[c] = total;
     total += (size_t)round16(items[c] * (int64_t)(c < 2 ? sizeof(gstat) : 2 * sizeof(double)));
@@ -1145,16 +1262,30 @@ static int batch_launch(kc_state *s) {
     off_res[c] = total;
     total += (size_t)units[c] * (c < 2 ? sizeof(gstat) : 2 * sizeof(double));
   }
+  if (nt) {
+    off_dec = total;
+    total += 5 * sizeof(double);
+  }
   nres = total - res0;
-  if ((rc = grow_dev(s, B, total)) || (rc = grow_stage(s, B, off_av + (size_t)B->nav * sizeof(double), &soff)))
+  if (nt && (B->multi_unit || B->nstats != nt || B->ndecided != nt)) {
+    rc = KC_ERR_ARG;   /* decide's contract: one unit per tensor, every tensor updated */
     goto out;
+  }
+  if ((rc = grow_dev(s, B, total)) || (rc = grow_stage(s, B, up, &soff))) goto out;
   dev = (char *)B->dev;
   host = (char *)B->stage + soff;
   D = (mt_desc *)host;
   for (int i = 0; i < n; i++) D[i] = order[i]->d;
   memcpy(host + off_av, B->av, (size_t)B->nav * sizeof(double));
-  if ((rc = kc_check_cuda(cudaMemcpyAsync(dev, host, off_av + (size_t)B->nav * sizeof(double),
-                                          cudaMemcpyHostToDevice, s->stream))) ||
+  if (nt) {
+    int64_t *idx = (int64_t *)(host + off_idx), j = 0;
+    for (int i = 0; i < B->n; i++) {
+      const mt_call *c = &B->calls[i];
+      if (c->op == MT_STATS)
+        idx[j++] = (int64_t)((off_res[class_of(c)] - off_res[0]) / sizeof(gstat)) + c->d.unit0;
+    }
+  }
+  if ((rc = kc_check_cuda(cudaMemcpyAsync(dev, host, up, cudaMemcpyHostToDevice, s->stream))) ||
       (rc = kc_check_cuda(cudaEventRecord(B->staged, s->stream))))
     goto out;
   for (int c = 0; c < MT_CLASSES; c++) {
@@ -1162,6 +1293,13 @@ static int batch_launch(kc_state *s) {
     const double *av = (const double *)(dev + off_av);
     unsigned nb = grid_of(items[c]), nf = grid_of(units[c]);
     int th = maxch[c] <= 32 ? 32 : KC_THREADS;
+    if (c == 2 && nt) {
+      /* the statistics are in: the decision, before any update reads it */
+      KC_LAUNCH(1, 32, 0, s->stream, mt_decide_kernel)((const gstat *)(dev + off_res[0]),
+                                                       (const int64_t *)(dev + off_idx), B->dec,
+                                                       (double *)(dev + off_work), (double *)(dev + off_dec));
+      if ((rc = KC_LAUNCHED())) goto out;
+    }
     if (!count[c]) continue;
     if (c < 2) {
       gstat *part = (gstat *)(dev + off_part[c]), *res = (gstat *)(dev + off_res[c]);
@@ -1171,9 +1309,13 @@ static int batch_launch(kc_state *s) {
       KC_LAUNCH(nf, th, 0, s->stream, mt_stats_final_kernel)(dd, count[c], units[c], part, res);
     } else {
       double *part = (double *)(dev + off_part[c]), *res = (double *)(dev + off_res[c]);
+      mt_dec md;
+      md.a = (const double *)(dev + off_work);
+      md.v = md.a + nt;
+      md.out = (const double *)(dev + off_dec);
       switch (c - 2) {
 #define MT_UPD(i, T, K) \
-  case i: KC_LAUNCH(nb, KC_THREADS, 0, s->stream, mt_update_kernel<T, K>)(dd, count[c], av, items[c], part); break
+  case i: KC_LAUNCH(nb, KC_THREADS, 0, s->stream, mt_update_kernel<T, K>)(dd, count[c], av, items[c], part, md); break
         MT_UPD(0, float, UK_SGD); MT_UPD(1, float, UK_ADAM); MT_UPD(2, float, UK_RMSPROP); MT_UPD(3, float, UK_ADAGRAD);
         MT_UPD(4, double, UK_SGD); MT_UPD(5, double, UK_ADAM); MT_UPD(6, double, UK_RMSPROP);
         MT_UPD(7, double, UK_ADAGRAD);
@@ -1188,6 +1330,17 @@ static int batch_launch(kc_state *s) {
   if ((rc = pend_region(s, nres, &hoff))) goto out;
   host = s->pending->arena + hoff;
   if ((rc = kc_check_cuda(cudaMemcpyAsync(host, dev + res0, nres, cudaMemcpyDeviceToHost, s->stream)))) goto out;
+  if (!s->pending->copied &&
+      (rc = kc_check_cuda(cudaEventCreateWithFlags(&s->pending->copied, cudaEventDisableTiming))))
+    goto out;
+  if ((rc = kc_check_cuda(cudaEventRecord(s->pending->copied, s->stream)))) goto out;
+  if (nt) {
+    pend_rec *r;
+    if ((rc = pend_record(s, &r))) goto out;
+    r->kind = PEND_DEC;
+    r->off = hoff + (off_dec - res0);
+    r->dec = B->dec_out;
+  }
   for (int i = 0; i < n && !rc; i++) {
     const mt_call *c = order[i];
     int cl = class_of(c);
@@ -1212,6 +1365,8 @@ out:
   free(order);
   B->n = 0;
   B->nav = 0;
+  B->has_dec = B->multi_unit = 0;
+  B->nstats = B->ndecided = 0;
   return rc;
 }
 
@@ -1239,6 +1394,8 @@ static int queue_stats(kc_state *s, const kc_view *g, int64_t nunits, int64_t le
   c->d.vec = len % N == 0 && aligned16(g->data) && (!w || aligned16(w->data));
   c->st = st;
   c->spow = spow;
+  s->pending->batch->nstats++;
+  if (nunits != 1 || a || v) s->pending->batch->multi_unit = 1;
   return KC_OK;
 }
 
@@ -1247,8 +1404,12 @@ static int queue_update(kc_state *s, int kind, const keel_optim_hparams *h, int6
                         const double *v, double *dsq, double *wsq) {
   int uk = kind == KEEL_OPTIM_SGD ? UK_SGD : kind == KEEL_OPTIM_RMSPROP ? UK_RMSPROP
            : kind == KEEL_OPTIM_ADAGRAD ? UK_ADAGRAD : UK_ADAM;
+  struct kc_batch *B;
   mt_call *c;
   int rc;
+  if ((rc = batch_get(s, &B))) return rc;
+  /* after decide, the i-th update is tensor i's: one unit, a and v from the device */
+  if (B->has_dec && (B->ndecided >= B->dec.ntensors || nunits != 1 || a || v)) return KC_ERR_ARG;
   if ((rc = batch_add(s, MT_UPDATE, dtype, uk, nunits, len, a, v, &c))) return rc;
   c->d.g = A->g;
   c->d.p = A->p;
@@ -1258,6 +1419,7 @@ static int queue_update(kc_state *s, int kind, const keel_optim_hparams *h, int6
   fill_consts(&c->d.k, h, step);
   c->dsq = dsq;
   c->wsq = wsq;
+  if (B->has_dec) c->d.dk = B->ndecided++;
   return KC_OK;
 }
 
@@ -1306,6 +1468,40 @@ static int defer_results(kc_state *s, int mode) {
   }
 }
 
+static int decide(kc_state *s, const kc_decide *q, kc_decision *out) {
+  struct kc_batch *B;
+  int rc;
+  if (!q || !out || q->nitems < 0 || q->nitems > KC_DECIDE_MAX || q->ntensors < 1) return KC_ERR_ARG;
+  for (int i = 0; i < q->nitems; i++)
+    if (q->kind[i] < KC_DECIDE_VALUE || q->kind[i] > KC_DECIDE_GLOBAL_NORM) return KC_ERR_ARG;
+  if (!deferring(s)) return KC_ERR_ARG;   /* only inside a batch, after its statistics */
+  if ((rc = batch_get(s, &B))) return rc;
+  if (B->has_dec || B->nstats != q->ntensors || B->multi_unit) return KC_ERR_ARG;
+  B->has_dec = 1;
+  B->dec = *q;
+  B->dec_out = out;
+  B->ndecided = 0;
+  return KC_OK;
+}
+
+static int results_ready(kc_state *s) {
+  struct kc_pending *P = s->pending;
+  cudaError_t e;
+  if (!P || P->n == 0) return 1;
+  if (P->on || !P->copied) return 0;   /* an open batch: results_wait launches it */
+  e = cudaEventQuery(P->copied);
+  if (e == cudaErrorNotReady) {
+    (void)cudaGetLastError();   /* not an error: clear it */
+    return 0;
+  }
+  if (e != cudaSuccess) return kc_check_cuda(e);
+  /* every batch records the event after its upload and copies: the
+  ** staging uploads are all done, as after a wait */
+  P->staged = 0;
+  pend_write(s);
+  return 1;
+}
+
 static int results_wait(kc_state *s) {
   struct kc_pending *P = s->pending;
   int rc;
@@ -1320,6 +1516,7 @@ void kc_optim_close(kc_state *s) {
   struct kc_pending *P = s->pending;
   if (!P) return;
   batch_free(P->batch);
+  if (P->copied) cudaEventDestroy(P->copied);
   if (P->arena) cudaFreeHost(P->arena);
   free(P->recs);
   free(P);
@@ -1334,4 +1531,6 @@ void kc_register_optim(keel_cuda_table *t) {
   t->optim_update = optim_update;
   t->defer_results = defer_results;
   t->results_wait = results_wait;
+  t->decide = decide;
+  t->results_ready = results_ready;
 }
