@@ -222,6 +222,39 @@ describe("cuda deferred optimizer steps", function()
     for i, p in ipairs(before) do assert.equals(#H.flat(p:cpu()), #H.flat(pa[i]:cpu())) end
   end)
 
+  gpu_it("float32 and float64 parameters in one step", function()
+    local a32, b32 = params("float32", 21)
+    local a64, b64 = params("float64", 22)
+    local pa, pb = {}, {}
+    for i = 1, #a32 do pa[#pa + 1] = a32[i]; pa[#pa + 1] = a64[i]; pb[#pb + 1] = b32[i]; pb[#pb + 1] = b64[i] end
+    local opts = {lr = 0.05, nonfinite = "zero", clip = clip.chain{clip.norm(0.4), clip.global_norm(0.6)}}
+    local oa, ob = optim.Adam(pa, opts), optim.Adam(pb, opts)
+    local handles = hook_all(pb)
+    for t = 1, 3 do
+      set_grads(pa, pb, t, 1, {[2] = true})
+      local ra, rb = oa:step(), ob:step()
+      assert.is_table(getmetatable(ra))
+      same_report(ra, rb, "mixed step " .. t)
+      same_everything(oa, ob, pa, pb, "mixed step " .. t)
+    end
+    for _, h in ipairs(handles) do h:remove() end
+  end)
+
+  gpu_it("w_sumsq follows a write between deferred steps", function()
+    local pa = params("float64", 23)
+    local o = optim.AdamW(pa, {lr = 0.05, nonfinite = "keep"})
+    for t = 1, 4 do
+      if t == 3 then keel.no_grad(function() pa[1]:mul_(3) end) end
+      local want = {}
+      for i, p in ipairs(pa) do want[i] = (p:double() * p:double()):sum():item() end
+      set_grads(pa, params("float64", 23), t, 1)
+      o:step()
+      for i, s in ipairs(o:grad_stats()) do
+        H.assert_close(s.w_sumsq, want[i], {atol = 0, rtol = 1e-13}, ("step %d parameter %d"):format(t, i))
+      end
+    end
+  end)
+
   gpu_it("a report read after the next step is its own step's", function()
     local pa = params("float32", 9)
     local pb = params("float32", 9)

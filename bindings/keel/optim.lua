@@ -44,6 +44,17 @@
 -- r.lr = param_groups[1].lr * opt.lr_scale; r.top_param is the
 -- index of the parameter with the largest share r.top_share of the global
 -- sum of squares (nil when all gradients are 0).
+-- Steps the device decides: when no on_grad hook watches the optimizer's
+-- parameters, there is no guard and no GradScaler, every parameter taking
+-- part is on CUDA, the clip chain is empty or L2 norms (norm, global_norm
+-- with p = 2) followed by value bounds, and nonfinite is not "error", the
+-- statistics, the clip factors, the skip and the update all run on the
+-- device and step() returns without waiting for it. The report r then
+-- fills itself on first access (reading it, pairs(r), a "step" listener
+-- that reads it: that waits for the step if it is not done yet); so do
+-- opt.counters, the step counts, grad_stats(), state_dict() and the next
+-- step. Parameters, state, reports and counters are those of the host's
+-- decision, to the bit.
 -- opt.lr_scale (default 1; a number >= 0) multiplies every group's lr at
 -- apply time without touching param_groups, so schedules keep working
 -- under it; it is not part of state_dict (its owner, the guard, saves it).
