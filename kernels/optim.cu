@@ -942,24 +942,30 @@ __device__ __forceinline__ double dec_coef(double max_norm, double total) {
 }
 
 /* The decision (kc_decide) from the statistics of the step's n tensors
-** (res[idx[k]]), by one thread in clip.c's order: the totals as
-** kl_clip_stats adds them, then the chain as kl_clip_eval runs it, each
-** scale applied as units_scale applies it. W: 4n doubles of work (a, v,
-** and the running sums of squares and max). out: total, nonfinite, coef,
-** skip, clipped. */
+** (res[idx[k]]): the block gathers them, then one thread decides in
+** clip.c's order: the totals as kl_clip_stats adds them, then the chain as
+** kl_clip_eval runs it, each scale applied as units_scale applies it (a
+** few passes over n numbers: sequential, so that the sums are the host's
+** to the bit). W: 5n doubles of work (a, v, the running sums of squares
+** and max, the non-finite counts). out: total, nonfinite, coef, skip,
+** clipped. One block. */
 __global__ void mt_decide_kernel(const gstat *res, const int64_t *idx, kc_decide q, double *W, double *out) {
   int64_t n = q.ntensors;
-  double *A = W, *V = W + n, *SQ = W + 2 * n, *MX = W + 3 * n;
+  double *A = W, *V = W + n, *SQ = W + 2 * n, *MX = W + 3 * n, *NF = W + 4 * n;
   double total = 0, nf = 0, coef = 1, clipped = 0;
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  for (int64_t k = 0; k < n; k++) {
+  for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
     const gstat &g = res[idx[k]];
     A[k] = 1;
     V[k] = INFINITY;
     SQ[k] = g.sumsq;
     MX[k] = g.mx;
-    total += g.sumsq;
-    nf += (double)(g.nan + g.inf);
+    NF[k] = (double)(g.nan + g.inf);
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (int64_t k = 0; k < n; k++) {
+    total += SQ[k];
+    nf += NF[k];
   }
   if (!(q.skip_nonfinite && nf > 0)) {
     for (int i = 0; i < q.nitems; i++) {
@@ -1251,7 +1257,7 @@ static int batch_launch(kc_state *s) {
   total = (size_t)round16((int64_t)up);
   if (nt) {
     off_work = total;
-    total += (size_t)round16(4 * nt * (int64_t)sizeof(double));
+    total += (size_t)round16(5 * nt * (int64_t)sizeof(double));
   }
   for (int c = 0; c < MT_CLASSES; c++) {
     off_part[c] = total;
@@ -1295,7 +1301,7 @@ static int batch_launch(kc_state *s) {
     int th = maxch[c] <= 32 ? 32 : KC_THREADS;
     if (c == 2 && nt) {
       /* the statistics are in: the decision, before any update reads it */
-      KC_LAUNCH(1, 32, 0, s->stream, mt_decide_kernel)((const gstat *)(dev + off_res[0]),
+      KC_LAUNCH(1, KC_THREADS, 0, s->stream, mt_decide_kernel)((const gstat *)(dev + off_res[0]),
                                                        (const int64_t *)(dev + off_idx), B->dec,
                                                        (double *)(dev + off_work), (double *)(dev + off_dec));
       if ((rc = KC_LAUNCHED())) goto out;
