@@ -273,6 +273,23 @@ describe("cuda deferred optimizer steps", function()
     assert.is_true(r2.grad_norm > r1.grad_norm)
   end)
 
+  gpu_it("a \"step\" listener gets the pending report; reading it resolves it", function()
+    local pa = params("float32", 17)
+    local o = optim.SGD(pa, {lr = 0.1, nonfinite = "skip", clip = clip.global_norm(0.2)})
+    local seen = {}
+    local h = hooks.on("step", function(opt, r)
+      if opt == o then seen[#seen + 1] = {lazy = getmetatable(r) ~= nil, r = r} end
+    end)
+    set_grads(pa, params("float32", 17), 1, 1)
+    local r = o:step()
+    h:remove()
+    assert.equals(1, #seen)
+    assert.is_true(seen[1].lazy, "pending when emitted")
+    assert.equals(r, seen[1].r, "the same table")
+    assert.is_true(seen[1].r.clipped)
+    assert.is_nil(getmetatable(r), "resolved for every holder")
+  end)
+
   gpu_it("counters, step_count and grad_stats read right after a deferred step are that step's", function()
     local pa = params("float64", 11)
     local o = optim.RMSprop(pa, {lr = 0.01, nonfinite = "skip"})
