@@ -250,6 +250,65 @@ static void fill_report(lua_State *L, const keel_step_report *r) {
   set_num(L, "top_share", r->top_share);
 }
 
+/* Every group's hyper-parameters from the param_groups table at idx. */
+static void push_groups(lua_State *L, lk_state *S, keel_optim *o, int idx) {
+  int ng = keel_optim_group_count(o);
+  luaL_checktype(L, idx, LUA_TTABLE);
+  if ((int)luaL_len(L, idx) != ng)
+    luaL_error(L, "%s.step: param_groups has %d groups, the optimizer %d (use add_param_group)",
+               keel_optim_kind_name(keel_optim_get_kind(o)), (int)luaL_len(L, idx), ng);
+  for (int g = 0; g < ng; g++) {
+    keel_optim_hparams h;
+    if (lua_geti(L, idx, g + 1) != LUA_TTABLE)
+      luaL_error(L, "%s.step: param_groups[%d] is not a table", keel_optim_kind_name(keel_optim_get_kind(o)), g + 1);
+    read_hparams(L, -1, keel_optim_get_kind(o), g + 1, &h);
+    lua_pop(L, 1);
+    lk_check(L, S, keel_optim_set_hparams(o, g, &h));
+  }
+}
+
+/* step_deferred(h, groups, lr_scale): the whole step (no hooks, guard or
+** loss scale: the caller knows) with deferred reports on. Returns the
+** report table and false, or, when the device decided the step and its
+** report is pending, an empty table and true (last_report fills it). */
+static int l_step_deferred(lua_State *L) {
+  lk_state *S = lk_S(L);
+  keel_optim *o = check_optim(L, 1);
+  keel_step_report r;
+  keel_loss_scale ls;
+  keel_status st;
+  double scale = luaL_checknumber(L, 3);
+  int pending;
+  memset(&ls, 0, sizeof ls);
+  push_groups(L, S, o, 2);
+  lk_check(L, S, keel_optim_set_loss_scale(o, &ls));
+  lk_check(L, S, keel_optim_set_lr_scale(o, scale));
+  keel_optim_set_deferred_report(o, 1);
+  st = keel_optim_step(o, &r);
+  keel_optim_set_deferred_report(o, 0);
+  pending = !st && keel_optim_report_pending(o);
+  lua_createtable(L, 0, 14);
+  if (!pending) fill_report(L, &r);
+  lk_check(L, S, st);
+  lua_pushboolean(L, pending);
+  return 2;
+}
+
+/* last_report(h, t): the last step's report written into t (resolving a
+** pending one: this may wait for the device); returns t. */
+static int l_last_report(lua_State *L) {
+  lk_state *S = lk_S(L);
+  keel_optim *o = check_optim(L, 1);
+  keel_step_report r;
+  keel_status st;
+  luaL_checktype(L, 2, LUA_TTABLE);
+  st = keel_optim_last_report(o, &r);
+  lua_settop(L, 2);
+  fill_report(L, &r);
+  lk_check(L, S, st);
+  return 1;
+}
+
 /* prepare(h, groups [, inv_scale, found_inf]): pushes every group's
 ** hyper-parameters and the loss scale (inv_scale nil: none), prepares the
 ** step and returns the report table (applied = false). */
@@ -258,25 +317,13 @@ static int l_prepare(lua_State *L) {
   keel_optim *o = check_optim(L, 1);
   keel_step_report r;
   keel_loss_scale ls;
-  int ng = keel_optim_group_count(o);
-  luaL_checktype(L, 2, LUA_TTABLE);
   memset(&ls, 0, sizeof ls);
   if (!lua_isnoneornil(L, 3)) {
     ls.enabled = 1;
     ls.inv_scale = luaL_checknumber(L, 3);
     ls.found_inf = lua_toboolean(L, 4);
   }
-  if ((int)luaL_len(L, 2) != ng)
-    return luaL_error(L, "%s.step: param_groups has %d groups, the optimizer %d (use add_param_group)",
-                      keel_optim_kind_name(keel_optim_get_kind(o)), (int)luaL_len(L, 2), ng);
-  for (int g = 0; g < ng; g++) {
-    keel_optim_hparams h;
-    if (lua_geti(L, 2, g + 1) != LUA_TTABLE)
-      return luaL_error(L, "%s.step: param_groups[%d] is not a table", keel_optim_kind_name(keel_optim_get_kind(o)), g + 1);
-    read_hparams(L, -1, keel_optim_get_kind(o), g + 1, &h);
-    lua_pop(L, 1);
-    lk_check(L, S, keel_optim_set_hparams(o, g, &h));
-  }
+  push_groups(L, S, o, 2);
   lk_check(L, S, keel_optim_set_loss_scale(o, &ls));
   lk_check(L, S, keel_optim_prepare(o, &r));
   lua_createtable(L, 0, 14);
@@ -672,7 +719,8 @@ static int l_clip_grad_agc(lua_State *L) {
 static const luaL_Reg optim_fns[] = {
   {"new", l_new}, {"add_group", l_add_group}, {"set_group", l_set_group},
   {"set_clip", l_set_clip}, {"set_clip_threshold", l_set_clip_threshold},
-  {"set_nonfinite", l_set_nonfinite}, {"prepare", l_prepare}, {"apply", l_apply}, {"cancel", l_cancel},
+  {"set_nonfinite", l_set_nonfinite}, {"prepare", l_prepare}, {"apply", l_apply},
+  {"step_deferred", l_step_deferred}, {"last_report", l_last_report}, {"cancel", l_cancel},
   {"discard", l_discard}, {"param_stats", l_param_stats}, {"zero_grad", l_zero_grad},
   {"step_count", l_step_count}, {"counters", l_counters}, {"set_counters", l_set_counters},
   {"params", l_params}, {"get_state", l_get_state}, {"set_state", l_set_state},

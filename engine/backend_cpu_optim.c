@@ -6,7 +6,9 @@
 ** - kl_cpu_optim_update: one optimizer update of one parameter, with the
 **   clip chain's scale and clamp bound applied to each gradient element as
 **   it is read: clipping costs no pass of its own; the same loop sums the
-**   squares of the changes it makes (the update's norm).
+**   squares of the changes it makes (the update's norm) and of the values
+**   it writes (the next step's weight norm, so that its statistics need
+**   not read the parameter).
 ** - kl_cpu_grad_scale_: in-place clipping for the standalone functions.
 **
 ** Update formulas follow PyTorch 1.13's single-tensor code operation by
@@ -504,7 +506,10 @@ keel_status kl_cpu_grad_scale_(keel_ctx *ctx, keel_tensor *g, int64_t nunits, co
 ** in double) to the accumulator acc: the update's sum of squares comes out
 ** of the update loop itself. The squares go through 8 lanes by position in
 ** the block, exactly as the statistics do, so the sum has the same bits
-** whichever loop (scalar, SSE2, AVX2, masked) ran.
+** whichever loop (scalar, SSE2, AVX2, masked) ran. PUT also adds the
+** square of the new value to wacc (same lanes, same order), so the
+** parameter's sum of squares after the update comes out of the loop too:
+** the next step's statistics need not read the parameter (optim.c).
 ** ======================================================================= */
 
 /* Accumulators of squared changes. A vector body covers W consecutive
@@ -554,24 +559,26 @@ AVX2_FN static void gather_f64x4(double *d, const dacc4 *va) {
 #endif
 
 #if KL_VECTOR
-#define DSQ(d) _Generic((d), float: dsq_f32, double: dsq_f64, f32x4: dsq_f32x4, f64x2: dsq_f64x2 DSQ_AVX2)(acc, d)
+#define DSQ_TO(a, d) _Generic((d), float: dsq_f32, double: dsq_f64, f32x4: dsq_f32x4, f64x2: dsq_f64x2 DSQ_AVX2)(a, d)
 #define GATHER(V, d, va) _Generic((V){0}, f32x4: gather_f32x4, f64x2: gather_f64x2 GATHER_AVX2)(d, va)
 #else
-#define DSQ(d) _Generic((d), float: dsq_f32, double: dsq_f64)(acc, d)
+#define DSQ_TO(a, d) _Generic((d), float: dsq_f32, double: dsq_f64)(a, d)
 #define GATHER(V, d, va) ((void)(va), memset(d, 0, sizeof(double) * 8))
 #endif
 
 /* Stores the new value n of element i, whose old value was o. */
-#define PUT(L, o, n) do { L n_ = (n); ST(P + i, n_); DSQ(n_ - (o)); } while (0)
+#define PUT(L, o, n) do { L n_ = (n); ST(P + i, n_); DSQ_TO(acc, n_ - (o)); DSQ_TO(wacc, n_); } while (0)
 
 /* Runs BODY for elements [i0, i1) of one block: 8 at a time, as 8 / W
 ** vectors of type V (slot q of va for the one at i0 + 8m + qW), while
 ** they last, then one at a time with the scalar type T (tacc[l] for the
 ** element in lane l). BODY sees the lane type as L, the first element as
-** i and its accumulator as acc. */
+** i and its accumulators as acc (changes) and wacc (new values; wa and
+** wtacc as va and tacc). */
 #if KL_VECTOR
 /* (variadic: BODY arrives expanded, commas and all) */
-#define VSLOT(V, W, q, ...) { typedef V L; const int64_t i = i_ + (q) * (W); __typeof__(&va[0]) acc = &va[q]; __VA_ARGS__ }
+#define VSLOT(V, W, q, ...) { \
+    typedef V L; const int64_t i = i_ + (q) * (W); __typeof__(&va[0]) acc = &va[q], wacc = &wa[q]; __VA_ARGS__ }
 #define RUN_LANES8(T, V, W, i0, i1, BODY) do { \
     int64_t i_ = (i0); \
     for (; i_ + 8 <= (i1); i_ += 8) { \
@@ -579,12 +586,16 @@ AVX2_FN static void gather_f64x4(double *d, const dacc4 *va) {
       if (8 / (W) > 1) VSLOT(V, W, 1, BODY) \
       if (8 / (W) > 2) { VSLOT(V, W, 2, BODY) VSLOT(V, W, 3, BODY) } \
     } \
-    for (; i_ < (i1); i_++) { typedef T L; const int64_t i = i_; double *acc = &tacc[(i_ - (i0)) & 7]; BODY } \
+    for (; i_ < (i1); i_++) { \
+      typedef T L; const int64_t i = i_; double *acc = &tacc[(i_ - (i0)) & 7], *wacc = &wtacc[(i_ - (i0)) & 7]; \
+      BODY \
+    } \
   } while (0)
 #else
 #define RUN_LANES8(T, V, W, i0, i1, BODY) do { \
     for (int64_t i_ = (i0); i_ < (i1); i_++) { \
-      typedef T L; const int64_t i = i_; double *acc = &tacc[(i_ - (i0)) & 7]; BODY \
+      typedef T L; const int64_t i = i_; double *acc = &tacc[(i_ - (i0)) & 7], *wacc = &wtacc[(i_ - (i0)) & 7]; \
+      BODY \
     } \
   } while (0)
 #endif
@@ -684,18 +695,20 @@ typedef CONSTS(double) consts_f64;
 /* One block [i0, i1) of a unit of kind with the body for it. Without
 ** non-finite elements: vector lanes. With them (masked): scalars, where
 ** "zero" reads such an element as 0 and "keep" leaves its parameter and
-** state alone (a fresh SGD momentum buffer gets 0 there; the change is 0). */
+** state alone (a fresh SGD momentum buffer gets 0 there; the change is 0,
+** the kept value still counts in the parameter's sum of squares). */
 #define UNIT(T, V, W, BODY) do { \
     if (!masked) { \
       RUN_LANES8(T, V, W, i0, i1, BODY(L, CLIPPED(L, LD(L, G + i)))); \
     } else { \
       for (int64_t i = i0; i < i1; i++) { \
         typedef T L; \
-        double *acc = &tacc[(i - i0) & 7]; \
+        double *acc = &tacc[(i - i0) & 7], *wacc = &wtacc[(i - i0) & 7]; \
         T gx = G[i]; \
         if (gx - gx != 0) { \
           if (nf == KEEL_NONFINITE_KEEP) { \
             if (kind == KEEL_OPTIM_SGD && f->momentum && f->fresh) S0[i] = 0; \
+            DSQ_TO(wacc, P[i]); \
             continue; \
           } \
           gx = 0; \
@@ -716,10 +729,12 @@ typedef struct upd_job {
   const double *a, *v;
   keel_nonfinite nf;
   int masked;
+  double *wsq;                  /* nunits (NULL: not wanted): the new parameter's sums of squares */
 } upd_job;
 
 /* The update of J with lane type V (W elements) and vector accumulators
-** ACC; the sum of squared changes goes to dsum, block by block. */
+** ACC; the sum of squared changes goes to dsum, block by block, and each
+** unit's sum of the new squares to J->wsq. */
 #define UPDATE(T, V, W, ACC) do { \
     const flags *f = J->f; \
     keel_optim_kind kind = J->kind; \
@@ -735,11 +750,13 @@ typedef struct upd_job {
     for (int64_t u = 0; u < J->nunits; u++) { \
       T ca = J->a ? (T)J->a[u] : (T)1, hi = J->v ? (T)J->v[u] : (T)INFINITY, lo = -hi; \
       int64_t end = (u + 1) * len; \
+      double wsum = 0; \
       for (int64_t i0 = u * len; i0 < end; i0 += STATS_BLOCK) { \
         int64_t i1 = end - i0 < STATS_BLOCK ? end : i0 + STATS_BLOCK; \
-        ACC va[4]; \
-        double tacc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, d[8]; \
+        ACC va[4], wa[4]; \
+        double tacc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, wtacc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, d[8]; \
         memset(va, 0, sizeof va); \
+        memset(wa, 0, sizeof wa); \
         switch (kind) { \
           case KEEL_OPTIM_SGD: UNIT(T, V, W, SGD_BODY); break; \
           case KEEL_OPTIM_ADAM: case KEEL_OPTIM_ADAMW: UNIT(T, V, W, ADAM_BODY); break; \
@@ -749,7 +766,11 @@ typedef struct upd_job {
         GATHER(V, d, va); \
         for (int l = 0; l < 8; l++) d[l] += tacc[l]; \
         dsum += lanes8(d); \
+        GATHER(V, d, wa); \
+        for (int l = 0; l < 8; l++) d[l] += wtacc[l]; \
+        wsum += lanes8(d); \
       } \
+      if (J->wsq) J->wsq[u] = wsum; \
     } \
   } while (0)
 
@@ -816,7 +837,8 @@ AVX2_FN static double update_f64_avx2(const upd_job *J, const consts_f64 *k) {
 keel_status kl_cpu_optim_update(keel_ctx *ctx, keel_optim_kind kind, const keel_optim_hparams *h,
                                 int64_t step, keel_tensor *p, const keel_tensor *g,
                                 keel_tensor *const *state, unsigned fresh, int64_t nunits,
-                                const double *a, const double *v, keel_nonfinite nf, double *dsq) {
+                                const double *a, const double *v, keel_nonfinite nf, double *dsq,
+                                double *wsq) {
   flags fl = {0, 0, 0, 0, 0, 0, 0, 0};
   upd_job J;
   double dsum;
@@ -840,6 +862,7 @@ keel_status kl_cpu_optim_update(keel_ctx *ctx, keel_optim_kind kind, const keel_
   J.v = v;
   J.nf = nf;
   J.masked = nf == KEEL_NONFINITE_ZERO || nf == KEEL_NONFINITE_KEEP;
+  J.wsq = wsq;
   if (p->dtype == KEEL_F32) {
     consts_f32 k;
     FILL_CONSTS(&k, float);

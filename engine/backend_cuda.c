@@ -669,7 +669,8 @@ static keel_status cuda_grad_scale_(keel_ctx *ctx, keel_tensor *g, int64_t nunit
 static keel_status cuda_optim_update(keel_ctx *ctx, keel_optim_kind kind, const keel_optim_hparams *h,
                                      int64_t step, keel_tensor *p, const keel_tensor *g,
                                      keel_tensor *const *state, unsigned fresh, int64_t nunits,
-                                     const double *a, const double *v, keel_nonfinite nf, double *dsq) {
+                                     const double *a, const double *v, keel_nonfinite nf, double *dsq,
+                                     double *wsq) {
   const char *const *names;
   int ns = keel_optim_state_names(kind, &names);
   kc_view vp, vg, vs[KL_OPTIM_MAX_STATE];
@@ -683,7 +684,7 @@ static keel_status cuda_optim_update(keel_ctx *ctx, keel_optim_kind kind, const 
   if (ns > KL_OPTIM_MAX_STATE) return kl_error(ctx, KEEL_ERR_STATE, "%s.step: too many state buffers", fn);
   for (int k = 0; k < ns; k++) sv[k] = view(state[k], &vs[k]);
   if ((st = done(ctx, fn, PL->optim_update(kl_cuda_batch_state(ctx), kind, h, step, view(p, &vp), view(g, &vg), sv,
-                                           ns, fresh, nunits, a, v, nf, dsq))))
+                                           ns, fresh, nunits, a, v, nf, dsq, wsq))))
     return st;
   p->storage->version++;   /* an in-place write, as the CPU slot counts it */
   return KEEL_OK;

@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "keel_impl.h"
+#include "keel_cuda.h"
 
 /* torch.nn.utils.clip_grad_norm_: max_norm / (total_norm + 1e-6), at most 1. */
 #define TORCH_EPS 1e-6
@@ -427,6 +428,10 @@ static int chain_has(const kl_clip_chain *c, keel_clip_kind kind) {
   return 0;
 }
 
+int64_t kl_clip_units(const kl_clip_chain *c, const keel_tensor *g) {
+  return chain_has(c, KEEL_CLIP_AGC) ? kl_clip_agc_units(g) : 1;
+}
+
 static int is_plain_p(double p) { return p == 1 || p == 2 || isinf(p); }
 
 /* The norm order the first norm transform needs beyond 1, 2 and inf. */
@@ -503,17 +508,31 @@ static keel_status unscaled_stats(keel_ctx *ctx, kl_clip_work *w, keel_tensor *g
 ** starts at gs, so that the clip chain and the update see the unscaled
 ** gradient too. The parameters p (NULL: none; else contiguous, of the
 ** gradients' shapes and dtypes) are read in the same pass, for their sums
-** of squares (AGC's weight norms, the optimizer's statistics). */
+** of squares (AGC's weight norms, the optimizer's statistics), unless
+** wk[k] has them already (the optimizer's update pass summed them). */
 keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w, int m,
-                          keel_tensor *const *g, keel_tensor *const *p, double gs) {
-  int agc = chain_has(c, KEEL_CLIP_AGC), dev = 0;
-  int64_t nu = 0;
-  double sumsq = 0;
-  keel_status st = KEEL_OK, st2;
-  for (int k = 0; k < m; k++) {
-    nu += agc ? kl_clip_agc_units(g[k]) : 1;
+                          keel_tensor *const *g, keel_tensor *const *p, const double *const *wk, double gs) {
+  int dev = 0;
+  keel_status st, st2;
+  for (int k = 0; k < m; k++)
     if (g[k]->storage->device != KEEL_CPU) dev = 1;
-  }
+  /* Device gradients: every statistics pass is queued first and the host
+  ** waits once for all of them (kl_cuda_defer); unscaled_stats reads no
+  ** device result on the way. */
+  if (dev && (st = kl_cuda_defer(ctx, "clip", KL_DEFER_ON))) return st;
+  st = kl_clip_stats_begin(ctx, c, w, m, g, p, wk, gs);
+  if (dev && (st2 = kl_cuda_defer(ctx, "clip", KL_DEFER_WAIT)) && !st) st = st2;
+  if (st) return st;
+  kl_clip_stats_end(w, wk);
+  return KEEL_OK;
+}
+
+keel_status kl_clip_stats_begin(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w, int m,
+                                keel_tensor *const *g, keel_tensor *const *p, const double *const *wk, double gs) {
+  int agc = chain_has(c, KEEL_CLIP_AGC);
+  int64_t nu = 0;
+  keel_status st = KEEL_OK;
+  for (int k = 0; k < m; k++) nu += agc ? kl_clip_agc_units(g[k]) : 1;
   if ((st = work_reserve(ctx, w, m, nu))) return st;
   w->m = m;
   w->nu = nu;
@@ -521,25 +540,26 @@ keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w
   w->nonfinite = 0;
   w->coef = 1;
   w->clipped = 0;
-  /* Device gradients: every statistics pass is queued first and the host
-  ** waits once for all of them (kl_cuda_defer); unscaled_stats reads no
-  ** device result on the way. */
-  if (dev && (st = kl_cuda_defer(ctx, "clip", KL_DEFER_ON))) return st;
   nu = 0;
   for (int k = 0; k < m && !st; k++) {
     int64_t n = agc ? kl_clip_agc_units(g[k]) : 1;
     w->u0[k] = nu;
     for (int64_t u = nu; u < nu + n; u++) { w->a[u] = gs; w->v[u] = INFINITY; w->spow[u] = 0; w->wsq[u] = 0; }
-    st = unscaled_stats(ctx, w, g[k], p ? p[k] : NULL, nu, n, gs);
+    st = unscaled_stats(ctx, w, g[k], p && !(wk && wk[k]) ? p[k] : NULL, nu, n, gs);
     nu += n;
   }
-  if (dev && (st2 = kl_cuda_defer(ctx, "clip", KL_DEFER_WAIT)) && !st) st = st2;
-  if (st) return st;
   w->u0[m] = nu;
-  for (int k = 0; k < m; k++) {
+  return st;
+}
+
+void kl_clip_stats_end(kl_clip_work *w, const double *const *wk) {
+  double sumsq = 0;
+  w->nonfinite = 0;
+  for (int k = 0; k < w->m; k++) {
     keel_grad_stats *ts = &w->ts[k];
     memset(ts, 0, sizeof *ts);
     for (int64_t u = w->u0[k]; u < w->u0[k + 1]; u++) {
+      if (wk && wk[k]) w->us[u].w_sumsq = wk[k][u - w->u0[k]];
       stats_add(ts, &w->us[u]);
       w->wsq[u] = w->us[u].w_sumsq;
     }
@@ -547,7 +567,32 @@ keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w
     w->nonfinite += ts->nan + ts->inf;
   }
   w->grad_norm = sqrt(sumsq);
-  return KEEL_OK;
+}
+
+int kl_clip_device_chain(const kl_clip_chain *c, kc_decide *q) {
+  int seen_value = 0;
+  memset(q, 0, sizeof *q);
+  if (c && c->n > KC_DECIDE_MAX) return 0;
+  for (int i = 0; c && i < c->n; i++) {
+    const keel_clip_spec *s = &c->items[i].spec;
+    switch (s->kind) {
+      case KEEL_CLIP_VALUE:
+        seen_value = 1;
+        q->kind[i] = KC_DECIDE_VALUE;
+        break;
+      case KEEL_CLIP_NORM: case KEEL_CLIP_GLOBAL_NORM:
+        /* L2 only (the statistics' sums of squares), and not after a clamp
+        ** (one that clamped would need a second statistics pass) */
+        if (s->p != 2 || seen_value) return 0;
+        q->kind[i] = s->kind == KEEL_CLIP_NORM ? KC_DECIDE_NORM : KC_DECIDE_GLOBAL_NORM;
+        break;
+      default:
+        return 0;   /* AGC's units, percentile's and ZClip's history */
+    }
+    q->threshold[i] = s->threshold;
+  }
+  q->nitems = c ? c->n : 0;
+  return 1;
 }
 
 /* }====================================================================== */
@@ -641,6 +686,7 @@ static double zscore_coef(clip_item *it, double norm) {
 ** changed data), with spow for order pw when it is not 1, 2 or inf. */
 static keel_status restat(keel_ctx *ctx, kl_clip_work *w, keel_tensor *const *g, double pw) {
   keel_status st;
+  if (!g) return kl_error(ctx, KEEL_ERR_STATE, "clip: a second statistics pass without the gradients");
   w->pw = is_plain_p(pw) ? 0 : pw;
   for (int k = 0; k < w->m; k++) {
     const kl_backend *be = kl_backend_for(ctx, g[k]->storage->device);
@@ -952,7 +998,7 @@ keel_status keel_clip_grad_agc(keel_ctx *ctx, int n, keel_tensor *const *params,
     else
       st = keel_contiguous(ctx, G.par[k], &pc[k]);
   }
-  if (!st) st = kl_clip_stats(ctx, chain, &w, G.m, G.g, pc, 1);
+  if (!st) st = kl_clip_stats(ctx, chain, &w, G.m, G.g, pc, NULL, 1);
   if (!st) st = kl_clip_eval(ctx, chain, &w, G.g);
   for (int k = 0; k < G.m && !st; k++)
     st = grads_apply(ctx, &G, k, w.u0[k + 1] - w.u0[k], w.a + w.u0[k], w.v + w.u0[k]);

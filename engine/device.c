@@ -287,6 +287,33 @@ keel_status kl_cuda_defer(keel_ctx *ctx, const char *fn, int mode) {
   return KEEL_OK;
 }
 
+int kl_cuda_can_decide(const keel_ctx *ctx) {
+  const struct kl_cuda *c = ctx->cuda;
+  return c && c->state == KL_CUDA_READY && c->pl->defer_results && c->pl->decide && c->pl->results_ready;
+}
+
+keel_status kl_cuda_decide(keel_ctx *ctx, const char *fn, const kc_decide *q, kc_decision *out) {
+  struct kl_cuda *c = ctx->cuda;
+  int code;
+  if (!kl_cuda_can_decide(ctx)) return kl_error(ctx, KEEL_ERR_DEVICE, "%s: the CUDA plugin cannot decide steps", fn);
+  if ((code = c->pl->decide(c->s, q, out)) != KC_OK) return plugin_error(ctx, fn, code);
+  return KEEL_OK;
+}
+
+keel_status kl_cuda_results_ready(keel_ctx *ctx, const char *fn, int *ready) {
+  struct kl_cuda *c = ctx->cuda;
+  int code;
+  *ready = 1;
+  if (!c || c->state != KL_CUDA_READY) return KEEL_OK;
+  if (!c->pl->results_ready) {
+    *ready = 0;
+    return KEEL_OK;
+  }
+  if ((code = c->pl->results_ready(c->s)) < 0) return plugin_error(ctx, fn, code);
+  *ready = code == 1;
+  return KEEL_OK;
+}
+
 keel_status kl_cuda_results_wait(keel_ctx *ctx, const char *fn) {
   struct kl_cuda *c = ctx->cuda;
   int code;

@@ -675,8 +675,9 @@ KEEL_API const char *keel_safetensors_metadata_value(const keel_safetensors *st,
 ** Optimizers and gradient clipping (optim.c, clip.c).
 **
 ** keel_optim_step makes two passes over memory. The statistics pass reads
-** every gradient, and its parameter in the same loop, once and fills a
-** keel_grad_stats per parameter (sums in double, in a fixed order, so the
+** every gradient, and its parameter in the same loop (unless the last
+** update summed the parameter's squares as it wrote them and nothing
+** wrote to it since), once and fills a keel_grad_stats per parameter (sums in double, in a fixed order, so the
 ** norm has the same bits on any thread count; max |g|; NaN/Inf/zero
 ** counts; the weight's sum of squares). The clip chain turns those into
 ** one scale (and clamp bound) per tensor or per AGC unit, and the update
@@ -878,8 +879,32 @@ KEEL_API void keel_loss_scale_update(double *scale, int64_t *growth_tracker, int
 ** others are skipped, as PyTorch). r may be NULL. A step that is not
 ** applied (skip policy, no gradient at all) returns KEEL_OK with
 ** r->applied == 0; the error policy returns KEEL_ERR_ARG. Either way no
-** parameter, state or step count changes. Same as prepare, then apply. */
+** parameter, state or step count changes. Same as prepare, then apply;
+** with deferred reports on, see below. */
 KEEL_API keel_status keel_optim_step(keel_optim *opt, keel_step_report *r);
+/* Deferred step reports (off by default). With on, a keel_optim_step
+** whose parameters that take part are all on the CUDA device, whose clip
+** chain is empty or made of L2 norms ("norm", "global_norm", p = 2)
+** followed by "value" bounds, whose non-finite policy is not "error" and
+** which has no loss scale, is decided on the device: the clip factors and
+** the skip ("skip" policy) are computed there from the statistics, exactly
+** as the host computes them, and the step returns without waiting for the
+** device. Its report is then pending: *r gets reason "pending", applied
+** 0 and the current step count only. The step is resolved (its results
+** read, the report completed, the step counts and counters committed;
+** a skipped step advances none of them) by keel_optim_last_report, by the
+** next step, and by every call that depends on it: step_count, counters,
+** last_stats, last_updates, param_stats, get/set_state, get/set_param_step,
+** add_group, the clip and policy setters, free. Other steps (and every
+** step with deferred reports off) are complete on return, as before. A
+** device error that surfaces at resolution is the resolving call's (the
+** getters without a status leave it in the context). */
+KEEL_API void keel_optim_set_deferred_report(keel_optim *opt, int on);
+/* 1 while the last step's report is pending. */
+KEEL_API int keel_optim_report_pending(const keel_optim *opt);
+/* The last step's report (keel_optim_step, apply or cancel), resolved
+** first when it is pending. */
+KEEL_API keel_status keel_optim_last_report(keel_optim *opt, keel_step_report *r);
 /* The first half of a step: collects the gradients (retained until apply,
 ** cancel or discard), runs the statistics pass (keel_optim_last_stats),
 ** evaluates the clip chain and the non-finite policy, and fills r with

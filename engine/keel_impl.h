@@ -68,6 +68,7 @@ struct keel_ctx {
   ** spend a fifth of its time in malloc and free. */
   void *spare_tensors, *spare_storages;
   int n_spare_tensors, n_spare_storages;
+  uint64_t storage_gen;         /* the last kl_storage.gen handed out */
   /* @ctx:precision */
   int gemm_prec;                /* keel_matmul_precision of the products made now */
   /* @ctx:cuda */
@@ -109,6 +110,10 @@ typedef struct kl_storage {
   size_t nbytes;
   void *data;
   uint64_t version;             /* bumped by in-place writes */
+  /* Never the same for two storages of a context, though their records
+  ** are recycled: (gen, version) names contents, so a cache of values
+  ** derived from them (the optimizer's weight norms) need not retain it. */
+  uint64_t gen;
   /* A small int64 tensor uploaded with keel_to_device keeps a private host
   ** copy of its values (contiguous, the storage's layout), valid while
   ** version == shadow_version: index and target checks read it instead of
@@ -599,11 +604,15 @@ struct kl_backend {
   ** 0 of fresh: SGD's momentum buffer is new. Gradient elements of unit u
   ** are clipped to clamp(g * a[u], -v[u], v[u]); nf is ZERO or KEEP when g
   ** has non-finite elements, anything else when it has none. *dsq (may be
-  ** NULL) gets the sum of squares of the changes made to p. */
+  ** NULL) gets the sum of squares of the changes made to p, wsq[u] (may be
+  ** NULL) unit u's sum of squares of p after the update (elements a "keep"
+  ** left alone included). A device backend may write both later (see
+  ** kl_cuda_defer). */
   keel_status (*optim_update)(keel_ctx *ctx, keel_optim_kind kind, const keel_optim_hparams *h,
                               int64_t step, keel_tensor *p, const keel_tensor *g,
                               keel_tensor *const *state, unsigned fresh, int64_t nunits,
-                              const double *a, const double *v, keel_nonfinite nf, double *dsq);
+                              const double *a, const double *v, keel_nonfinite nf, double *dsq,
+                              double *wsq);
 };
 
 KEEL_INTERNAL const kl_backend kl_cpu_backend;
@@ -643,6 +652,16 @@ KEEL_INTERNAL keel_status kl_cuda_error(keel_ctx *ctx, const char *fn, int code)
 enum { KL_DEFER_WAIT = 0, KL_DEFER_ON = 1, KL_DEFER_LATER = 2 };
 KEEL_INTERNAL keel_status kl_cuda_defer(keel_ctx *ctx, const char *fn, int mode);
 KEEL_INTERNAL keel_status kl_cuda_results_wait(keel_ctx *ctx, const char *fn);
+/* A step decided on the device (keel_cuda.h's decide and results_ready):
+** whether the plugin can; the decision, inside an open batch after the
+** step's statistics; the results of closed batches written when their
+** copy is done (*ready 1; else 0 and nothing written: no wait). */
+struct kc_decide;
+struct kc_decision;
+KEEL_INTERNAL int kl_cuda_can_decide(const keel_ctx *ctx);
+KEEL_INTERNAL keel_status kl_cuda_decide(keel_ctx *ctx, const char *fn, const struct kc_decide *q,
+                                         struct kc_decision *out);
+KEEL_INTERNAL keel_status kl_cuda_results_ready(keel_ctx *ctx, const char *fn, int *ready);
 KEEL_INTERNAL struct kc_state *kl_cuda_batch_state(const keel_ctx *ctx);
 /* The context's caching device allocator. alloc sets the context's error
 ** (naming fn) and returns NULL on failure. */
@@ -673,7 +692,7 @@ KEEL_INTERNAL keel_status kl_cpu_optim_update(keel_ctx *ctx, keel_optim_kind kin
                                               keel_tensor *p, const keel_tensor *g,
                                               keel_tensor *const *state, unsigned fresh,
                                               int64_t nunits, const double *a, const double *v,
-                                              keel_nonfinite nf, double *dsq);
+                                              keel_nonfinite nf, double *dsq, double *wsq);
 
 typedef struct kl_clip_chain kl_clip_chain;
 /* One step's clip work: units (one per tensor, or per AGC unit), each
@@ -699,9 +718,25 @@ KEEL_INTERNAL keel_status kl_clip_chain_get_state(keel_ctx *ctx, kl_clip_chain *
                                                   keel_clip_state *s);
 KEEL_INTERNAL keel_status kl_clip_chain_set_state(keel_ctx *ctx, kl_clip_chain *c, int i,
                                                   const keel_clip_state *s);
-/* gs: the loss scale's inverse (1: none); every unit's scale a starts at it. */
+/* gs: the loss scale's inverse (1: none); every unit's scale a starts at it.
+** wk (NULL: none): wk[k] non-NULL holds parameter k's sums of squares per
+** unit, known already (p[k] is then not read); read after the pass waits. */
 KEEL_INTERNAL keel_status kl_clip_stats(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w, int m,
-                                        keel_tensor *const *g, keel_tensor *const *p, double gs);
+                                        keel_tensor *const *g, keel_tensor *const *p,
+                                        const double *const *wk, double gs);
+/* kl_clip_stats in halves, for a caller that manages the CUDA batch:
+** begin queues the statistics (device results arrive when the batch's
+** results are written), end totals them once they are there. */
+KEEL_INTERNAL keel_status kl_clip_stats_begin(keel_ctx *ctx, const kl_clip_chain *c, kl_clip_work *w, int m,
+                                              keel_tensor *const *g, keel_tensor *const *p,
+                                              const double *const *wk, double gs);
+KEEL_INTERNAL void kl_clip_stats_end(kl_clip_work *w, const double *const *wk);
+/* 1 when chain c can be decided on the device (keel_cuda.h's kc_decide,
+** filled in q but for its ntensors and skip_nonfinite), else 0. */
+KEEL_INTERNAL int kl_clip_device_chain(const kl_clip_chain *c, struct kc_decide *q);
+/* The units chain c splits gradient g into (AGC's, else 1). */
+KEEL_INTERNAL int64_t kl_clip_units(const kl_clip_chain *c, const keel_tensor *g);
+/* g may be NULL when the chain needs no second statistics pass. */
 KEEL_INTERNAL keel_status kl_clip_eval(keel_ctx *ctx, kl_clip_chain *c, kl_clip_work *w,
                                        keel_tensor *const *g);
 /* kl_clip_eval changes no adaptive state; commit makes it what the last

@@ -36,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "keel_impl.h"
+#include "keel_cuda.h"
 
 #define MAX_STATE 3
 
@@ -45,6 +46,16 @@ typedef struct oparam {
   int64_t step;                 /* PyTorch's state["step"] */
   keel_tensor *state[MAX_STATE];
   unsigned valid;               /* bit k: state[k] holds data (else fresh or absent) */
+  /* The parameter's sums of squares per unit (wsq_n units; 0: none) as its
+  ** last update wrote them (the update pass sums them as it writes, so
+  ** they may still be on their way from the device: upd_pending), and the
+  ** storage generation and version that update left. While the parameter
+  ** still has them, the next statistics pass takes these sums instead of
+  ** reading the parameter a second time; any write in between (an
+  ** in-place op, copy_, a new storage) bumps the version and they go. */
+  double *wsq;
+  int64_t wsq_cap, wsq_n;
+  uint64_t wgen, wver;
 } oparam;
 
 struct keel_optim {
@@ -64,9 +75,11 @@ struct keel_optim {
   double lr_scale;
   kl_clip_work work;
   /* scratch of a step: active parameter indices, their gradients
-  ** (contiguous: maybe copies; retained while m > 0) and the parameters */
+  ** (contiguous: maybe copies; retained while m > 0), the parameters and
+  ** their sums of squares when known (oparam.wsq, else NULL) */
   int *act;
   keel_tensor **ag, **ap;
+  const double **wk;
   int cap_act;
   int m;
   /* the prepared step: what apply will do, and the report of prepare;
@@ -78,6 +91,20 @@ struct keel_optim {
   /* upd's update_sumsq of device parameters is still on its way
   ** (KL_DEFER_LATER): resolve_updates waits for it */
   int upd_pending;
+  /* Steps decided on the device (keel_optim_set_deferred_report): step_device
+  ** queues the statistics, the decision and the updates and returns;
+  ** resolve_step later runs the host's decision over the statistics that
+  ** came back (the same as the device's, to the bit), commits the step
+  ** counts and counters, and keeps the report. dneed and ddsq (cap_act
+  ** each, like act) hold what it needs of each update until then. */
+  int deferred;                 /* opted in */
+  int dpend, dm;                /* a step awaits resolve_step; its active parameters */
+  unsigned *dneed;              /* the state buffers each update made valid */
+  double *ddsq;                 /* each update's sum of squared changes, as it arrives */
+  double *dwk;                  /* the known sums of squares the statistics take (wk points here:
+                                ** the step's own update overwrites oparam.wsq before they are read) */
+  kc_decision dec;              /* what the device decided */
+  keel_step_report last_rep;    /* the last step's report (keel_optim_last_report) */
 };
 
 /* What a prepared step does when applied. */
@@ -95,6 +122,9 @@ static keel_status resolve_updates(keel_optim *o, const char *fn) {
   snprintf(name, sizeof name, "%s.%s", kind_names[o->kind], fn);
   return kl_cuda_results_wait(o->ctx, name);
 }
+
+static keel_status resolve_step(keel_optim *o, const char *fn);
+static void settle(const keel_optim *o, const char *fn);
 
 static const char *const sgd_state[] = {"momentum_buffer"};
 static const char *const adam_state[] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
@@ -156,7 +186,11 @@ static void scratch_free(keel_optim *o) {
   kl_free(ctx, o->act, sizeof(int) * (size_t)o->cap_act);
   kl_free(ctx, o->ag, sizeof(keel_tensor *) * (size_t)o->cap_act);
   kl_free(ctx, o->ap, sizeof(keel_tensor *) * (size_t)o->cap_act);
-  o->act = NULL; o->ag = o->ap = NULL; o->cap_act = 0;
+  kl_free(ctx, o->wk, sizeof(double *) * (size_t)o->cap_act);
+  kl_free(ctx, o->dneed, sizeof(unsigned) * (size_t)o->cap_act);
+  kl_free(ctx, o->ddsq, sizeof(double) * (size_t)o->cap_act);
+  kl_free(ctx, o->dwk, sizeof(double) * (size_t)o->cap_act);
+  o->act = NULL; o->ag = o->ap = NULL; o->wk = NULL; o->dneed = NULL; o->ddsq = o->dwk = NULL; o->cap_act = 0;
 }
 
 void keel_optim_free(keel_optim *o) {
@@ -164,10 +198,12 @@ void keel_optim_free(keel_optim *o) {
   if (!o) return;
   ctx = o->ctx;
   keel_optim_discard(o);
+  (void)resolve_step(o, "free");
   (void)resolve_updates(o, "free");   /* the plugin writes into upd: not after it is gone */
   for (int i = 0; i < o->np; i++) {
     keel_tensor_release(o->params[i].p);
     for (int k = 0; k < MAX_STATE; k++) keel_tensor_release(o->params[i].state[k]);
+    kl_free(ctx, o->params[i].wsq, sizeof(double) * (size_t)o->params[i].wsq_cap);
   }
   kl_free(ctx, o->params, sizeof(oparam) * (size_t)o->cap_p);
   kl_free(ctx, o->last, sizeof(keel_grad_stats) * (size_t)o->cap_p);
@@ -271,6 +307,7 @@ keel_status keel_optim_add_group(keel_optim *o, int n, keel_tensor *const *param
     ** on its device's backend, and only host numbers cross devices */
   }
   if ((st = check_unique(o, n, params))) return st;
+  if ((st = resolve_step(o, "add_param_group"))) return st;
   if ((st = resolve_updates(o, "add_param_group"))) return st;   /* upd may move */
   /* room for the group and its parameters */
   if (o->ng == o->cap_g) {
@@ -368,6 +405,7 @@ keel_status keel_optim_set_lr(keel_optim *o, int group, double lr) {
 keel_status keel_optim_set_clip(keel_optim *o, int n, const keel_clip_spec *specs) {
   kl_clip_chain *c = NULL;
   keel_status st;
+  if ((st = resolve_step(o, "set_clip"))) return st;   /* it is judged under the chain it ran with */
   if (n > 0 && (st = kl_clip_chain_new(o->ctx, n, specs, &c))) return st;
   o->stale = 1;   /* a prepared step's clip decisions belong to the old chain */
   kl_clip_chain_free(o->clip);
@@ -376,10 +414,13 @@ keel_status keel_optim_set_clip(keel_optim *o, int n, const keel_clip_spec *spec
 }
 
 keel_status keel_optim_set_clip_threshold(keel_optim *o, int i, double threshold) {
-  return kl_clip_chain_threshold(o->ctx, o->clip, i, threshold);
+  keel_status st = resolve_step(o, "set_clip_threshold");
+  return st ? st : kl_clip_chain_threshold(o->ctx, o->clip, i, threshold);
 }
 
 keel_status keel_optim_set_nonfinite(keel_optim *o, keel_nonfinite policy) {
+  keel_status st;
+  if ((st = resolve_step(o, "set_nonfinite"))) return st;
   if ((unsigned)policy > KEEL_NONFINITE_KEEP)
     return kl_error(o->ctx, KEEL_ERR_ARG, "%s: unknown non-finite policy %d", kind_names[o->kind], (int)policy);
   o->nonfinite = policy;
@@ -387,6 +428,8 @@ keel_status keel_optim_set_nonfinite(keel_optim *o, keel_nonfinite policy) {
 }
 
 keel_status keel_optim_set_loss_scale(keel_optim *o, const keel_loss_scale *ls) {
+  keel_status st;
+  if ((st = resolve_step(o, "set_loss_scale"))) return st;
   if (!ls || !ls->enabled) {
     memset(&o->ls, 0, sizeof o->ls);
     o->ls.inv_scale = 1;
@@ -451,18 +494,29 @@ static keel_status scratch_reserve(keel_optim *o, int n) {
   keel_ctx *ctx = o->ctx;
   int *act;
   keel_tensor **ag, **ap;
+  const double **wk;
+  unsigned *dneed;
+  double *ddsq, *dwk;
   if (n <= o->cap_act) return KEEL_OK;
   act = (int *)kl_malloc(ctx, sizeof(int) * (size_t)n);
   ag = (keel_tensor **)kl_malloc(ctx, sizeof(keel_tensor *) * (size_t)n);
   ap = (keel_tensor **)kl_malloc(ctx, sizeof(keel_tensor *) * (size_t)n);
-  if (!act || !ag || !ap) {
+  wk = (const double **)kl_malloc(ctx, sizeof(double *) * (size_t)n);
+  dneed = (unsigned *)kl_malloc(ctx, sizeof(unsigned) * (size_t)n);
+  ddsq = (double *)kl_malloc(ctx, sizeof(double) * (size_t)n);
+  dwk = (double *)kl_malloc(ctx, sizeof(double) * (size_t)n);
+  if (!act || !ag || !ap || !wk || !dneed || !ddsq || !dwk) {
+    kl_free(ctx, dneed, sizeof(unsigned) * (size_t)n);
+    kl_free(ctx, ddsq, sizeof(double) * (size_t)n);
+    kl_free(ctx, dwk, sizeof(double) * (size_t)n);
     kl_free(ctx, act, sizeof(int) * (size_t)n);
     kl_free(ctx, ag, sizeof(keel_tensor *) * (size_t)n);
     kl_free(ctx, ap, sizeof(keel_tensor *) * (size_t)n);
+    kl_free(ctx, wk, sizeof(double *) * (size_t)n);
     return kl_error(ctx, KEEL_ERR_NOMEM, "%s: out of memory", kind_names[o->kind]);
   }
   scratch_free(o);
-  o->act = act; o->ag = ag; o->ap = ap;
+  o->act = act; o->ag = ag; o->ap = ap; o->wk = wk; o->dneed = dneed; o->ddsq = ddsq; o->dwk = dwk;
   o->cap_act = n;
   return KEEL_OK;
 }
@@ -533,38 +587,60 @@ static keel_status ensure_state(keel_optim *o) {
   return KEEL_OK;
 }
 
-keel_status keel_optim_prepare(keel_optim *o, keel_step_report *r) {
+/* Room in every active parameter's oparam.wsq for its units of this step
+** (one each when one, else as the work's units; before the update pass,
+** which cannot fail). An array the device may still write into is not
+** moved before that is done. */
+static keel_status wsq_reserve(keel_optim *o, int one) {
+  keel_ctx *ctx = o->ctx;
+  const kl_clip_work *w = &o->work;
+  keel_status st;
+  for (int k = 0; k < o->m; k++) {
+    oparam *op = &o->params[o->act[k]];
+    int64_t n = one ? 1 : w->u0[k + 1] - w->u0[k];
+    double *q;
+    if (n <= op->wsq_cap) continue;
+    if ((st = resolve_updates(o, "step"))) return st;
+    if (!(q = (double *)kl_malloc(ctx, sizeof(double) * (size_t)n)))
+      return kl_error(ctx, KEEL_ERR_NOMEM, "%s: out of memory", kind_names[o->kind]);
+    kl_free(ctx, op->wsq, sizeof(double) * (size_t)op->wsq_cap);
+    op->wsq = q;
+    op->wsq_cap = n;
+    op->wsq_n = 0;
+  }
+  return KEEL_OK;
+}
+
+/* The sums of squares of parameter op as its last update left them, when
+** nothing has written to it since and the units are n: else NULL. */
+static const double *wsq_known(const oparam *op, int64_t n) {
+  const kl_storage *s = op->p->storage;
+  if (op->wsq_n != n || op->wgen != s->gen || op->wver != s->version) return NULL;
+  return op->wsq;
+}
+
+/* The parameters that take part (a gradient and requires_grad) into act,
+** their gradients made contiguous (retained) into ag, the parameters into
+** ap; o->m of them. */
+static keel_status collect(keel_optim *o) {
   keel_ctx *ctx = o->ctx;
   const char *kn = kind_names[o->kind];
-  keel_step_report rep;
-  keel_status st = KEEL_OK;
-  kl_clip_work *w = &o->work;
-  double total = 0, top = 0;
-  keel_optim_discard(o);
-  memset(&rep, 0, sizeof rep);
-  rep.clip_coef = 1;
-  rep.step = o->step_count;
-  rep.top_param = -1;
-  if ((st = scratch_reserve(o, o->np))) goto out;
-  /* the parameters that take part, and their gradients made contiguous */
+  keel_status st;
+  if ((st = scratch_reserve(o, o->np))) return st;
   for (int i = 0; i < o->np; i++) {
     oparam *op = &o->params[i];
     keel_tensor *g = op->p->grad;
     if (!op->p->requires_grad || !g) continue;
     if (g->dtype != op->p->dtype || g->ndim != op->p->ndim ||
-        memcmp(g->shape, op->p->shape, sizeof(int64_t) * (size_t)g->ndim)) {
-      st = kl_error(ctx, KEEL_ERR_SHAPE, "%s.step: gradient of parameter %d does not match it in shape or dtype",
-                    kn, i + ctx->index_base);
-      goto out;
-    }
-    if (g->storage->device != op->p->storage->device) {
-      st = kl_error(ctx, KEEL_ERR_DEVICE, "%s.step: gradient of parameter %d is on another device", kn,
-                    i + ctx->index_base);
-      goto out;
-    }
+        memcmp(g->shape, op->p->shape, sizeof(int64_t) * (size_t)g->ndim))
+      return kl_error(ctx, KEEL_ERR_SHAPE, "%s.step: gradient of parameter %d does not match it in shape or dtype",
+                      kn, i + ctx->index_base);
+    if (g->storage->device != op->p->storage->device)
+      return kl_error(ctx, KEEL_ERR_DEVICE, "%s.step: gradient of parameter %d is on another device", kn,
+                      i + ctx->index_base);
     if (!kl_is_contiguous(g)) {
       keel_tensor *c;
-      if ((st = keel_contiguous(ctx, g, &c))) goto out;
+      if ((st = keel_contiguous(ctx, g, &c))) return st;
       g = c;
     } else {
       keel_tensor_retain(g);
@@ -574,6 +650,222 @@ keel_status keel_optim_prepare(keel_optim *o, keel_step_report *r) {
     o->ap[o->m] = op->p;
     o->m++;
   }
+  return KEEL_OK;
+}
+
+/* The host's decision over the statistics of the m active parameters (in
+** o->work, totalled): the report's measures, the non-finite policy and
+** the loss scaler's overflow, then the clip chain (g: the gradients, for
+** a second statistics pass; NULL where the chain needs none). Sets
+** o->decision. */
+static keel_status judge(keel_optim *o, int m, keel_tensor *const *g, keel_step_report *rep) {
+  kl_clip_work *w = &o->work;
+  double total = 0, top = 0;
+  keel_status st;
+  for (int i = 0; i < o->np; i++) memset(&o->last[i], 0, sizeof o->last[i]);
+  for (int k = 0; k < m; k++) {
+    o->last[o->act[k]] = w->ts[k];
+    total += w->ts[k].sumsq;
+    if (w->ts[k].sumsq > top) { top = w->ts[k].sumsq; rep->top_param = o->act[k]; }
+  }
+  /* an overflowed total leaves the overflowed parameter on top, with all of it */
+  rep->top_share = !(total > 0) ? 0 : isinf(total) ? (isinf(top) ? 1 : 0) : top / total;
+  if (!(total > 0)) rep->top_param = -1;
+  rep->grad_norm = w->grad_norm;
+  rep->nonfinite = w->nonfinite;
+  rep->n_updated = m;
+  if (w->nonfinite &&
+      (o->ls.enabled || o->nonfinite == KEEL_NONFINITE_ERROR || o->nonfinite == KEEL_NONFINITE_SKIP)) {
+    int64_t nan = 0;
+    for (int k = 0; k < m; k++) nan += w->ts[k].nan;
+    rep->grad_norm = nan ? NAN : INFINITY;   /* as torch's total norm */
+  }
+  if (o->ls.enabled && (w->nonfinite || o->ls.found_inf)) {
+    rep->reason = "overflow";   /* the loss scaler's skip, whatever the policy */
+    o->decision = DO_OVERFLOW;
+    return KEEL_OK;
+  }
+  if (w->nonfinite && (o->nonfinite == KEEL_NONFINITE_ERROR || o->nonfinite == KEEL_NONFINITE_SKIP)) {
+    rep->reason = "nonfinite";
+    o->decision = o->nonfinite == KEEL_NONFINITE_ERROR ? DO_REFUSE : DO_SKIP;
+    return KEEL_OK;
+  }
+  if ((st = kl_clip_eval(o->ctx, o->clip, w, g))) return st;
+  o->decision = DO_APPLY;
+  rep->clip_coef = w->coef;
+  rep->clipped = w->clipped;
+  return KEEL_OK;
+}
+
+static void report_init(const keel_optim *o, keel_step_report *rep) {
+  memset(rep, 0, sizeof *rep);
+  rep->clip_coef = 1;
+  rep->step = o->step_count;
+  rep->top_param = -1;
+}
+
+static void count_nonfinite(keel_optim *o);
+
+/* The pending device-decided step made final: its results are in (they
+** normally are by now: the next step, or a read, comes long after; if not,
+** this waits), the host decides over its statistics as prepare would,
+** and the step counts, counters and update records become what the
+** device did. fn names the call that resolves, whose error a late CUDA
+** error becomes. */
+static keel_status resolve_step(keel_optim *o, const char *fn) {
+  keel_ctx *ctx = o->ctx;
+  kl_clip_work *w = &o->work;
+  keel_step_report rep;
+  keel_status st;
+  char name[64];
+  int ready, m = o->dm;
+  if (!o->dpend) return KEEL_OK;
+  o->dpend = 0;
+  snprintf(name, sizeof name, "%s.%s", kind_names[o->kind], fn);
+  st = kl_cuda_results_ready(ctx, name, &ready);
+  if (!st && !ready) st = kl_cuda_results_wait(ctx, name);
+  o->upd_pending = 0;
+  report_init(o, &rep);
+  if (!st) {
+    kl_clip_stats_end(w, o->wk);
+    st = judge(o, m, NULL, &rep);
+  }
+  if (!st && (o->decision == DO_SKIP) != (o->dec.skip != 0))
+    st = kl_error(ctx, KEEL_ERR_STATE, "%s: the device and the host decided the step differently", name);
+  if (st) {
+    /* what the device did is unknown: no sums of squares to trust */
+    for (int k = 0; k < m; k++) o->params[o->act[k]].wsq_n = 0;
+    rep.reason = "error";
+    rep.n_updated = 0;
+    o->last_rep = rep;
+    return st;
+  }
+  o->prep = rep;
+  if (o->dec.skip != 0) {
+    count_nonfinite(o);
+    o->counters.skipped++;
+    rep.n_updated = 0;
+    for (int k = 0; k < m; k++) o->params[o->act[k]].wsq_n = 0;   /* the kernels wrote 0 */
+  } else {
+    for (int k = 0; k < m; k++) {
+      oparam *op = &o->params[o->act[k]];
+      keel_update_stats *us = &o->upd[o->act[k]];
+      op->step++;
+      op->valid |= o->dneed[k];
+      us->update_sumsq = o->ddsq[k];
+      us->step = o->step_count + 1;
+      us->w_sumsq = w->ts[k].w_sumsq;
+    }
+    count_nonfinite(o);
+    kl_clip_commit(o->clip);
+    o->step_count++;
+    o->counters.steps++;
+    if (w->clipped) o->counters.clipped++;
+    rep.applied = 1;
+    rep.step = o->step_count;
+  }
+  o->last_rep = rep;
+  return KEEL_OK;
+}
+
+/* For the getters that take a const optimizer: a pending report is a
+** value not yet read, not a change of the optimizer (its error is the
+** context's, and the report's). */
+static void settle(const keel_optim *o, const char *fn) {
+  if (o->dpend) (void)resolve_step((keel_optim *)o, fn);
+}
+
+/* Whether the step can be decided on the device (see keel.h's
+** keel_optim_set_deferred_report): q gets the chain. Looks only at
+** the parameters' devices, not their gradients' contents. */
+static int device_decidable(const keel_optim *o, kc_decide *q) {
+  int any = 0;
+  if (!o->deferred || o->ls.enabled || o->nonfinite == KEEL_NONFINITE_ERROR) return 0;
+  if (!kl_cuda_can_decide(o->ctx) || !kl_clip_device_chain(o->clip, q)) return 0;
+  for (int i = 0; i < o->np; i++) {
+    const keel_tensor *p = o->params[i].p;
+    if (!p->requires_grad || !p->grad) continue;
+    if (p->storage->device != KEEL_CUDA || p->grad->storage->device != KEEL_CUDA) return 0;
+    any |= p->numel > 0;
+  }
+  q->skip_nonfinite = o->nonfinite == KEEL_NONFINITE_SKIP;
+  return any;
+}
+
+/* The whole step on the device, nothing waited for: statistics, the
+** decision (clip factors, skip) and the updates in one batch. The update
+** constants take the step counts as if applied; resolve_step commits
+** them, or not when the device skipped (before the next step's updates
+** read them). Empty parameters have no device work (the plugin skips them
+** in both passes alike). */
+static keel_status step_device(keel_optim *o, kc_decide *q, keel_step_report *r) {
+  keel_ctx *ctx = o->ctx;
+  const char *kn = kind_names[o->kind];
+  kl_clip_work *w = &o->work;
+  keel_status st, st2;
+  int64_t n = 0;
+  /* the known sums are the last update's: on the host once it is resolved */
+  if ((st = resolve_updates(o, "step"))) return st;
+  for (int k = 0; k < o->m; k++) {
+    const double *known = wsq_known(&o->params[o->act[k]], 1);
+    o->wk[k] = NULL;
+    if (known) {
+      o->dwk[k] = known[0];
+      o->wk[k] = &o->dwk[k];
+    }
+    n += o->ap[k]->numel > 0;
+  }
+  q->ntensors = n;
+  if ((st = ensure_state(o)) || (st = wsq_reserve(o, 1))) return st;   /* before the batch: these may wait */
+  if ((st = kl_cuda_defer(ctx, kn, KL_DEFER_ON))) return st;
+  st = kl_clip_stats_begin(ctx, o->clip, w, o->m, o->ag, o->ap, o->wk, 1);
+  if (!st) st = kl_cuda_decide(ctx, kn, q, &o->dec);
+  for (int k = 0; k < o->m && !st; k++) {
+    oparam *op = &o->params[o->act[k]];
+    keel_optim_hparams h = o->groups[op->group];
+    unsigned need = needed_state(o->kind, &h);
+    keel_tensor *state[MAX_STATE] = {NULL, NULL, NULL};
+    /* "zero" and "keep" change nothing where every element is finite, so
+    ** the update may apply them without knowing; "skip" stops it whole */
+    keel_nonfinite nf = o->nonfinite == KEEL_NONFINITE_SKIP ? KEEL_NONFINITE_ERROR : o->nonfinite;
+    h.lr *= o->lr_scale;
+    for (int j = 0; j < MAX_STATE; j++)
+      if (need >> j & 1u) state[j] = op->state[j];
+    o->dneed[k] = need;
+    o->ddsq[k] = 0;
+    op->wsq_n = 0;
+    st = kl_backend_for(ctx, KEEL_CUDA)
+             ->optim_update(ctx, o->kind, &h, op->step + 1, op->p, o->ag[k], state, (~op->valid) & need, 1, NULL,
+                            NULL, nf, &o->ddsq[k], op->wsq);
+    if (st) break;
+    op->wsq_n = 1;
+    op->wgen = op->p->storage->gen;
+    op->wver = op->p->storage->version;
+  }
+  /* a queued call that failed its checks fails the batch whole: nothing runs */
+  st2 = kl_cuda_defer(ctx, kn, st ? KL_DEFER_WAIT : KL_DEFER_LATER);
+  if (!st) st = st2;
+  if (st) {
+    for (int k = 0; k < o->m; k++) o->params[o->act[k]].wsq_n = 0;
+    return st;
+  }
+  o->dpend = 1;
+  o->dm = o->m;
+  o->upd_pending = 1;
+  report_init(o, r);
+  r->reason = "pending";
+  return KEEL_OK;
+}
+
+keel_status keel_optim_prepare(keel_optim *o, keel_step_report *r) {
+  keel_ctx *ctx = o->ctx;
+  keel_step_report rep;
+  keel_status st = KEEL_OK;
+  kl_clip_work *w = &o->work;
+  keel_optim_discard(o);
+  report_init(o, &rep);
+  if ((st = resolve_step(o, "step"))) goto out;   /* the last step's report and step counts */
+  if ((st = collect(o))) goto out;
   for (int i = 0; i < o->np; i++) memset(&o->last[i], 0, sizeof o->last[i]);
   if (o->m == 0) {
     o->decision = DO_NO_GRAD;
@@ -581,38 +873,14 @@ keel_status keel_optim_prepare(keel_optim *o, keel_step_report *r) {
     goto out;
   }
   if ((st = ensure_state(o))) goto out;
-  if ((st = kl_clip_stats(ctx, o->clip, w, o->m, o->ag, o->ap, o->ls.enabled ? o->ls.inv_scale : 1))) goto out;
-  for (int k = 0; k < o->m; k++) {
-    o->last[o->act[k]] = w->ts[k];
-    total += w->ts[k].sumsq;
-    if (w->ts[k].sumsq > top) { top = w->ts[k].sumsq; rep.top_param = o->act[k]; }
-  }
-  /* an overflowed total leaves the overflowed parameter on top, with all of it */
-  rep.top_share = !(total > 0) ? 0 : isinf(total) ? (isinf(top) ? 1 : 0) : top / total;
-  if (!(total > 0)) rep.top_param = -1;
-  rep.grad_norm = w->grad_norm;
-  rep.nonfinite = w->nonfinite;
-  rep.n_updated = o->m;
-  if (w->nonfinite &&
-      (o->ls.enabled || o->nonfinite == KEEL_NONFINITE_ERROR || o->nonfinite == KEEL_NONFINITE_SKIP)) {
-    int64_t nan = 0;
-    for (int k = 0; k < o->m; k++) nan += w->ts[k].nan;
-    rep.grad_norm = nan ? NAN : INFINITY;   /* as torch's total norm */
-  }
-  if (o->ls.enabled && (w->nonfinite || o->ls.found_inf)) {
-    rep.reason = "overflow";   /* the loss scaler's skip, whatever the policy */
-    o->decision = DO_OVERFLOW;
+  /* a parameter whose last update summed its squares is not read again;
+  ** those sums are there once the statistics pass has waited (a device
+  ** parameter's gradient is on the device: that pass waits) */
+  for (int k = 0; k < o->m; k++)
+    o->wk[k] = wsq_known(&o->params[o->act[k]], kl_clip_units(o->clip, o->ag[k]));
+  if ((st = kl_clip_stats(ctx, o->clip, w, o->m, o->ag, o->ap, o->wk, o->ls.enabled ? o->ls.inv_scale : 1)))
     goto out;
-  }
-  if (w->nonfinite && (o->nonfinite == KEEL_NONFINITE_ERROR || o->nonfinite == KEEL_NONFINITE_SKIP)) {
-    rep.reason = "nonfinite";
-    o->decision = o->nonfinite == KEEL_NONFINITE_ERROR ? DO_REFUSE : DO_SKIP;
-    goto out;
-  }
-  if ((st = kl_clip_eval(ctx, o->clip, w, o->ag))) goto out;
-  o->decision = DO_APPLY;
-  rep.clip_coef = w->coef;
-  rep.clipped = w->clipped;
+  st = judge(o, o->m, o->ag, &rep);
 out:
   /* the last step's device update sizes: written by the statistics
   ** pass's wait when it had device gradients (no wait of their own), else
@@ -680,7 +948,7 @@ keel_status keel_optim_apply(keel_optim *o, keel_step_report *r) {
       break;
     default:
       /* the hyper-parameters may have changed since prepare */
-      if ((st = ensure_state(o))) {
+      if ((st = ensure_state(o)) || (st = wsq_reserve(o, 0))) {
         rep.n_updated = 0;
         break;
       }
@@ -703,10 +971,15 @@ keel_status keel_optim_apply(keel_optim *o, keel_step_report *r) {
         h.lr *= o->lr_scale;
         for (int j = 0; j < MAX_STATE; j++)
           if (need >> j & 1u) state[j] = op->state[j];
+        op->wsq_n = 0;
         st = kl_backend_for(ctx, op->p->storage->device)
                  ->optim_update(ctx, o->kind, &h, op->step + 1, op->p, o->ag[k], state, (~op->valid) & need, nu,
-                                w->a + u0, w->v + u0, nf, &us->update_sumsq);
+                                w->a + u0, w->v + u0, nf, &us->update_sumsq, op->wsq);
         if (st) break;   /* a backend that cannot fail after its checks; kept for safety */
+        /* the sums are of what the update left (it bumped the version) */
+        op->wsq_n = nu;
+        op->wgen = op->p->storage->gen;
+        op->wver = op->p->storage->version;
         if (op->p->storage->device != KEEL_CPU) o->upd_pending = 1;
         op->step++;
         op->valid |= need;
@@ -727,6 +1000,7 @@ keel_status keel_optim_apply(keel_optim *o, keel_step_report *r) {
       break;
   }
   keel_optim_discard(o);
+  o->last_rep = rep;
   if (r) *r = rep;
   return st;
 }
@@ -748,12 +1022,35 @@ void keel_optim_cancel(keel_optim *o, keel_step_report *r) {
   rep.clipped = 0;
   rep.n_updated = 0;
   keel_optim_discard(o);
+  o->last_rep = rep;
   if (r) *r = rep;
 }
 
 keel_status keel_optim_step(keel_optim *o, keel_step_report *r) {
-  keel_status st = keel_optim_prepare(o, r);
+  keel_step_report rep;
+  keel_status st;
+  kc_decide q;
+  if (o->deferred && device_decidable(o, &q)) {
+    keel_optim_discard(o);
+    if ((st = resolve_step(o, "step"))) return st;
+    if (!(st = collect(o))) st = step_device(o, &q, &rep);
+    keel_optim_discard(o);
+    if (st) report_init(o, &rep);
+    if (r) *r = rep;
+    return st;
+  }
+  st = keel_optim_prepare(o, r);
   return st ? st : keel_optim_apply(o, r);
+}
+
+void keel_optim_set_deferred_report(keel_optim *o, int on) { o->deferred = on != 0; }
+
+int keel_optim_report_pending(const keel_optim *o) { return o->dpend; }
+
+keel_status keel_optim_last_report(keel_optim *o, keel_step_report *r) {
+  keel_status st = resolve_step(o, "report");
+  *r = o->last_rep;
+  return st;
 }
 
 keel_status keel_optim_set_lr_scale(keel_optim *o, double scale) {
@@ -787,13 +1084,27 @@ keel_status keel_optim_zero_grad(keel_optim *o, int set_to_none) {
 ** Introspection and state
 ** ======================================================================= */
 
-int64_t keel_optim_step_count(const keel_optim *o) { return o->step_count; }
-void keel_optim_get_counters(const keel_optim *o, keel_optim_counters *c) { *c = o->counters; }
-void keel_optim_set_counters(keel_optim *o, const keel_optim_counters *c) { o->counters = *c; }
+int64_t keel_optim_step_count(const keel_optim *o) {
+  settle(o, "step_count");
+  return o->step_count;
+}
+void keel_optim_get_counters(const keel_optim *o, keel_optim_counters *c) {
+  settle(o, "counters");
+  *c = o->counters;
+}
+void keel_optim_set_counters(keel_optim *o, const keel_optim_counters *c) {
+  settle(o, "set_counters");
+  o->counters = *c;
+}
 int keel_optim_param_count(const keel_optim *o) { return o->np; }
-const keel_grad_stats *keel_optim_last_stats(const keel_optim *o) { return o->last; }
+const keel_grad_stats *keel_optim_last_stats(const keel_optim *o) {
+  settle(o, "last_stats");
+  return o->last;
+}
 keel_status keel_optim_last_updates(keel_optim *o, const keel_update_stats **out) {
+  keel_status st = resolve_step(o, "last_updates");
   *out = o->upd;
+  if (st) return st;
   return resolve_updates(o, "last_updates");
 }
 
@@ -805,6 +1116,7 @@ keel_status keel_optim_param_stats(const keel_optim *o, int i, keel_tensor *g, k
   keel_status st;
   memset(out, 0, sizeof *out);
   if ((st = check_param(o, i))) return st;
+  settle(o, "param_stats");
   p = o->params[i].p;
   if (!g) g = p->grad;
   if (!g) return KEEL_OK;
@@ -831,6 +1143,8 @@ keel_tensor *keel_optim_param(const keel_optim *o, int i, int *group) {
 }
 
 keel_status keel_optim_set_step_count(keel_optim *o, int64_t n) {
+  keel_status st;
+  if ((st = resolve_step(o, "set_step_count"))) return st;
   if (n < 0) return kl_error(o->ctx, KEEL_ERR_ARG, "%s: step count must be >= 0", kind_names[o->kind]);
   o->step_count = n;
   return KEEL_OK;
@@ -869,6 +1183,7 @@ keel_status keel_optim_get_state(const keel_optim *o, int i, const char *name, k
   *out = NULL;
   if ((st = check_param(o, i))) return st;
   if ((k = state_index(o->kind, name)) < 0) return unknown_state(o, name);
+  settle(o, "get_state");
   if (o->params[i].state[k] && (o->params[i].valid >> k & 1u)) *out = keel_tensor_retain(o->params[i].state[k]);
   return KEEL_OK;
 }
@@ -881,6 +1196,7 @@ keel_status keel_optim_set_state(keel_optim *o, int i, const char *name, keel_te
   char b1[128], b2[128];
   if ((st = check_param(o, i))) return st;
   if ((k = state_index(o->kind, name)) < 0) return unknown_state(o, name);
+  if ((st = resolve_step(o, "set_state"))) return st;
   op = &o->params[i];
   if (!src) {
     kl_release(&op->state[k]);
@@ -917,23 +1233,28 @@ keel_status keel_optim_set_state(keel_optim *o, int i, const char *name, keel_te
 }
 
 int64_t keel_optim_get_param_step(const keel_optim *o, int i) {
+  settle(o, "get_param_step");
   return i >= 0 && i < o->np ? o->params[i].step : 0;
 }
 
 keel_status keel_optim_set_param_step(keel_optim *o, int i, int64_t step) {
   keel_status st;
   if ((st = check_param(o, i))) return st;
+  if ((st = resolve_step(o, "set_param_step"))) return st;
   if (step < 0) return kl_error(o->ctx, KEEL_ERR_ARG, "%s: step must be >= 0", kind_names[o->kind]);
   o->params[i].step = step;
   return KEEL_OK;
 }
 
 keel_status keel_optim_get_clip_state(const keel_optim *o, int i, keel_clip_state *s) {
+  settle(o, "get_clip_state");
   return kl_clip_chain_get_state(o->ctx, o->clip, i, s);
 }
 
 keel_status keel_optim_set_clip_state(keel_optim *o, int i, const keel_clip_state *s) {
-  keel_status st = kl_clip_chain_set_state(o->ctx, o->clip, i, s);
+  keel_status st = resolve_step(o, "set_clip_state");
+  if (st) return st;
+  st = kl_clip_chain_set_state(o->ctx, o->clip, i, s);
   if (!st) o->stale = 1;   /* a prepared step's decisions came from the replaced state */
   return st;
 }

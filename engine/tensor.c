@@ -32,6 +32,7 @@ static kl_storage *storage_new(keel_ctx *ctx, keel_device dev, size_t nbytes) {
   s->device = dev;
   s->nbytes = nbytes;
   s->version = 0;
+  s->gen = ++ctx->storage_gen;
   s->shadow = NULL;
   s->data = be->alloc(ctx, nbytes ? nbytes : 1);
   if (!s->data) { kl_spare_put(ctx, &ctx->spare_storages, &ctx->n_spare_storages, s, sizeof *s); return NULL; }

@@ -46,7 +46,7 @@
 extern "C" {
 #endif
 
-#define KEEL_CUDA_ABI_VERSION 3
+#define KEEL_CUDA_ABI_VERSION 4
 #define KEEL_CUDA_PLUGIN_SYMBOL "keel_cuda_plugin"
 /* The file name the engine looks for (device.c gives the places). */
 #define KEEL_CUDA_PLUGIN_FILE "libkeel_cuda.so"
@@ -62,6 +62,28 @@ extern "C" {
 
 /* defer_results modes. */
 enum { KC_DEFER_WAIT = 0, KC_DEFER_ON = 1, KC_DEFER_LATER = 2, KC_DEFER_FLUSH = 3 };
+
+/* An optimizer step decided on the device (decide below): the clip chain
+** (global and per-tensor L2 norms first, then value bounds: transforms
+** that need no host state and no second pass) and the "skip" policy,
+** evaluated as engine/clip.c and engine/optim.c evaluate them on the host,
+** operation for operation, so that both decide alike to the bit. */
+enum { KC_DECIDE_VALUE = 0, KC_DECIDE_NORM = 1, KC_DECIDE_GLOBAL_NORM = 2 };
+#define KC_DECIDE_MAX 8
+typedef struct kc_decide {
+  int nitems;                   /* transforms, at most KC_DECIDE_MAX */
+  int kind[KC_DECIDE_MAX];      /* KC_DECIDE_* */
+  double threshold[KC_DECIDE_MAX];
+  int skip_nonfinite;           /* NaN/Inf in any gradient: the step changes nothing */
+  int64_t ntensors;             /* the statistics calls of the batch (one unit each) */
+} kc_decide;
+/* What the device decided, with the batch's host results. */
+typedef struct kc_decision {
+  double total_sumsq;           /* sum of the gradients' squares (finite elements) */
+  double nonfinite;             /* NaN and Inf elements */
+  double coef;                  /* the product of the global norm factors */
+  double skip, clipped;         /* 1 or 0 */
+} kc_decision;
 
 /* What an error code means for the engine (error_kind). */
 enum {
@@ -264,13 +286,16 @@ typedef struct keel_cuda_table {
   /* Optimizer, as the kl_backend slots of the same names (engine/keel_impl.h).
   ** a, v (nunits each) and st, spow, dsq are host arrays; an entry that
   ** fills a host result returns when it is there. state: nstate views
-  ** (NULL where the optimizer keeps none), in keel_optim_state_names order. */
+  ** (NULL where the optimizer keeps none), in keel_optim_state_names order.
+  ** optim_update's wsq (nunits doubles; NULL: not wanted) gets each unit's
+  ** sum of squares of the updated parameter, summed as the update writes
+  ** it: the engine keeps it for the next statistics pass (engine/optim.c). */
   int (*grad_stats)(kc_state *s, const kc_view *g, int64_t nunits, const double *a, const double *v, double pw,
                     keel_grad_stats *st, double *spow, const kc_view *w);
   int (*grad_scale_)(kc_state *s, const kc_view *g, int64_t nunits, const double *a, const double *v);
   int (*optim_update)(kc_state *s, int kind, const keel_optim_hparams *h, int64_t step, const kc_view *p,
                       const kc_view *g, const kc_view *const *state, int nstate, unsigned fresh, int64_t nunits,
-                      const double *a, const double *v, int nf, double *dsq);
+                      const double *a, const double *v, int nf, double *dsq, double *wsq);
 
   /* Batches of optimizer work with deferred host results. Between
   ** defer_results(s, KC_DEFER_ON) and the call that closes the batch
@@ -278,7 +303,7 @@ typedef struct keel_cuda_table {
   ** optim_update (and error_string, error_kind); they check their
   ** arguments, return, and are queued: closing the batch runs them as a few
   ** multi-tensor launches (one descriptor upload, one copy of all host
-  ** results). st, spow and dsq must stay valid, and are not to be read,
+  ** results). st, spow, dsq and wsq must stay valid, and are not to be read,
   ** until the results are written:
   ** - KC_DEFER_WAIT closes the batch, waits once and writes them;
   ** - KC_DEFER_LATER closes it and returns at once; results_wait waits and
@@ -296,6 +321,19 @@ typedef struct keel_cuda_table {
   /* The keel_matmul_precision of the float32 products that follow
   ** (matmul, conv2d, rnn): the engine sets it before each such call. */
   int (*set_gemm_precision)(kc_state *s, int prec);
+
+  /* A step decided on the device, so that the host need not wait for the
+  ** statistics. Inside an open batch, after the step's ntensors
+  ** grad_stats calls (one unit each, no a or v): decide queues a kernel
+  ** that turns their statistics into each tensor's scale a and bound v
+  ** and the skip flag (kc_decide); the next ntensors optim_update calls
+  ** of the batch (tensor i: the i-th, a and v NULL) read them from device
+  ** memory, and change nothing when the step is skipped (dsq and wsq
+  ** then get 0). out is written with the batch's other host results.
+  ** results_ready writes the results of closed batches when their copy
+  ** has completed and returns 1, else returns 0 at once (no wait). */
+  int (*decide)(kc_state *s, const kc_decide *q, kc_decision *out);
+  int (*results_ready)(kc_state *s);
 } keel_cuda_table;
 
 typedef const keel_cuda_table *(*keel_cuda_plugin_fn)(int abi_version);

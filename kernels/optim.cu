@@ -7,7 +7,9 @@
 ** - grad_scale_: that clip, in place;
 ** - optim_update: one SGD / Adam / AdamW / RMSprop / Adagrad update of one
 **   parameter, the clip applied to each gradient element as it is read,
-**   the non-finite policy, and the sum of squares of the changes.
+**   the non-finite policy, the sum of squares of the changes and, per
+**   unit, of the new parameter (the next statistics pass need not read
+**   the parameter again for its norm);
 **
 ** Work is cut into items: a run of one unit (a chunk of it when the units
 ** are few and long), one block per item at a time. A block thus never
@@ -294,7 +296,7 @@ static int stats_launch(kc_state *s, const kc_view *g, const kc_view *w, const p
 ** them all.
 ** ======================================================================= */
 
-enum { PEND_STATS, PEND_UPD };
+enum { PEND_STATS, PEND_UPD, PEND_DEC };
 
 typedef struct pend_rec {
   int kind;
@@ -302,7 +304,8 @@ typedef struct pend_rec {
   int64_t nunits, len;          /* PEND_STATS, PEND_UPD */
   int has_w;
   keel_grad_stats *st;
-  double *spow, *dsq;
+  double *spow, *dsq, *wsq;
+  kc_decision *dec;             /* PEND_DEC */
 } pend_rec;
 
 struct kc_batch;
@@ -316,6 +319,7 @@ struct kc_pending {
   struct kc_batch *batch;       /* the queued calls of the open batch */
   int err;                      /* an error of a flush that no caller has seen yet */
   size_t staged;                /* bytes of staging uploads since the stream was last idle */
+  cudaEvent_t copied;           /* recorded after the last copy of results (results_ready) */
 };
 
 static void write_stats(const gstat *h, int64_t nunits, int64_t len, int has_w, keel_grad_stats *st, double *spow) {
@@ -334,29 +338,50 @@ static void write_stats(const gstat *h, int64_t nunits, int64_t len, int has_w, 
   }
 }
 
-/* Waits for the queued copies and writes every record's values. */
-static int pend_flush(kc_state *s) {
+/* Writes every record's values (their copies have completed). */
+static void pend_write(kc_state *s) {
   struct kc_pending *P = s->pending;
-  int rc;
-  if (!P || P->n == 0) return KC_OK;
-  rc = kc_sync(s);
-  if (rc == KC_OK) P->staged = 0;   /* the stream is idle: staging is free */
-  for (int i = 0; i < P->n && rc == KC_OK; i++) {
+  for (int i = 0; i < P->n; i++) {
     const pend_rec *r = &P->recs[i];
     const char *h = P->arena + r->off;
     if (r->kind == PEND_STATS) {
       write_stats((const gstat *)h, r->nunits, r->len, r->has_w, r->st, r->spow);
+    } else if (r->kind == PEND_DEC) {
+      const double *q = (const double *)h;
+      r->dec->total_sumsq = q[0];
+      r->dec->nonfinite = q[1];
+      r->dec->coef = q[2];
+      r->dec->skip = q[3];
+      r->dec->clipped = q[4];
     } else {
-      /* per unit (changes, new squares): the changes' total in unit order */
+      /* per unit (changes, new squares): the changes' total in unit
+      ** order, the squares per unit */
       const double *q = (const double *)h;
       double d = 0;
-      for (int64_t u = 0; u < r->nunits; u++) d += q[2 * u];
+      for (int64_t u = 0; u < r->nunits; u++) {
+        d += q[2 * u];
+        if (r->wsq) r->wsq[u] = q[2 * u + 1];
+      }
       if (r->dsq) *r->dsq = d;
     }
   }
   P->n = 0;
   P->used = 0;
-  return rc;
+}
+
+/* Waits for the queued copies and writes every record's values. */
+static int pend_flush(kc_state *s) {
+  struct kc_pending *P = s->pending;
+  int rc;
+  if (!P || P->n == 0) return KC_OK;
+  if ((rc = kc_sync(s))) {
+    P->n = 0;   /* nothing to write: the copies failed */
+    P->used = 0;
+    return rc;
+  }
+  P->staged = 0;   /* the stream is idle: staging is free */
+  pend_write(s);
+  return KC_OK;
 }
 
 /* n bytes of the arena at *off; a full arena is flushed (one wait) before
@@ -652,90 +677,12 @@ __device__ __forceinline__ double upd_elem(T &p, T gx, T &s0, T &s1, T &s2, T ca
   }
 }
 
-/* The block's sum of x, in thread 0; then item k's partial. */
-__device__ __forceinline__ void dsq_store(double x, double *sh, double *part, int64_t k) {
-  x = kc_block_sum(x, sh);
-  if (part && threadIdx.x == 0) part[k] = x;
-}
-
-template <typename T, int K>
-__global__ void update_kernel(T *P, const T *G, T *S0, T *S1, T *S2, plan pl, unitp q, kconsts<T> kc, oflags f,
-                              double *part) {
-  __shared__ double sh[32];
-  bool u0, u1, u2;
-  uses<K>(f, &u0, &u1, &u2);
-  for (int64_t k = blockIdx.x; k < pl.items; k += gridDim.x) {
-    int64_t b, e, u = item_range(pl, k, &b, &e);
-    T ca = (T)unit_a(q, u), hi = (T)unit_v(q, u), lo = -hi;
-    double acc = 0;
-    for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) {
-      T p = P[i], s0 = u0 ? S0[i] : (T)0, s1 = u1 ? S1[i] : (T)0, s2 = u2 ? S2[i] : (T)0;
-      acc += upd_elem<T, K>(p, G[i], s0, s1, s2, ca, lo, hi, kc, f);
-      P[i] = p;
-      if (u0) S0[i] = s0;
-      if (u1) S1[i] = s1;
-      if (u2) S2[i] = s2;
-    }
-    if (part) dsq_store(acc, sh, part, k);
-  }
-}
-
-template <typename T, int K>
-__global__ void update_vec_kernel(T *P, const T *G, T *S0, T *S1, T *S2, plan pl, unitp q, kconsts<T> kc,
-                                  oflags f, double *part) {
-  const int N = 16 / sizeof(T);
-  __shared__ double sh[32];
-  bool u0, u1, u2;
-  uses<K>(f, &u0, &u1, &u2);
-  for (int64_t k = blockIdx.x; k < pl.items; k += gridDim.x) {
-    int64_t b, e, u = item_range(pl, k, &b, &e), nv = (e - b) / N;
-    T ca = (T)unit_a(q, u), hi = (T)unit_v(q, u), lo = -hi;
-    double acc = 0;
-    for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
-      int64_t i = b + j * N;
-      kpack<T> p = *(const kpack<T> *)(P + i), g = *(const kpack<T> *)(G + i), s0, s1, s2;
-      if (u0) s0 = *(const kpack<T> *)(S0 + i);
-      if (u1) s1 = *(const kpack<T> *)(S1 + i);
-      if (u2) s2 = *(const kpack<T> *)(S2 + i);
-      for (int l = 0; l < N; l++)
-        acc += upd_elem<T, K>(p.x[l], g.x[l], s0.x[l], s1.x[l], s2.x[l], ca, lo, hi, kc, f);
-      *(kpack<T> *)(P + i) = p;
-      if (u0) *(kpack<T> *)(S0 + i) = s0;
-      if (u1) *(kpack<T> *)(S1 + i) = s1;
-      if (u2) *(kpack<T> *)(S2 + i) = s2;
-    }
-    if (part) dsq_store(acc, sh, part, k);
-  }
-}
-
-/* The sum of n partials in order, into out[0]: one block. */
-__global__ void sum_final_kernel(const double *part, int64_t n, double *out) {
-  __shared__ double sh[32];
-  double x = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) x += part[i];
-  x = kc_block_sum(x, sh);
-  if (threadIdx.x == 0) out[0] = x;
-}
-
 typedef struct upd_args {
   void *p;
   const void *g;
   void *s[3];
   int vec;
 } upd_args;
-
-template <typename T, int K>
-static int update_launch(kc_state *s, const upd_args *A, const plan &pl, const unitp &q, const kconsts<T> &kc,
-                         const oflags &f, double *part) {
-  unsigned nb = grid_of(pl.items);
-  T *P = (T *)A->p, *S0 = (T *)A->s[0], *S1 = (T *)A->s[1], *S2 = (T *)A->s[2];
-  const T *G = (const T *)A->g;
-  if (A->vec)
-    KC_LAUNCH(nb, pl.threads, 0, s->stream, update_vec_kernel<T, K>)(P, G, S0, S1, S2, pl, q, kc, f, part);
-  else
-    KC_LAUNCH(nb, pl.threads, 0, s->stream, update_kernel<T, K>)(P, G, S0, S1, S2, pl, q, kc, f, part);
-  return KC_LAUNCHED();
-}
 
 /* As FILL_CONSTS: every hyper-parameter rounded to T, the step-dependent
 ** ones computed in double first. */
@@ -761,36 +708,18 @@ static void fill_consts(kconsts<T> *k, const keel_optim_hparams *h, int64_t step
   k->mone = (T)-1;
 }
 
-template <typename T>
-static int update_typed(kc_state *s, int kind, const keel_optim_hparams *h, int64_t step, const upd_args *A,
-                        const plan &pl, const unitp &q, const oflags &f, double *part) {
-  kconsts<T> k;
-  fill_consts(&k, h, step);
-  switch (kind) {
-    case KEEL_OPTIM_SGD: return update_launch<T, UK_SGD>(s, A, pl, q, k, f, part);
-    case KEEL_OPTIM_ADAM: case KEEL_OPTIM_ADAMW: return update_launch<T, UK_ADAM>(s, A, pl, q, k, f, part);
-    case KEEL_OPTIM_RMSPROP: return update_launch<T, UK_RMSPROP>(s, A, pl, q, k, f, part);
-    case KEEL_OPTIM_ADAGRAD: return update_launch<T, UK_ADAGRAD>(s, A, pl, q, k, f, part);
-    default: return KC_ERR_ARG;
-  }
-}
-
 static int queue_update(kc_state *s, int kind, const keel_optim_hparams *h, int64_t step, int dtype,
                         const upd_args *A, const oflags *f, int64_t nunits, int64_t len, const double *a,
-                        const double *v, double *dsq);
+                        const double *v, double *dsq, double *wsq);
+static int defer_results(kc_state *s, int mode);
 
 static int optim_update(kc_state *s, int kind, const keel_optim_hparams *h, int64_t step, const kc_view *p,
                         const kc_view *g, const kc_view *const *state, int nstate, unsigned fresh, int64_t nunits,
-                        const double *a, const double *v, int nf, double *dsq) {
+                        const double *a, const double *v, int nf, double *dsq, double *wsq) {
   oflags f;
-  plan pl;
-  unitp q;
   upd_args A;
   bool need[3];
-  int64_t len, ndev, vw;
-  size_t off_part, total;
-  char *dev = NULL;
-  double *part = NULL, *hres;
+  int64_t len, vw;
   int rc;
   if (dsq) *dsq = 0;
   if (!p || !g || !h || nstate < 0 || (nstate > 0 && !state)) return KC_ERR_ARG;
@@ -827,30 +756,21 @@ static int optim_update(kc_state *s, int kind, const keel_optim_hparams *h, int6
     A.s[j] = t->data;
     A.vec = A.vec && aligned16(t->data);
   }
-  if (nunits <= 0 || (len = p->numel / nunits) == 0) return KC_OK;
+  if (nunits <= 0) return KC_OK;
+  if ((len = p->numel / nunits) == 0) {
+    for (int64_t u = 0; wsq && u < nunits; u++) wsq[u] = 0;
+    return KC_OK;
+  }
   A.vec = A.vec && len % vw == 0;
-  /* every update the engine makes is batched while deferring */
-  if (deferring(s)) return queue_update(s, kind, h, step, p->dtype, &A, &f, nunits, len, a, v, dsq);
-  make_plan(s, nunits, len, &pl);
-  /* device scratch: a and v, the partial sums and their total */
-  ndev = nunits > 1 && (a || v) ? 2 * nunits : 0;
-  off_part = (size_t)round16(ndev * (int64_t)sizeof(double));
-  total = off_part + (dsq ? (size_t)round16((pl.items + 1) * (int64_t)sizeof(double)) : 0);
-  if (total > 0 && (rc = kc_scratch(s, total, (void **)&dev))) return rc;
-  if (dsq) part = (double *)(dev + off_part);
-  if ((rc = units_to_device(s, nunits, a, v, (double *)dev, &q))) return rc;
-  rc = p->dtype == KEEL_F32 ? update_typed<float>(s, kind, h, step, &A, pl, q, f, part)
-                            : update_typed<double>(s, kind, h, step, &A, pl, q, f, part);
-  if (rc || !dsq) return rc;
-  KC_LAUNCH(1, KC_THREADS, 0, s->stream, sum_final_kernel)(part, pl.items, part + pl.items);
-  if ((rc = KC_LAUNCHED())) return rc;
-  if ((rc = kc_host_scratch(s, sizeof(double), (void **)&hres))) return rc;
-  if ((rc = kc_check_cuda(cudaMemcpyAsync(hres, part + pl.items, sizeof(double), cudaMemcpyDeviceToHost,
-                                          s->stream))))
-    return rc;
-  if ((rc = kc_sync(s))) return rc;
-  *dsq = *hres;
-  return KC_OK;
+  /* every update the engine makes is batched while deferring; one outside
+  ** a batch runs as a batch of its own (the same kernels, so the same sums) */
+  if (deferring(s)) return queue_update(s, kind, h, step, p->dtype, &A, &f, nunits, len, a, v, dsq, wsq);
+  if ((rc = defer_results(s, KC_DEFER_ON))) return rc;
+  rc = queue_update(s, kind, h, step, p->dtype, &A, &f, nunits, len, a, v, dsq, wsq);
+  {
+    int rc2 = defer_results(s, KC_DEFER_WAIT);
+    return rc ? rc : rc2;
+  }
 }
 
 /* }====================================================================== */
@@ -887,6 +807,7 @@ typedef struct mt_desc {
   kconsts<double> k;            /* update constants in double: (T)k.x is FILL_CONSTS' value */
   oflags f;
   int32_t vec;                  /* whole 16-byte packs: aligned, len a multiple of the width */
+  int64_t dk;                   /* an update of a decided step: its tensor in the decision (-1: none) */
 } mt_desc;
 
 /* One queued call on the host: its class, its descriptor, where its
@@ -897,7 +818,7 @@ typedef struct mt_call {
   int has_a, has_v;
   keel_grad_stats *st;          /* statistics */
   double *spow;
-  double *dsq;                  /* update */
+  double *dsq, *wsq;            /* update */
   mt_desc d;
 } mt_call;
 
@@ -912,6 +833,12 @@ struct kc_batch {
   size_t stage_size;
   cudaEvent_t staged;           /* recorded after the last upload from stage */
   int err;                      /* the first error of a flush the engine did not see */
+  /* a step decided on the device (decide): its chain, where its record
+  ** goes, the statistics calls queued so far and the updates that read it */
+  int has_dec, multi_unit;
+  kc_decide dec;
+  kc_decision *dec_out;
+  int64_t nstats, ndecided;
 };
 
 /* The last descriptor whose first item (unit) is at most k. */
@@ -1003,10 +930,84 @@ __device__ __forceinline__ kconsts<T> kcast(const kconsts<double> &k) {
   return r;
 }
 
+/* A decided step as the update kernels read it: per tensor scale a and
+** bound v, and the decision record (out[3]: skip). */
+typedef struct mt_dec {
+  const double *a, *v, *out;
+} mt_dec;
+
+__device__ __forceinline__ double dec_coef(double max_norm, double total) {
+  double c = max_norm / (total + 1e-6);   /* clip.c's torch_coef */
+  return c < 1 ? c : 1;
+}
+
+/* The decision (kc_decide) from the statistics of the step's n tensors
+** (res[idx[k]]): the block gathers them, then one thread decides in
+** clip.c's order: the totals as kl_clip_stats adds them, then the chain as
+** kl_clip_eval runs it, each scale applied as units_scale applies it (a
+** few passes over n numbers: sequential, so that the sums are the host's
+** to the bit). W: 5n doubles of work (a, v, the running sums of squares
+** and max, the non-finite counts). out: total, nonfinite, coef, skip,
+** clipped. One block. */
+__global__ void mt_decide_kernel(const gstat *res, const int64_t *idx, kc_decide q, double *W, double *out) {
+  int64_t n = q.ntensors;
+  double *A = W, *V = W + n, *SQ = W + 2 * n, *MX = W + 3 * n, *NF = W + 4 * n;
+  double total = 0, nf = 0, coef = 1, clipped = 0;
+  for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
+    const gstat &g = res[idx[k]];
+    A[k] = 1;
+    V[k] = INFINITY;
+    SQ[k] = g.sumsq;
+    MX[k] = g.mx;
+    NF[k] = (double)(g.nan + g.inf);
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (int64_t k = 0; k < n; k++) {
+    total += SQ[k];
+    nf += NF[k];
+  }
+  if (!(q.skip_nonfinite && nf > 0)) {
+    for (int i = 0; i < q.nitems; i++) {
+      double t = q.threshold[i];
+      if (q.kind[i] == KC_DECIDE_VALUE) {
+        for (int64_t k = 0; k < n; k++) {
+          if (MX[k] > t) { clipped = 1; MX[k] = t; }
+          if (t < V[k]) V[k] = t;
+        }
+        continue;
+      }
+      for (int64_t k0 = 0; k0 < n;) {
+        /* a per-tensor norm scales one tensor at a time, the global one all */
+        int64_t k1 = q.kind[i] == KC_DECIDE_NORM ? k0 + 1 : n;
+        double s = 0, c;
+        for (int64_t k = k0; k < k1; k++) s += SQ[k];
+        c = dec_coef(t, sqrt(s));
+        if (c != 1)
+          for (int64_t k = k0; k < k1; k++) {
+            if (MX[k] > 0) clipped = 1;
+            A[k] *= c;
+            V[k] *= c;
+            SQ[k] *= c * c;
+            MX[k] *= c;
+          }
+        if (q.kind[i] == KC_DECIDE_GLOBAL_NORM) coef *= c;
+        k0 = k1;
+      }
+    }
+  }
+  out[0] = total;
+  out[1] = nf;
+  out[2] = coef;
+  out[3] = q.skip_nonfinite && nf > 0 ? 1 : 0;
+  out[4] = clipped;
+}
+
 /* part[2k], part[2k+1]: item k's sum of squared changes and of the new
 ** parameter's squares. */
 template <typename T, int K>
-__global__ void mt_update_kernel(const mt_desc *D, int nd, const double *AV, int64_t items, double *part) {
+__global__ void mt_update_kernel(const mt_desc *D, int nd, const double *AV, int64_t items, double *part,
+                                 mt_dec dec) {
   const int N = 16 / sizeof(T);
   __shared__ double sh[32];
   for (int64_t k = blockIdx.x; k < items; k += gridDim.x) {
@@ -1021,6 +1022,17 @@ __global__ void mt_update_kernel(const mt_desc *D, int nd, const double *AV, int
     bool u0, u1, u2;
     uses<K>(f, &u0, &u1, &u2);
     mt_unit(d, AV, u, &ca, &lo, &hi);
+    if (d.dk >= 0) {
+      /* a decided step: skipped (every item alike), or this tensor's
+      ** scale and bound as the decision kernel left them */
+      if (dec.out[3] != 0) {
+        if (threadIdx.x == 0) part[2 * k] = part[2 * k + 1] = 0;
+        continue;
+      }
+      ca = (T)dec.a[d.dk];
+      hi = (T)dec.v[d.dk];
+      lo = -hi;
+    }
     if (d.vec) {
       int64_t nv = (e - b) / N;
       for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
@@ -1128,6 +1140,7 @@ static int batch_add(kc_state *s, int op, int dtype, int kind, int64_t nunits, i
   c->d.a0 = a ? a[0] : 1.0;
   c->d.v0 = v ? v[0] : INFINITY;
   c->av = -1;
+  c->d.dk = -1;
   if (nunits > 1 && (a || v)) {
     c->av = B->nav;
     c->has_a = a != NULL;
@@ -1201,7 +1214,9 @@ static int batch_launch(kc_state *s) {
   struct kc_batch *B = s->pending ? s->pending->batch : NULL;
   int64_t items[MT_CLASSES] = {0}, units[MT_CLASSES] = {0}, maxch[MT_CLASSES] = {0};
   int first[MT_CLASSES], count[MT_CLASSES] = {0};
-  size_t off_av, off_part[MT_CLASSES], off_res[MT_CLASSES], res0, total, nres, hoff, soff;
+  size_t off_av, off_idx, up, off_work = 0, off_dec = 0, off_part[MT_CLASSES], off_res[MT_CLASSES], res0, total,
+      nres, hoff, soff;
+  int64_t nt = B && B->has_dec ? B->dec.ntensors : 0;
   mt_desc *D;
   mt_call **order = NULL;
   char *dev, *host;
@@ -1234,7 +1249,16 @@ static int batch_launch(kc_state *s) {
   /* device layout: descriptors, a/v, then per class partials; the unit
   ** results of all classes together at the end (one copy down) */
   off_av = (size_t)round16((int64_t)(sizeof(mt_desc) * (size_t)n));
-  total = off_av + (size_t)round16(B->nav * (int64_t)sizeof(double));
+  /* a decided step: where each tensor's statistics land (in gstat
+  ** records from the first statistics class's results), uploaded with the
+  ** descriptors; the decision's work space; its record with the results */
+  off_idx = off_av + (size_t)round16(B->nav * (int64_t)sizeof(double));
+  up = off_idx + (size_t)nt * sizeof(int64_t);
+  total = (size_t)round16((int64_t)up);
+  if (nt) {
+    off_work = total;
+    total += (size_t)round16(5 * nt * (int64_t)sizeof(double));
+  }
   for (int c = 0; c < MT_CLASSES; c++) {
     off_part[c] = total;
     total += (size_t)round16(items[c] * (int64_t)(c < 2 ? sizeof(gstat) : 2 * sizeof(double)));
@@ -1244,16 +1268,30 @@ static int batch_launch(kc_state *s) {
     off_res[c] = total;
     total += (size_t)units[c] * (c < 2 ? sizeof(gstat) : 2 * sizeof(double));
   }
+  if (nt) {
+    off_dec = total;
+    total += 5 * sizeof(double);
+  }
   nres = total - res0;
-  if ((rc = grow_dev(s, B, total)) || (rc = grow_stage(s, B, off_av + (size_t)B->nav * sizeof(double), &soff)))
+  if (nt && (B->multi_unit || B->nstats != nt || B->ndecided != nt)) {
+    rc = KC_ERR_ARG;   /* decide's contract: one unit per tensor, every tensor updated */
     goto out;
+  }
+  if ((rc = grow_dev(s, B, total)) || (rc = grow_stage(s, B, up, &soff))) goto out;
   dev = (char *)B->dev;
   host = (char *)B->stage + soff;
   D = (mt_desc *)host;
   for (int i = 0; i < n; i++) D[i] = order[i]->d;
   memcpy(host + off_av, B->av, (size_t)B->nav * sizeof(double));
-  if ((rc = kc_check_cuda(cudaMemcpyAsync(dev, host, off_av + (size_t)B->nav * sizeof(double),
-                                          cudaMemcpyHostToDevice, s->stream))) ||
+  if (nt) {
+    int64_t *idx = (int64_t *)(host + off_idx), j = 0;
+    for (int i = 0; i < B->n; i++) {
+      const mt_call *c = &B->calls[i];
+      if (c->op == MT_STATS)
+        idx[j++] = (int64_t)((off_res[class_of(c)] - off_res[0]) / sizeof(gstat)) + c->d.unit0;
+    }
+  }
+  if ((rc = kc_check_cuda(cudaMemcpyAsync(dev, host, up, cudaMemcpyHostToDevice, s->stream))) ||
       (rc = kc_check_cuda(cudaEventRecord(B->staged, s->stream))))
     goto out;
   for (int c = 0; c < MT_CLASSES; c++) {
@@ -1261,6 +1299,13 @@ static int batch_launch(kc_state *s) {
     const double *av = (const double *)(dev + off_av);
     unsigned nb = grid_of(items[c]), nf = grid_of(units[c]);
     int th = maxch[c] <= 32 ? 32 : KC_THREADS;
+    if (c == 2 && nt) {
+      /* the statistics are in: the decision, before any update reads it */
+      KC_LAUNCH(1, KC_THREADS, 0, s->stream, mt_decide_kernel)((const gstat *)(dev + off_res[0]),
+                                                       (const int64_t *)(dev + off_idx), B->dec,
+                                                       (double *)(dev + off_work), (double *)(dev + off_dec));
+      if ((rc = KC_LAUNCHED())) goto out;
+    }
     if (!count[c]) continue;
     if (c < 2) {
       gstat *part = (gstat *)(dev + off_part[c]), *res = (gstat *)(dev + off_res[c]);
@@ -1270,9 +1315,13 @@ static int batch_launch(kc_state *s) {
       KC_LAUNCH(nf, th, 0, s->stream, mt_stats_final_kernel)(dd, count[c], units[c], part, res);
     } else {
       double *part = (double *)(dev + off_part[c]), *res = (double *)(dev + off_res[c]);
+      mt_dec md;
+      md.a = (const double *)(dev + off_work);
+      md.v = md.a + nt;
+      md.out = (const double *)(dev + off_dec);
       switch (c - 2) {
 #define MT_UPD(i, T, K) \
-  case i: KC_LAUNCH(nb, KC_THREADS, 0, s->stream, mt_update_kernel<T, K>)(dd, count[c], av, items[c], part); break
+  case i: KC_LAUNCH(nb, KC_THREADS, 0, s->stream, mt_update_kernel<T, K>)(dd, count[c], av, items[c], part, md); break
         MT_UPD(0, float, UK_SGD); MT_UPD(1, float, UK_ADAM); MT_UPD(2, float, UK_RMSPROP); MT_UPD(3, float, UK_ADAGRAD);
         MT_UPD(4, double, UK_SGD); MT_UPD(5, double, UK_ADAM); MT_UPD(6, double, UK_RMSPROP);
         MT_UPD(7, double, UK_ADAGRAD);
@@ -1287,6 +1336,17 @@ static int batch_launch(kc_state *s) {
   if ((rc = pend_region(s, nres, &hoff))) goto out;
   host = s->pending->arena + hoff;
   if ((rc = kc_check_cuda(cudaMemcpyAsync(host, dev + res0, nres, cudaMemcpyDeviceToHost, s->stream)))) goto out;
+  if (!s->pending->copied &&
+      (rc = kc_check_cuda(cudaEventCreateWithFlags(&s->pending->copied, cudaEventDisableTiming))))
+    goto out;
+  if ((rc = kc_check_cuda(cudaEventRecord(s->pending->copied, s->stream)))) goto out;
+  if (nt) {
+    pend_rec *r;
+    if ((rc = pend_record(s, &r))) goto out;
+    r->kind = PEND_DEC;
+    r->off = hoff + (off_dec - res0);
+    r->dec = B->dec_out;
+  }
   for (int i = 0; i < n && !rc; i++) {
     const mt_call *c = order[i];
     int cl = class_of(c);
@@ -1304,12 +1364,15 @@ static int batch_launch(kc_state *s) {
       r->kind = PEND_UPD;
       r->off = hoff + (off_res[cl] - res0) + (size_t)c->d.unit0 * 2 * sizeof(double);
       r->dsq = c->dsq;
+      r->wsq = c->wsq;
     }
   }
 out:
   free(order);
   B->n = 0;
   B->nav = 0;
+  B->has_dec = B->multi_unit = 0;
+  B->nstats = B->ndecided = 0;
   return rc;
 }
 
@@ -1337,16 +1400,22 @@ static int queue_stats(kc_state *s, const kc_view *g, int64_t nunits, int64_t le
   c->d.vec = len % N == 0 && aligned16(g->data) && (!w || aligned16(w->data));
   c->st = st;
   c->spow = spow;
+  s->pending->batch->nstats++;
+  if (nunits != 1 || a || v) s->pending->batch->multi_unit = 1;
   return KC_OK;
 }
 
 static int queue_update(kc_state *s, int kind, const keel_optim_hparams *h, int64_t step, int dtype,
                         const upd_args *A, const oflags *f, int64_t nunits, int64_t len, const double *a,
-                        const double *v, double *dsq) {
+                        const double *v, double *dsq, double *wsq) {
   int uk = kind == KEEL_OPTIM_SGD ? UK_SGD : kind == KEEL_OPTIM_RMSPROP ? UK_RMSPROP
            : kind == KEEL_OPTIM_ADAGRAD ? UK_ADAGRAD : UK_ADAM;
+  struct kc_batch *B;
   mt_call *c;
   int rc;
+  if ((rc = batch_get(s, &B))) return rc;
+  /* after decide, the i-th update is tensor i's: one unit, a and v from the device */
+  if (B->has_dec && (B->ndecided >= B->dec.ntensors || nunits != 1 || a || v)) return KC_ERR_ARG;
   if ((rc = batch_add(s, MT_UPDATE, dtype, uk, nunits, len, a, v, &c))) return rc;
   c->d.g = A->g;
   c->d.p = A->p;
@@ -1355,6 +1424,8 @@ static int queue_update(kc_state *s, int kind, const keel_optim_hparams *h, int6
   c->d.f = *f;
   fill_consts(&c->d.k, h, step);
   c->dsq = dsq;
+  c->wsq = wsq;
+  if (B->has_dec) c->d.dk = B->ndecided++;
   return KC_OK;
 }
 
@@ -1403,6 +1474,40 @@ static int defer_results(kc_state *s, int mode) {
   }
 }
 
+static int decide(kc_state *s, const kc_decide *q, kc_decision *out) {
+  struct kc_batch *B;
+  int rc;
+  if (!q || !out || q->nitems < 0 || q->nitems > KC_DECIDE_MAX || q->ntensors < 1) return KC_ERR_ARG;
+  for (int i = 0; i < q->nitems; i++)
+    if (q->kind[i] < KC_DECIDE_VALUE || q->kind[i] > KC_DECIDE_GLOBAL_NORM) return KC_ERR_ARG;
+  if (!deferring(s)) return KC_ERR_ARG;   /* only inside a batch, after its statistics */
+  if ((rc = batch_get(s, &B))) return rc;
+  if (B->has_dec || B->nstats != q->ntensors || B->multi_unit) return KC_ERR_ARG;
+  B->has_dec = 1;
+  B->dec = *q;
+  B->dec_out = out;
+  B->ndecided = 0;
+  return KC_OK;
+}
+
+static int results_ready(kc_state *s) {
+  struct kc_pending *P = s->pending;
+  cudaError_t e;
+  if (!P || P->n == 0) return 1;
+  if (P->on || !P->copied) return 0;   /* an open batch: results_wait launches it */
+  e = cudaEventQuery(P->copied);
+  if (e == cudaErrorNotReady) {
+    (void)cudaGetLastError();   /* not an error: clear it */
+    return 0;
+  }
+  if (e != cudaSuccess) return kc_check_cuda(e);
+  /* every batch records the event after its upload and copies: the
+  ** staging uploads are all done, as after a wait */
+  P->staged = 0;
+  pend_write(s);
+  return 1;
+}
+
 static int results_wait(kc_state *s) {
   struct kc_pending *P = s->pending;
   int rc;
@@ -1417,6 +1522,7 @@ void kc_optim_close(kc_state *s) {
   struct kc_pending *P = s->pending;
   if (!P) return;
   batch_free(P->batch);
+  if (P->copied) cudaEventDestroy(P->copied);
   if (P->arena) cudaFreeHost(P->arena);
   free(P->recs);
   free(P);
@@ -1431,4 +1537,6 @@ void kc_register_optim(keel_cuda_table *t) {
   t->optim_update = optim_update;
   t->defer_results = defer_results;
   t->results_wait = results_wait;
+  t->decide = decide;
+  t->results_ready = results_ready;
 }

@@ -599,6 +599,39 @@ end)
 -- =======================================================================
 
 describe("cuda update statistics", function()
+  -- the weight's sum of squares comes from the previous update's pass,
+  -- unless the parameter was written since (then it is read again)
+  for _, dtype in ipairs{"float32", "float64"} do
+    gpu_it("w_sumsq follows mul_, copy_ and load_state_dict between steps (" .. dtype .. ")", function()
+      local tol = {atol = 0, rtol = dtype == "float64" and 1e-13 or 1e-6}
+      local m = nn.Linear(300, 7, {dtype = dtype}):to("cuda")
+      local P = m:parameters()
+      local opt = optim.AdamW(P, {lr = 0.05, clip = clip.global_norm(0.5)})
+      local other = optim.SGD({P[1]}, {lr = 0.01})   -- a second optimizer writing P[1]
+      local function step(t, what)
+        local want = {}
+        for i, p in ipairs(P) do
+          p.grad = tensor(H.values(p:numel(), -1, 1, 40 * t + i), p.shape, dtype):to("cuda")
+          want[i] = (p:double() * p:double()):sum():item()
+        end
+        opt:step()
+        for i, st in ipairs(opt:grad_stats()) do
+          close(st.w_sumsq, want[i], tol, ("%s: parameter %d"):format(what, i))
+        end
+      end
+      step(1, "first step")
+      step(2, "nothing in between")
+      keel.no_grad(function() P[1]:mul_(2) end)
+      step(3, "after mul_")
+      keel.no_grad(function() P[2]:copy_(keel.ones(P[2].shape, {dtype = dtype}):to("cuda") * 3) end)
+      step(4, "after copy_")
+      m:load_state_dict(nn.Linear(300, 7, {dtype = dtype}):state_dict())
+      step(5, "after load_state_dict")
+      other:step()   -- P[1] has a gradient: another optimizer's update in between
+      step(6, "after another optimizer's update")
+      step(7, "nothing in between again")
+    end)
+  end
   for _, dtype in ipairs{"float32", "float64"} do
     gpu_it("update_ratio and the update's sum of squares agree (" .. dtype .. ")", function()
       local oc, od, cpu, dev = run_pair("sgd", {lr = 0.1, momentum = 0.5}, dtype, 3, nil)

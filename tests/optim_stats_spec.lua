@@ -214,6 +214,84 @@ local function diff_ratio(before, after)
   return d2, math.sqrt(d2) / math.sqrt(w2)
 end
 
+-- The weight's sum of squares comes from the previous update's pass (it
+-- sums the values it writes) unless something wrote to the parameter
+-- since: then the statistics pass reads the parameter again.
+local function wsq_of(p) return (p:double() * p:double()):sum():item() end
+
+describe("w_sumsq after writes between steps", function()
+  for _, dtype in ipairs{"float64", "float32"} do
+    local tol = dtype == "float64" and 1e-13 or 1e-6
+    for _, kind in ipairs{"sgd", "adam", "rmsprop"} do
+      it(("follows mul_, copy_ and load_state_dict (%s, %s)"):format(kind, dtype), function()
+        local m = keel.nn.Linear(37, 5, {dtype = dtype})
+        local P = m:parameters()
+        local opt = CTOR[kind](P, copy(KIND_OPTS[kind]))
+        local function step(t, what)
+          local want = {}
+          for i, p in ipairs(P) do
+            p.grad = tensor(H.values(p:numel(), -1, 1, 40 * t + i), p.shape, dtype)
+            want[i] = wsq_of(p)
+          end
+          opt:step()
+          for i, s in ipairs(opt:grad_stats()) do
+            H.assert_close(s.w_sumsq, want[i], {atol = 0, rtol = tol}, ("%s: parameter %d"):format(what, i))
+          end
+        end
+        step(1, "first step")
+        step(2, "nothing in between")
+        keel.no_grad(function() P[1]:mul_(2) end)
+        step(3, "after mul_")
+        keel.no_grad(function() P[2]:copy_(keel.ones(P[2].shape, {dtype = dtype}) * 3) end)
+        step(4, "after copy_")
+        local other = keel.nn.Linear(37, 5, {dtype = dtype})
+        m:load_state_dict(other:state_dict())
+        step(5, "after load_state_dict")
+        step(6, "nothing in between again")
+      end)
+    end
+  end
+
+  it("per AGC unit, and when the chain's units change", function()
+    local P = {tensor(H.values(6 * 9, -1, 1, 5), {6, 9}, "float64"):requires_grad_(),
+               tensor(H.values(7, -1, 1, 6), {7}, "float64"):requires_grad_()}
+    local opt = optim.SGD(P, {lr = 0.5, clip = clip.agc(0.05)})
+    for t = 1, 5 do
+      if t == 3 then opt:set_clip(nil) end             -- one unit per tensor now
+      if t == 4 then opt:set_clip(clip.agc(0.05)) end   -- back to rows
+      local want = {}
+      for i, p in ipairs(P) do
+        p.grad = tensor(H.values(p:numel(), -2, 2, 9 * t + i), p.shape, "float64")
+        want[i] = wsq_of(p)
+      end
+      local rep = opt:step()
+      for i, s in ipairs(opt:grad_stats()) do
+        H.assert_close(s.w_sumsq, want[i], {atol = 0, rtol = 1e-13}, ("step %d parameter %d"):format(t, i))
+      end
+      assert.is_true(rep.applied)
+    end
+  end)
+
+  it("AGC clips by the current weights after a write between steps", function()
+    local function run(write)
+      local p = tensor(H.values(4 * 8, -1, 1, 3), {4, 8}, "float64"):requires_grad_()
+      local opt = optim.SGD({p}, {lr = 0.1, clip = clip.agc(0.02)})
+      for t = 1, 3 do
+        p.grad = tensor(H.values(32, -3, 3, 70 + t), {4, 8}, "float64")
+        opt:step()
+        if t == 1 and write then keel.no_grad(function() p:mul_(10) end) end
+        if t == 1 and not write then
+          -- the same values, written in a fresh optimizer's world
+          keel.no_grad(function() p:mul_(10) end)
+          opt = optim.SGD({p}, {lr = 0.1, clip = clip.agc(0.02)})
+        end
+      end
+      return H.flat(p)
+    end
+    H.assert_close(run(true), run(false), 0)
+  end)
+end)
+
 describe("update_ratio", function()
   for _, dtype in ipairs{"float64", "float32"} do
     for _, kind in ipairs{"sgd", "adam", "adamw", "rmsprop", "adagrad"} do

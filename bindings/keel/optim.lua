@@ -44,6 +44,17 @@
 -- r.lr = param_groups[1].lr * opt.lr_scale; r.top_param is the
 -- index of the parameter with the largest share r.top_share of the global
 -- sum of squares (nil when all gradients are 0).
+-- Steps the device decides: when no on_grad hook watches the optimizer's
+-- parameters, there is no guard and no GradScaler, every parameter taking
+-- part is on CUDA, the clip chain is empty or L2 norms (norm, global_norm
+-- with p = 2) followed by value bounds, and nonfinite is not "error", the
+-- statistics, the clip factors, the skip and the update all run on the
+-- device and step() returns without waiting for it. The report r then
+-- fills itself on first access (reading it, pairs(r), a "step" listener
+-- that reads it: that waits for the step if it is not done yet); so do
+-- opt.counters, the step counts, grad_stats(), state_dict() and the next
+-- step. Parameters, state, reports and counters are those of the host's
+-- decision, to the bit.
 -- opt.lr_scale (default 1; a number >= 0) multiplies every group's lr at
 -- apply time without touching param_groups, so schedules keep working
 -- under it; it is not part of state_dict (its owner, the guard, saves it).
@@ -274,6 +285,48 @@ local function lr_scale(self)
   return scale
 end
 
+-- Reports of steps the device decided (CUDA: no hooks, guard or amp; C
+-- falls back to the host's step where the chain, the policy or the
+-- devices need it): the step returns without waiting, and the report's
+-- fields are filled from C on first access (which may wait for the
+-- device), by the __index and __pairs below, which then go. pending_of
+-- maps such a table to its optimizer; an optimizer's next step fills the
+-- last one first (C keeps only the last step's report).
+local pending_of = setmetatable({}, {__mode = "k"})
+
+local function resolve_report(t)
+  local self = pending_of[t]
+  if not self then return end
+  pending_of[t] = nil
+  setmetatable(t, nil)
+  if rawget(self, "_pending") == t then self._pending = nil end
+  C.last_report(self._h, t)
+end
+
+local lazy_report = {
+  __index = function(t, k)
+    resolve_report(t)
+    return rawget(t, k)
+  end,
+  __pairs = function(t)
+    resolve_report(t)
+    return next, t, nil
+  end,
+}
+
+-- Whether an on_grad hook watches one of this optimizer's parameters.
+local function has_grad_hooks(self)
+  local reg = hooks.grad
+  if next(reg) == nil then return false end
+  for _, g in ipairs(self.param_groups) do
+    for _, p in ipairs(g.params) do
+      local list = reg[p]
+      if list and #list > 0 then return true end
+    end
+  end
+  return false
+end
+
 -- One step (the order is in this file's header). arg: a closure (called
 -- first, with grad on, as PyTorch's step(closure); its result is the
 -- loss), a loss (number or one-element tensor), or nothing. amp (keel.amp's
@@ -287,7 +340,21 @@ local function step(self, arg, amp)
     loss = loss_value(self, arg, false)
   end
   local scale = lr_scale(self)
+  local last = rawget(self, "_pending")
+  if last then resolve_report(last) end
   push_thresholds(self)
+  if not amp and not rawget(self, "_guard") and not has_grad_hooks(self) then
+    local r, pending = C.step_deferred(h, self.param_groups, scale)
+    r.lr = self.param_groups[1].lr * scale
+    r.loss = loss
+    if pending then
+      pending_of[r] = self
+      self._pending = r
+      setmetatable(r, lazy_report)
+    end
+    hooks.emit("step", self, r, loss)
+    return r
+  end
   local r = prepare(self, amp)
   local reg = hooks.grad
   if next(reg) ~= nil then r = run_grad_hooks(self, r, reg, amp) end

@@ -676,6 +676,43 @@ static void test_optim_stats(void) {
   keel_ctx_free(ctx);
 }
 
+/* Deferred reports on the CPU: nothing to defer, the report is complete on
+** return; keel_optim_last_report gives the last step's, whichever way it
+** ended (applied, skipped, cancelled). */
+static void test_optim_deferred_cpu(void) {
+  keel_ctx *ctx = NULL;
+  keel_optim *o = NULL;
+  keel_optim_hparams h;
+  keel_step_report r, last;
+  keel_tensor *p;
+  double w[3] = {0.5, -1.5, 2.0}, g[3] = {0.1, 0.2, -0.3}, bad[3] = {0.1, NAN, 0.3};
+  keel_ctx_new(&ctx, NULL, NULL);
+  p = param_with_grad(ctx, 3, w, g);
+  keel_optim_new(ctx, KEEL_OPTIM_ADAM, &o);
+  keel_optim_hparams_default(KEEL_OPTIM_ADAM, &h);
+  keel_optim_add_group(o, 1, &p, &h, NULL);
+  keel_optim_set_nonfinite(o, KEEL_NONFINITE_SKIP);
+  keel_optim_set_deferred_report(o, 1);
+  CHECK_OK(ctx, keel_optim_step(o, &r), "deferred step on the CPU");
+  CHECK(!keel_optim_report_pending(o) && r.applied && r.step == 1 && r.reason == NULL,
+        "a CPU step's report is complete on return");
+  CHECK_OK(ctx, keel_optim_last_report(o, &last), "last_report");
+  CHECK(last.applied == r.applied && last.step == r.step && last.grad_norm == r.grad_norm,
+        "last_report is the step's report");
+  set_grad_values(ctx, p, 3, bad);
+  CHECK_OK(ctx, keel_optim_step(o, &r), "a skipped deferred step on the CPU");
+  CHECK_OK(ctx, keel_optim_last_report(o, &last), "last_report of a skipped step");
+  CHECK(!last.applied && last.reason && strcmp(last.reason, "nonfinite") == 0 && last.step == 1 &&
+        keel_optim_get_param_step(o, 0) == 1, "the skipped step's report; the step count stays");
+  CHECK_OK(ctx, keel_optim_prepare(o, &r), "prepare");
+  keel_optim_cancel(o, &r);
+  CHECK_OK(ctx, keel_optim_last_report(o, &last), "last_report of a cancelled step");
+  CHECK(last.reason && strcmp(last.reason, "cancelled") == 0, "last_report: cancelled");
+  keel_tensor_release(p);
+  keel_optim_free(o);
+  keel_ctx_free(ctx);
+}
+
 /* prepare then cancel: parameters, state, counters, step counts and the
 ** adaptive clip state are byte for byte as before (cancelled + 1). */
 static void test_optim_cancel(void) {
@@ -780,6 +817,7 @@ int main(void) {
   test_matmul_precision();
   test_optim_sgd();
   test_optim_stats();
+  test_optim_deferred_cpu();
   test_optim_cancel();
   keel_test_device(check);
   printf("%d passed, %d failed\n", n_pass, n_fail);
