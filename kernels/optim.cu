@@ -255,20 +255,26 @@ __global__ void stats_vec_kernel(const T *g, const T *w, plan pl, unitp q, doubl
   }
 }
 
+/* One unit's statistics from its chunks' partials, added by the block in
+** a fixed order (each thread a fixed stride, then the block's tree). */
+__device__ __forceinline__ void unit_total(const gstat *part, int64_t nchunk, gstat *out, double (*sh)[32]) {
+  sacc A;
+  sacc_zero(A);
+  for (int64_t c = threadIdx.x; c < nchunk; c += blockDim.x) {
+    const gstat *p = &part[c];
+    A.sum += p->sum; A.sq += p->sumsq; A.ab += p->sabs; A.wq += p->wsq; A.pw += p->pw;
+    A.mx = p->mx > A.mx ? p->mx : A.mx;
+    A.nan += p->nan; A.inf += p->inf; A.zeros += p->zeros;
+  }
+  sacc_block(A, sh);
+  if (threadIdx.x == 0) sacc_store(A, out);
+}
+
 /* Unit totals: the partials of each unit's chunks, in chunk order. */
 __global__ void stats_final_kernel(const gstat *part, plan pl, gstat *out) {
   __shared__ double sh[9][32];
   for (int64_t u = blockIdx.x; u < pl.nunits; u += gridDim.x) {
-    sacc A;
-    sacc_zero(A);
-    for (int64_t c = threadIdx.x; c < pl.nchunk; c += blockDim.x) {
-      const gstat *p = &part[u * pl.nchunk + c];
-      A.sum += p->sum; A.sq += p->sumsq; A.ab += p->sabs; A.wq += p->wsq; A.pw += p->pw;
-      A.mx = p->mx > A.mx ? p->mx : A.mx;
-      A.nan += p->nan; A.inf += p->inf; A.zeros += p->zeros;
-    }
-    sacc_block(A, sh);
-    if (threadIdx.x == 0) sacc_store(A, &out[u]);
+    unit_total(part + u * pl.nchunk, pl.nchunk, &out[u], sh);
   }
 }
 
@@ -907,16 +913,7 @@ __global__ void mt_stats_final_kernel(const mt_desc *D, int nd, int64_t units, c
   for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
     const mt_desc &d = D[mt_find(D, nd, u, 1)];
     int64_t base = d.item0 + (u - d.unit0) * d.nchunk;
-    sacc A;
-    sacc_zero(A);
-    for (int64_t c = threadIdx.x; c < d.nchunk; c += blockDim.x) {
-      const gstat *p = &part[base + c];
-      A.sum += p->sum; A.sq += p->sumsq; A.ab += p->sabs; A.wq += p->wsq; A.pw += p->pw;
-      A.mx = p->mx > A.mx ? p->mx : A.mx;
-      A.nan += p->nan; A.inf += p->inf; A.zeros += p->zeros;
-    }
-    sacc_block(A, sh);
-    if (threadIdx.x == 0) sacc_store(A, &out[u]);
+    unit_total(part + base, d.nchunk, &out[u], sh);
   }
 }
 

@@ -231,12 +231,8 @@ end)
 
 describe("fused attention on worker threads", function()
   it("gives the same bits under OPENBLAS_NUM_THREADS=1 and 2 (a child process)", function()
-    local bin = os.getenv("KEEL_BIN")
-    if not bin then pending("KEEL_BIN is not set (tools/test.sh sets it)") return end
-    local script = os.tmpname()
-    local f = assert(io.open(script, "w"))
     -- sizes past the one-thread threshold, several heads and row tiles
-    f:write([[
+    local outs = H.run_keel([[
       local keel = require "keel"
       local F = keel.nn.functional
       keel.manual_seed(3)
@@ -250,15 +246,8 @@ describe("fused attention on worker threads", function()
         parts[#parts + 1] = string.format("%a", t:to("float64"):abs():sum():item())
       end
       io.write(table.concat(parts, " "))
-    ]])
-    f:close()
-    local outs = {}
-    for _, n in ipairs{1, 2} do
-      local h = io.popen(("OPENBLAS_NUM_THREADS=%d OMP_NUM_THREADS=%d %q %q"):format(n, n, bin, script))
-      outs[n] = h:read("a")
-      h:close()
-    end
-    os.remove(script)
+    ]], {"OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 ", "OPENBLAS_NUM_THREADS=2 OMP_NUM_THREADS=2 "})
+    if not outs then pending("KEEL_BIN is not set (tools/test.sh sets it)") return end
     assert.is_truthy(outs[1]:match("^0x"), outs[1])
     assert.equals(outs[1], outs[2])
   end)

@@ -595,6 +595,27 @@ function H.gpu()
   return gpu_state.ok, gpu_state.why
 end
 
+-- What a Lua chunk (source text) writes to stdout when the keel executable
+-- ($KEEL_BIN) runs it, once per environment prefix of envs (e.g.
+-- "OPENBLAS_NUM_THREADS=1 "): a list of outputs in that order, or nil when
+-- KEEL_BIN is not set (tools/test.sh sets it; the caller then pends).
+function H.run_keel(source, envs)
+  local bin = os.getenv("KEEL_BIN")
+  if not bin then return nil end
+  local script = os.tmpname()
+  local f = assert(io.open(script, "w"))
+  f:write(source)
+  f:close()
+  local outs = {}
+  for i, env in ipairs(envs) do
+    local h = io.popen(("%s%q %q"):format(env, bin, script))
+    outs[i] = h:read("a")
+    h:close()
+  end
+  os.remove(script)
+  return outs
+end
+
 H.GPU_MARK = " [gpu]"
 
 function H.gpu_it(it, pending)

@@ -153,11 +153,7 @@ describe("statistics of the step", function()
   end)
 
   it("have the same bits with or without AVX2 (KEEL_SIMD=sse2, a child process)", function()
-    local bin = os.getenv("KEEL_BIN")
-    if not bin then pending("KEEL_BIN is not set (tools/test.sh sets it)") return end
-    local script = os.tmpname()
-    local f = assert(io.open(script, "w"))
-    f:write([[
+    local outs = H.run_keel([[
       local keel = require "keel"
       local out = {}
       for _, dtype in ipairs{"float32", "float64"} do
@@ -184,15 +180,8 @@ describe("statistics of the step", function()
         end
       end
       io.write(table.concat(out, "\n"))
-    ]])
-    f:close()
-    local outs = {}
-    for i, env in ipairs{"", "KEEL_SIMD=sse2 "} do
-      local h = io.popen(("%s%q %q"):format(env, bin, script))
-      outs[i] = h:read("a")
-      h:close()
-    end
-    os.remove(script)
+    ]], {"", "KEEL_SIMD=sse2 "})
+    if not outs then pending("KEEL_BIN is not set (tools/test.sh sets it)") return end
     assert.is_truthy(outs[1]:match("^0x"), outs[1]:sub(1, 200))
     assert.is_true(outs[1] == outs[2], "the two paths differ")
   end)
