@@ -677,7 +677,8 @@ KEEL_API const char *keel_safetensors_metadata_value(const keel_safetensors *st,
 ** keel_optim_step makes two passes over memory. The statistics pass reads
 ** every gradient, and its parameter in the same loop (unless the last
 ** update summed the parameter's squares as it wrote them and nothing
-** wrote to it since), once and fills a keel_grad_stats per parameter (sums in double, in a fixed order, so the
+** wrote to it since), once and fills a keel_grad_stats per parameter
+** (sums in double, in a fixed order, so the
 ** norm has the same bits on any thread count; max |g|; NaN/Inf/zero
 ** counts; the weight's sum of squares). The clip chain turns those into
 ** one scale (and clamp bound) per tensor or per AGC unit, and the update
