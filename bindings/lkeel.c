@@ -99,6 +99,23 @@ keel_tensor *lk_to(lua_State *L, int i) {
   return same ? u->t : NULL;
 }
 
+void lk_setnum(lua_State *L, const char *k, double v) {
+  lua_pushnumber(L, v);
+  lua_setfield(L, -2, k);
+}
+
+void lk_setint(lua_State *L, const char *k, int64_t v) {
+  lua_pushinteger(L, (lua_Integer)v);
+  lua_setfield(L, -2, k);
+}
+
+int lk_traceback(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  if (!msg) msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+  luaL_traceback(L, L, msg, 1);
+  return 1;
+}
+
 const char *lk_typename(lua_State *L, int i) {
   if (lua_type(L, i) == LUA_TUSERDATA && lua_getmetatable(L, i)) {
     int same = lua_rawequal(L, -1, LK_MT_UV);

@@ -68,6 +68,12 @@ LK_INTERNAL keel_dtype lk_opt_dtype_field(lua_State *L, int i, const char *fn, k
 LK_INTERNAL int lk_to_device(const char *s, keel_device *dev);
 LK_INTERNAL keel_device lk_check_device(lua_State *L, int i, const char *fn);
 LK_INTERNAL const char *lk_typename(lua_State *L, int i);
+/* t[k] = v for the table on top of the stack. */
+LK_INTERNAL void lk_setnum(lua_State *L, const char *k, double v);
+LK_INTERNAL void lk_setint(lua_State *L, const char *k, int64_t v);
+/* A message handler for lua_pcall: the error with a traceback (an error
+** that is no string says what it is). */
+LK_INTERNAL int lk_traceback(lua_State *L);
 
 LK_INTERNAL void lk_open_tensor(lua_State *L);   /* methods into the table at -1 */
 /* Registers fns into the table at -1, each a closure over the state and

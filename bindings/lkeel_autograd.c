@@ -187,23 +187,6 @@ static uint32_t current_site(lua_State *L, lk_anomaly *A) {
 ** Events
 ** ======================================================================= */
 
-static int traceback(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
-  if (!msg) msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
-  luaL_traceback(L, L, msg, 1);
-  return 1;
-}
-
-static void set_num(lua_State *L, const char *k, double v) {
-  lua_pushnumber(L, v);
-  lua_setfield(L, -2, k);
-}
-
-static void set_int(lua_State *L, const char *k, int64_t v) {
-  lua_pushinteger(L, (lua_Integer)v);
-  lua_setfield(L, -2, k);
-}
-
 static void push_event(lua_State *L, const keel_anomaly_event *ev, uint32_t site) {
   lua_createtable(L, 0, 12);
   lua_pushstring(L, ev->backward ? "backward" : "forward");
@@ -212,11 +195,11 @@ static void push_event(lua_State *L, const keel_anomaly_event *ev, uint32_t site
   lua_setfield(L, -2, "op");
   lua_pushstring(L, ev->cause == KEEL_ANOMALY_INPUT ? "input" : "op");
   lua_setfield(L, -2, "cause");
-  if (ev->input >= 0) set_int(L, "input", ev->input + 1);
-  if (site) set_int(L, "site", site);
-  set_int(L, "nan", ev->nan);
-  set_int(L, "inf", ev->inf);
-  set_int(L, "numel", ev->numel);
+  if (ev->input >= 0) lk_setint(L, "input", ev->input + 1);
+  if (site) lk_setint(L, "site", site);
+  lk_setint(L, "nan", ev->nan);
+  lk_setint(L, "inf", ev->inf);
+  lk_setint(L, "numel", ev->numel);
   lua_createtable(L, ev->n_in, 0);
   for (int k = 0; k < ev->n_in; k++) {
     lua_createtable(L, ev->in_ndim[k], 0);
@@ -236,16 +219,16 @@ static void push_event(lua_State *L, const keel_anomaly_event *ev, uint32_t site
   if (ev->has_stats) {
     if (ev->backward) {
       lua_createtable(L, 0, 2);
-      set_num(L, "min", ev->grad_min);
-      set_num(L, "max", ev->grad_max);
+      lk_setnum(L, "min", ev->grad_min);
+      lk_setnum(L, "max", ev->grad_max);
       lua_setfield(L, -2, "grad_stats");
     } else {
       lua_createtable(L, ev->n_in, 0);
       for (int k = 0; k < ev->n_in; k++) {
         lua_createtable(L, 0, 3);
-        set_num(L, "min", ev->in_min[k]);
-        set_num(L, "max", ev->in_max[k]);
-        set_int(L, "nonfinite", ev->in_nonfinite[k]);
+        lk_setnum(L, "min", ev->in_min[k]);
+        lk_setnum(L, "max", ev->in_max[k]);
+        lk_setint(L, "nonfinite", ev->in_nonfinite[k]);
         lua_rawseti(L, -2, k + 1);
       }
       lua_setfield(L, -2, "stats");
@@ -261,7 +244,7 @@ static int deliver(lua_State *L, lk_state *S, lk_anomaly *A, uint32_t fallback) 
   if (!keel_anomaly_take(S->ctx, &ev)) return 0;
   if (A->handler_ref == LUA_NOREF) return 0;
   luaL_checkstack(L, 8, "anomaly");
-  lua_pushcfunction(L, traceback);
+  lua_pushcfunction(L, lk_traceback);
   base = lua_gettop(L);
   lua_rawgeti(L, LUA_REGISTRYINDEX, A->handler_ref);
   push_event(L, &ev, ev.site ? ev.site : fallback);

@@ -38,26 +38,21 @@ static int c_get_device_name(lua_State *L) {
   return 1;
 }
 
-static void set_int(lua_State *L, const char *k, uint64_t v) {
-  lua_pushinteger(L, (lua_Integer)v);
-  lua_setfield(L, -2, k);
-}
-
 static int c_memory_stats(lua_State *L) {
   keel_cuda_memory_stats m;
   keel_cuda_memory_stats_get(lk_S(L)->ctx, &m);
   lua_createtable(L, 0, 11);
-  set_int(L, "allocated_bytes", m.allocated_bytes);
-  set_int(L, "reserved_bytes", m.reserved_bytes);
-  set_int(L, "peak_allocated_bytes", m.peak_allocated_bytes);
-  set_int(L, "peak_reserved_bytes", m.peak_reserved_bytes);
-  set_int(L, "allocs", m.allocs);
-  set_int(L, "frees", m.frees);
-  set_int(L, "device_mallocs", m.device_mallocs);
-  set_int(L, "device_frees", m.device_frees);
-  set_int(L, "cache_flushes", m.cache_flushes);
-  set_int(L, "h2d_copies", m.h2d_copies);
-  set_int(L, "d2h_copies", m.d2h_copies);
+  lk_setint(L, "allocated_bytes", m.allocated_bytes);
+  lk_setint(L, "reserved_bytes", m.reserved_bytes);
+  lk_setint(L, "peak_allocated_bytes", m.peak_allocated_bytes);
+  lk_setint(L, "peak_reserved_bytes", m.peak_reserved_bytes);
+  lk_setint(L, "allocs", m.allocs);
+  lk_setint(L, "frees", m.frees);
+  lk_setint(L, "device_mallocs", m.device_mallocs);
+  lk_setint(L, "device_frees", m.device_frees);
+  lk_setint(L, "cache_flushes", m.cache_flushes);
+  lk_setint(L, "h2d_copies", m.h2d_copies);
+  lk_setint(L, "d2h_copies", m.d2h_copies);
   return 1;
 }
 

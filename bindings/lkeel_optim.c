@@ -106,20 +106,18 @@ static keel_tensor **tensor_list(lua_State *L, int i, const char *fn, const char
   return ts;
 }
 
-static void set_num(lua_State *L, const char *k, double v) { lua_pushnumber(L, v); lua_setfield(L, -2, k); }
-static void set_int(lua_State *L, const char *k, int64_t v) { lua_pushinteger(L, (lua_Integer)v); lua_setfield(L, -2, k); }
 
 static void push_stats(lua_State *L, const keel_grad_stats *s, int nrec) {
   lua_createtable(L, 0, nrec);
-  set_int(L, "numel", s->numel);
-  set_int(L, "nan", s->nan);
-  set_int(L, "inf", s->inf);
-  set_int(L, "zeros", s->zeros);
-  set_num(L, "sum", s->sum);
-  set_num(L, "sumsq", s->sumsq);
-  set_num(L, "sum_abs", s->sum_abs);
-  set_num(L, "max_abs", s->max_abs);
-  set_num(L, "norm", sqrt(s->sumsq));
+  lk_setint(L, "numel", s->numel);
+  lk_setint(L, "nan", s->nan);
+  lk_setint(L, "inf", s->inf);
+  lk_setint(L, "zeros", s->zeros);
+  lk_setnum(L, "sum", s->sum);
+  lk_setnum(L, "sumsq", s->sumsq);
+  lk_setnum(L, "sum_abs", s->sum_abs);
+  lk_setnum(L, "max_abs", s->max_abs);
+  lk_setnum(L, "norm", sqrt(s->sumsq));
 }
 
 /* ||dw|| / ||w before||: 0 for no change, inf for a change of a zero weight. */
@@ -239,15 +237,15 @@ static void fill_report(lua_State *L, const keel_step_report *r) {
   lua_pushboolean(L, r->applied); lua_setfield(L, -2, "applied");
   if (r->reason) lua_pushstring(L, r->reason); else lua_pushnil(L);
   lua_setfield(L, -2, "reason");
-  set_num(L, "grad_norm", r->grad_norm);
-  set_num(L, "clip_coef", r->clip_coef);
+  lk_setnum(L, "grad_norm", r->grad_norm);
+  lk_setnum(L, "clip_coef", r->clip_coef);
   lua_pushboolean(L, r->clipped); lua_setfield(L, -2, "clipped");
-  set_int(L, "nonfinite", r->nonfinite);
-  set_int(L, "step", r->step);
-  set_int(L, "n_updated", r->n_updated);
+  lk_setint(L, "nonfinite", r->nonfinite);
+  lk_setint(L, "step", r->step);
+  lk_setint(L, "n_updated", r->n_updated);
   if (r->top_param >= 0) lua_pushinteger(L, r->top_param + 1); else lua_pushnil(L);
   lua_setfield(L, -2, "top_param");
-  set_num(L, "top_share", r->top_share);
+  lk_setnum(L, "top_share", r->top_share);
 }
 
 /* Every group's hyper-parameters from the param_groups table at idx. */
@@ -361,10 +359,10 @@ static int l_cancel(lua_State *L) {
   lua_settop(L, 2);
   lua_pushboolean(L, 0); lua_setfield(L, 2, "applied");
   lua_pushstring(L, r.reason); lua_setfield(L, 2, "reason");
-  set_num(L, "clip_coef", 1);
+  lk_setnum(L, "clip_coef", 1);
   lua_pushboolean(L, 0); lua_setfield(L, 2, "clipped");
-  set_int(L, "n_updated", 0);
-  set_int(L, "step", r.step);
+  lk_setint(L, "n_updated", 0);
+  lk_setint(L, "step", r.step);
   return 1;
 }
 
@@ -407,19 +405,19 @@ static int l_param_stats(lua_State *L) {
     rms = sqrt(s->sumsq / nf);
   }
   lua_createtable(L, 0, 13);
-  set_num(L, "norm", sqrt(s->sumsq));
-  set_num(L, "max_abs", s->max_abs);
-  set_num(L, "mean", mean);
-  set_num(L, "std", var > 0 ? sqrt(var) : 0);
-  set_num(L, "rms", rms);
-  set_int(L, "nonfinite", s->nan + s->inf);
-  set_int(L, "nan", s->nan);
-  set_int(L, "inf", s->inf);
-  set_int(L, "zeros", s->zeros);
-  set_int(L, "numel", s->numel);
-  set_num(L, "weight_norm", sqrt(s->w_sumsq));
-  if (u->step > 0) set_num(L, "update_ratio", update_ratio(u));
-  set_int(L, "step", step);
+  lk_setnum(L, "norm", sqrt(s->sumsq));
+  lk_setnum(L, "max_abs", s->max_abs);
+  lk_setnum(L, "mean", mean);
+  lk_setnum(L, "std", var > 0 ? sqrt(var) : 0);
+  lk_setnum(L, "rms", rms);
+  lk_setint(L, "nonfinite", s->nan + s->inf);
+  lk_setint(L, "nan", s->nan);
+  lk_setint(L, "inf", s->inf);
+  lk_setint(L, "zeros", s->zeros);
+  lk_setint(L, "numel", s->numel);
+  lk_setnum(L, "weight_norm", sqrt(s->w_sumsq));
+  if (u->step > 0) lk_setnum(L, "update_ratio", update_ratio(u));
+  lk_setint(L, "step", step);
   return 1;
 }
 
@@ -442,7 +440,7 @@ static int l_counters(lua_State *L) {
   keel_optim_counters c;
   keel_optim_get_counters(check_optim(L, 1), &c);
   lua_createtable(L, 0, 9);
-#define X(f) set_int(L, #f, c.f);
+#define X(f) lk_setint(L, #f, c.f);
   COUNTERS(X)
 #undef X
   return 1;
@@ -495,7 +493,7 @@ static int l_get_state(lua_State *L) {
     any = 1;
   }
   if (keel_optim_get_kind(o) != KEEL_OPTIM_SGD && (any || keel_optim_get_param_step(o, i) > 0)) {
-    set_int(L, "step", keel_optim_get_param_step(o, i));
+    lk_setint(L, "step", keel_optim_get_param_step(o, i));
     any = 1;
   }
   if (!any) lua_pushnil(L);
@@ -557,8 +555,8 @@ static int l_get_clip_state(lua_State *L) {
     lua_rawseti(L, -2, (lua_Integer)j + 1);
   }
   lua_setfield(L, -2, "history");
-  set_num(L, "mean", s.mean);
-  set_num(L, "var", s.var);
+  lk_setnum(L, "mean", s.mean);
+  lk_setnum(L, "var", s.var);
   lua_pushboolean(L, s.initialized);
   lua_setfield(L, -2, "initialized");
   return 1;
@@ -601,11 +599,11 @@ static int l_last_stats(lua_State *L) {
   lua_createtable(L, n, 0);
   for (int i = 0; i < n; i++) {
     push_stats(L, &s[i], 13);
-    set_num(L, "w_sumsq", s[i].w_sumsq);
-    set_num(L, "weight_norm", sqrt(s[i].w_sumsq));
+    lk_setnum(L, "w_sumsq", s[i].w_sumsq);
+    lk_setnum(L, "weight_norm", sqrt(s[i].w_sumsq));
     if (u[i].step > 0) {
-      set_num(L, "update_sumsq", u[i].update_sumsq);
-      set_num(L, "update_ratio", update_ratio(&u[i]));
+      lk_setnum(L, "update_sumsq", u[i].update_sumsq);
+      lk_setnum(L, "update_ratio", update_ratio(&u[i]));
     }
     lua_rawseti(L, -2, i + 1);
   }

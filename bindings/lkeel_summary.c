@@ -59,8 +59,6 @@ static int l_masked_crc32c(lua_State *L) {
   return 1;
 }
 
-static void set_num(lua_State *L, const char *k, double v) { lua_pushnumber(L, v); lua_setfield(L, -2, k); }
-static void set_int(lua_State *L, const char *k, int64_t v) { lua_pushinteger(L, (lua_Integer)v); lua_setfield(L, -2, k); }
 
 /* Upper edge of bucket i (0-based) of nbins. */
 static double upper_edge(const keel_histogram *h, int nbins, const double *edges, int i) {
@@ -180,17 +178,17 @@ static int l_histogram(lua_State *L) {
   counts = (double *)lua_newuserdatauv(L, sizeof(double) * (size_t)bins, 0);
   lk_check_as(L, S, keel_histogram_compute(S->ctx, t, (int)bins, edges, lo, hi, counts, &h), "histogram");
   lua_createtable(L, 0, 13);
-  set_int(L, "count", h.count);
-  set_int(L, "nan", h.nan);
-  set_int(L, "inf", h.inf);
-  set_int(L, "below", h.below);
-  set_int(L, "above", h.above);
-  set_num(L, "min", h.min);
-  set_num(L, "max", h.max);
-  set_num(L, "sum", h.sum);
-  set_num(L, "sumsq", h.sumsq);
-  set_num(L, "lo", h.lo);
-  set_num(L, "hi", h.hi);
+  lk_setint(L, "count", h.count);
+  lk_setint(L, "nan", h.nan);
+  lk_setint(L, "inf", h.inf);
+  lk_setint(L, "below", h.below);
+  lk_setint(L, "above", h.above);
+  lk_setnum(L, "min", h.min);
+  lk_setnum(L, "max", h.max);
+  lk_setnum(L, "sum", h.sum);
+  lk_setnum(L, "sumsq", h.sumsq);
+  lk_setnum(L, "lo", h.lo);
+  lk_setnum(L, "hi", h.hi);
   if (packed) {
     push_packed(L, &h, (int)bins, edges, counts);
     return 1;

@@ -739,13 +739,12 @@ static void post_collect(void *ud, keel_tensor *t) {
   else lua_pop(p->L, 1);
 }
 
-static int traceback(lua_State *L);
 
 /* Calls each list's hooks in order: fn(owner). The lists are the n values
 ** on top of the stack. */
 static void post_run(lua_State *L, int n) {
   int first = lua_gettop(L) - n + 1;
-  lua_pushcfunction(L, traceback);
+  lua_pushcfunction(L, lk_traceback);
   for (int k = 0; k < n; k++) {
     int list = first + k, m;
     /* a snapshot: a hook that removes itself or adds another does not
@@ -822,13 +821,6 @@ static int t_retain_grad(lua_State *L) {
 
 typedef struct hook_ud { lk_state *S; int ref; } hook_ud;
 
-static int traceback(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
-  if (!msg) msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
-  luaL_traceback(L, L, msg, 1);
-  return 1;
-}
-
 /* Runs a Lua hook: any error is caught here and handed back to the binding
 ** through the state, so no longjmp crosses the engine. */
 static keel_status hook_call(keel_ctx *ctx, void *ud, keel_tensor *grad, keel_tensor **replace) {
@@ -838,7 +830,7 @@ static keel_status hook_call(keel_ctx *ctx, void *ud, keel_tensor *grad, keel_te
   keel_tensor *r;
   (void)ctx;
   if (!lua_checkstack(L, 8)) return KEEL_ERR_NOMEM;
-  lua_pushcfunction(L, traceback);
+  lua_pushcfunction(L, lk_traceback);
   base = lua_gettop(L);
   lua_rawgeti(L, LUA_REGISTRYINDEX, h->ref);
   /* a userdata for the gradient needs the Tensor metatable: it is the
