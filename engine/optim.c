@@ -706,6 +706,17 @@ static void report_init(const keel_optim *o, keel_step_report *rep) {
 
 static void count_nonfinite(keel_optim *o);
 
+/* An applied step's bookkeeping: the clip chain's adaptive state, the step
+** count and the counters (the caller has made the updates). */
+static void commit_applied(keel_optim *o, keel_step_report *rep) {
+  kl_clip_commit(o->clip);
+  o->step_count++;
+  o->counters.steps++;
+  if (o->work.clipped) o->counters.clipped++;
+  rep->applied = 1;
+  rep->step = o->step_count;
+}
+
 /* The pending device-decided step made final: its results are in (they
 ** normally are by now: the next step, or a read, comes long after; if not,
 ** this waits), the host decides over its statistics as prepare would,
@@ -757,12 +768,7 @@ static keel_status resolve_step(keel_optim *o, const char *fn) {
       us->w_sumsq = w->ts[k].w_sumsq;
     }
     count_nonfinite(o);
-    kl_clip_commit(o->clip);
-    o->step_count++;
-    o->counters.steps++;
-    if (w->clipped) o->counters.clipped++;
-    rep.applied = 1;
-    rep.step = o->step_count;
+    commit_applied(o, &rep);
   }
   o->last_rep = rep;
   return KEEL_OK;
@@ -991,12 +997,7 @@ keel_status keel_optim_apply(keel_optim *o, keel_step_report *r) {
         if (!st) st = st2;
       }
       if (st) break;
-      kl_clip_commit(o->clip);
-      o->step_count++;
-      o->counters.steps++;
-      if (w->clipped) o->counters.clipped++;
-      rep.applied = 1;
-      rep.step = o->step_count;
+      commit_applied(o, &rep);
       break;
   }
   keel_optim_discard(o);
