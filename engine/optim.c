@@ -258,20 +258,57 @@ static int cmp_ptr(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
-/* PyTorch's "some parameters appear in more than one parameter group". */
+/* The elements [lo, hi) of its storage a tensor spans (strides >= 0). */
+static void span_of(const keel_tensor *t, int64_t *lo, int64_t *hi) {
+  int64_t last = t->offset;
+  for (int d = 0; d < t->ndim; d++) last += (t->shape[d] - 1) * t->stride[d];
+  *lo = t->offset;
+  *hi = t->numel ? last + 1 : t->offset;
+}
+
+/* By storage, then by first element. */
+static int cmp_span(const void *a, const void *b) {
+  const keel_tensor *x = *(keel_tensor *const *)a, *y = *(keel_tensor *const *)b;
+  uintptr_t sx = (uintptr_t)x->storage, sy = (uintptr_t)y->storage;
+  if (sx != sy) return (sx > sy) - (sx < sy);
+  return (x->offset > y->offset) - (x->offset < y->offset);
+}
+
+/* PyTorch's "some parameters appear in more than one parameter group",
+** and also two parameters that are views of the same memory: each would
+** get its own update of the shared elements (twice on the CPU, in a race
+** inside one multi-tensor launch on CUDA), which is never what is meant. */
 static keel_status check_unique(keel_optim *o, int n, keel_tensor *const *params) {
   keel_ctx *ctx = o->ctx;
-  int total = o->np + n, dup = 0;
-  keel_tensor **all = (keel_tensor **)kl_malloc(ctx, sizeof(keel_tensor *) * (size_t)(total ? total : 1));
+  int total = o->np + n, dup = 0, overlap = 0;
+  size_t bytes = sizeof(keel_tensor *) * (size_t)(total ? total : 1);
+  keel_tensor **all = (keel_tensor **)kl_malloc(ctx, bytes);
   if (!all) return kl_error(ctx, KEEL_ERR_NOMEM, "%s: out of memory", kind_names[o->kind]);
   for (int i = 0; i < o->np; i++) all[i] = o->params[i].p;
   for (int i = 0; i < n; i++) all[o->np + i] = params[i];
   qsort(all, (size_t)total, sizeof *all, cmp_ptr);
   for (int i = 1; i < total && !dup; i++) dup = all[i] == all[i - 1];
-  kl_free(ctx, all, sizeof(keel_tensor *) * (size_t)(total ? total : 1));
+  if (!dup) {
+    int64_t end = 0;
+    const kl_storage *prev = NULL;
+    qsort(all, (size_t)total, sizeof *all, cmp_span);
+    for (int i = 0; i < total && !overlap; i++) {
+      int64_t lo, hi;
+      span_of(all[i], &lo, &hi);
+      if (lo == hi) continue;
+      overlap = all[i]->storage == prev && lo < end;
+      if (all[i]->storage != prev || hi > end) end = hi;
+      prev = all[i]->storage;
+    }
+  }
+  kl_free(ctx, all, bytes);
   if (dup)
     return kl_error(ctx, KEEL_ERR_ARG, "%s: some parameters appear more than once (in one group or in several)",
                     kind_names[o->kind]);
+  if (overlap)
+    return kl_error(ctx, KEEL_ERR_ARG,
+                    "%s: two parameters are views of the same memory (each would get its own update of it); "
+                    "pass the tensor they view instead", kind_names[o->kind]);
   return KEEL_OK;
 }
 

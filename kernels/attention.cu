@@ -140,6 +140,20 @@ __device__ __forceinline__ T rot_dot(const T *a, const T *b, int64_t n, int lane
   return s;
 }
 
+/* The warp's largest x, NaN skipped (NaN only when every lane has NaN):
+** the same value in every lane, which the row's warp-uniform branches
+** need. kc_warp_max keeps a lane's own NaN, so lanes would disagree and
+** split the warp before its next full-mask shuffle. A NaN score still
+** makes the row NaN, through the sum, as the CPU's kernel does. */
+template <typename T>
+__device__ __forceinline__ T warp_max_skipnan(T v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    T w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = (w > v || v != v) ? w : v;
+  }
+  return v;
+}
+
 /* }====================================================================== */
 
 /* {======================================================================
@@ -159,9 +173,11 @@ __global__ void fwd_kernel(sdpa_geo g, const T *q, const T *k, const T *v, const
     int64_t i1 = i0 + FQ < L ? i0 + FQ : L, jend = key_end(g, i1);
     const T *bb = bias ? bias + bias_plane(g, b) : NULL;
     T acc[FQ / NW][NC], m[FQ / NW], l[FQ / NW], pr[FQ / NW];
+    #pragma unroll
     for (int rr = 0; rr < FQ / NW; rr++) {
       m[rr] = (T)-INFINITY;
       l[rr] = 0;
+      #pragma unroll
       for (int c = 0; c < NC; c++) acc[rr][c] = 0;
     }
     __syncthreads();            /* the previous block's readers are done */
@@ -171,36 +187,42 @@ __global__ void fwd_kernel(sdpa_geo g, const T *q, const T *k, const T *v, const
       __syncthreads();
       load_tile(kv, k + (b * S + j0) * E, S - j0, TK, E, g.prec);
       __syncthreads();
+      #pragma unroll
       for (int rr = 0; rr < FQ / NW; rr++) {
         int r = warp * (FQ / NW) + rr;
         int64_t i = i0 + r;
         T x = i < L ? score(g, bb, rot_dot(qs + r * E, kv + lane * E, E, lane), i, j) : (T)-INFINITY;
-        T mn = kc_warp_max(x);
+        T mn = warp_max_skipnan(x);
         mn = mn > m[rr] ? mn : m[rr];
         pr[rr] = 0;
         if (mn == (T)-INFINITY) continue;   /* warp-uniform: nothing seen yet */
         T alpha = exp_(m[rr] - mn), p = exp_(x - mn);
         l[rr] = l[rr] * alpha + kc_warp_sum(p);
         m[rr] = mn;
+        #pragma unroll
         for (int c = 0; c < NC; c++) acc[rr][c] *= alpha;
         pr[rr] = rnd((T)(p * (T)keep_of(g, b, i, j)), g.prec);
       }
       __syncthreads();
       load_tile(kv, v + (b * S + j0) * Ev, S - j0, TK, Ev, g.prec);
       __syncthreads();
+      #pragma unroll
       for (int rr = 0; rr < FQ / NW; rr++)
         for (int jj = 0; jj < TK; jj++) {
           T pj = __shfl_sync(0xffffffffu, pr[rr], jj);
           if (pj == 0) continue;
+          #pragma unroll
           for (int c = 0; c < NC; c++) {
             int64_t d = lane + 32 * c;
             if (d < Ev) acc[rr][c] += pj * kv[jj * Ev + d];
           }
         }
     }
+    #pragma unroll
     for (int rr = 0; rr < FQ / NW; rr++) {
       int64_t i = i0 + warp * (FQ / NW) + rr;
       if (i >= L) continue;
+      #pragma unroll
       for (int c = 0; c < NC; c++) {
         int64_t d = lane + 32 * c;
         if (d < Ev) out[(b * L + i) * Ev + d] = l[rr] == 0 ? (T)NAN : acc[rr][c] / l[rr];
@@ -239,8 +261,10 @@ __global__ void dkdv_kernel(sdpa_geo g, const T *q, const T *k, const T *v, cons
     int64_t b = blk / tiles, jb = (blk - b * tiles) * (NW * KW);
     const T *bb = bias ? bias + bias_plane(g, b) : NULL;
     T kr[KW][NC], vr[KW][NC], ak[KW][NC], av[KW][NC];
+    #pragma unroll
     for (int kk = 0; kk < KW; kk++) {
       int64_t j = jb + warp * KW + kk;
+      #pragma unroll
       for (int c = 0; c < NC; c++) {
         int64_t d = lane + 32 * c;
         kr[kk][c] = j < S && d < E ? rnd(k[(b * S + j) * E + d], g.prec) : (T)0;
@@ -263,10 +287,12 @@ __global__ void dkdv_kernel(sdpa_geo g, const T *q, const T *k, const T *v, cons
         int64_t i = it0 + r;
         T li = ls[r];
         if (li == (T)-INFINITY) continue;   /* a fully masked row: no gradient */
+        #pragma unroll
         for (int kk = 0; kk < KW; kk++) {
           int64_t j = jb + warp * KW + kk;
           T s = 0, dp = 0, p, kp;
           if (j >= S || (g.causal && j > i)) continue;   /* warp-uniform */
+          #pragma unroll
           for (int c = 0; c < NC; c++) {
             int64_t d = lane + 32 * c;
             if (d < E) s += kr[kk][c] * qs[r * E + d];
@@ -279,6 +305,7 @@ __global__ void dkdv_kernel(sdpa_geo g, const T *q, const T *k, const T *v, cons
           kp = (T)keep_of(g, b, i, j);
           {
             T pd = rnd((T)(p * kp), g.prec), dsr = rnd((T)(p * (dp * kp - ds[r]) * (T)g.scale), g.prec);
+            #pragma unroll
             for (int c = 0; c < NC; c++) {
               int64_t d = lane + 32 * c;
               if (d < Ev) av[kk][c] += pd * gs[r * Ev + d];
@@ -288,9 +315,11 @@ __global__ void dkdv_kernel(sdpa_geo g, const T *q, const T *k, const T *v, cons
         }
       }
     }
+    #pragma unroll
     for (int kk = 0; kk < KW; kk++) {
       int64_t j = jb + warp * KW + kk;
       if (j >= S) continue;
+      #pragma unroll
       for (int c = 0; c < NC; c++) {
         int64_t d = lane + 32 * c;
         if (dk && d < E) dk[(b * S + j) * E + d] = ak[kk][c];
@@ -314,7 +343,9 @@ __global__ void dq_kernel(sdpa_geo g, const T *q, const T *k, const T *v, const 
     int64_t i1 = i0 + GQ < L ? i0 + GQ : L, jend = key_end(g, i1);
     const T *bb = bias ? bias + bias_plane(g, b) : NULL;
     T acc[GQ / NW][NC], pr[GQ / NW], dsr[GQ / NW];
+    #pragma unroll
     for (int rr = 0; rr < GQ / NW; rr++)
+      #pragma unroll
       for (int c = 0; c < NC; c++) acc[rr][c] = 0;
     __syncthreads();
     load_tile(qs, q + (b * L + i0) * E, i1 - i0, GQ, E, g.prec);
@@ -324,6 +355,7 @@ __global__ void dq_kernel(sdpa_geo g, const T *q, const T *k, const T *v, const 
       __syncthreads();
       load_tile(kv, k + (b * S + j0) * E, S - j0, TK, E, g.prec);
       __syncthreads();
+      #pragma unroll
       for (int rr = 0; rr < GQ / NW; rr++) {
         int r = warp * (GQ / NW) + rr;
         int64_t i = i0 + r;
@@ -333,6 +365,7 @@ __global__ void dq_kernel(sdpa_geo g, const T *q, const T *k, const T *v, const 
       __syncthreads();
       load_tile(kv, v + (b * S + j0) * Ev, S - j0, TK, Ev, g.prec);
       __syncthreads();
+      #pragma unroll
       for (int rr = 0; rr < GQ / NW; rr++) {
         int r = warp * (GQ / NW) + rr;
         int64_t i = i0 + r;
@@ -348,16 +381,20 @@ __global__ void dq_kernel(sdpa_geo g, const T *q, const T *k, const T *v, const 
       __syncthreads();
       load_tile(kv, k + (b * S + j0) * E, S - j0, TK, E, g.prec);
       __syncthreads();
+      #pragma unroll
       for (int rr = 0; rr < GQ / NW; rr++)
+        #pragma unroll
         for (int jj = 0; jj < TK; jj++) {
           T dj = __shfl_sync(0xffffffffu, dsr[rr], jj);
           if (dj == 0) continue;
+          #pragma unroll
           for (int c = 0; c < NC; c++) {
             int64_t d = lane + 32 * c;
             if (d < E) acc[rr][c] += dj * kv[jj * E + d];
           }
         }
     }
+    #pragma unroll
     for (int rr = 0; rr < GQ / NW; rr++) {
       int64_t i = i0 + warp * (GQ / NW) + rr;
       if (i >= L) continue;
@@ -365,6 +402,7 @@ __global__ void dq_kernel(sdpa_geo g, const T *q, const T *k, const T *v, const 
       if (dbias)
         for (int64_t j = jend + lane; j < S; j += 32) dbias[(b * L + i) * S + j] = 0;
       if (dq)
+        #pragma unroll
         for (int c = 0; c < NC; c++) {
           int64_t d = lane + 32 * c;
           if (d < E) dq[(b * L + i) * E + d] = acc[rr][c];

@@ -447,12 +447,16 @@ __global__ void cl_backward(cl_args<T> q, T *gx, T *gt, const T *g, const double
   double g0 = 0, sw = 0;
   if (q.red != KEEL_REDUCTION_NONE) g0 = (double)g[0];
   if (q.red == KEEL_REDUCTION_MEAN) g0 /= *div;
-  /* smoothing's class-weight sum: once per thread, not once per sample */
+  /* smoothing's class-weight sum: once per block, its threads sharing the
+  ** classes (a fixed order, so every block gets the same bits); the
+  ** condition is the same for the whole block, so all reach the sum */
   if (e > 0 && q.logits && !q.probs) {
-    if (q.w)
-      for (int64_t k = 0; k < C; k++) sw += (double)q.w[k];
-    else
+    if (q.w) {
+      for (int64_t k = threadIdx.x; k < C; k += blockDim.x) sw += (double)q.w[k];
+      sw = kc_block_sum(sw, bd);
+    } else {
       sw = (double)C;
+    }
   }
   for (int64_t s0 = (int64_t)blockIdx.x * spb; s0 < q.ns; s0 += (int64_t)gridDim.x * spb) {
     int64_t smp = s0 + sub;

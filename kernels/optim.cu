@@ -441,6 +441,15 @@ static int pend_reserve(kc_state *s, size_t n, pend_rec **rec, void **host) {
 
 static int deferring(const kc_state *s) { return s->pending && s->pending->on; }
 
+/* Marks the result copies queued so far: results_ready asks this event
+** whether they have all landed. */
+static int pend_mark(kc_state *s) {
+  struct kc_pending *P = s->pending;
+  int rc;
+  if (!P->copied && (rc = kc_check_cuda(cudaEventCreateWithFlags(&P->copied, cudaEventDisableTiming)))) return rc;
+  return kc_check_cuda(cudaEventRecord(P->copied, s->stream));
+}
+
 /* Multi-tensor batches (below). */
 static int batch_launch(kc_state *s);
 static int queue_stats(kc_state *s, const kc_view *g, int64_t nunits, int64_t len, const double *a, const double *v,
@@ -510,7 +519,7 @@ static int grad_stats(kc_state *s, const kc_view *g, int64_t nunits, const doubl
   if ((rc = kc_check_cuda(cudaMemcpyAsync(hres, res, (size_t)nunits * sizeof(gstat), cudaMemcpyDeviceToHost,
                                           s->stream))))
     return rc;
-  if (deferring(s)) return KC_OK;   /* written by the closing defer_results */
+  if (deferring(s)) return pend_mark(s);   /* written by the closing defer_results */
   if ((rc = kc_sync(s))) return rc;
   write_stats(hres, nunits, len, w != NULL, st, spow);
   return KC_OK;
@@ -1332,11 +1341,9 @@ static int batch_launch(kc_state *s) {
   /* one copy of every unit result, then a record per call */
   if ((rc = pend_region(s, nres, &hoff))) goto out;
   host = s->pending->arena + hoff;
-  if ((rc = kc_check_cuda(cudaMemcpyAsync(host, dev + res0, nres, cudaMemcpyDeviceToHost, s->stream)))) goto out;
-  if (!s->pending->copied &&
-      (rc = kc_check_cuda(cudaEventCreateWithFlags(&s->pending->copied, cudaEventDisableTiming))))
+  if ((rc = kc_check_cuda(cudaMemcpyAsync(host, dev + res0, nres, cudaMemcpyDeviceToHost, s->stream))) ||
+      (rc = pend_mark(s)))
     goto out;
-  if ((rc = kc_check_cuda(cudaEventRecord(s->pending->copied, s->stream)))) goto out;
   if (nt) {
     pend_rec *r;
     if ((rc = pend_record(s, &r))) goto out;
@@ -1497,7 +1504,12 @@ static int results_ready(kc_state *s) {
     (void)cudaGetLastError();   /* not an error: clear it */
     return 0;
   }
-  if (e != cudaSuccess) return kc_check_cuda(e);
+  if (e != cudaSuccess) {
+    /* not ready as far as this says: results_wait, which follows, syncs
+    ** and reports the error (a CUDA code here would read as "ready") */
+    (void)kc_check_cuda(e);
+    return 0;
+  }
   /* every batch records the event after its upload and copies: the
   ** staging uploads are all done, as after a wait */
   P->staged = 0;

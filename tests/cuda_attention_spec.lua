@@ -66,6 +66,31 @@ describe("fused attention on CUDA agrees with the CPU", function()
       end, {inp({2, 4, 3}, dtype, 1), inp({2, 6, 3}, dtype, 2), inp({2, 6, 2}, dtype, 3)}, {tol = TOL[dtype]})
       assert.is_truthy(rc and rd)
     end)
+    gpu_it("a NaN score among finite ones in a key tile: that row NaN, the others as on the CPU (" .. dtype .. ")",
+      function()
+      -- one NaN in the bias at (row 3, key 6): within the first tile of
+      -- keys, so its lane alone holds NaN when the row's maximum is taken
+      local vals = H.values(5 * 40, -1, 1, 9)
+      vals[2 * 40 + 6] = 0 / 0
+      local bias = keel.tensor(H.nest(vals, {5, 40}), {dtype = dtype})
+      local q, k, v = inp({2, 5, 8}, dtype, 1), inp({2, 40, 8}, dtype, 2), inp({2, 40, 3}, dtype, 3)
+      local want = F.scaled_dot_product_attention(q, k, v, {attn_mask = bias})
+      local got = F.scaled_dot_product_attention(q:cuda(), k:cuda(), v:cuda(), {attn_mask = bias:cuda()}):cpu()
+      local w, g = want:totable(), got:totable()
+      for b = 1, 2 do
+        for i = 1, 5 do
+          for d = 1, 3 do
+            local x, y = w[b][i][d], g[b][i][d]
+            if i == 3 then
+              assert.is_true(x ~= x and y ~= y, "row 3 is NaN on both")
+            else
+              assert.is_true(math.abs(x - y) <= TOL[dtype].atol + TOL[dtype].rtol * math.abs(x),
+                ("b%d i%d d%d: %s vs %s"):format(b, i, d, x, y))
+            end
+          end
+        end
+      end
+    end)
   end
 
   gpu_it("above the head size limit: the composed fallback, still on the device", function()

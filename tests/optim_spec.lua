@@ -589,6 +589,15 @@ describe("errors", function()
     local leaf = keel.ones({2, 2}, {requires_grad = true})
     H.assert_error(function() optim.Adam({leaf * 2}) end, "parameter 1 is not a leaf tensor")
     H.assert_error(function() optim.Adam({leaf:detach():t()}) end, "parameter 1 is not contiguous")
+    -- views of one storage: overlapping ones are refused, disjoint ones are fine
+    local base = keel.zeros{6}
+    local a, b = base:narrow(1, 1, 3):detach(), base:narrow(1, 3, 3):detach()
+    local c, d = base:narrow(1, 4, 3):detach(), base:narrow(1, 1, 0):detach()
+    H.assert_error(function() optim.SGD({a, b}, {lr = 0.1}) end,
+                   "SGD: two parameters are views of the same memory")
+    H.assert_error(function() optim.SGD({{params = {c}}, {params = {b}}}, {lr = 0.1}) end, "views of the same memory")
+    local ok = optim.SGD({a, c, d}, {lr = 0.1})
+    H.assert_error(function() ok:add_param_group{params = {b}} end, "views of the same memory")
     local opt = optim.Adam({p})
     H.assert_error(function() opt:add_param_group{params = {p}} end, "appear more than once")
     H.assert_error(function() opt:add_param_group(5) end, "Adam.add_param_group: expected a table {params")
