@@ -336,7 +336,6 @@ static keel_status index_tensor(keel_ctx *ctx, const char *fn, keel_tensor *inde
                                 keel_tensor **out) {
   keel_tensor *h = NULL;
   keel_status st;
-  if (index->storage->device == KEEL_CPU) return index_on_host(ctx, fn, index, limit, out);
   *out = NULL;
   if ((st = kl_check_same_ctx(ctx, fn, index)) || (st = kl_host_values(ctx, index, &h))) return st;
   st = index_on_host(ctx, fn, h, limit, out);

@@ -160,13 +160,10 @@ static keel_status class_targets(keel_ctx *ctx, const char *fn, keel_tensor *tar
   keel_status st = KEEL_OK;
   keel_tensor *host = NULL;
   *out = NULL;
-  /* checked on the host: a device target's values come from the host copy
-  ** it was uploaded with, else over once (the CUDA backend uploads the
-  ** checked copy its kernels read) */
-  if (target->storage->device != KEEL_CPU) {
-    if ((st = kl_host_values(ctx, target, &host))) return st;
-    target = host;
-  }
+  /* checked on the host (kl_host_values); the CUDA backend uploads the
+  ** checked copy its kernels read */
+  if ((st = kl_host_values(ctx, target, &host))) return st;
+  target = host;
   if ((st = kl_new(ctx, KEEL_I64, KEEL_CPU, target->ndim, target->shape, out))) goto done;
   dst = (int64_t *)kl_data(*out);
   if (target->dtype == KEEL_I64) {

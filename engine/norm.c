@@ -405,13 +405,10 @@ static keel_status embedding_indices(keel_ctx *ctx, const char *fn, keel_tensor 
   keel_tensor *c = NULL, *f = NULL, *host = NULL;
   keel_status st;
   *out = NULL;
-  /* checked on the host: a device index's values come from the host copy
-  ** it was uploaded with, else over once (the CUDA backend uploads the
-  ** checked copy its kernels read) */
-  if (indices->storage->device != KEEL_CPU) {
-    if ((st = kl_host_values(ctx, indices, &host))) return st;
-    indices = host;
-  }
+  /* checked on the host (kl_host_values); the CUDA backend uploads the
+  ** checked copy its kernels read */
+  if ((st = kl_host_values(ctx, indices, &host))) return st;
+  indices = host;
   TRY(kl_new(ctx, KEEL_I64, KEEL_CPU, indices->ndim, indices->shape, &c));
   dst = (int64_t *)kl_data(c);
   if (indices->dtype == KEEL_I64) {

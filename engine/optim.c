@@ -1068,7 +1068,7 @@ keel_status keel_optim_step(keel_optim *o, keel_step_report *r) {
   keel_step_report rep;
   keel_status st;
   kc_decide q;
-  if (o->deferred && device_decidable(o, &q)) {
+  if (device_decidable(o, &q)) {
     keel_optim_discard(o);
     if ((st = resolve_step(o, "step"))) return st;
     if (!(st = collect(o))) st = step_device(o, &q, &rep);

@@ -189,18 +189,10 @@ static int act_by_op(kc_state *s, int op, bool back, const kc_view *o, const kc_
   }
 }
 
-/* x has out's dtype and shape */
-static int act_like(const kc_view *out, const kc_view *x) {
-  if (!x || x->dtype != out->dtype || x->ndim != out->ndim || (!x->data && out->numel > 0)) return 0;
-  for (int d = 0; d < out->ndim; d++)
-    if (x->shape[d] != out->shape[d]) return 0;
-  return 1;
-}
-
 static int act_entry(kc_state *s, int op, bool back, const kc_view *o, const kc_view *g, const kc_view *a,
                      const double *p) {
-  if (!o || o->ndim < 0 || o->ndim > KC_MAX_DIMS || (!o->data && o->numel > 0) || !act_like(o, a) ||
-      (back && !act_like(o, g)))
+  if (!o || o->ndim < 0 || o->ndim > KC_MAX_DIMS || (!o->data && o->numel > 0) || !kc_same_shape(o, a, o->dtype) ||
+      (back && !kc_same_shape(o, g, o->dtype)))
     return KC_ERR_ARG;
   if (o->dtype != KEEL_F32 && o->dtype != KEEL_F64) return KC_ERR_DTYPE;
   if (op != KL_OP_LEAKY_RELU && op != KL_OP_ELU && op != KL_OP_GELU && op != KL_OP_SILU && op != KL_OP_SOFTPLUS)

@@ -451,8 +451,6 @@ static sdpa_geo geo_of(const kc_state *s, const kc_sdpa *a) {
   return g;
 }
 
-static unsigned grid_of(int64_t nblk) { return (unsigned)(nblk > KC_MAX_BLOCKS ? KC_MAX_BLOCKS : nblk); }
-
 /* The register width (dims per lane) a head size needs. */
 #define BY_WIDTH(n, CALL) \
   ((n) <= 32 ? CALL(1) : (n) <= 64 ? CALL(2) : (n) <= 128 ? CALL(4) : CALL(8))
@@ -465,7 +463,7 @@ static int forward_t(kc_state *s, const kc_sdpa *a) {
   const T *bias = a->bias ? (const T *)a->bias->data : NULL;
   if (nblk == 0) return KC_OK;
 #define FWD(NCV)                                                                                            \
-  (KC_LAUNCH(grid_of(nblk), NW * 32, smem, s->stream, fwd_kernel<T, NCV>)(                                  \
+  (KC_LAUNCH(kc_grid_x(nblk), NW * 32, smem, s->stream, fwd_kernel<T, NCV>)(                                  \
        g, (const T *)a->q->data, (const T *)a->k->data, (const T *)a->v->data, bias, (T *)a->out->data,     \
        (T *)a->lse->data, nblk), 0)
   BY_WIDTH(a->Ev, FWD);
@@ -496,7 +494,7 @@ static int backward_t(kc_state *s, const kc_sdpa *a) {
     size_t smem = sizeof(T) * (size_t)(RT * (a->E + a->Ev) + 2 * RT);
     if (nblk > 0) {
 #define DKDV(NCV)                                                                                               \
-  (KC_LAUNCH(grid_of(nblk), NW * 32, smem, s->stream, dkdv_kernel<T, NCV>)(                                     \
+  (KC_LAUNCH(kc_grid_x(nblk), NW * 32, smem, s->stream, dkdv_kernel<T, NCV>)(                                     \
        g, (const T *)a->q->data, (const T *)a->k->data, (const T *)a->v->data, bias, (const T *)a->gout->data, \
        (const T *)a->lse->data, D, a->dk ? (T *)a->dk->data : NULL, a->dv ? (T *)a->dv->data : NULL, nblk),    \
    0)
@@ -509,7 +507,7 @@ static int backward_t(kc_state *s, const kc_sdpa *a) {
     int64_t nblk = a->B * ((a->L + GQ - 1) / GQ);
     size_t smem = sizeof(T) * (size_t)(GQ * (a->E + a->Ev) + TK * max_(a->E, a->Ev));
 #define DQ(NCV)                                                                                                 \
-  (KC_LAUNCH(grid_of(nblk), NW * 32, smem, s->stream, dq_kernel<T, NCV>)(                                       \
+  (KC_LAUNCH(kc_grid_x(nblk), NW * 32, smem, s->stream, dq_kernel<T, NCV>)(                                       \
        g, (const T *)a->q->data, (const T *)a->k->data, (const T *)a->v->data, bias, (const T *)a->gout->data, \
        (const T *)a->lse->data, D, a->dq ? (T *)a->dq->data : NULL, a->dbias ? (T *)a->dbias->data : NULL,     \
        nblk),                                                                                                   \

@@ -119,8 +119,6 @@ static int product(kc_state *s, int dt, int64_t B, int64_t M, int64_t N, int64_t
   return KC_OK;
 }
 
-static int64_t align256(int64_t n) { return (n + 255) & ~(int64_t)255; }
-
 static int matmul(kc_state *s, const kc_view *out, const kc_view *a, const kc_view *b) {
   int64_t B, M, N, K, es, need = 0, at = 0;
   mat ma, mb;
@@ -147,9 +145,9 @@ static int matmul(kc_state *s, const kc_view *out, const kc_view *a, const kc_vi
   ldc = M == 1 ? N : out->stride[1];
   sc = B == 1 ? M * ldc : out->stride[0];
   fo = (out->stride[2] == 1 || N == 1) && ldc >= N && ldc <= 0x7fffffff && (B == 1 || sc >= M * ldc);
-  if (!fa) need += align256((a->stride[0] == 0 ? 1 : B) * M * K * es);
-  if (!fb) need += align256((b->stride[0] == 0 ? 1 : B) * K * N * es);
-  if (!fo) need += align256(B * M * N * es);
+  if (!fa) need += kc_align256((a->stride[0] == 0 ? 1 : B) * M * K * es);
+  if (!fb) need += kc_align256((b->stride[0] == 0 ? 1 : B) * K * N * es);
+  if (!fo) need += kc_align256(B * M * N * es);
   if (need) {
     void *q;
     if ((r = kc_scratch(s, (size_t)need, &q))) return r;
@@ -157,11 +155,11 @@ static int matmul(kc_state *s, const kc_view *out, const kc_view *a, const kc_vi
   }
   if (!fa) {
     if ((r = dense_copy(s, a, scratch + at, &ma))) return r;
-    at += align256((a->stride[0] == 0 ? 1 : B) * M * K * es);
+    at += kc_align256((a->stride[0] == 0 ? 1 : B) * M * K * es);
   }
   if (!fb) {
     if ((r = dense_copy(s, b, scratch + at, &mb))) return r;
-    at += align256((b->stride[0] == 0 ? 1 : B) * K * N * es);
+    at += kc_align256((b->stride[0] == 0 ? 1 : B) * K * N * es);
   }
   if (fo) {
     po = out->data;

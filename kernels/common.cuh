@@ -138,6 +138,25 @@ static inline int kc_elem_size(int dt) {
 }
 static inline int kc_is_float(int dt) { return dt == KEEL_F32 || dt == KEEL_F64; }
 static inline bool kc_aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+/* n rounded up to 256 bytes (the alignment kc_scratch promises each region). */
+static inline int64_t kc_align256(int64_t n) { return (n + 255) & ~(int64_t)255; }
+/* v is dense in row-major order. */
+static inline int kc_contiguous(const kc_view *v) {
+  int64_t want = 1;
+  for (int d = v->ndim - 1; d >= 0; d--) {
+    if (v->shape[d] != 1 && v->stride[d] != want) return 0;
+    want *= v->shape[d];
+  }
+  return 1;
+}
+/* x has out's shape (ndim and sizes), dtype dt when dt >= 0, and data
+** when out has elements. */
+static inline int kc_same_shape(const kc_view *out, const kc_view *x, int dt) {
+  if (!x || (!x->data && out->numel > 0) || x->ndim != out->ndim || (dt >= 0 && x->dtype != dt)) return 0;
+  for (int d = 0; d < out->ndim; d++)
+    if (x->shape[d] != out->shape[d]) return 0;
+  return 1;
+}
 
 /* 16 bytes of T: one vector load or store (float4, double2, longlong2). */
 template <typename T>

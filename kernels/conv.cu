@@ -251,8 +251,6 @@ static int64_t chunk_of(const kc_win2d *g, int64_t per_image) {
   return nb < 1 ? 1 : nb;
 }
 
-static int64_t round_up(int64_t n) { return (n + 255) & ~(int64_t)255; }
-
 static int check_geom(const kc_win2d *g) {
   int64_t P = g->oh * g->ow, rows = g->c * g->k[0] * g->k[1];
   if (g->groups < 1 || g->c % g->groups || g->oc % g->groups) return KC_ERR_ARG;
@@ -368,7 +366,7 @@ static int conv_bwd(kc_state *s, const kc_win2d *g, const T *gout, const T *x, c
       return kc_check_cuda(cudaMemsetAsync(gw, 0, (size_t)(g->oc * kg) * sizeof(T), s->stream));
     return KC_OK;
   }
-  colsz = round_up(nb * rows * P * (int64_t)sizeof(T));
+  colsz = kc_align256(nb * rows * P * (int64_t)sizeof(T));
   if ((st = kc_scratch(s, (size_t)(colsz + nb * g->oc * P * (int64_t)sizeof(T)), (void **)&scr))) return st;
   col = (T *)scr;
   gt = (T *)(scr + colsz);

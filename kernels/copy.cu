@@ -63,7 +63,7 @@ static int launch_copy(kc_state *s, const kc_view *dst, const kc_view *src, cons
   else
     KC_LAUNCH(nb, KC_THREADS, 0, s->stream, copy_kernel<D, S>)((D *)dst->data, (const S *)src->data, *g,
                                                                kc_index32(n), n);
-  return kc_check_cuda(cudaGetLastError());
+  return KC_LAUNCHED();
 }
 
 template <typename D>
@@ -101,7 +101,7 @@ template <typename D>
 static int launch_fill(kc_state *s, const kc_view *dst, D v, const kc_geom *g) {
   int64_t n = dst->numel;
   KC_LAUNCH(kc_blocks(n), KC_THREADS, 0, s->stream, fill_kernel<D>)((D *)dst->data, v, *g, kc_index32(n), n);
-  return kc_check_cuda(cudaGetLastError());
+  return KC_LAUNCHED();
 }
 
 int kc_fill(kc_state *s, const kc_view *dst, double v) {

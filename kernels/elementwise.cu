@@ -177,20 +177,12 @@ static int binary_int(kc_state *s, int op, const kc_view *o, const kc_view *a, c
   }
 }
 
-/* Operands of out's shape (ndim and sizes), dtype dt when dt >= 0. */
-static int same_shape(const kc_view *out, const kc_view *x, int dt) {
-  if (!x || (!x->data && out->numel > 0) || x->ndim != out->ndim || (dt >= 0 && x->dtype != dt)) return 0;
-  for (int d = 0; d < out->ndim; d++)
-    if (x->shape[d] != out->shape[d]) return 0;
-  return 1;
-}
-
 static int check_out(const kc_view *out) {
   return out && out->ndim >= 0 && out->ndim <= KC_MAX_DIMS && (out->data || out->numel == 0);
 }
 
 static int ew_binary(kc_state *s, int op, const kc_view *out, const kc_view *a, const kc_view *b) {
-  if (!check_out(out) || !same_shape(out, a, out->dtype) || !same_shape(out, b, out->dtype)) return KC_ERR_ARG;
+  if (!check_out(out) || !kc_same_shape(out, a, out->dtype) || !kc_same_shape(out, b, out->dtype)) return KC_ERR_ARG;
   if (op < 0 || op >= KEEL_BINOP_COUNT) return KC_ERR_ARG;
   switch (out->dtype) {
     case KEEL_F32: return out->numel == 0 ? KC_OK : binary_float<float>(s, op, out, a, b);
@@ -325,7 +317,7 @@ static int unary_int(kc_state *s, int op, const kc_view *o, const kc_view *a) {
 }
 
 static int ew_unary(kc_state *s, int op, const kc_view *out, const kc_view *a) {
-  if (!check_out(out) || !same_shape(out, a, out->dtype)) return KC_ERR_ARG;
+  if (!check_out(out) || !kc_same_shape(out, a, out->dtype)) return KC_ERR_ARG;
   if (op < 0 || op >= KEEL_UNOP_COUNT) return KC_ERR_ARG;
   switch (out->dtype) {
     case KEEL_F32: return unary_float<float>(s, op, out, a);
@@ -336,7 +328,7 @@ static int ew_unary(kc_state *s, int op, const kc_view *out, const kc_view *a) {
 }
 
 static int ew_clamp(kc_state *s, const kc_view *out, const kc_view *a, double lo, double hi) {
-  if (!check_out(out) || !same_shape(out, a, out->dtype)) return KC_ERR_ARG;
+  if (!check_out(out) || !kc_same_shape(out, a, out->dtype)) return KC_ERR_ARG;
   switch (out->dtype) {
     case KEEL_F32: {
       clamp_op<float> f = {(float)lo, (float)hi};
@@ -405,8 +397,8 @@ static int where_by_cond(kc_state *s, const kc_view *out, const kc_view *c, cons
 }
 
 static int ew_where(kc_state *s, const kc_view *out, const kc_view *c, const kc_view *a, const kc_view *b) {
-  if (!check_out(out) || !same_shape(out, c, -1) || !same_shape(out, a, out->dtype) ||
-      !same_shape(out, b, out->dtype))
+  if (!check_out(out) || !kc_same_shape(out, c, -1) || !kc_same_shape(out, a, out->dtype) ||
+      !kc_same_shape(out, b, out->dtype))
     return KC_ERR_ARG;
   if (c->dtype != KEEL_F32 && c->dtype != KEEL_F64 && c->dtype != KEEL_I64) return KC_ERR_DTYPE;
   if (out->dtype != KEEL_F32 && out->dtype != KEEL_F64 && out->dtype != KEEL_I64) return KC_ERR_DTYPE;

@@ -165,16 +165,6 @@ static int rows(kc_state *s, int dtype, void *out, const void *a, const int64_t 
   }
 }
 
-/* t is dense row-major. */
-static int contiguous(const kc_view *t) {
-  int64_t want = 1;
-  for (int d = t->ndim - 1; d >= 0; d--) {
-    if (t->shape[d] != 1 && t->stride[d] != want) return 0;
-    want *= t->shape[d];
-  }
-  return 1;
-}
-
 static int check_ndim(const kc_view *t) { return t && t->ndim >= 0 && t->ndim <= KC_MAX_DIMS; }
 
 /* }====================================================================== */
@@ -208,7 +198,7 @@ static int index_select(kc_state *s, const kc_view *out, const kc_view *a, int d
   iv.dtype = KEEL_I64;
   for (int d = 0; d < out->ndim; d++) iv.stride[d] = 0;
   iv.stride[dim] = index->ndim == 1 ? index->stride[0] : 0;
-  if (contiguous(out) && contiguous(a)) {
+  if (kc_contiguous(out) && kc_contiguous(a)) {
     int64_t outer = 1, inner = 1;
     for (int d = 0; d < dim; d++) outer *= a->shape[d];
     for (int d = dim + 1; d < a->ndim; d++) inner *= a->shape[d];
@@ -267,7 +257,7 @@ static int embedding(kc_state *s, const kc_view *out, const kc_view *weight, con
   if (idx->dtype != KEEL_I64 || out->dtype != weight->dtype) return KC_ERR_DTYPE;
   if (!kc_elem_size(out->dtype)) return KC_ERR_DTYPE;
   if (out->numel == 0) return KC_OK;
-  if (!contiguous(out) || !contiguous(weight) || !contiguous(idx)) return KC_ERR_ARG;
+  if (!kc_contiguous(out) || !kc_contiguous(weight) || !kc_contiguous(idx)) return KC_ERR_ARG;
   return rows(s, out->dtype, out->data, weight->data, (const int64_t *)idx->data, 1, 1, idx->numel,
               weight->shape[0], weight->shape[1]);
 }
@@ -295,7 +285,7 @@ static int embedding_backward(kc_state *s, const kc_view *gw, const kc_view *gou
   D = gw->shape[1];
   n = gout->numel;
   if (n == 0) return KC_OK;
-  if (!contiguous(gw) || !contiguous(gout) || !contiguous(idx)) return KC_ERR_ARG;
+  if (!kc_contiguous(gw) || !kc_contiguous(gout) || !kc_contiguous(idx)) return KC_ERR_ARG;
   switch (gw->dtype) {
     case KEEL_F32: return launch_emb_back<float>(s, gw, gout, idx, D, pad, n);
     case KEEL_F64: return launch_emb_back<double>(s, gw, gout, idx, D, pad, n);

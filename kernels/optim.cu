@@ -74,10 +74,6 @@ static void make_plan(const kc_state *s, int64_t nunits, int64_t len, plan *pl) 
   if (pl->threads > KC_THREADS) pl->threads = KC_THREADS;
 }
 
-static unsigned grid_of(int64_t items) {
-  return (unsigned)(items < 1 ? 1 : items > KC_MAX_BLOCKS ? KC_MAX_BLOCKS : items);
-}
-
 /* Item k's unit and element range [*b, *e). */
 __device__ __forceinline__ int64_t item_range(const plan &pl, int64_t k, int64_t *b, int64_t *e) {
   int64_t u = k / pl.nchunk, c = k - u * pl.nchunk, end = (u + 1) * pl.len;
@@ -102,21 +98,6 @@ struct alignas(16) kpack {
   T x[16 / sizeof(T)];
 };
 
-static int aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
-
-static int64_t round16(int64_t n) { return (n + 255) & ~(int64_t)255; }
-
-/* True when a view is dense in row-major order. */
-static int dense(const kc_view *t) {
-  int64_t st = 1;
-  for (int d = t->ndim - 1; d >= 0; d--) {
-    if (t->shape[d] != 1 && t->stride[d] != st) return 0;
-    st *= t->shape[d];
-  }
-  return 1;
-}
-
-static int is_float(int dt) { return dt == KEEL_F32 || dt == KEEL_F64; }
 
 /* Scratch for the per-unit a and v (nunits > 1): device arrays filled
 ** from the host ones; q gets what the kernels read. dev: nunits * 2
@@ -282,9 +263,9 @@ template <typename T>
 static int stats_launch(kc_state *s, const kc_view *g, const kc_view *w, const plan &pl, const unitp &q, double pw,
                         gstat *part) {
   const int N = 16 / sizeof(T);
-  unsigned nb = grid_of(pl.items);
+  unsigned nb = kc_grid_x(pl.items);
   const T *gp = (const T *)g->data;
-  if (pl.len % N == 0 && aligned16(gp) && (!w || (w->dtype == g->dtype && aligned16(w->data))))
+  if (pl.len % N == 0 && kc_aligned16(gp) && (!w || (w->dtype == g->dtype && kc_aligned16(w->data))))
     KC_LAUNCH(nb, pl.threads, 0, s->stream, stats_vec_kernel<T>)(gp, w ? (const T *)w->data : (const T *)NULL, pl,
                                                                  q, pw, part);
   else if (w && w->dtype == KEEL_F32)
@@ -468,8 +449,8 @@ static int grad_stats(kc_state *s, const kc_view *g, int64_t nunits, const doubl
   int rc;
   if (!g || (nunits > 0 && !st)) return KC_ERR_ARG;
   if (nunits <= 0) return KC_OK;
-  if (!is_float(g->dtype) || (w && !is_float(w->dtype))) return KC_ERR_DTYPE;
-  if (!dense(g) || (w && (!dense(w) || w->numel != g->numel))) return KC_ERR_ARG;
+  if (!kc_is_float(g->dtype) || (w && !kc_is_float(w->dtype))) return KC_ERR_DTYPE;
+  if (!kc_contiguous(g) || (w && (!kc_contiguous(w) || w->numel != g->numel))) return KC_ERR_ARG;
   len = g->numel / nunits;
   if (len == 0) {
     for (int64_t u = 0; u < nunits; u++) {
@@ -487,8 +468,8 @@ static int grad_stats(kc_state *s, const kc_view *g, int64_t nunits, const doubl
   make_plan(s, nunits, len, &pl);
   /* device scratch: a and v, the partials, the unit totals */
   ndev = nunits > 1 && (a || v) ? 2 * nunits : 0;
-  off_part = (size_t)round16(ndev * (int64_t)sizeof(double));
-  off_res = off_part + (size_t)round16(pl.items * (int64_t)sizeof(gstat));
+  off_part = (size_t)kc_align256(ndev * (int64_t)sizeof(double));
+  off_res = off_part + (size_t)kc_align256(pl.items * (int64_t)sizeof(gstat));
   total = off_res + (pl.nchunk > 1 ? (size_t)nunits * sizeof(gstat) : 0);
   if ((rc = kc_scratch(s, total, (void **)&dev))) return rc;
   if (deferring(s)) {
@@ -513,7 +494,7 @@ static int grad_stats(kc_state *s, const kc_view *g, int64_t nunits, const doubl
   if (pl.nchunk > 1) {
     /* a warp per unit when the chunks are few */
     int th = pl.nchunk <= 32 ? 32 : KC_THREADS;
-    KC_LAUNCH(grid_of(nunits), th, 0, s->stream, stats_final_kernel)(part, pl, res);
+    KC_LAUNCH(kc_grid_x(nunits), th, 0, s->stream, stats_final_kernel)(part, pl, res);
     if ((rc = KC_LAUNCHED())) return rc;
   }
   if ((rc = kc_check_cuda(cudaMemcpyAsync(hres, res, (size_t)nunits * sizeof(gstat), cudaMemcpyDeviceToHost,
@@ -562,9 +543,9 @@ __global__ void scale_vec_kernel(T *g, plan pl, unitp q) {
 
 template <typename T>
 static int scale_launch(kc_state *s, const kc_view *g, const plan &pl, const unitp &q) {
-  unsigned nb = grid_of(pl.items);
+  unsigned nb = kc_grid_x(pl.items);
   T *gp = (T *)g->data;
-  if (pl.len % (16 / (int64_t)sizeof(T)) == 0 && aligned16(gp))
+  if (pl.len % (16 / (int64_t)sizeof(T)) == 0 && kc_aligned16(gp))
     KC_LAUNCH(nb, pl.threads, 0, s->stream, scale_vec_kernel<T>)(gp, pl, q);
   else
     KC_LAUNCH(nb, pl.threads, 0, s->stream, scale_kernel<T>)(gp, pl, q);
@@ -578,8 +559,8 @@ static int grad_scale_(kc_state *s, const kc_view *g, int64_t nunits, const doub
   int64_t len;
   int rc;
   if (!g) return KC_ERR_ARG;
-  if (!is_float(g->dtype)) return KC_ERR_DTYPE;
-  if (!dense(g)) return KC_ERR_ARG;
+  if (!kc_is_float(g->dtype)) return KC_ERR_DTYPE;
+  if (!kc_contiguous(g)) return KC_ERR_ARG;
   if (nunits <= 0 || (len = g->numel / nunits) == 0) return KC_OK;
   make_plan(s, nunits, len, &pl);
   if (nunits > 1 && (a || v) && (rc = kc_scratch(s, sizeof(double) * 2 * (size_t)nunits, (void **)&dev))) return rc;
@@ -739,8 +720,8 @@ static int optim_update(kc_state *s, int kind, const keel_optim_hparams *h, int6
   if (dsq) *dsq = 0;
   if (!p || !g || !h || nstate < 0 || (nstate > 0 && !state)) return KC_ERR_ARG;
   if ((unsigned)kind >= KEEL_OPTIM_KIND_COUNT) return KC_ERR_ARG;
-  if (!is_float(p->dtype) || g->dtype != p->dtype) return KC_ERR_DTYPE;
-  if (!dense(p) || !dense(g) || g->numel != p->numel) return KC_ERR_ARG;
+  if (!kc_is_float(p->dtype) || g->dtype != p->dtype) return KC_ERR_DTYPE;
+  if (!kc_contiguous(p) || !kc_contiguous(g) || g->numel != p->numel) return KC_ERR_ARG;
   memset(&f, 0, sizeof f);
   f.maximize = h->maximize != 0;
   f.l2 = h->weight_decay != 0 && kind != KEEL_OPTIM_ADAMW;
@@ -760,16 +741,16 @@ static int optim_update(kc_state *s, int kind, const keel_optim_hparams *h, int6
   vw = 16 / (p->dtype == KEEL_F32 ? 4 : 8);
   A.p = p->data;
   A.g = g->data;
-  A.vec = aligned16(p->data) && aligned16(g->data);
+  A.vec = kc_aligned16(p->data) && kc_aligned16(g->data);
   for (int j = 0; j < 3; j++) {
     const kc_view *t = j < nstate ? state[j] : NULL;
     A.s[j] = NULL;
     if (!need[j]) continue;
     if (!t) return KC_ERR_ARG;
     if (t->dtype != p->dtype) return KC_ERR_DTYPE;
-    if (!dense(t) || t->numel != p->numel) return KC_ERR_ARG;
+    if (!kc_contiguous(t) || t->numel != p->numel) return KC_ERR_ARG;
     A.s[j] = t->data;
-    A.vec = A.vec && aligned16(t->data);
+    A.vec = A.vec && kc_aligned16(t->data);
   }
   if (nunits <= 0) return KC_OK;
   if ((len = p->numel / nunits) == 0) {
@@ -1254,20 +1235,20 @@ static int batch_launch(kc_state *s) {
   }
   /* device layout: descriptors, a/v, then per class partials; the unit
   ** results of all classes together at the end (one copy down) */
-  off_av = (size_t)round16((int64_t)(sizeof(mt_desc) * (size_t)n));
+  off_av = (size_t)kc_align256((int64_t)(sizeof(mt_desc) * (size_t)n));
   /* a decided step: where each tensor's statistics land (in gstat
   ** records from the first statistics class's results), uploaded with the
   ** descriptors; the decision's work space; its record with the results */
-  off_idx = off_av + (size_t)round16(B->nav * (int64_t)sizeof(double));
+  off_idx = off_av + (size_t)kc_align256(B->nav * (int64_t)sizeof(double));
   up = off_idx + (size_t)nt * sizeof(int64_t);
-  total = (size_t)round16((int64_t)up);
+  total = (size_t)kc_align256((int64_t)up);
   if (nt) {
     off_work = total;
-    total += (size_t)round16(5 * nt * (int64_t)sizeof(double));
+    total += (size_t)kc_align256(5 * nt * (int64_t)sizeof(double));
   }
   for (int c = 0; c < MT_CLASSES; c++) {
     off_part[c] = total;
-    total += (size_t)round16(items[c] * (int64_t)(c < 2 ? sizeof(gstat) : 2 * sizeof(double)));
+    total += (size_t)kc_align256(items[c] * (int64_t)(c < 2 ? sizeof(gstat) : 2 * sizeof(double)));
   }
   res0 = total;
   for (int c = 0; c < MT_CLASSES; c++) {
@@ -1303,7 +1284,7 @@ static int batch_launch(kc_state *s) {
   for (int c = 0; c < MT_CLASSES; c++) {
     const mt_desc *dd = (const mt_desc *)dev + first[c];
     const double *av = (const double *)(dev + off_av);
-    unsigned nb = grid_of(items[c]), nf = grid_of(units[c]);
+    unsigned nb = kc_grid_x(items[c]), nf = kc_grid_x(units[c]);
     int th = maxch[c] <= 32 ? 32 : KC_THREADS;
     if (c == 2 && nt) {
       /* the statistics are in: the decision, before any update reads it */
@@ -1401,7 +1382,7 @@ static int queue_stats(kc_state *s, const kc_view *g, int64_t nunits, int64_t le
   c->d.g = g->data;
   c->d.w = w ? w->data : NULL;
   c->d.pw = spow ? pw : 0;
-  c->d.vec = len % N == 0 && aligned16(g->data) && (!w || aligned16(w->data));
+  c->d.vec = len % N == 0 && kc_aligned16(g->data) && (!w || kc_aligned16(w->data));
   c->st = st;
   c->spow = spow;
   s->pending->batch->nstats++;

@@ -227,16 +227,11 @@ __global__ void gru_bwd_kernel(R *dgi, R *dgh, R *dh_out, const R *g, const R *h
 
 /* v (when given) is a dense tensor of n elements of dtype dt. */
 static int check(const kc_view *v, int dt, int64_t n, int required) {
-  int64_t want = 1;
   if (!v) return required ? KC_ERR_ARG : KC_OK;
   if (v->dtype != dt) return KC_ERR_DTYPE;
   if (v->numel != n) return KC_ERR_ARG;
   if (n == 0) return KC_OK;            /* the strides of an empty tensor mean nothing */
-  for (int d = v->ndim - 1; d >= 0; d--) {
-    if (v->shape[d] != 1 && v->stride[d] != want) return KC_ERR_ARG;
-    want *= v->shape[d];
-  }
-  return KC_OK;
+  return kc_contiguous(v) ? KC_OK : KC_ERR_ARG;
 }
 
 /* The regions this mode uses lie inside the workspace (the engine places

@@ -29,11 +29,7 @@ local COUNTERS = {"steps", "skipped", "cancelled", "errors", "no_grad", "nonfini
                   "clipped", "overflow"}
 local STATS = {"numel", "nan", "inf", "zeros", "sum", "sumsq", "sum_abs", "max_abs", "w_sumsq", "update_sumsq"}
 
-local function tensor(vals, shape, dtype)
-  if H.numel(shape) == 0 then return keel.zeros(shape, {dtype = dtype}) end
-  if #shape == 0 then return keel.tensor(vals[1], {dtype = dtype}) end
-  return keel.tensor(vals, {dtype = dtype}):reshape(shape)
-end
+local tensor = H.tensor_of
 
 -- Two sets of the same device parameters.
 local function params(dtype, seed)

@@ -27,11 +27,7 @@ local SHAPES = {{3, 4099}, {64, 33}, {50, 8}, {1000}, {7}, {}, {0, 5}}
 -- Helpers
 -- =======================================================================
 
-local function tensor(vals, shape, dtype)
-  if H.numel(shape) == 0 then return keel.zeros(shape, {dtype = dtype}) end
-  if #shape == 0 then return keel.tensor(vals[1], {dtype = dtype}) end
-  return keel.tensor(vals, {dtype = dtype}):reshape(shape)
-end
+local tensor = H.tensor_of
 
 -- A leaf parameter on dev holding t's values.
 local function leaf(t, dev)

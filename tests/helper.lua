@@ -595,6 +595,14 @@ function H.gpu()
   return gpu_state.ok, gpu_state.why
 end
 
+-- A tensor of the given shape and dtype from a flat list of values
+-- (0-dimensional and empty shapes included).
+function H.tensor_of(vals, shape, dtype)
+  if H.numel(shape) == 0 then return keel.zeros(shape, {dtype = dtype}) end
+  if #shape == 0 then return keel.tensor(vals[1], {dtype = dtype}) end
+  return keel.tensor(vals, {dtype = dtype}):reshape(shape)
+end
+
 -- What a Lua chunk (source text) writes to stdout when the keel executable
 -- ($KEEL_BIN) runs it, once per environment prefix of envs (e.g.
 -- "OPENBLAS_NUM_THREADS=1 "): a list of outputs in that order, or nil when

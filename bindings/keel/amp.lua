@@ -109,10 +109,8 @@ function amp.autocast(spec, fn, ...)
   local prev = enabled and core.set_float32_matmul_precision(dtype) or core.get_float32_matmul_precision()
   local scope = setmetatable({dtype = dtype, enabled = enabled, _prev = prev, _open = true}, Autocast)
   if fn == nil then return scope end
-  local res = table.pack(pcall(fn, ...))
-  scope:exit()
-  if not res[1] then error(res[2], 0) end
-  return table.unpack(res, 2, res.n)
+  local s <close> = scope
+  return fn(...)
 end
 
 local READY, UNSCALED, STEPPED = "ready", "unscaled", "stepped"

@@ -120,7 +120,7 @@ static void test_basics(void) {
 }
 
 static void test_creation(void) {
-  counter c = {0, 0, 0, 0, 0};
+  counter c = {0};
   keel_ctx *ctx = NULL;
   keel_tensor *z = NULL, *o = NULL, *a = NULL, *e = NULL;
   int64_t shape[2] = {2, 3};
@@ -171,7 +171,7 @@ static void test_creation(void) {
 
 /* loss = sum(x @ w): d/dw = x^T @ ones, d/dx = ones @ w^T */
 static void test_matmul_backward(void) {
-  counter c = {0, 0, 0, 0, 0};
+  counter c = {0};
   keel_ctx *ctx = NULL;
   keel_tensor *x, *w, *y = NULL, *loss = NULL, *gw, *gx;
   int64_t xs[2] = {2, 3}, ws[2] = {3, 2};
@@ -239,7 +239,7 @@ static void test_matmul_backward(void) {
 }
 
 static void test_errors(void) {
-  counter c = {0, 0, 0, 0, 0};
+  counter c = {0};
   keel_ctx *ctx = NULL;
   keel_tensor *a = NULL, *b = NULL, *out = NULL;
   int64_t as[2] = {64, 784}, bs[2] = {128, 10};
@@ -387,7 +387,7 @@ static keel_status scale_hook(keel_ctx *ctx, void *ud, keel_tensor *grad, keel_t
 static void free_state(void *ud) { ((hook_state *)ud)->freed++; }
 
 static void test_hooks(void) {
-  counter c = {0, 0, 0, 0, 0};
+  counter c = {0};
   keel_ctx *ctx = NULL;
   keel_tensor *x, *y = NULL, *loss = NULL;
   int64_t s[1] = {3};
@@ -454,7 +454,7 @@ static void test_hooks(void) {
 /* Freeing the context before the tensors: the tensors stay usable and the
 ** memory goes back when the last one is released. */
 static void test_ctx_outlived(void) {
-  counter c = {0, 0, 0, 0, 0};
+  counter c = {0};
   keel_ctx *ctx = NULL;
   keel_tensor *t = NULL;
   int64_t s[1] = {1000};
@@ -474,7 +474,7 @@ static void test_ctx_outlived(void) {
 
 /* Allocation failure is a status, never a crash. */
 static void test_nomem(void) {
-  counter c = {0, 0, 0, 0, 0};
+  counter c = {0};
   keel_ctx *ctx = NULL;
   keel_tensor *t = (keel_tensor *)0x1;
   int64_t s[2] = {256, 256};
@@ -506,7 +506,7 @@ static void test_matmul_precision(void) {
   va[0] = 1.0001;
   va[65] = 70000;
   for (int n = 1; n < 60 && !worked; n++) {
-    counter c = {0, 0, 0, 0, 0};
+    counter c = {0};
     keel_ctx *ctx = NULL;
     keel_tensor *a, *b, *out = NULL;
     keel_status st;
@@ -716,7 +716,7 @@ static void test_optim_deferred_cpu(void) {
 /* prepare then cancel: parameters, state, counters, step counts and the
 ** adaptive clip state are byte for byte as before (cancelled + 1). */
 static void test_optim_cancel(void) {
-  counter cnt = {0, 0, 0, 0, 0};
+  counter cnt = {0};
   keel_ctx *ctx = NULL;
   keel_optim *o = NULL;
   keel_optim_hparams h;
