@@ -226,6 +226,12 @@ describe("fused attention arguments", function()
       "scaled_dot_product_attention: bias %(attn_mask%) has shape %[4,3%], expected one that broadcasts to %[2,3,3%]")
     err(function() F._sdpa(q, q, q, nil, false, 1, 2) end,
       "scaled_dot_product_attention: dropout_p must be in %[0, 1%], got 2")
+    err(function() F._sdpa(keel.zeros({4}), q, q, nil, false, 1, 0) end,
+      "scaled_dot_product_attention: query has shape %[4%], expected at least 2 dimensions")
+    err(function() F._sdpa(q, q, q, keel.zeros({3, 3}, { dtype = "int64" }), false, 1, 0) end,
+      "scaled_dot_product_attention: bias %(attn_mask%) has dtype int64, expected a float dtype")
+    err(function() sdpa(q, q, q, { scale = math.huge }) end,
+      "scaled_dot_product_attention: scale must be finite, got inf")
   end)
 end)
 

@@ -93,6 +93,14 @@ describe("fused attention on CUDA agrees with the CPU", function()
     end)
   end
 
+  gpu_it("inputs on two devices: an error naming the argument and both devices", function()
+    local q = keel.zeros({2, 3, 4})
+    H.assert_error_match(function() F._sdpa(q:cuda(), q, q, nil, false, 1, 0) end,
+      "scaled_dot_product_attention: key is on cpu, the query on cuda; expected one device")
+    H.assert_error_match(function() F._sdpa(q, q, q, keel.zeros({3, 3}):cuda(), false, 1, 0) end,
+      "scaled_dot_product_attention: bias %(attn_mask%) is on cuda, the query on cpu; expected one device")
+  end)
+
   gpu_it("above the head size limit: the composed fallback, still on the device", function()
     D.check(sdpa({is_causal = true}), {inp({2, 5, 260}, "float32", 1), inp({2, 7, 260}, "float32", 2),
                                       inp({2, 7, 3}, "float32", 3)}, {tol = TOL.float32})
