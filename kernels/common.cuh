@@ -319,26 +319,33 @@ __device__ __forceinline__ void kc_offsets_sel(const kc_geom &g, bool small, int
 /* }====================================================================== */
 
 /* {======================================================================
-** Reductions within a warp and a block (blockDim.x a multiple of 32, at
-** most 1024; every thread of the block calls them).
+** Reductions within groups of G lanes of a warp (G a power of two, at
+** most 32; 32 by default: the whole warp) and within a block (blockDim.x
+** a multiple of 32, at most 1024). Every lane of the warp (every thread
+** of the block) calls them, and every lane gets the result. The order is
+** fixed: a butterfly over lane distances G/2, G/4, .. 1, then (block) the
+** warps' results in warp order, so a result never depends on timing.
 ** ======================================================================= */
 
-template <typename T>
+template <int G = 32, typename T>
 __device__ __forceinline__ T kc_warp_sum(T v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  static_assert(G >= 1 && G <= 32 && (G & (G - 1)) == 0, "lane group: a power of two up to 32");
+  for (int o = G / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
-template <typename T>
+template <int G = 32, typename T>
 __device__ __forceinline__ T kc_warp_max(T v) {
-  for (int o = 16; o > 0; o >>= 1) {
+  static_assert(G >= 1 && G <= 32 && (G & (G - 1)) == 0, "lane group: a power of two up to 32");
+  for (int o = G / 2; o > 0; o >>= 1) {
     T w = __shfl_xor_sync(0xffffffffu, v, o);
     v = w > v ? w : v;
   }
   return v;
 }
-template <typename T>
+template <int G = 32, typename T>
 __device__ __forceinline__ T kc_warp_min(T v) {
-  for (int o = 16; o > 0; o >>= 1) {
+  static_assert(G >= 1 && G <= 32 && (G & (G - 1)) == 0, "lane group: a power of two up to 32");
+  for (int o = G / 2; o > 0; o >>= 1) {
     T w = __shfl_xor_sync(0xffffffffu, v, o);
     v = w < v ? w : v;
   }
@@ -368,6 +375,19 @@ __device__ __forceinline__ T kc_block_max(T v, T *buf, T lowest) {
   return kc_warp_max(v);
 }
 
+/* Kernels templated on their lane-group width: G lanes (kc_warp_*), or
+** G == 0 the whole block (kc_block_*, through buf). */
+template <int G, typename T>
+__device__ __forceinline__ T kc_group_sum(T v, T *buf) {
+  if constexpr (G == 0) return kc_block_sum(v, buf);
+  else return kc_warp_sum<G>(v);
+}
+template <int G, typename T>
+__device__ __forceinline__ T kc_group_max(T v, T *buf, T lowest) {
+  if constexpr (G == 0) return kc_block_max(v, buf, lowest);
+  else return kc_warp_max<G>(v);
+}
+
 /* }====================================================================== */
 
 /* {======================================================================
@@ -379,6 +399,17 @@ __device__ __forceinline__ T kc_block_max(T v, T *buf, T lowest) {
 ** pass adds the S partials of a channel in slice order: deterministic, no
 ** atomics, and S == 1 (enough channels) is the one-block-per-channel
 ** kernel as it was.
+**
+** Runs of one (L == 1: [N, C] inputs, 1x1 maps) would have a block's
+** threads read one channel's elements C apart, a separate memory
+** transaction each. There the block is 2-D ("columns"): threadIdx.x
+** takes one of blockDim.x neighbouring channels (a power of two up to a
+** warp), threadIdx.y walks the rows, so a warp reads 32 neighbouring
+** addresses of a row, and a block serves blockDim.x channels (a "unit").
+** Otherwise a unit is one channel and the block is 1-D. Kernels loop
+** over units (kc_chan_units, kc_chan_at), visit (kc_chan_visit), sum
+** (kc_chan_sum) and let kc_chan_lead write; a thread whose channel is
+** past C (the last unit of columns) visits nothing but still sums.
 ** ======================================================================= */
 
 /* The simulator's minimum is small, so the tests' modest sizes split. */
@@ -392,8 +423,9 @@ typedef struct kc_split {
   int64_t S, chunk;             /* slices, elements per slice (the last may be short) */
 } kc_split;
 
-/* Slices for C channels of n elements each, blocks of bd threads: enough
-** blocks for about 4 per SM, every thread still walking at least
+/* Slices for C independent sums (channels, units, a reduction's output
+** tiles) of n elements each, each sum walked by bd threads of a block:
+** enough blocks for about 4 per SM, every thread still walking at least
 ** KC_SPLIT_MIN elements of its slice. */
 static inline kc_split kc_chan_split(const kc_state *s, int64_t C, int64_t n, int bd) {
   int64_t target = (int64_t)(s->sm_count > 0 ? s->sm_count : 1) * 4, most = n / ((int64_t)bd * KC_SPLIT_MIN);
@@ -407,23 +439,83 @@ static inline kc_split kc_chan_split(const kc_state *s, int64_t C, int64_t n, in
   return p;
 }
 
-/* f(offset) for this block's threads over elements [j0, j1) of channel c
+/* The block for per-channel sums of C channels, bd threads: columns
+** (cols: L == 1) take the fewest neighbouring channels, a power of two up
+** to 32, that hold C (so few channels leave few lanes idle). */
+static inline dim3 kc_chan_block(bool cols, int64_t C, int bd) {
+  unsigned bx = 1;
+  if (!cols) return dim3((unsigned)bd);
+  while (bx < 32 && (int64_t)bx < C) bx <<= 1;
+  return dim3(bx, (unsigned)bd / bx);
+}
+/* Units of C channels under block b (host side; kc_chan_units on the device). */
+static inline int64_t kc_chan_units_of(bool cols, int64_t C, dim3 b) {
+  return cols ? (C + b.x - 1) / b.x : C;
+}
+/* Threads of block b that walk one channel's elements (kc_chan_split's bd). */
+static inline int kc_chan_team(bool cols, dim3 b) { return (int)(cols ? b.y : b.x); }
+
+__device__ __forceinline__ int64_t kc_chan_units(bool cols, int64_t C) {
+  return cols ? (C + blockDim.x - 1) / blockDim.x : C;
+}
+/* This thread's channel in unit u (may be >= C with columns). */
+__device__ __forceinline__ int64_t kc_chan_at(bool cols, int64_t u) {
+  return cols ? u * blockDim.x + threadIdx.x : u;
+}
+/* The thread that writes its channel's result. */
+__device__ __forceinline__ bool kc_chan_lead(bool cols) { return (cols ? threadIdx.y : threadIdx.x) == 0; }
+
+/* Columns: the sum over the threads of the block that share threadIdx.x,
+** to each of them. In order: a butterfly within each warp over the lane
+** distances 16, 8, .. blockDim.x (which keep the channel), then the
+** warps' results in warp order. buf: __shared__ T of one per thread. */
+template <typename T>
+__device__ __forceinline__ T kc_col_sum(T v, T *buf) {
+  int bx = blockDim.x, t = threadIdx.y * bx + threadIdx.x, lane = t & 31, nw = (bx * blockDim.y + 31) >> 5;
+  for (int o = 16; o >= bx; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();              /* buf may still be read by a previous call */
+  if (lane < bx) buf[(t >> 5) * bx + lane] = v;
+  __syncthreads();
+  v = 0;
+  for (int w = 0; w < nw; w++) v += buf[w * bx + (int)threadIdx.x];
+  return v;
+}
+/* A channel's sum to its threads: kc_col_sum or kc_block_sum (buf: one
+** T per thread of the block). */
+template <typename T>
+__device__ __forceinline__ T kc_chan_sum(bool cols, T v, T *buf) {
+  return cols ? kc_col_sum(v, buf) : kc_block_sum(v, buf);
+}
+
+/* f(offset) for this thread's share of elements [j0, j1) of channel c
 ** (element j = n*L + l lies at n*C*L + c*L + l). Runs at least a block
-** long go row by row (coalesced, no division per element). */
+** long go row by row (coalesced); shorter ones step through n and l by
+** the block size's quotient and remainder (no division per element);
+** runs of one are columns (threadIdx.y walks the rows). */
 template <typename F>
 __device__ __forceinline__ void kc_chan_visit(int64_t C, int64_t L, int64_t c, int64_t j0, int64_t j1, F &f) {
   int64_t tid = threadIdx.x, bd = blockDim.x, CL = C * L;
-  if (L >= bd) {
+  if (L == 1) {
+    if (c < C)
+      for (int64_t j = j0 + threadIdx.y; j < j1; j += blockDim.y) f(j * C + c);
+  } else if (L >= bd) {
     for (int64_t n = j0 / L; n * L < j1; n++) {
       int64_t r0 = n * L, lo = j0 > r0 ? j0 - r0 : 0, hi = j1 - r0 < L ? j1 - r0 : L, base = n * CL + c * L;
       for (int64_t l = lo + tid; l < hi; l += bd) f(base + l);
     }
-  } else if (L == 1) {
-    for (int64_t j = j0 + tid; j < j1; j += bd) f(j * CL + c);
-  } else {
-    for (int64_t j = j0 + tid; j < j1; j += bd) {
-      int64_t n = j / L;
-      f(n * CL + c * L + (j - n * L));
+  } else if (j0 + tid < j1) {
+    /* bd = q L + r: each step moves q runs and r elements (carry one run
+    ** when l passes L); off tracks n*CL + c*L + l */
+    int64_t j = j0 + tid, n = j / L, l = j - n * L, q = bd / L, r = bd - q * L;
+    int64_t off = n * CL + c * L + l, step = q * CL + r, carry = CL - L;
+    for (; j < j1; j += bd) {
+      f(off);
+      off += step;
+      l += r;
+      if (l >= L) {
+        l -= L;
+        off += carry;
+      }
     }
   }
 }

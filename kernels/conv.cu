@@ -162,22 +162,26 @@ __global__ void transpose_kernel(T *dst, const T *src, int64_t nb, int64_t R, in
 }
 
 /* gb[o] = sum of gout[n, o, :] over images and pixels, in double: a block
-** per (channel, slice of its n*P elements) (common.cuh kc_chan_split).
-** One slice writes gb; more write partials, which bias_grad_finish adds
-** in slice order. */
+** per (unit of channels, slice of its n*P elements) (common.cuh
+** kc_chan_split; 1x1 maps take the column block, kc_chan_block). One
+** slice writes gb; more write partials, which bias_grad_finish adds in
+** slice order. */
 template <typename T>
 __global__ void bias_grad_kernel(T *gb, double *part, const T *gout, int64_t n, int64_t oc, int64_t P,
                                  kc_split sp) {
-  __shared__ double buf[32];
+  __shared__ double buf[KC_THREADS];
+  bool cols = P == 1;
+  int64_t units = kc_chan_units(cols, oc);
   for (int64_t sl = blockIdx.y; sl < sp.S; sl += gridDim.y) {
     int64_t j0, j1;
     kc_split_range(sp, sl, n * P, &j0, &j1);
-    for (int64_t o = blockIdx.x; o < oc; o += gridDim.x) {
+    for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+      int64_t o = kc_chan_at(cols, u);
       double s = 0;
       auto add = [&](int64_t i) { s += (double)gout[i]; };
       kc_chan_visit(oc, P, o, j0, j1, add);
-      s = kc_block_sum(s, buf);
-      if (threadIdx.x == 0) {
+      s = kc_chan_sum(cols, s, buf);
+      if (kc_chan_lead(cols) && o < oc) {
         if (sp.S == 1) gb[o] = (T)s;
         else part[sl * oc + o] = s;
       }
@@ -347,11 +351,14 @@ static int conv_bwd(kc_state *s, const kc_win2d *g, const T *gout, const T *x, c
   if (gb && g->oc > 0) {
     /* few channels over many images: slices (the scratch is free again
     ** once bias_grad_finish has run, before the columns reuse it) */
-    kc_split sp = kc_chan_split(s, g->oc, g->n * P, KC_THREADS);
+    bool cols = P == 1;
+    dim3 block = kc_chan_block(cols, g->oc, KC_THREADS);
+    int64_t units = kc_chan_units_of(cols, g->oc, block);
+    kc_split sp = kc_chan_split(s, units, g->n * P, kc_chan_team(cols, block));
     double *part = NULL;
     if (sp.S > 1 && (st = kc_scratch(s, sizeof(double) * (size_t)(sp.S * g->oc), (void **)&part))) return st;
-    dim3 grid(kc_grid_x(g->oc), (unsigned)sp.S);
-    KC_LAUNCH(grid, KC_THREADS, 0, s->stream, bias_grad_kernel<T>)(gb, part, gout, g->n, g->oc, P, sp);
+    dim3 grid(kc_grid_x(units), (unsigned)sp.S);
+    KC_LAUNCH(grid, block, 0, s->stream, bias_grad_kernel<T>)(gb, part, gout, g->n, g->oc, P, sp);
     if ((st = KC_LAUNCHED())) return st;
     if (sp.S > 1) {
       KC_LAUNCH(kc_blocks(g->oc), KC_THREADS, 0, s->stream, bias_grad_finish<T>)(gb, part, g->oc, sp.S);

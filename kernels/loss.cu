@@ -332,29 +332,6 @@ struct cl_args {
   int logits, probs, red;
 };
 
-/* Group of L lanes (L = 0: the whole block): sum to every lane. */
-template <int L, typename T>
-__device__ __forceinline__ T cl_sum(T v, T *buf) {
-  if constexpr (L == 0) {
-    return kc_block_sum(v, buf);
-  } else {
-    for (int o = L / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-  }
-}
-template <int L, typename T>
-__device__ __forceinline__ T cl_max(T v, T *buf) {
-  if constexpr (L == 0) {
-    return kc_block_max(v, buf, (T)-INFINITY);
-  } else {
-    for (int o = L / 2; o > 0; o >>= 1) {
-      T w = __shfl_xor_sync(0xffffffffu, v, o);
-      v = w > v ? w : v;
-    }
-    return v;
-  }
-}
-
 /* Where sample smp's classes start. */
 template <typename T>
 __device__ __forceinline__ int64_t cl_base(const cl_args<T> &q, int64_t smp) {
@@ -392,7 +369,7 @@ __global__ void cl_forward(cl_args<T> q, T *out, double *lse, double *parts) {
         T v = x[k * inner];
         if (v > m) m = v;
       }
-      m = cl_max<L>(m, bt);
+      m = kc_group_max<L>(m, bt, (T)-INFINITY);
       for (int64_t k = lane; k < nc; k += G) {
         T v = x[k * inner];
         double wk = q.w ? (double)q.w[k] : 1;
@@ -406,13 +383,13 @@ __global__ void cl_forward(cl_args<T> q, T *out, double *lse, double *parts) {
           sw += wk;
         }
       }
-      sx = cl_sum<L>(sx, bt);
+      sx = kc_group_sum<L>(sx, bt);
       if (q.probs) {
-        a1 = cl_sum<L>(a1, bd);
-        a2 = cl_sum<L>(a2, bd);
+        a1 = kc_group_sum<L>(a1, bd);
+        a2 = kc_group_sum<L>(a2, bd);
       } else if (q.e > 0) {
-        a1 = cl_sum<L>(a1, bd);
-        sw = cl_sum<L>(sw, bd);
+        a1 = kc_group_sum<L>(a1, bd);
+        sw = kc_group_sum<L>(sw, bd);
       }
       /* a +inf max counts its copies: one is a finite sum, more are NaN */
       if (m == (T)INFINITY && sx != (T)1) sx = (T)NAN;
@@ -469,7 +446,7 @@ __global__ void cl_backward(cl_args<T> q, T *gx, T *gt, const T *g, const double
       double swt = 0;
       for (int64_t k = lane; k < nc; k += G)
         swt += (q.w ? (double)q.w[k] : 1) * ((1 - e) * (double)q.tp[base + k * inner] + eC);
-      swt = cl_sum<L>(swt, bd);
+      swt = kc_group_sum<L>(swt, bd);
       for (int64_t k = lane; k < nc; k += G) {
         int64_t at = k * inner;
         double wk = q.w ? (double)q.w[k] : 1, lp = (double)x[at] - z;

@@ -7,7 +7,10 @@
 ** (mean/rstd [N*groups]: the elements of one are a contiguous run of
 ** C/groups*L) or per channel when groups == 0 (batch norm: N runs of L).
 ** One block owns one statistic and does all its passes, in double, the
-** CPU's way: mean first, then squared deviations (no cancellation). Few
+** CPU's way: mean first, then squared deviations (no cancellation); batch
+** norm over runs of one ([N, C] inputs) takes common.cuh's column block,
+** a block serving up to 32 neighbouring channels, so a warp's loads are
+** neighbours in memory. Few
 ** statistics over long runs (batch norm with few channels, layer/group
 ** norm with few samples) split each over blocks instead (kc_chan_split),
 ** with ordered second passes.
@@ -49,10 +52,14 @@ static nshape shape_of(const kc_view *x, int64_t groups) {
 
 /* Elements behind each statistic: a run of C/groups*L, or N runs of L. */
 __host__ __device__ __forceinline__ int64_t stat_len(const nshape &g) { return g.groups ? g.Cg * g.L : g.N * g.L; }
+/* Batch norm over runs of one: per-channel sums in columns (common.cuh). */
+__host__ __device__ __forceinline__ bool is_cols(const nshape &g) { return !g.groups && g.L == 1; }
 
 /* Calls f(offset in x, channel) for this thread's share of elements
 ** [j0, j1) of statistic s (group: its run in order; batch norm: n-major,
-** kc_chan_visit). Runs of a block or more go row by row (no division). */
+** kc_chan_visit, nothing for a column thread past the last channel).
+** Runs of a block or more go row by row, shorter ones step the channel by
+** the block size's quotient and remainder: no division per element. */
 template <typename F>
 __device__ __forceinline__ void visit(const nshape &g, int64_t s, int64_t j0, int64_t j1, F &f) {
   int64_t tid = threadIdx.x, bd = blockDim.x;
@@ -65,8 +72,17 @@ __device__ __forceinline__ void visit(const nshape &g, int64_t s, int64_t j0, in
         int64_t r0 = k * g.L, lo = j0 > r0 ? j0 - r0 : 0, hi = j1 - r0 < g.L ? j1 - r0 : g.L;
         for (int64_t l = lo + tid; l < hi; l += bd) f(o + r0 + l, c0 + k);
       }
-    } else {
-      for (int64_t j = j0 + tid; j < j1; j += bd) f(o + j, c0 + j / g.L);
+    } else if (j0 + tid < j1) {
+      int64_t j = j0 + tid, k = j / g.L, l = j - k * g.L, q = bd / g.L, r = bd - q * g.L;
+      for (; j < j1; j += bd) {
+        f(o + j, c0 + k);
+        k += q;
+        l += r;
+        if (l >= g.L) {
+          l -= g.L;
+          k++;
+        }
+      }
     }
   } else {
     auto h = [&](int64_t i) { f(i, s); };
@@ -85,19 +101,24 @@ __device__ __forceinline__ double ld(const T *p, int64_t i, double dflt) { retur
 ** Statistics and forward
 ** ======================================================================= */
 
+/* Blocks loop over units (common.cuh): a statistic, or with columns up to
+** blockDim.x neighbouring channels; s may then be past the last one. */
 template <typename T>
 __global__ void stats_kernel(nshape g, T *mean, T *rstd, T *var, const T *x, double eps) {
-  __shared__ double buf[32];
-  for (int64_t s = blockIdx.x; s < g.S; s += gridDim.x) {
+  __shared__ double buf[NT];
+  bool cols = is_cols(g);
+  int64_t units = kc_chan_units(cols, g.S);
+  for (int64_t un = blockIdx.x; un < units; un += gridDim.x) {
+    int64_t s = kc_chan_at(cols, un);
     double acc = 0, mu, v;
     auto sum = [&](int64_t i, int64_t) { acc += (double)x[i]; };
     visit(g, s, 0, stat_len(g), sum);
-    mu = kc_block_sum(acc, buf) / g.m;
+    mu = kc_chan_sum(cols, acc, buf) / g.m;
     acc = 0;
     auto dev = [&](int64_t i, int64_t) { double d = (double)x[i] - mu; acc += d * d; };
     visit(g, s, 0, stat_len(g), dev);
-    v = kc_block_sum(acc, buf) / g.m;              /* biased variance */
-    if (threadIdx.x == 0) {
+    v = kc_chan_sum(cols, acc, buf) / g.m;         /* biased variance */
+    if (kc_chan_lead(cols) && s < g.S) {
       mean[s] = (T)mu;
       rstd[s] = (T)(1.0 / sqrt(v + eps));
       if (var) var[s] = (T)v;
@@ -123,19 +144,23 @@ __device__ __forceinline__ double split_mean(const nshape &g, const double *sums
 /* sums NULL: pass 1 (sum x); else pass 2 (sum (x - mean)^2). */
 template <typename T>
 __global__ void split_stats_part(nshape g, kc_split sp, double *part, const double *sums, const T *x) {
-  __shared__ double buf[32];
+  __shared__ double buf[NT];
+  bool cols = is_cols(g);
+  int64_t units = kc_chan_units(cols, g.S);
   for (int64_t sl = blockIdx.y; sl < sp.S; sl += gridDim.y) {
     int64_t j0, j1;
     kc_split_range(sp, sl, stat_len(g), &j0, &j1);
-    for (int64_t s = blockIdx.x; s < g.S; s += gridDim.x) {
-      double acc = 0, mu = sums ? split_mean(g, sums, sp.S, s) : 0.0;
+    for (int64_t un = blockIdx.x; un < units; un += gridDim.x) {
+      int64_t s = kc_chan_at(cols, un);
+      bool live = s < g.S;
+      double acc = 0, mu = sums && live ? split_mean(g, sums, sp.S, s) : 0.0;
       auto add = [&](int64_t i, int64_t) {
         double d = (double)x[i] - mu;
         acc += sums ? d * d : d;
       };
       visit(g, s, j0, j1, add);
-      acc = kc_block_sum(acc, buf);
-      if (threadIdx.x == 0) part[sl * g.S + s] = acc;
+      acc = kc_chan_sum(cols, acc, buf);
+      if (kc_chan_lead(cols) && live) part[sl * g.S + s] = acc;
     }
   }
 }
@@ -153,20 +178,22 @@ __global__ void split_stats_finish(nshape g, kc_split sp, const double *sums, co
   }
 }
 
-/* y = (x - mean) rstd w + b over [N, C*L]: blockIdx.y walks n, so the
-** statistic costs no division; the channel one when L > 1, in I
-** (uint32_t when kc_index32 of C*L allows). */
+/* y = (x - mean) rstd w + b over [N, C*L]: threadIdx.x and blockIdx.x
+** walk a row, threadIdx.y and blockIdx.y walk n (rows shorter than a
+** block share it: forward_t's block is blockDim.x = C*L rounded up to a
+** power of two, rows of them). The channel of element j and the group of
+** channel c divide in I (uint32_t when kc_index32 of C*L allows). */
 template <typename T, typename I>
 __global__ void forward_kernel(nshape g, T *y, const T *x, const T *mean, const T *rstd, const T *w,
                                const T *b) {
   int64_t CL = g.C * g.L;
-  I L = (I)g.L;
-  for (int64_t n = blockIdx.y; n < g.N; n += gridDim.y) {
+  I L = (I)g.L, Cg = (I)g.Cg;
+  for (int64_t n = blockIdx.y * (int64_t)blockDim.y + threadIdx.y; n < g.N; n += (int64_t)gridDim.y * blockDim.y) {
     const T *xr = x + n * CL;
     T *yr = y + n * CL;
-    KC_GRID_LOOP(j, CL) {
-      int64_t c = g.L == 1 ? j : (int64_t)((I)j / L);
-      int64_t s = g.groups ? n * g.groups + c / g.Cg : c;
+    for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < CL; j += (int64_t)gridDim.x * blockDim.x) {
+      I c = g.L == 1 ? (I)j : (I)j / L;
+      int64_t s = g.groups ? n * g.groups + (int64_t)(c / Cg) : (int64_t)c;
       double u = ld(mean, s, 0.0), rs = ld(rstd, s, 1.0);
       yr[j] = (T)(((double)xr[j] - u) * rs * ld(w, c, 1.0) + ld(b, c, 0.0));
     }
@@ -185,9 +212,13 @@ __global__ void forward_kernel(nshape g, T *y, const T *x, const T *mean, const 
 template <typename T>
 __global__ void backward_kernel(nshape g, T *gx, T *gw, T *gb, const T *gy, const T *x, const T *mean,
                                 const T *rstd, const T *w, int stats_of_x) {
-  __shared__ double buf[32];
-  for (int64_t s = blockIdx.x; s < g.S; s += gridDim.x) {
-    double u = ld(mean, s, 0.0), rs = ld(rstd, s, 1.0), a = 0, b = 0, A, B;
+  __shared__ double buf[NT];
+  bool cols = is_cols(g);
+  int64_t units = kc_chan_units(cols, g.S);
+  for (int64_t un = blockIdx.x; un < units; un += gridDim.x) {
+    int64_t s = kc_chan_at(cols, un);
+    bool live = s < g.S;
+    double u = live ? ld(mean, s, 0.0) : 0.0, rs = live ? ld(rstd, s, 1.0) : 1.0, a = 0, b = 0, A, B;
     /* batch norm: w is one value, sum dy and dy xhat (also dw, db);
     ** groups: dy w and dy w xhat */
     auto pass1 = [&](int64_t i, int64_t c) {
@@ -197,11 +228,12 @@ __global__ void backward_kernel(nshape g, T *gx, T *gw, T *gb, const T *gy, cons
     };
     if (stats_of_x || (!g.groups && (gw || gb))) {
       visit(g, s, 0, stat_len(g), pass1);
-      a = kc_block_sum(a, buf);
-      b = kc_block_sum(b, buf);
+      a = kc_chan_sum(cols, a, buf);
+      b = kc_chan_sum(cols, b, buf);
     }
+    if (!live) continue;        /* a column past the last channel: its sums are done */
     if (!g.groups) {
-      if (threadIdx.x == 0) {
+      if (kc_chan_lead(cols)) {
         if (gw) gw[s] = (T)b;
         if (gb) gb[s] = (T)a;
       }
@@ -231,21 +263,25 @@ __global__ void backward_kernel(nshape g, T *gx, T *gw, T *gb, const T *gy, cons
 template <typename T>
 __global__ void split_back_part(nshape g, kc_split sp, dpair *part, const T *gy, const T *x, const T *mean,
                                 const T *rstd, const T *w) {
-  __shared__ double buf[32];
+  __shared__ double buf[NT];
+  bool cols = is_cols(g);
+  int64_t units = kc_chan_units(cols, g.S);
   for (int64_t sl = blockIdx.y; sl < sp.S; sl += gridDim.y) {
     int64_t j0, j1;
     kc_split_range(sp, sl, stat_len(g), &j0, &j1);
-    for (int64_t s = blockIdx.x; s < g.S; s += gridDim.x) {
-      double u = ld(mean, s, 0.0), rs = ld(rstd, s, 1.0), a = 0, b = 0;
+    for (int64_t un = blockIdx.x; un < units; un += gridDim.x) {
+      int64_t s = kc_chan_at(cols, un);
+      bool live = s < g.S;
+      double u = live ? ld(mean, s, 0.0) : 0.0, rs = live ? ld(rstd, s, 1.0) : 1.0, a = 0, b = 0;
       auto add = [&](int64_t i, int64_t c) {
         double dy = (double)gy[i] * (g.groups ? ld(w, c, 1.0) : 1.0);
         a += dy;
         b += dy * (((double)x[i] - u) * rs);
       };
       visit(g, s, j0, j1, add);
-      a = kc_block_sum(a, buf);
-      b = kc_block_sum(b, buf);
-      if (threadIdx.x == 0) part[sl * g.S + s] = dpair{a, b};
+      a = kc_chan_sum(cols, a, buf);
+      b = kc_chan_sum(cols, b, buf);
+      if (kc_chan_lead(cols) && live) part[sl * g.S + s] = dpair{a, b};
     }
   }
 }
@@ -254,10 +290,14 @@ __global__ void split_back_part(nshape g, kc_split sp, dpair *part, const T *gy,
 template <typename T>
 __global__ void split_back_apply(nshape g, kc_split sp, const dpair *part, T *gx, T *gw, T *gb, const T *gy,
                                  const T *x, const T *mean, const T *rstd, const T *w, int stats_of_x) {
+  bool cols = is_cols(g);
+  int64_t units = kc_chan_units(cols, g.S);
   for (int64_t sl = blockIdx.y; sl < sp.S; sl += gridDim.y) {
     int64_t j0, j1;
     kc_split_range(sp, sl, stat_len(g), &j0, &j1);
-    for (int64_t s = blockIdx.x; s < g.S; s += gridDim.x) {
+    for (int64_t un = blockIdx.x; un < units; un += gridDim.x) {
+      int64_t s = kc_chan_at(cols, un);
+      if (s >= g.S) continue;   /* no barrier below: a column past the last channel may leave */
       double a = 0, b = 0, ws = g.groups ? 1.0 : ld(w, s, 1.0);
       if (part)
         for (int64_t k = 0; k < sp.S; k++) {
@@ -265,7 +305,7 @@ __global__ void split_back_apply(nshape g, kc_split sp, const dpair *part, T *gx
           a += v.x;
           b += v.y;
         }
-      if (!g.groups && sl == 0 && threadIdx.x == 0) {
+      if (!g.groups && sl == 0 && kc_chan_lead(cols)) {
         if (gw) gw[s] = (T)b;
         if (gb) gb[s] = (T)a;
       }
@@ -360,22 +400,26 @@ static int check_x(const kc_view *x, int64_t groups) {
 template <typename T>
 static int stats_t(kc_state *s, const nshape &g, const kc_view *mean, const kc_view *rstd, const kc_view *var,
                    const kc_view *x, double eps) {
-  kc_split sp = kc_chan_split(s, g.S, stat_len(g), NT);
+  bool cols = is_cols(g);
+  dim3 block = kc_chan_block(cols, g.S, NT);
+  int64_t units = kc_chan_units_of(cols, g.S, block);
+  kc_split sp = kc_chan_split(s, units, stat_len(g), kc_chan_team(cols, block));
   if (sp.S > 1) {   /* few statistics: slices */
-    dim3 grid(kc_grid_x(g.S), (unsigned)sp.S);
+    dim3 grid(kc_grid_x(units), (unsigned)sp.S);
     double *sums;
     int e;
     if ((e = kc_scratch(s, 2 * sizeof(double) * (size_t)(sp.S * g.S), (void **)&sums))) return e;
-    KC_LAUNCH(grid, NT, 0, s->stream, split_stats_part<T>)(g, sp, sums, NULL, (const T *)x->data);
+    KC_LAUNCH(grid, block, 0, s->stream, split_stats_part<T>)(g, sp, sums, NULL, (const T *)x->data);
     if ((e = KC_LAUNCHED())) return e;
-    KC_LAUNCH(grid, NT, 0, s->stream, split_stats_part<T>)(g, sp, sums + sp.S * g.S, sums, (const T *)x->data);
+    KC_LAUNCH(grid, block, 0, s->stream, split_stats_part<T>)(g, sp, sums + sp.S * g.S, sums, (const T *)x->data);
     if ((e = KC_LAUNCHED())) return e;
     KC_LAUNCH(kc_blocks(g.S), KC_THREADS, 0, s->stream, split_stats_finish<T>)(
         g, sp, sums, sums + sp.S * g.S, (T *)mean->data, (T *)rstd->data, var ? (T *)var->data : NULL, eps);
     return KC_LAUNCHED();
   }
-  KC_LAUNCH(kc_grid_x(g.S), NT, 0, s->stream, stats_kernel<T>)(g, (T *)mean->data, (T *)rstd->data,
-                                                               var ? (T *)var->data : NULL, (const T *)x->data, eps);
+  KC_LAUNCH(kc_grid_x(units), block, 0, s->stream, stats_kernel<T>)(g, (T *)mean->data, (T *)rstd->data,
+                                                                    var ? (T *)var->data : NULL, (const T *)x->data,
+                                                                    eps);
   return KC_LAUNCHED();
 }
 
@@ -399,13 +443,18 @@ template <typename T>
 static int forward_t(kc_state *s, const nshape &g, const kc_view *y, const kc_view *x, const kc_view *mean,
                      const kc_view *rstd, const kc_view *w, const kc_view *b) {
   int64_t CL = g.C * g.L;
-  dim3 grid(kc_blocks(CL), kc_grid_yz(g.N));
+  unsigned bx = 1;
+  /* a row of C*L elements, rounded up to a power of two, across x; as
+  ** many rows as the block then holds across y (short rows of layer and
+  ** group norm would leave most of a block of one row idle) */
+  while (bx < NT && (int64_t)bx < CL) bx <<= 1;
+  dim3 block(bx, NT / bx), grid(kc_grid_x((CL + bx - 1) / bx), kc_grid_yz((g.N + NT / bx - 1) / (NT / bx)));
   if (kc_index32(CL))
-    KC_LAUNCH(grid, KC_THREADS, 0, s->stream, forward_kernel<T, uint32_t>)(
+    KC_LAUNCH(grid, block, 0, s->stream, forward_kernel<T, uint32_t>)(
         g, (T *)y->data, (const T *)x->data, DATA(const T, mean), DATA(const T, rstd), DATA(const T, w),
         DATA(const T, b));
   else
-    KC_LAUNCH(grid, KC_THREADS, 0, s->stream, forward_kernel<T, int64_t>)(
+    KC_LAUNCH(grid, block, 0, s->stream, forward_kernel<T, int64_t>)(
         g, (T *)y->data, (const T *)x->data, DATA(const T, mean), DATA(const T, rstd), DATA(const T, w),
         DATA(const T, b));
   return KC_LAUNCHED();
@@ -431,24 +480,27 @@ static int backward_t(kc_state *s, const nshape &g, const kc_view *gx, const kc_
                       const kc_view *gy, const kc_view *x, const kc_view *mean, const kc_view *rstd,
                       const kc_view *w, int stats_of_x) {
   int e;
-  kc_split sp = kc_chan_split(s, g.S, stat_len(g), NT);
+  bool cols = is_cols(g);
+  dim3 block = kc_chan_block(cols, g.S, NT);
+  int64_t units = kc_chan_units_of(cols, g.S, block);
+  kc_split sp = kc_chan_split(s, units, stat_len(g), kc_chan_team(cols, block));
   if (sp.S > 1 && (gx || !g.groups)) {   /* few statistics: slices */
-    dim3 grid(kc_grid_x(g.S), (unsigned)sp.S);
+    dim3 grid(kc_grid_x(units), (unsigned)sp.S);
     dpair *part = NULL;
     if (stats_of_x || (!g.groups && (gw || gb))) {
       if ((e = kc_scratch(s, sizeof(dpair) * (size_t)(sp.S * g.S), (void **)&part))) return e;
-      KC_LAUNCH(grid, NT, 0, s->stream, split_back_part<T>)(g, sp, part, (const T *)gy->data, (const T *)x->data,
+      KC_LAUNCH(grid, block, 0, s->stream, split_back_part<T>)(g, sp, part, (const T *)gy->data, (const T *)x->data,
                                                              DATA(const T, mean), DATA(const T, rstd),
                                                              DATA(const T, w));
       if ((e = KC_LAUNCHED())) return e;
     }
-    KC_LAUNCH(grid, NT, 0, s->stream, split_back_apply<T>)(g, sp, part, DATA(T, gx), g.groups ? NULL : DATA(T, gw),
+    KC_LAUNCH(grid, block, 0, s->stream, split_back_apply<T>)(g, sp, part, DATA(T, gx), g.groups ? NULL : DATA(T, gw),
                                                             g.groups ? NULL : DATA(T, gb), (const T *)gy->data,
                                                             (const T *)x->data, DATA(const T, mean),
                                                             DATA(const T, rstd), DATA(const T, w), stats_of_x);
     if ((e = KC_LAUNCHED())) return e;
   } else if (gx || !g.groups) {
-    KC_LAUNCH(kc_grid_x(g.S), NT, 0, s->stream, backward_kernel<T>)(
+    KC_LAUNCH(kc_grid_x(units), block, 0, s->stream, backward_kernel<T>)(
         g, DATA(T, gx), g.groups ? NULL : DATA(T, gw), g.groups ? NULL : DATA(T, gb), (const T *)gy->data,
         (const T *)x->data, DATA(const T, mean), DATA(const T, rstd), DATA(const T, w), stats_of_x);
     if ((e = KC_LAUNCHED())) return e;

@@ -268,25 +268,20 @@ template <typename T, int OP>
 static int launch(kc_state *s, rplan *P, const kc_view *out, const kc_view *idx, const kc_view *a) {
   int64_t along = P->inner ? P->R : P->M;       /* what threadIdx.x covers */
   int bx = 32, by, nl, ns;
-  int64_t tiles, target = (int64_t)(s->sm_count > 0 ? s->sm_count : 1) * 4, S = 1;
+  int64_t tiles;
   unsigned gx;
+  kc_split sp;
   racc *part = NULL;
   while (bx < RED_THREADS && bx < along) bx <<= 1;
   by = RED_THREADS / bx;
   nl = P->inner ? bx : by;
   ns = P->inner ? by : bx;
   tiles = (P->M + ns - 1) / ns;
-  /* too few tiles to fill the GPU: split the reduced range, each member
-  ** still walking at least 16 elements */
-  if (tiles < target) {
-    int64_t most = P->R / ((int64_t)nl * 16);
-    S = (target + tiles - 1) / tiles;
-    if (S > most) S = most;
-    if (S > 65535) S = 65535;
-    if (S < 1) S = 1;
-  }
-  P->chunk = S > 1 ? (P->R + S - 1) / S : (P->R > 0 ? P->R : 1);
-  P->S = S > 1 ? (P->R + P->chunk - 1) / P->chunk : 1;
+  /* too few tiles to fill the GPU: split the reduced range (tiles are
+  ** kc_chan_split's channels, a team of nl threads walks each output) */
+  sp = kc_chan_split(s, tiles, P->R, nl);
+  P->S = sp.S;
+  P->chunk = sp.chunk;
   if (P->S > 1) {
     int e = kc_scratch(s, sizeof(racc) * (size_t)(P->S * P->M), (void **)&part);
     if (e) return e;

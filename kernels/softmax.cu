@@ -32,22 +32,6 @@
 #define SM_ROW_THREADS 128      /* block size of the register kernels */
 #define SM_BLOCK_THREADS 512    /* block per row */
 
-/* Reductions over groups of L lanes (L a power of two, at most 32); every
-** lane of the warp calls them. */
-template <int L, typename T>
-__device__ __forceinline__ T sm_gsum(T v) {
-  for (int o = L / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-template <int L, typename T>
-__device__ __forceinline__ T sm_gmax(T v) {
-  for (int o = L / 2; o > 0; o >>= 1) {
-    T w = __shfl_xor_sync(0xffffffffu, v, o);
-    v = w > v ? w : v;
-  }
-  return v;
-}
-
 /* One term of s for x under max m (see the header). */
 template <typename T>
 __device__ __forceinline__ T sm_term(T x, T m) {
@@ -99,7 +83,7 @@ __global__ void sm_rows_reg(T *out, const T *a, int64_t rows, int n, int log_out
       v[k] = c < nr ? x[c] : (T)-INFINITY;
       if (v[k] > m) m = v[k];
     }
-    m = sm_gmax<L>(m);
+    m = kc_warp_max<L>(m);
 #pragma unroll
     for (int k = 0; k < K; k++) {
       if (log_out) s += sm_term(v[k], m);
@@ -108,7 +92,7 @@ __global__ void sm_rows_reg(T *out, const T *a, int64_t rows, int n, int log_out
         s += v[k];
       }
     }
-    s = sm_finish(log_out, m, sm_gsum<L>(s));
+    s = sm_finish(log_out, m, kc_warp_sum<L>(s));
     T *o = out + row * n;
     if (log_out) {
       T ls = kc_log(s);
@@ -191,7 +175,7 @@ __global__ void smb_rows_reg(T *gin, const T *gout, const T *y, int64_t rows, in
       yv[k] = c < nr ? yr[c] : (T)0;
       dot += log_out ? gv[k] : gv[k] * yv[k];
     }
-    dot = sm_gsum<L>(dot);
+    dot = kc_warp_sum<L>(dot);
     T *o = gin + row * n;
 #pragma unroll
     for (int k = 0; k < K; k++) {

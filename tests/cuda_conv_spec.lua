@@ -72,6 +72,10 @@ local CONV = {
   {"bias gradient split: 2 channels, 64 images", {64, 2, 10, 10}, {2, 2, 3, 3}, {padding = 1}, true},
   {"bias gradient split: 1 channel, maps past a block", {6, 1, 20, 20}, {1, 1, 3, 3}, {padding = 1}, true},
   {"1x1, chunks past the 32-bit index limit", {16, 8, 16, 16}, {8, 8, 1, 1}, {}, true},
+  -- 1x1 output maps: the bias gradient sums columns (kc_chan_block),
+  -- one and a half units of 32 channels whole, and 3 channels split
+  {"1x1 output maps, 40 channels: bias gradient in columns", {5, 3, 3, 3}, {40, 3, 3, 3}, {}, true},
+  {"1x1 output maps, 300 images: column bias gradient split", {300, 2, 2, 2}, {3, 2, 2, 2}, {}, true},
 }
 
 describe("cuda conv2d", function()
