@@ -392,7 +392,8 @@ __device__ __forceinline__ T kc_group_max(T v, T *buf, T lowest) {
 
 /* {======================================================================
 ** Per-channel sums over [N, C, L] (batch-norm statistics and backward,
-** conv bias gradients): channel c's N*L elements are N runs of L, C*L
+** conv bias gradients, the second pass of layer/group norm's weight
+** gradients): channel c's N*L elements are N runs of L, C*L
 ** apart. One block per channel leaves most of a GPU idle when channels
 ** are few and runs are long, so the N*L range splits into S slices of
 ** chunk elements (gridDim.y); each block writes a partial, and a second
@@ -409,7 +410,8 @@ __device__ __forceinline__ T kc_group_max(T v, T *buf, T lowest) {
 ** Otherwise a unit is one channel and the block is 1-D. Kernels loop
 ** over units (kc_chan_units, kc_chan_at), visit (kc_chan_visit), sum
 ** (kc_chan_sum) and let kc_chan_lead write; a thread whose channel is
-** past C (the last unit of columns) visits nothing but still sums.
+** past C (the last unit of columns) visits nothing but still sums. A
+** kernel that calls kc_chan_visit with L == 1 must run in columns.
 ** ======================================================================= */
 
 /* The simulator's minimum is small, so the tests' modest sizes split. */
@@ -439,14 +441,20 @@ static inline kc_split kc_chan_split(const kc_state *s, int64_t C, int64_t n, in
   return p;
 }
 
-/* The block for per-channel sums of C channels, bd threads: columns
-** (cols: L == 1) take the fewest neighbouring channels, a power of two up
-** to 32, that hold C (so few channels leave few lanes idle). */
-static inline dim3 kc_chan_block(bool cols, int64_t C, int bd) {
-  unsigned bx = 1;
-  if (!cols) return dim3((unsigned)bd);
-  while (bx < 32 && (int64_t)bx < C) bx <<= 1;
-  return dim3(bx, (unsigned)bd / bx);
+/* The block for per-channel sums of C channels of n elements each, at
+** most bd threads (a power of two, 32 or more): columns (cols: L == 1)
+** take the fewest neighbouring channels, a power of two up to 32, that
+** hold C (so few channels leave few lanes idle); otherwise the fewest
+** whole warps, a power of two, that hold n (short channels would leave
+** most of a full block idle). */
+static inline dim3 kc_chan_block(bool cols, int64_t C, int64_t n, int bd) {
+  unsigned b = cols ? 1u : 32u;
+  if (!cols) {
+    while ((int)b < bd && (int64_t)b < n) b <<= 1;
+    return dim3(b);
+  }
+  while (b < 32 && (int64_t)b < C) b <<= 1;
+  return dim3(b, (unsigned)bd / b);
 }
 /* Units of C channels under block b (host side; kc_chan_units on the device). */
 static inline int64_t kc_chan_units_of(bool cols, int64_t C, dim3 b) {

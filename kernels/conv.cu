@@ -352,7 +352,7 @@ static int conv_bwd(kc_state *s, const kc_win2d *g, const T *gout, const T *x, c
     /* few channels over many images: slices (the scratch is free again
     ** once bias_grad_finish has run, before the columns reuse it) */
     bool cols = P == 1;
-    dim3 block = kc_chan_block(cols, g->oc, KC_THREADS);
+    dim3 block = kc_chan_block(cols, g->oc, g->n * P, KC_THREADS);
     int64_t units = kc_chan_units_of(cols, g->oc, block);
     kc_split sp = kc_chan_split(s, units, g->n * P, kc_chan_team(cols, block));
     double *part = NULL;

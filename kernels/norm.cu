@@ -6,11 +6,11 @@
 ** x is [N, C, L] (contiguous), statistics per (n, group) when groups > 0
 ** (mean/rstd [N*groups]: the elements of one are a contiguous run of
 ** C/groups*L) or per channel when groups == 0 (batch norm: N runs of L).
-** One block owns one statistic and does all its passes, in double, the
-** CPU's way: mean first, then squared deviations (no cancellation); batch
-** norm over runs of one ([N, C] inputs) takes common.cuh's column block,
-** a block serving up to 32 neighbouring channels, so a warp's loads are
-** neighbours in memory. Few
+** One block owns one statistic (whole warps, as few as hold its elements)
+** and does all its passes, in double, the CPU's way: mean first, then
+** squared deviations (no cancellation); batch norm over runs of one
+** ([N, C] inputs) takes common.cuh's column block, a block serving up to
+** 32 neighbouring channels, so a warp's loads are neighbours in memory. Few
 ** statistics over long runs (batch norm with few channels, layer/group
 ** norm with few samples) split each over blocks instead (kc_chan_split),
 ** with ordered second passes.
@@ -344,22 +344,26 @@ __global__ void wgrad_part(nshape g, dpair *part, int64_t slices, int64_t per, c
   }
 }
 
-/* Second pass: a block per channel adds its L columns of every slice. */
+/* Second pass: part is [slices, C, L], and channel c's sum is a
+** per-channel sum (common.cuh): a block per unit of channels, columns
+** when L == 1 (layer norm: a warp reads neighbouring channels of a slice). */
 template <typename T>
 __global__ void wgrad_finish(nshape g, T *gw, T *gb, const dpair *part, int64_t slices) {
-  __shared__ double buf[32];
-  int64_t CL = g.C * g.L, k = slices * g.L;
-  for (int64_t c = blockIdx.x; c < g.C; c += gridDim.x) {
+  __shared__ double buf[NT];
+  bool cols = g.L == 1;
+  int64_t units = kc_chan_units(cols, g.C);
+  for (int64_t un = blockIdx.x; un < units; un += gridDim.x) {
+    int64_t c = kc_chan_at(cols, un);
     double a = 0, b = 0;
-    for (int64_t t = threadIdx.x; t < k; t += blockDim.x) {
-      int64_t sl = t / g.L, l = t - sl * g.L;
-      dpair v = part[sl * CL + c * g.L + l];
+    auto add = [&](int64_t i) {
+      dpair v = part[i];
       a += v.x;
       b += v.y;
-    }
-    a = kc_block_sum(a, buf);
-    b = kc_block_sum(b, buf);
-    if (threadIdx.x == 0) {
+    };
+    kc_chan_visit(g.C, g.L, c, 0, slices * g.L, add);
+    a = kc_chan_sum(cols, a, buf);
+    b = kc_chan_sum(cols, b, buf);
+    if (kc_chan_lead(cols) && c < g.C) {
       if (gw) gw[c] = (T)a;
       if (gb) gb[c] = (T)b;
     }
@@ -401,7 +405,7 @@ template <typename T>
 static int stats_t(kc_state *s, const nshape &g, const kc_view *mean, const kc_view *rstd, const kc_view *var,
                    const kc_view *x, double eps) {
   bool cols = is_cols(g);
-  dim3 block = kc_chan_block(cols, g.S, NT);
+  dim3 block = kc_chan_block(cols, g.S, stat_len(g), NT);
   int64_t units = kc_chan_units_of(cols, g.S, block);
   kc_split sp = kc_chan_split(s, units, stat_len(g), kc_chan_team(cols, block));
   if (sp.S > 1) {   /* few statistics: slices */
@@ -481,7 +485,7 @@ static int backward_t(kc_state *s, const nshape &g, const kc_view *gx, const kc_
                       const kc_view *w, int stats_of_x) {
   int e;
   bool cols = is_cols(g);
-  dim3 block = kc_chan_block(cols, g.S, NT);
+  dim3 block = kc_chan_block(cols, g.S, stat_len(g), NT);
   int64_t units = kc_chan_units_of(cols, g.S, block);
   kc_split sp = kc_chan_split(s, units, stat_len(g), kc_chan_team(cols, block));
   if (sp.S > 1 && (gx || !g.groups)) {   /* few statistics: slices */
@@ -529,7 +533,9 @@ static int backward_t(kc_state *s, const nshape &g, const kc_view *gx, const kc_
       if (gb && (e = kc_fill(s, gb, 0.0))) return e;
       return KC_OK;
     }
-    KC_LAUNCH(kc_grid_x(g.C), NT, 0, s->stream, wgrad_finish<T>)(g, DATA(T, gw), DATA(T, gb), part, slices);
+    dim3 block = kc_chan_block(g.L == 1, g.C, slices * g.L, NT);
+    KC_LAUNCH(kc_grid_x(kc_chan_units_of(g.L == 1, g.C, block)), block, 0, s->stream, wgrad_finish<T>)(
+        g, DATA(T, gw), DATA(T, gb), part, slices);
     return KC_LAUNCHED();
   }
   return KC_OK;

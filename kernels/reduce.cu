@@ -19,7 +19,8 @@
 **   threadIdx.x, so a warp reads consecutive columns, the team is
 **   threadIdx.y.
 ** When the outputs alone cannot fill the GPU (a full reduction, a few long
-** rows or columns), the reduced range is split over gridDim.y: each split
+** rows or columns), the reduced range is split over gridDim.y (common.cuh
+** kc_chan_split, the output tiles as its channels): each split
 ** writes a partial (value, position) to scratch and a second kernel
 ** combines them in split order. Results never depend on timing (no
 ** atomics); they do depend on the launch shape, as any parallel sum does.
