@@ -369,17 +369,8 @@ end)
 
 describe("cuda deferred steps wait for nothing", function()
   local plugin = os.getenv("KEEL_CUDA_PLUGIN") or ""
-  local bin = os.getenv("KEEL_BIN")
-  local on_sim = plugin:find("sim", 1, true) and bin
-  local function counts(n, steps, policy)
-    local cmd = ("KEEL_CUDA_SIM_STATS=1 %q tests/optim_launch_count.lua %d %d %s 2>&1"):format(bin, n, steps, policy)
-    local f = assert(io.popen(cmd))
-    local out = f:read("a")
-    f:close()
-    local l, w = out:match("kcsim: (%d+) launches, %d+ blocks, %d+ threads, (%d+) waits")
-    assert(l, "no simulator counts in: " .. out)
-    return tonumber(l), tonumber(w)
-  end
+  local on_sim = plugin:find("sim", 1, true) and os.getenv("KEEL_BIN")
+  local counts = H.sim_counts
   local test = on_sim and gpu_it or pending
   test("no host wait per step when nothing reads the report; one launch more than the host path", function()
     local l3a, w3a = counts(3, 2, "skip")

@@ -28,19 +28,10 @@ local function err_match(f, text)
 end
 
 -- Runs Lua code in a fresh keel process with extra environment settings;
--- returns its output. The keel executable (tools/test.sh sets KEEL_BIN)
--- carries its own Lua, and finds the plugin beside itself.
-local BIN = os.getenv("KEEL_BIN")
+-- returns its output (stdout and stderr). The keel executable carries its
+-- own Lua, and finds the plugin beside itself.
 local function run(env, code)
-  local f = os.tmpname()
-  local h = io.open(f, "w")
-  h:write(code)
-  h:close()
-  local p = io.popen(("%s %s %q 2>&1"):format(env, BIN, f))
-  local out = p:read("a")
-  p:close()
-  os.remove(f)
-  return out
+  return H.run_keel(code, {env .. " "}, true)[1]
 end
 
 describe("keel.cuda without a GPU", function()
@@ -111,7 +102,7 @@ describe("keel.cuda without a GPU", function()
   end)
 
   describe("in a fresh process", function()
-    if not BIN then
+    if not os.getenv("KEEL_BIN") then
       pending("KEEL_BIN is not set (tools/test.sh sets it)")
       return
     end
