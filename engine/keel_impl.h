@@ -622,8 +622,17 @@ KEEL_INTERNAL const kl_backend kl_cpu_backend;
 KEEL_INTERNAL keel_status kl_cpu_gemm(keel_ctx *ctx, keel_dtype dt, int ta, int tb, int64_t m, int64_t n,
                                       int64_t k, const void *a, int64_t lda, const void *b, int64_t ldb,
                                       double beta, void *c, int64_t ldc);
-/* x rounded to the format of precision p (KEEL_MATMUL_*), as a float. */
-KEEL_INTERNAL float kl_round_to_precision(float x, int p);
+/* kl_cpu_gemm where the caller rounded an operand to ctx's matmul
+** precision already (kl_round_matrix; the rounding of keel_round.h): bit
+** KL_GEMM_A_ROUNDED (B) of ready says a (b) is used as it is. Same
+** results as kl_cpu_gemm; a loop-invariant operand is rounded once. */
+#define KL_GEMM_A_ROUNDED 1u
+#define KL_GEMM_B_ROUNDED 2u
+KEEL_INTERNAL keel_status kl_cpu_gemm_ex(keel_ctx *ctx, unsigned ready, keel_dtype dt, int ta, int tb, int64_t m,
+                                         int64_t n, int64_t k, const void *a, int64_t lda, const void *b,
+                                         int64_t ldb, double beta, void *c, int64_t ldc);
+/* dst[i*cols + j] = src[i*ld + j] rounded to precision p (KEEL_MATMUL_*). */
+KEEL_INTERNAL void kl_round_matrix(int p, float *dst, const float *src, int64_t rows, int64_t cols, int64_t ld);
 /* NULL when dev cannot be used (CUDA: see kl_cuda_ready). */
 KEEL_INTERNAL const kl_backend *kl_backend_for(keel_ctx *ctx, keel_device dev);
 
