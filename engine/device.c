@@ -533,6 +533,12 @@ static void keep_shadow(keel_ctx *ctx, const keel_tensor *src, keel_tensor *o) {
   kl_err_restore(ctx, &saved);   /* without the copy, checks download: no error */
 }
 
+keel_status kl_upload_index(keel_ctx *ctx, const keel_tensor *h, keel_tensor **out) {
+  keel_status st = kl_transfer(ctx, h, KEEL_CUDA, KEEL_I64, out);
+  if (!st && h->dtype == KEEL_I64) keep_shadow(ctx, h, *out);
+  return st;
+}
+
 keel_status kl_host_values(keel_ctx *ctx, const keel_tensor *t, keel_tensor **out) {
   const kl_storage *s = t->storage;
   if (s->device == KEEL_CPU) {
