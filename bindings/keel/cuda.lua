@@ -22,17 +22,4 @@ local C = core._cuda
 local cuda = {}
 for k, v in pairs(C) do cuda[k] = v end
 
--- keel.cuda.is_built(): whether the plugin file exists where keel looks
--- first, without opening it (a GPU-less machine with a CUDA build says true).
-function cuda.is_built()
-  local path = package.searchpath("keel.core", package.cpath)
-  if not path then return false end
-  local dir = path:match("^(.*)/[^/]*$") or "."
-  for _, rel in ipairs {"", "/../lib", "/../../lib"} do
-    local f = io.open(dir .. rel .. "/libkeel_cuda.so", "rb")
-    if f then f:close(); return true end
-  end
-  return false
-end
-
 return cuda
