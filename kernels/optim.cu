@@ -928,18 +928,36 @@ __device__ __forceinline__ double dec_coef(double max_norm, double total) {
   return c < 1 ? c : 1;
 }
 
+/* Tensor k's scale, bound, sum of squares and max after a norm item's
+** factor c (units_scale's order). Returns whether that clipped it. */
+__device__ __forceinline__ int dec_scale(double *A, double *V, double *SQ, double *MX, int64_t k, double c) {
+  int clipped = MX[k] > 0;
+  A[k] *= c;
+  V[k] *= c;
+  SQ[k] *= c * c;
+  MX[k] *= c;
+  return clipped;
+}
+
 /* The decision (kc_decide) from the statistics of the step's n tensors
-** (res[idx[k]]): the block gathers them, then one thread decides in
-** clip.c's order: the totals as kl_clip_stats adds them, then the chain as
-** kl_clip_eval runs it, each scale applied as units_scale applies it (a
-** few passes over n numbers: sequential, so that the sums are the host's
-** to the bit). W: 5n doubles of work (a, v, the running sums of squares
-** and max, the non-finite counts). out: total, nonfinite, coef, skip,
-** clipped. One block. */
+** (res[idx[k]]) in clip.c's order, to the host's bits: the totals as
+** kl_clip_stats adds them, then the chain as kl_clip_eval runs it, each
+** scale applied as units_scale applies it. Only the sums the host adds in
+** sequence are one thread's (thread 0: the totals, and each global norm
+** item's sum of squares); a value bound, a per-tensor norm item and the
+** scaling by a global factor are per tensor. Thread t owns tensors t,
+** t + blockDim.x, ... throughout, so items of those kinds need no barrier
+** between them; a global norm item takes two (its sum reads every
+** tensor's squares; its factor then goes to every thread). The clipped
+** flag is the block's OR. W: 5n doubles of work (a, v, the running sums
+** of squares and max, the non-finite counts). out: total, nonfinite,
+** coef, skip, clipped. One block. */
 __global__ void mt_decide_kernel(const gstat *res, const int64_t *idx, kc_decide q, double *W, double *out) {
+  __shared__ double bcast;   /* thread 0's number for all: the non-finite count, then each global factor */
   int64_t n = q.ntensors;
   double *A = W, *V = W + n, *SQ = W + 2 * n, *MX = W + 3 * n, *NF = W + 4 * n;
-  double total = 0, nf = 0, coef = 1, clipped = 0;
+  double total = 0, nf = 0, coef = 1;
+  int clipped = 0, skip;
   for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
     const gstat &g = res[idx[k]];
     A[k] = 1;
@@ -949,45 +967,52 @@ __global__ void mt_decide_kernel(const gstat *res, const int64_t *idx, kc_decide
     NF[k] = (double)(g.nan + g.inf);
   }
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  for (int64_t k = 0; k < n; k++) {
-    total += SQ[k];
-    nf += NF[k];
+  if (threadIdx.x == 0) {
+    for (int64_t k = 0; k < n; k++) {
+      total += SQ[k];
+      nf += NF[k];
+    }
+    bcast = nf;
   }
-  if (!(q.skip_nonfinite && nf > 0)) {
-    for (int i = 0; i < q.nitems; i++) {
-      double t = q.threshold[i];
-      if (q.kind[i] == KC_DECIDE_VALUE) {
-        for (int64_t k = 0; k < n; k++) {
-          if (MX[k] > t) { clipped = 1; MX[k] = t; }
-          if (t < V[k]) V[k] = t;
-        }
-        continue;
+  __syncthreads();
+  skip = q.skip_nonfinite && bcast > 0;
+  for (int i = 0; i < q.nitems && !skip; i++) {
+    double t = q.threshold[i], c;
+    if (q.kind[i] == KC_DECIDE_VALUE) {
+      for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
+        if (MX[k] > t) { clipped = 1; MX[k] = t; }
+        if (t < V[k]) V[k] = t;
       }
-      for (int64_t k0 = 0; k0 < n;) {
-        /* a per-tensor norm scales one tensor at a time, the global one all */
-        int64_t k1 = q.kind[i] == KC_DECIDE_NORM ? k0 + 1 : n;
-        double s = 0, c;
-        for (int64_t k = k0; k < k1; k++) s += SQ[k];
+    } else if (q.kind[i] == KC_DECIDE_NORM) {
+      /* one tensor's sum: 0 + its squares, as the host adds it */
+      for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
+        double s = 0;
+        s += SQ[k];
         c = dec_coef(t, sqrt(s));
-        if (c != 1)
-          for (int64_t k = k0; k < k1; k++) {
-            if (MX[k] > 0) clipped = 1;
-            A[k] *= c;
-            V[k] *= c;
-            SQ[k] *= c * c;
-            MX[k] *= c;
-          }
-        if (q.kind[i] == KC_DECIDE_GLOBAL_NORM) coef *= c;
-        k0 = k1;
+        if (c != 1) clipped |= dec_scale(A, V, SQ, MX, k, c);
       }
+    } else {
+      __syncthreads();   /* the squares as the items before left them */
+      if (threadIdx.x == 0) {
+        double s = 0;
+        for (int64_t k = 0; k < n; k++) s += SQ[k];
+        bcast = dec_coef(t, sqrt(s));
+      }
+      __syncthreads();
+      c = bcast;
+      if (c != 1)
+        for (int64_t k = threadIdx.x; k < n; k += blockDim.x) clipped |= dec_scale(A, V, SQ, MX, k, c);
+      coef *= c;
     }
   }
-  out[0] = total;
-  out[1] = nf;
-  out[2] = coef;
-  out[3] = q.skip_nonfinite && nf > 0 ? 1 : 0;
-  out[4] = clipped;
+  clipped = __syncthreads_or(clipped);
+  if (threadIdx.x == 0) {
+    out[0] = total;
+    out[1] = nf;
+    out[2] = coef;
+    out[3] = skip ? 1 : 0;
+    out[4] = clipped ? 1 : 0;
+  }
 }
 
 /* part[2k], part[2k+1]: item k's sum of squared changes and of the new
