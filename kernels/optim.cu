@@ -101,22 +101,23 @@ struct alignas(16) kpack {
 
 /* Scratch for the per-unit a and v (nunits > 1): device arrays filled
 ** from the host ones; q gets what the kernels read. dev: nunits * 2
-** doubles of device scratch, or NULL when not needed. */
+** doubles of device scratch, or NULL when not needed. The engine's arrays
+** are pageable memory: the copies go through stage.cu's pinned ring, so
+** that they neither hold the host until the queue has drained nor need
+** the arrays to outlive the call. */
 static int units_to_device(kc_state *s, int64_t nunits, const double *a, const double *v, double *dev,
                            unitp *q) {
-  cudaError_t e;
+  int rc;
   q->a = q->v = NULL;
   q->a0 = a ? a[0] : 1.0;
   q->v0 = v ? v[0] : INFINITY;
   if (nunits <= 1) return KC_OK;
   if (a) {
-    if ((e = cudaMemcpyAsync(dev, a, sizeof(double) * (size_t)nunits, cudaMemcpyHostToDevice, s->stream)))
-      return kc_check_cuda(e);
+    if ((rc = kc_stage_h2d(s, dev, a, sizeof(double) * (size_t)nunits))) return rc;
     q->a = dev;
   }
   if (v) {
-    if ((e = cudaMemcpyAsync(dev + nunits, v, sizeof(double) * (size_t)nunits, cudaMemcpyHostToDevice, s->stream)))
-      return kc_check_cuda(e);
+    if ((rc = kc_stage_h2d(s, dev + nunits, v, sizeof(double) * (size_t)nunits))) return rc;
     q->v = dev + nunits;
   }
   return KC_OK;
@@ -305,7 +306,6 @@ struct kc_pending {
   int n, nrec;
   struct kc_batch *batch;       /* the queued calls of the open batch */
   int err;                      /* an error of a flush that no caller has seen yet */
-  size_t staged;                /* bytes of staging uploads since the stream was last idle */
   cudaEvent_t copied;           /* recorded after the last copy of results (results_ready) */
 };
 
@@ -366,30 +366,30 @@ static int pend_flush(kc_state *s) {
     P->used = 0;
     return rc;
   }
-  P->staged = 0;   /* the stream is idle: staging is free */
   pend_write(s);
   return KC_OK;
 }
 
 /* n bytes of the arena at *off; a full arena is flushed (one wait) before
-** it grows, since queued copies may still land in it. */
+** it grows, since queued copies may still land in it.
+**
+** The arena is the optimizer's own pinned buffer, not stage.cu's ring:
+** the ring is for uploads, whose bytes are free again once their copy has
+** run, while these are results coming down, which must stay put after the
+** copy until pend_write hands them to the engine (at the next wait, or
+** when a report is read, perhaps a step later). */
 static int pend_region(kc_state *s, size_t n, size_t *off) {
   struct kc_pending *P = s->pending;
   int rc;
   n = (n + 15) & ~(size_t)15;
   if (P->used + n > P->cap) {
+    void *arena = P->arena;
+    if ((rc = pend_flush(s))) return rc;
     /* room for twice what was wanted at once, so that the next time
     ** (the statistics and the update of one step) fits without a wait */
-    size_t cap = P->cap ? P->cap : 4096, want = 2 * (P->used + n);
-    void *q = NULL;
-    if ((rc = pend_flush(s))) return rc;
-    while (cap < want) cap <<= 1;
-    if (cap > P->cap) {
-      if ((rc = kc_check_cuda(cudaMallocHost(&q, cap)))) return rc;
-      if (P->arena) cudaFreeHost(P->arena);
-      P->arena = (char *)q;
-      P->cap = cap;
-    }
+    rc = kc_grow(s, &arena, &P->cap, 2 * (P->used + n), 1);
+    P->arena = (char *)arena;
+    if (rc) return rc;
   }
   *off = P->used;
   P->used += n;
@@ -780,9 +780,9 @@ static int optim_update(kc_state *s, int kind, const keel_optim_hparams *h, int6
 ** over the chunks of every tensor of the class and one that adds each
 ** unit's chunk partials in chunk order, as multi_tensor_apply does: a
 ** block finds its tensor by a binary search over the descriptors' first
-** items. The descriptor table and the a/v factors go up in one copy from
-** pinned staging, and the unit results of every class come back in one
-** copy into the results arena. Blocks are KC_THREADS wide whatever the
+** items. The descriptor table and the a/v factors go up in one copy
+** through stage.cu's pinned ring, and the unit results of every class
+** come back in one copy into the results arena. Blocks are KC_THREADS wide whatever the
 ** tensor, so a tensor's sums do not depend on what else is batched.
 ** ======================================================================= */
 
@@ -825,9 +825,8 @@ struct kc_batch {
   int64_t nav, cap_av;
   void *dev;                    /* device: descriptors, a/v, partials, unit results */
   size_t dev_size;
-  void *stage;                  /* pinned: descriptors and a/v on their way up */
-  size_t stage_size;
-  cudaEvent_t staged;           /* recorded after the last upload from stage */
+  char *up;                     /* host: descriptors, a/v and decision indices, as uploaded */
+  size_t up_cap;
   int err;                      /* the first error of a flush the engine did not see */
   /* a step decided on the device (decide): its chain, where its record
   ** goes, the statistics calls queued so far and the updates that read it */
@@ -1172,50 +1171,15 @@ static int class_of(const mt_call *c) {
   return c->op == MT_STATS ? d : 2 + 4 * d + c->kind;
 }
 
-static int grow_dev(kc_state *s, struct kc_batch *B, size_t n) {
-  void *q = NULL;
-  int rc;
-  if (n <= B->dev_size) return KC_OK;
-  n = n + n / 2;
-  if (B->dev) {
-    if ((rc = kc_sync(s))) return rc;   /* queued work may still read it */
-    cudaFree(B->dev);
-    B->dev = NULL;
-    B->dev_size = 0;
-  }
-  if ((rc = kc_check_cuda(cudaMalloc(&q, n)))) return rc;
-  B->dev = q;
-  B->dev_size = n;
-  return KC_OK;
-}
-
-/* n bytes of staging at *off. Uploads since the stream was last idle
-** (a step's update batch and the next statistics batch) take successive
-** places, so staging is not written while an upload from it may be
-** queued; only when it is full does it wait for the last upload. */
-static int grow_stage(kc_state *s, struct kc_batch *B, size_t n, size_t *off) {
-  struct kc_pending *P = s->pending;
-  void *q = NULL;
-  int rc;
-  n = (n + 255) & ~(size_t)255;
-  if (!B->staged && (rc = kc_check_cuda(cudaEventCreateWithFlags(&B->staged, cudaEventDisableTiming)))) return rc;
-  if (P->staged + n > B->stage_size && P->staged > 0) {
-    if ((rc = kc_check_cuda(cudaEventSynchronize(B->staged)))) return rc;
-    P->staged = 0;
-  }
-  *off = P->staged;
-  if (n <= B->stage_size) {
-    P->staged += n;
-    return KC_OK;
-  }
-  n = 3 * n;   /* room for the next two batches of this size */
-  if (B->stage) cudaFreeHost(B->stage);
-  B->stage = NULL;
-  B->stage_size = 0;
-  if ((rc = kc_check_cuda(cudaMallocHost(&q, n)))) return rc;
-  B->stage = q;
-  B->stage_size = n;
-  P->staged = (n / 3 + 255) & ~(size_t)255;
+/* Room for n bytes of upload in B->up (host memory: stage.cu's ring
+** copies it into pinned memory and queues the copy). */
+static int up_room(struct kc_batch *B, size_t n) {
+  char *q;
+  if (n <= B->up_cap) return KC_OK;
+  n += n / 2;
+  if (!(q = (char *)realloc(B->up, n))) return KC_ERR_NOMEM;
+  B->up = q;
+  B->up_cap = n;
   return KC_OK;
 }
 
@@ -1227,7 +1191,7 @@ static int batch_launch(kc_state *s) {
   int64_t items[MT_CLASSES] = {0}, units[MT_CLASSES] = {0}, maxch[MT_CLASSES] = {0};
   int first[MT_CLASSES], count[MT_CLASSES] = {0};
   size_t off_av, off_idx, up, off_work = 0, off_dec = 0, off_part[MT_CLASSES], off_res[MT_CLASSES], res0, total,
-      nres, hoff, soff;
+      nres, hoff;
   int64_t nt = B && B->has_dec ? B->dec.ntensors : 0;
   mt_desc *D;
   mt_call **order = NULL;
@@ -1289,9 +1253,9 @@ static int batch_launch(kc_state *s) {
     rc = KC_ERR_ARG;   /* decide's contract: one unit per tensor, every tensor updated */
     goto out;
   }
-  if ((rc = grow_dev(s, B, total)) || (rc = grow_stage(s, B, up, &soff))) goto out;
+  if ((rc = kc_grow(s, &B->dev, &B->dev_size, total, 0)) || (rc = up_room(B, up))) goto out;
   dev = (char *)B->dev;
-  host = (char *)B->stage + soff;
+  host = B->up;
   D = (mt_desc *)host;
   for (int i = 0; i < n; i++) D[i] = order[i]->d;
   memcpy(host + off_av, B->av, (size_t)B->nav * sizeof(double));
@@ -1303,9 +1267,8 @@ static int batch_launch(kc_state *s) {
         idx[j++] = (int64_t)((off_res[class_of(c)] - off_res[0]) / sizeof(gstat)) + c->d.unit0;
     }
   }
-  if ((rc = kc_check_cuda(cudaMemcpyAsync(dev, host, up, cudaMemcpyHostToDevice, s->stream))) ||
-      (rc = kc_check_cuda(cudaEventRecord(B->staged, s->stream))))
-    goto out;
+  /* one upload through the pinned ring: B->up is free again on return */
+  if ((rc = kc_stage_h2d(s, dev, host, up))) goto out;
   for (int c = 0; c < MT_CLASSES; c++) {
     const mt_desc *dd = (const mt_desc *)dev + first[c];
     const double *av = (const double *)(dev + off_av);
@@ -1388,9 +1351,8 @@ out:
 
 static void batch_free(struct kc_batch *B) {
   if (!B) return;
-  if (B->staged) cudaEventDestroy(B->staged);
-  if (B->stage) cudaFreeHost(B->stage);
   if (B->dev) cudaFree(B->dev);
+  free(B->up);
   free(B->calls);
   free(B->av);
   free(B);
@@ -1516,9 +1478,6 @@ static int results_ready(kc_state *s) {
     (void)kc_check_cuda(e);
     return 0;
   }
-  /* every batch records the event after its upload and copies: the
-  ** staging uploads are all done, as after a wait */
-  P->staged = 0;
   pend_write(s);
   return 1;
 }
