@@ -953,6 +953,10 @@ __device__ __forceinline__ int dec_scale(double *A, double *V, double *SQ, doubl
 ** coef, skip, clipped. One block. */
 __global__ void mt_decide_kernel(const gstat *res, const int64_t *idx, kc_decide q, double *W, double *out) {
   __shared__ double bcast;   /* thread 0's number for all: the non-finite count, then each global factor */
+  /* the chain, copied at constant indices: a parameter indexed by a
+  ** variable would be copied to local memory (a stack frame) */
+  __shared__ double thr[KC_DECIDE_MAX];
+  __shared__ int kind[KC_DECIDE_MAX];
   int64_t n = q.ntensors;
   double *A = W, *V = W + n, *SQ = W + 2 * n, *MX = W + 3 * n, *NF = W + 4 * n;
   double total = 0, nf = 0, coef = 1;
@@ -967,6 +971,11 @@ __global__ void mt_decide_kernel(const gstat *res, const int64_t *idx, kc_decide
   }
   __syncthreads();
   if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < KC_DECIDE_MAX; i++) {
+      thr[i] = q.threshold[i];
+      kind[i] = q.kind[i];
+    }
     for (int64_t k = 0; k < n; k++) {
       total += SQ[k];
       nf += NF[k];
@@ -976,13 +985,13 @@ __global__ void mt_decide_kernel(const gstat *res, const int64_t *idx, kc_decide
   __syncthreads();
   skip = q.skip_nonfinite && bcast > 0;
   for (int i = 0; i < q.nitems && !skip; i++) {
-    double t = q.threshold[i], c;
-    if (q.kind[i] == KC_DECIDE_VALUE) {
+    double t = thr[i], c;
+    if (kind[i] == KC_DECIDE_VALUE) {
       for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
         if (MX[k] > t) { clipped = 1; MX[k] = t; }
         if (t < V[k]) V[k] = t;
       }
-    } else if (q.kind[i] == KC_DECIDE_NORM) {
+    } else if (kind[i] == KC_DECIDE_NORM) {
       /* one tensor's sum: 0 + its squares, as the host adds it */
       for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
         double s = 0;
