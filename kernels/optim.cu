@@ -782,8 +782,9 @@ static int optim_update(kc_state *s, int kind, const keel_optim_hparams *h, int6
 ** block finds its tensor by a binary search over the descriptors' first
 ** items. The descriptor table and the a/v factors go up in one copy
 ** through stage.cu's pinned ring, and the unit results of every class
-** come back in one copy into the results arena. Blocks are KC_THREADS wide whatever the
-** tensor, so a tensor's sums do not depend on what else is batched.
+** come back in one copy into the results arena. Blocks are KC_THREADS
+** wide whatever the tensor, so a tensor's sums do not depend on what else
+** is batched.
 ** ======================================================================= */
 
 /* Elements per chunk at most (a multiple of 8). */
