@@ -202,7 +202,8 @@ static int plugin_locate(char *path, size_t n, const char **from, char *tried, s
 int keel_cuda_plugin_find(char *path, size_t n) {
   char tried[8];
   const char *from;
-  return plugin_locate(path, n, &from, tried, sizeof tried);
+  /* KEEL_CUDA_PLUGIN is taken as given by the loader (to say why it fails) */
+  return plugin_locate(path, n, &from, tried, sizeof tried) && access(path, F_OK) == 0;
 }
 
 /* Tries the places the header describes, in order. */

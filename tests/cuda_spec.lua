@@ -116,6 +116,19 @@ describe("keel.cuda without a GPU", function()
       assert.is_true(names_a_cause(out), out)
     end)
 
+    it("is_built() names the plugin file keel would open, without opening it", function()
+      local out = run("KEEL_CUDA_PLUGIN=/nonexistent/libkeel_cuda.so",
+        "print(keel.cuda.is_built()); print(keel.cuda.plugin())")
+      assert.are.equal("false\nnil\n", out)
+      local here = os.getenv("KEEL_BIN"):gsub("/bin/keel$", "/lib/libkeel_cuda.so")
+      local f = io.open(here, "rb")
+      if f then   -- a CUDA build: found beside the executable, under the keel executable too
+        f:close()
+        out = run("KEEL_CUDA_PLUGIN=", "print(keel.cuda.is_built())")
+        assert.is_truthy(out:find("^true\t.*/libkeel_cuda%.so\n$"), out)
+      end
+    end)
+
     it("KEEL_DEVICE with an unknown value is refused when keel loads", function()
       local out = run("KEEL_DEVICE=tpu", "print('loaded')")
       assert.is_truthy(out:find("KEEL_DEVICE=tpu: expected cpu, cuda or cuda:0", 1, true), out)

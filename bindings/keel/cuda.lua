@@ -15,6 +15,8 @@
 --   keel.cuda.mem_get_info()      free, total bytes of the device
 --   keel.cuda.load(path)          opens that plugin now (default: the usual search)
 --   keel.cuda.plugin()            path and description of the open plugin, or nil
+--   keel.cuda.is_built()          whether a plugin file is where keel looks first (not
+--                                 opened), and its path
 
 local core = require "keel.core"
 local C = core._cuda
