@@ -42,11 +42,14 @@ local function keel_cpath()
         "): run tools/build.sh or set KEEL_CPATH", 0)
 end
 
-B.keel_cpath = keel_cpath()
+-- The keel executable carries keel.core itself (package.preload): a
+-- core.so loaded beside it would be a second engine.
+local builtin = package.preload["keel.core"] or package.loaded["keel.core"]
+local cpath = not builtin and keel_cpath() or nil
+B.keel_cpath = cpath or "(built into the keel executable)"
 package.path = table.concat({
   B.root .. "/bindings/?.lua", B.root .. "/bindings/?/init.lua", package.path }, ";")
-package.cpath = table.concat({
-  B.keel_cpath, B.bench_dir .. "/.build/?.so", package.cpath }, ";")
+package.cpath = (cpath and cpath .. ";" or "") .. B.bench_dir .. "/.build/?.so;" .. package.cpath
 
 local ok, benchlib = pcall(require, "benchlib")
 if ok then B.lib = benchlib end
@@ -60,6 +63,8 @@ function B.clock(default)
   local name = os.getenv("BENCH_CLOCK")
   if name == nil or name == "" then name = default end
   if not B.lib then
+    -- keel's own monotonic wall clock stands in (the "thread" clock needs benchlib)
+    if name == "wall" then return require("keel.core")._summary.now, "wall" end
     -- os.clock is CPU time of all threads: right for 1-thread loops only
     io.stderr:write("bench: benchlib not built (run bench/run.sh); timing with os.clock\n")
     return os.clock, "os.clock"
@@ -113,6 +118,23 @@ end
 
 function B.spread(t)
   return ("median %s min %s max %s (n=%d)"):format(fmt(B.median(t)), fmt(B.min(t)), fmt(B.max(t)), #t)
+end
+
+-- Seconds per call of step(): warmup calls, then rounds of reps calls
+-- timed by now(); the median over rounds, and the rounds' times. sync (when
+-- given: keel.cuda.synchronize) runs after the warmup and closes each round,
+-- so queued device work is inside the time.
+function B.time_steps(now, step, warmup, reps, rounds, sync)
+  for _ = 1, warmup do step() end
+  if sync then sync() end
+  local per = {}
+  for r = 1, rounds do
+    local t0 = now()
+    for _ = 1, reps do step() end
+    if sync then sync() end
+    per[r] = (now() - t0) / reps
+  end
+  return B.median(per), per
 end
 
 -- Integer environment knob with a default.

@@ -25,73 +25,34 @@
 --
 -- Run with the keel executable (it carries Lua) or lua5.4; timing is the
 -- monotonic wall clock after keel.cuda.synchronize(), medians of rounds.
+package.path = (arg[0]:match("^(.*)/") or ".") .. "/?.lua;" .. package.path
+local B = require "common"
+local M = require "models"
 local keel = require "keel"
-local core = require "keel.core"
 local nn, optim, clip = keel.nn, keel.optim, keel.clip
 
 local what = arg[1] or "cnn"
-local scale = tonumber(os.getenv("BENCH_SCALE") or "1")
-local now = core._summary.now
+local now = B.clock("wall")
 
 local ok, why = keel.cuda.is_available()
 if not ok then error("bench/gpu.lua: CUDA is not available: " .. tostring(why), 0) end
 keel.manual_seed(0)
 keel.set_default_device("cuda")
-
-local function result(name, value, unit)
-  io.write(("RESULT name=%s value=%.6g unit=%s\n"):format(name, value, unit))
-  io.flush()
-end
-
-local function scaled(n) return math.max(1, math.floor(n * scale + 0.5)) end
 local NONFINITE = os.getenv("KEEL_BENCH_NONFINITE") or "skip"
-
-local function median(t)
-  table.sort(t)
-  local n = #t
-  return n % 2 == 1 and t[(n + 1) // 2] or (t[n // 2] + t[n // 2 + 1]) / 2
-end
 
 -- Seconds per step: median over rounds of reps steps, synchronised.
 local function time_steps(step, warmup, reps, rounds)
-  for _ = 1, warmup do step() end
-  keel.cuda.synchronize()
-  local per = {}
-  for r = 1, rounds do
-    local t0 = now()
-    for _ = 1, reps do step() end
-    keel.cuda.synchronize()
-    per[r] = (now() - t0) / reps
-  end
-  return median(per)
-end
-
--- One training step of model on (x, y) with cross entropy.
-local function trainer(model, opt, x, y)
-  return function()
-    local loss = nn.cross_entropy(model(x), y)
-    opt:zero_grad()
-    loss:backward()
-    opt:step()
-  end
-end
-
-local function labels(n, classes)
-  return (keel.rand{n} * classes):long():clamp(0, classes - 1) + 1
+  return (B.time_steps(now, step, warmup, reps, rounds, keel.cuda.synchronize))
 end
 
 if what == "cnn" then
   local batch = tonumber(arg[2] or "128")
-  local model = nn.Sequential {
-    nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-    nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-    nn.Flatten(), nn.Linear(1600, 128), nn.ReLU(), nn.Linear(128, 10),
-  }
-  model:to("cuda")
+  local model = M.mnist_cnn():to("cuda")
   local opt = optim.Adam(model:parameters(), {lr = 1e-3, clip = clip.global_norm(1.0),
     nonfinite = NONFINITE})
-  local s = time_steps(trainer(model, opt, keel.randn{batch, 1, 28, 28}, labels(batch, 10)), 5, scaled(50), 5)
-  result(("gpu_cnn_b%d_keel"):format(batch), batch / s, "img/s")
+  local x, y = keel.randn{batch, 1, 28, 28}, M.labels({batch}, 10)
+  local s = time_steps(M.step(opt, function() return nn.cross_entropy(model(x), y) end), 5, B.scaled(50), 5)
+  B.result(("gpu_cnn_b%d_keel"):format(batch), batch / s, "img/s")
 elseif what == "mlp" then
   local batch = tonumber(arg[2] or "512")
   local model = nn.Sequential {
@@ -100,28 +61,17 @@ elseif what == "mlp" then
   model:to("cuda")
   local opt = optim.SGD(model:parameters(), {lr = 0.01, momentum = 0.9, clip = clip.global_norm(1.0),
     nonfinite = NONFINITE})
-  local s = time_steps(trainer(model, opt, keel.randn{batch, 4096}, labels(batch, 10)), 3, scaled(20), 5)
-  result(("gpu_mlp_b%d_keel"):format(batch), batch / s, "samples/s")
+  local x, y = keel.randn{batch, 4096}, M.labels({batch}, 10)
+  local s = time_steps(M.step(opt, function() return nn.cross_entropy(model(x), y) end), 3, B.scaled(20), 5)
+  B.result(("gpu_mlp_b%d_keel"):format(batch), batch / s, "samples/s")
 elseif what == "lstm" then
-  local V, E, H, T, N = 65, 64, 256, 64, 32
-  local emb, lstm, head = nn.Embedding(V, E), nn.LSTM(E, H), nn.Linear(H, V)
-  local params = {}
-  for _, m in ipairs {emb, lstm, head} do
-    m:to("cuda")
-    for _, p in ipairs(m:parameters()) do params[#params + 1] = p end
-  end
+  local c = M.LSTM
+  local loss, params = M.char_lstm("cuda")
   local opt = optim.SGD(params, {lr = 0.1, momentum = 0.9, clip = clip.global_norm(5.0),
     nonfinite = NONFINITE})
-  local xs = (keel.rand{T, N} * V):long():clamp(0, V - 1) + 1
-  local ys = (keel.rand{T, N} * V):long():clamp(0, V - 1) + 1
-  local s = time_steps(function()
-    local out = lstm(emb(xs))                         -- [T, N, H]
-    local loss = nn.cross_entropy(head(out:reshape{T * N, H}), ys:reshape{T * N})
-    opt:zero_grad()
-    loss:backward()
-    opt:step()
-  end, 3, scaled(20), 5)
-  result("gpu_lstm_keel", T * N / s, "tokens/s")
+  local xs, ys = M.labels({c.T, c.N}, c.V), M.labels({c.T, c.N}, c.V)
+  local s = time_steps(M.step(opt, function() return loss(xs, ys) end), 3, B.scaled(20), 5)
+  B.result("gpu_lstm_keel", c.T * c.N / s, "tokens/s")
 elseif what == "adamw" then
   local total, n = 100 * 1000 * 1000, 100
   local params = {}
@@ -132,27 +82,27 @@ elseif what == "adamw" then
   end
   local opt = optim.AdamW(params, {lr = 1e-3, weight_decay = 1e-2, clip = clip.global_norm(1.0),
     nonfinite = NONFINITE})
-  local s = time_steps(function() opt:step() end, 2, scaled(10), 5)
+  local s = time_steps(function() opt:step() end, 2, B.scaled(10), 5)
   -- the peer: a device-to-device copy of 100M float32 (reads and writes 400 MB)
   local src, dst = keel.randn{total}, keel.empty{total}
-  local c = time_steps(function() dst:copy_(src) end, 2, scaled(20), 5)
+  local c = time_steps(function() dst:copy_(src) end, 2, B.scaled(20), 5)
   local bw, copy_bw = 28 * total / s / 1e9, 2 * 4 * total / c / 1e9
-  result("gpu_clip_adamw_100M_keel", s * 1e3, "ms")
-  result("gpu_clip_adamw_100M_keel_bw", bw, "GB/s")
-  result("gpu_d2d_copy_keel_bw", copy_bw, "GB/s")
-  result("gpu_clip_adamw_100M_vs_copy", bw / copy_bw, "x_copy")
+  B.result("gpu_clip_adamw_100M_keel", s * 1e3, "ms")
+  B.result("gpu_clip_adamw_100M_keel_bw", bw, "GB/s")
+  B.result("gpu_d2d_copy_keel_bw", copy_bw, "GB/s")
+  B.result("gpu_clip_adamw_100M_vs_copy", bw / copy_bw, "x_copy")
 elseif what == "attn" then
-  local B, Hd, L, E = 8, 16, 1024, 64
-  local q = keel.randn({B, Hd, L, E}, {requires_grad = true})
-  local k = keel.randn({B, Hd, L, E}, {requires_grad = true})
-  local v = keel.randn({B, Hd, L, E}, {requires_grad = true})
-  local g = keel.randn{B, Hd, L, E}
+  local Nb, Hd, L, E = 8, 16, 1024, 64
+  local q = keel.randn({Nb, Hd, L, E}, {requires_grad = true})
+  local k = keel.randn({Nb, Hd, L, E}, {requires_grad = true})
+  local v = keel.randn({Nb, Hd, L, E}, {requires_grad = true})
+  local g = keel.randn{Nb, Hd, L, E}
   local F = nn.functional
   local s = time_steps(function()
     q.grad, k.grad, v.grad = nil, nil, nil
     F.scaled_dot_product_attention(q, k, v, {is_causal = true}):backward(g)
-  end, 3, scaled(20), 5)
-  result("gpu_attn_keel", B * Hd * L / s, "queries/s")
+  end, 3, B.scaled(20), 5)
+  B.result("gpu_attn_keel", Nb * Hd * L / s, "queries/s")
 else
   error("bench/gpu.lua: unknown workload " .. tostring(what) .. " (cnn, mlp, lstm, adamw, attn)", 0)
 end

@@ -13,6 +13,7 @@
 --                  (read + write), the peer BASELINE.md names
 package.path = (arg[0]:match("^(.*)/") or ".") .. "/?.lua;" .. package.path
 local B = require "common"
+local M = require "models"
 local keel = require "keel"
 local nn, optim, clip = keel.nn, keel.optim, keel.clip
 
@@ -21,54 +22,23 @@ local now = B.clock("wall")
 local threads = os.getenv("OPENBLAS_NUM_THREADS") or "?"
 keel.manual_seed(0)
 
--- Times step() over reps after warmup; returns seconds per step (median of
--- rounds).
 local function time_steps(step, warmup, reps, rounds)
-  for _ = 1, warmup do step() end
-  local per = {}
-  for r = 1, rounds do
-    local t0 = now()
-    for _ = 1, reps do step() end
-    per[r] = (now() - t0) / reps
-  end
-  return B.median(per), per
+  return B.time_steps(now, step, warmup, reps, rounds)
 end
 
 if what == "cnn" then
-  local model = nn.Sequential {
-    nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-    nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-    nn.Flatten(), nn.Linear(1600, 128), nn.ReLU(), nn.Linear(128, 10),
-  }
+  local model = M.mnist_cnn()
   local opt = optim.Adam(model:parameters(), {lr = 1e-3, clip = clip.global_norm(1.0)})
-  local x = keel.randn{batch, 1, 28, 28}
-  local y = (keel.rand{batch} * 10):long():clamp(0, 9) + 1
-  local s = time_steps(function()
-    local loss = nn.cross_entropy(model(x), y)
-    opt:zero_grad()
-    loss:backward()
-    opt:step()
-  end, 3, B.scaled(10), 3)
+  local x, y = keel.randn{batch, 1, 28, 28}, M.labels({batch}, 10)
+  local s = time_steps(M.step(opt, function() return nn.cross_entropy(model(x), y) end), 3, B.scaled(10), 3)
   B.result(("train_cnn_b%d_t%s_keel"):format(batch, threads), batch / s, "img/s")
 elseif what == "lstm" then
-  local V, E, H, T, N = 65, 64, 256, 64, 32
-  local emb, lstm, head = nn.Embedding(V, E), nn.LSTM(E, H), nn.Linear(H, V)
-  local params = {}
-  for _, m in ipairs {emb, lstm, head} do
-    for _, p in ipairs(m:parameters()) do params[#params + 1] = p end
-  end
+  local c = M.LSTM
+  local loss, params = M.char_lstm()
   local opt = optim.SGD(params, {lr = 0.1, momentum = 0.9, clip = clip.global_norm(5.0)})
-  local xs = (keel.rand{T, N} * V):long():clamp(0, V - 1) + 1
-  local ys = (keel.rand{T, N} * V):long():clamp(0, V - 1) + 1
-  local s = time_steps(function()
-    local out = lstm(emb(xs))                         -- [T, N, H]
-    local logits = head(out:reshape{T * N, H})
-    local loss = nn.cross_entropy(logits, ys:reshape{T * N})
-    opt:zero_grad()
-    loss:backward()
-    opt:step()
-  end, 2, B.scaled(5), 3)
-  B.result(("train_lstm_t%s_keel"):format(threads), T * N / s, "tokens/s")
+  local xs, ys = M.labels({c.T, c.N}, c.V), M.labels({c.T, c.N}, c.V)
+  local s = time_steps(M.step(opt, function() return loss(xs, ys) end), 2, B.scaled(5), 3)
+  B.result(("train_lstm_t%s_keel"):format(threads), c.T * c.N / s, "tokens/s")
 elseif what == "adamw" then
   local total, n = 10 * 1000 * 1000, 50
   local params = {}

@@ -424,28 +424,29 @@ static int l_tensor(lua_State *L) {
   keel_tensor *t, *src = lk_to(L, 1);
   double *buf;
   int nd;
-  if (src) {  /* a copy outside any graph, on opts.device or src's own */
-    keel_tensor *d;
+  if (src) {  /* a copy outside any graph: on opts.device, in opts.dtype, else src's own */
+    keel_tensor *d, *m;
     keel_device dev = keel_tensor_device(src);
+    keel_status st;
+    dt = lk_opt_dtype_field(L, 2, "tensor", keel_tensor_dtype(src));
     if (lua_istable(L, 2)) {
       if (lua_getfield(L, 2, "device") != LUA_TNIL) dev = lk_check_device(L, -1, "tensor");
       lua_pop(L, 1);
     }
     lk_check(L, S, keel_detach(S->ctx, src, &d));
-    if (keel_tensor_dtype(d) == dt || !lua_istable(L, 2)) {
-      keel_status st = keel_clone(S->ctx, d, &t);
-      keel_tensor_release(d);
-      lk_check(L, S, st);
-    } else {
-      keel_status st = keel_to_dtype(S->ctx, d, dt, &t);
-      keel_tensor_release(d);
-      lk_check(L, S, st);
-    }
-    if (dev != keel_tensor_device(t)) {
-      keel_tensor *m;
-      keel_status st = keel_to_device(S->ctx, t, dev, 0, &m);
-      keel_tensor_release(t);
+    /* one copy for a change of device or dtype: the transfer is the copy;
+    ** a dtype change too converts where the data lands */
+    if (dev != keel_tensor_device(d))
+      st = keel_to_device(S->ctx, d, dev, 1, &m);
+    else
+      st = keel_tensor_dtype(d) == dt ? keel_clone(S->ctx, d, &m) : keel_to_dtype(S->ctx, d, dt, &m);
+    keel_tensor_release(d);
+    lk_check_as(L, S, st, "tensor");
+    if (keel_tensor_dtype(m) != dt) {
+      st = keel_to_dtype(S->ctx, m, dt, &t);
+      keel_tensor_release(m);
       lk_check_as(L, S, st, "tensor");
+    } else {
       t = m;
     }
     lk_push(L, S, t);

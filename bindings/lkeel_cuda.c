@@ -83,6 +83,19 @@ static int c_load(lua_State *L) {
   return 0;
 }
 
+/* keel.cuda.is_built() -> whether a plugin file is where keel looks first
+** (keel_cuda_plugin_find; not opened), and its path. */
+static int c_is_built(lua_State *L) {
+  char path[4096];
+  if (!keel_cuda_plugin_find(path, sizeof path)) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  lua_pushboolean(L, 1);
+  lua_pushstring(L, path);
+  return 2;
+}
+
 static int c_plugin(lua_State *L) {
   keel_ctx *ctx = lk_S(L)->ctx;
   const char *p = keel_cuda_plugin_path(ctx);
@@ -98,7 +111,7 @@ void lk_open_cuda(lua_State *L, int state, int mt) {
     {"device_count", c_device_count}, {"get_device_name", c_get_device_name},
     {"memory_stats", c_memory_stats}, {"empty_cache", c_empty_cache},
     {"synchronize", c_synchronize}, {"mem_get_info", c_mem_get_info},
-    {"load", c_load}, {"plugin", c_plugin},
+    {"load", c_load}, {"plugin", c_plugin}, {"is_built", c_is_built},
     {NULL, NULL},
   };
   lk_register(L, state, mt, fns);

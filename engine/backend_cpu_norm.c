@@ -327,31 +327,33 @@ keel_status kl_cpu_dropout_mask(keel_ctx *ctx, keel_tensor *mask, double p) {
   return KEEL_OK;
 }
 
-/* out [n, D] = rows idx (0-based, checked) of weight [V, D]. */
-keel_status kl_cpu_embedding(keel_ctx *ctx, keel_tensor *out, const keel_tensor *weight, const keel_tensor *idx) {
+/* out [n, D] = rows idx - base (checked) of weight [V, D]. */
+keel_status kl_cpu_embedding(keel_ctx *ctx, keel_tensor *out, const keel_tensor *weight, const keel_tensor *idx,
+                             int64_t base) {
   size_t row = kl_dtype_size[weight->dtype] * (size_t)weight->shape[1];
   const int64_t *ix = (const int64_t *)kl_data(idx);
   const char *w = (const char *)kl_data(weight);
   char *o = (char *)kl_data(out);
   (void)ctx;
-  for (int64_t i = 0; i < idx->numel; i++) memcpy(o + (size_t)i * row, w + (size_t)ix[i] * row, row);
+  for (int64_t i = 0; i < idx->numel; i++) memcpy(o + (size_t)i * row, w + (size_t)(ix[i] - base) * row, row);
   return KEEL_OK;
 }
 
-/* gw [V, D] += rows of gout [n, D] at idx, except at row pad (-1: none). */
+/* gw [V, D] += rows of gout [n, D] at idx - base, except at row pad (0-based, -1: none). */
 keel_status kl_cpu_embedding_backward(keel_ctx *ctx, keel_tensor *gw, const keel_tensor *gout, const keel_tensor *idx,
-                                      int64_t pad) {
+                                      int64_t base, int64_t pad) {
   int64_t D = gw->shape[1];
   const int64_t *ix = (const int64_t *)kl_data(idx);
   (void)ctx;
   for (int64_t i = 0; i < idx->numel; i++) {
-    if (ix[i] == pad) continue;
+    int64_t r = ix[i] - base;
+    if (r == pad) continue;
     if (gw->dtype == KEEL_F32) {
-      float *d = (float *)kl_data(gw) + ix[i] * D;
+      float *d = (float *)kl_data(gw) + r * D;
       const float *g = (const float *)kl_data(gout) + i * D;
       for (int64_t k = 0; k < D; k++) d[k] += g[k];
     } else {
-      double *d = (double *)kl_data(gw) + ix[i] * D;
+      double *d = (double *)kl_data(gw) + r * D;
       const double *g = (const double *)kl_data(gout) + i * D;
       for (int64_t k = 0; k < D; k++) d[k] += g[k];
     }

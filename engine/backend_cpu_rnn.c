@@ -8,7 +8,9 @@
 ** h W_hh^T with one GEMM and applies its gates. Backward walks the steps
 ** in reverse for the gate gradients dG (one GEMM per step carries dh to
 ** the step before), then dx, dW_ih and dW_hh are one GEMM each over all
-** steps at once and the bias gradients are column sums of dG.
+** steps at once and the bias gradients are column sums of dG. Under a
+** reduced matmul precision W_hh is rounded once per call, not per step
+** (step_weight).
 **
 ** The workspace made by forward and read by backward holds, with
 ** S = B*H elements per state and every region indexed by time t:
@@ -49,6 +51,29 @@ kl_rnn_ws kl_rnn_ws_layout(const kl_rnn_args *a) {
 /* C = op(A) op(B) + beta C, row-major, in dt (the matmul precision
 ** applies: gemm.c); any size may be 0. Needs st and a done label. */
 #define GEMM(...) do { if ((st = kl_cpu_gemm(ctx, __VA_ARGS__))) goto done; } while (0)
+/* The per-step products by W_hh: GEMM with W_hh (operand b) as
+** step_weight gave it, rounded already when wh_ready says so. */
+#define GEMM_WH(...) do { if ((st = kl_cpu_gemm_ex(ctx, wh_ready, __VA_ARGS__))) goto done; } while (0)
+
+/* W_hh [GH, H] as every step multiplies by it. Under a reduced matmul
+** precision a float32 W_hh would be rounded again by each step's product
+** (T times per call, the same values): it is rounded once here into *keep
+** (released by the caller), *wh points there and *ready says so to
+** kl_cpu_gemm_ex. Otherwise *wh is W_hh itself, *keep NULL, *ready 0. */
+static keel_status step_weight(keel_ctx *ctx, const kl_rnn_args *a, int64_t GH, const char **wh,
+                               keel_tensor **keep, unsigned *ready) {
+  int64_t n = GH * a->H;
+  keel_status st;
+  *wh = (const char *)kl_data(a->w_hh);
+  *keep = NULL;
+  *ready = 0;
+  if (a->w_hh->dtype != KEEL_F32 || ctx->gemm_prec == KEEL_MATMUL_HIGHEST || n == 0) return KEEL_OK;
+  if ((st = kl_new(ctx, KEEL_F32, KEEL_CPU, 1, &n, keep))) return st;
+  kl_round_matrix(ctx->gemm_prec, (float *)kl_data(*keep), (const float *)*wh, GH, a->H, a->H);
+  *wh = (const char *)kl_data(*keep);
+  *ready = KL_GEMM_B_ROUNDED;
+  return KEEL_OK;
+}
 
 /* out[j] = sum over rows of A[row][j], accumulated in double. */
 static keel_status colsum(keel_ctx *ctx, keel_dtype dt, const char *A, int64_t rows, int64_t cols,
@@ -339,16 +364,19 @@ keel_status kl_cpu_rnn_forward(keel_ctx *ctx, kl_rnn_args *a) {
   keel_tensor *ws = NULL, *scratch = NULL;
   char *W, *O = (char *)kl_data(a->out);
   const char *X = (const char *)kl_data(a->x), *Wi = (const char *)kl_data(a->w_ih);
-  const char *Wh = (const char *)kl_data(a->w_hh);
+  const char *Wh;
   const char *bi = a->b_ih ? (const char *)kl_data(a->b_ih) : NULL;
   const char *bh = a->b_hh ? (const char *)kl_data(a->b_hh) : NULL;
+  keel_tensor *whr = NULL;
+  unsigned wh_ready;
   int64_t t_prev = 0;
   keel_status st;
   a->ws = NULL;
-  if ((st = kl_new(ctx, dt, KEEL_CPU, 1, &w.total, &ws))) return st;
+  if ((st = step_weight(ctx, a, GH, &Wh, &whr, &wh_ready))) return st;
+  if ((st = kl_new(ctx, dt, KEEL_CPU, 1, &w.total, &ws))) goto done;
   if (gru) {
     int64_t n = B * GH;
-    if ((st = kl_new(ctx, dt, KEEL_CPU, 1, &n, &scratch))) { keel_tensor_release(ws); return st; }
+    if ((st = kl_new(ctx, dt, KEEL_CPU, 1, &n, &scratch))) goto done;
   }
   W = (char *)kl_data(ws);
   /* x W_ih^T for every step: into the gates (row stride 4H), or the states */
@@ -368,15 +396,15 @@ keel_status kl_cpu_rnn_forward(keel_ctx *ctx, kl_rnn_args *a) {
       char *g = W + (w.g + t * B * 4 * H) * es;
       const char *cp = s == 0 ? W + w.c0 * es : W + (w.c + t_prev * S) * es;
       char *cn = W + (w.c + t * S) * es, *tc = W + (w.tc + t * S) * es;
-      GEMM(dt, 0, 1, B, GH, H, hp, H, Wh, H, 1.0, g, 4 * H);
+      GEMM_WH(dt, 0, 1, B, GH, H, hp, H, Wh, H, 1.0, g, 4 * H);
       if (dt == KEEL_F32) LSTM_FWD(float, sigmoid_f32, tanh_f32); else LSTM_FWD(double, sigmoid_f64, tanh_f64);
     } else if (gru) {
       char *g = W + (w.g + t * B * 4 * H) * es, *gh = (char *)kl_data(scratch);
-      GEMM(dt, 0, 1, B, GH, H, hp, H, Wh, H, 0.0, gh, GH);
+      GEMM_WH(dt, 0, 1, B, GH, H, hp, H, Wh, H, 0.0, gh, GH);
       if (dt == KEEL_F32) GRU_FWD(float, sigmoid_f32, tanh_f32); else GRU_FWD(double, sigmoid_f64, tanh_f64);
     } else {
       char *pre = W + (w.hn + t * S) * es;
-      GEMM(dt, 0, 1, B, H, H, hp, H, Wh, H, 1.0, pre, H);
+      GEMM_WH(dt, 0, 1, B, H, H, hp, H, Wh, H, 1.0, pre, H);
       if (dt == KEEL_F32) RNN_FWD(float, tanh_f32); else RNN_FWD(double, tanh_f64);
       memcpy(ho, pre, (size_t)(S * es));
     }
@@ -384,10 +412,12 @@ keel_status kl_cpu_rnn_forward(keel_ctx *ctx, kl_rnn_args *a) {
   }
   if (lstm) memcpy(O + T * S * es, W + (w.c + t_prev * S) * es, (size_t)(S * es));  /* c_n */
   keel_tensor_release(scratch);
+  keel_tensor_release(whr);
   a->ws = ws;
   return KEEL_OK;
 done:
   keel_tensor_release(scratch);
+  keel_tensor_release(whr);
   keel_tensor_release(ws);
   return st;
 }
@@ -400,11 +430,13 @@ keel_status kl_cpu_rnn_backward(keel_ctx *ctx, kl_rnn_args *a) {
   kl_rnn_ws w = kl_rnn_ws_layout(a);
   const char *W = (const char *)kl_data(a->ws), *GO = (const char *)kl_data(a->gout);
   const char *X = (const char *)kl_data(a->x), *Wi = (const char *)kl_data(a->w_ih);
-  const char *Wh = (const char *)kl_data(a->w_hh);
-  keel_tensor *tgi = NULL, *tgh = NULL, *tdh = NULL, *tdc = NULL;
+  const char *Wh;
+  keel_tensor *tgi = NULL, *tgh = NULL, *tdh = NULL, *tdc = NULL, *whr = NULL;
   char *dGi, *dGh, *dh, *dc = NULL;
   int64_t n = T * B * GH;
+  unsigned wh_ready;
   keel_status st;
+  if ((st = step_weight(ctx, a, GH, &Wh, &whr, &wh_ready))) goto done;
   if ((st = kl_new(ctx, dt, KEEL_CPU, 1, &n, &tgi))) goto done;
   if (gru && (st = kl_new(ctx, dt, KEEL_CPU, 1, &n, &tgh))) goto done;
   if ((st = kl_new(ctx, dt, KEEL_CPU, 1, &S, &tdh))) goto done;
@@ -438,7 +470,7 @@ keel_status kl_cpu_rnn_backward(keel_ctx *ctx, kl_rnn_args *a) {
     /* dh of the state the step started from: through W_hh (and, for a
     ** GRU, the z * h term already in dh) */
     if (s > 0 || a->dh0)
-      GEMM(dt, 0, 0, B, H, GH, dGh + t * B * GH * es, GH, Wh, H, gru ? 1.0 : 0.0, dh, H);
+      GEMM_WH(dt, 0, 0, B, H, GH, dGh + t * B * GH * es, GH, Wh, H, gru ? 1.0 : 0.0, dh, H);
   }
   if (a->dh0) memcpy(kl_data(a->dh0), dh, (size_t)(S * es));
   if (a->dc0) memcpy(kl_data(a->dc0), dc, (size_t)(S * es));
@@ -455,6 +487,7 @@ done:
   keel_tensor_release(tgh);
   keel_tensor_release(tdh);
   keel_tensor_release(tdc);
+  keel_tensor_release(whr);
   return st;
 }
 

@@ -83,32 +83,10 @@ static keel_status done(keel_ctx *ctx, const char *fn, int code) {
 #define PL (kl_cuda_table(ctx))
 #define ST (kl_cuda_state(ctx))
 
-/* The ops check index tensors on the host (linalg.c, loss.c, norm.c) and
-** hand the checked copy over as a CPU int64 tensor counted from base;
-** kernels read a dense device copy counted from 0. A device index (one
-** the caller made for the kernel) passes through. */
-static keel_status device_index(keel_ctx *ctx, const char *fn, const keel_tensor *idx, int64_t base,
-                                keel_tensor **out) {
-  keel_tensor *h = NULL;
-  keel_status st;
-  *out = NULL;
-  if (idx->storage->device == KEEL_CUDA) {
-    *out = keel_tensor_retain((keel_tensor *)idx);
-    return KEEL_OK;
-  }
-  if (idx->dtype != KEEL_I64) return kl_error(ctx, KEEL_ERR_TYPE, "%s: index tensor is not int64", fn);
-  if (!base) return kl_transfer(ctx, idx, KEEL_CUDA, KEEL_I64, out);
-  if ((st = kl_new(ctx, KEEL_I64, KEEL_CPU, idx->ndim, idx->shape, &h))) return st;
-  if ((st = kl_cpu_backend.copy(ctx, h, idx))) goto done;
-  {
-    int64_t *v = (int64_t *)kl_data(h);
-    for (int64_t i = 0; i < h->numel; i++) v[i] -= base;
-  }
-  st = kl_transfer(ctx, h, KEEL_CUDA, KEEL_I64, out);
-done:
-  keel_tensor_release(h);
-  return st;
-}
+/* Index tensors reach the slots below as the ops hand them (linalg.c,
+** loss.c, norm.c): int64, already on the device (often the caller's own
+** tensor, checked on the host), with values counted from a base that the
+** kernels subtract. on_gpu checks them like the other operands. */
 
 /* The context's matmul precision, handed to the plugin before a product
 ** (one store there: cheaper than tracking what it last saw). */
@@ -209,41 +187,29 @@ static keel_status cuda_gather(keel_ctx *ctx, keel_tensor *out, const keel_tenso
                                const keel_tensor *index) {
   kc_view vo, va, vi;
   keel_status st;
-  keel_tensor *di = NULL;
   if (!PL->gather) return no_kernel(ctx, "gather");
-  if ((st = on_gpu(ctx, "gather", out, a, NULL)) || (st = device_index(ctx, "gather", index, ctx->index_base, &di)))
-    return st;
-  st = done(ctx, "gather", PL->gather(ST, view(out, &vo), view(a, &va), dim, view(di, &vi)));
-  keel_tensor_release(di);
-  return st;
+  if ((st = on_gpu(ctx, "gather", out, a, index, NULL))) return st;
+  return done(ctx, "gather", PL->gather(ST, view(out, &vo), view(a, &va), dim, view(index, &vi), ctx->index_base));
 }
 
 static keel_status cuda_scatter_add(keel_ctx *ctx, keel_tensor *out, int dim, const keel_tensor *index,
                                     const keel_tensor *src) {
   kc_view vo, vi, vs;
   keel_status st;
-  keel_tensor *di = NULL;
   if (!PL->scatter_add) return no_kernel(ctx, "scatter_add");
-  if ((st = on_gpu(ctx, "scatter_add", out, src, NULL)) ||
-      (st = device_index(ctx, "scatter_add", index, ctx->index_base, &di)))
-    return st;
-  st = done(ctx, "scatter_add", PL->scatter_add(ST, view(out, &vo), dim, view(di, &vi), view(src, &vs)));
-  keel_tensor_release(di);
-  return st;
+  if ((st = on_gpu(ctx, "scatter_add", out, index, src, NULL))) return st;
+  return done(ctx, "scatter_add",
+              PL->scatter_add(ST, view(out, &vo), dim, view(index, &vi), view(src, &vs), ctx->index_base));
 }
 
 static keel_status cuda_index_select(keel_ctx *ctx, keel_tensor *out, const keel_tensor *a, int dim,
                                      const keel_tensor *index) {
   kc_view vo, va, vi;
   keel_status st;
-  keel_tensor *di = NULL;
   if (!PL->index_select) return no_kernel(ctx, "index_select");
-  if ((st = on_gpu(ctx, "index_select", out, a, NULL)) ||
-      (st = device_index(ctx, "index_select", index, ctx->index_base, &di)))
-    return st;
-  st = done(ctx, "index_select", PL->index_select(ST, view(out, &vo), view(a, &va), dim, view(di, &vi)));
-  keel_tensor_release(di);
-  return st;
+  if ((st = on_gpu(ctx, "index_select", out, a, index, NULL))) return st;
+  return done(ctx, "index_select",
+              PL->index_select(ST, view(out, &vo), view(a, &va), dim, view(index, &vi), ctx->index_base));
 }
 
 static keel_status cuda_act(keel_ctx *ctx, int op, keel_tensor *out, const keel_tensor *a, const double *p) {
@@ -408,29 +374,21 @@ static keel_status cuda_dropout_mask(keel_ctx *ctx, keel_tensor *mask, double p)
   return done(ctx, "dropout", PL->dropout_mask(ST, view(mask, &vm), p, kl_rng_next(ctx)));
 }
 static keel_status cuda_embedding(keel_ctx *ctx, keel_tensor *out, const keel_tensor *weight,
-                                  const keel_tensor *idx) {
+                                  const keel_tensor *idx, int64_t base) {
   kc_view vo, vw, vi;
   keel_status st;
-  keel_tensor *di = NULL;
   if (!PL->embedding) return no_kernel(ctx, "embedding");
-  if ((st = on_gpu(ctx, "embedding", out, weight, NULL)) || (st = device_index(ctx, "embedding", idx, 0, &di)))
-    return st;
-  st = done(ctx, "embedding", PL->embedding(ST, view(out, &vo), view(weight, &vw), view(di, &vi)));
-  keel_tensor_release(di);
-  return st;
+  if ((st = on_gpu(ctx, "embedding", out, weight, idx, NULL))) return st;
+  return done(ctx, "embedding", PL->embedding(ST, view(out, &vo), view(weight, &vw), view(idx, &vi), base));
 }
 static keel_status cuda_embedding_backward(keel_ctx *ctx, keel_tensor *gw, const keel_tensor *gout,
-                                           const keel_tensor *idx, int64_t pad) {
+                                           const keel_tensor *idx, int64_t base, int64_t pad) {
   kc_view vw, vg, vi;
   keel_status st;
-  keel_tensor *di = NULL;
   if (!PL->embedding_backward) return no_kernel(ctx, "embedding backward");
-  if ((st = on_gpu(ctx, "embedding backward", gw, gout, NULL)) ||
-      (st = device_index(ctx, "embedding backward", idx, 0, &di)))
-    return st;
-  st = done(ctx, "embedding backward", PL->embedding_backward(ST, view(gw, &vw), view(gout, &vg), view(di, &vi), pad));
-  keel_tensor_release(di);
-  return st;
+  if ((st = on_gpu(ctx, "embedding backward", gw, gout, idx, NULL))) return st;
+  return done(ctx, "embedding backward",
+              PL->embedding_backward(ST, view(gw, &vw), view(gout, &vg), view(idx, &vi), base, pad));
 }
 
 static keel_status cuda_ploss(keel_ctx *ctx, int op, keel_tensor *out, const keel_tensor *x, const keel_tensor *y,
@@ -454,6 +412,8 @@ static keel_status cuda_ploss_backward(keel_ctx *ctx, int op, keel_tensor *gx, c
 static const kc_closs *closs_args(const kl_closs *q, kc_closs *c) {
   c->n = q->n; c->c = q->c; c->inner = q->inner;
   c->smoothing = q->smoothing;
+  c->index_base = q->index_base;
+  c->ignore_index = q->ignore_index;
   c->reduction = q->reduction;
   c->logits = q->logits;
   c->probs = q->probs;
@@ -477,15 +437,11 @@ static keel_status cuda_closs(keel_ctx *ctx, const kl_closs *q, keel_tensor *out
   kc_view vo, vl, vd, vx, vt, vw;
   const kc_view *pl;
   keel_status st;
-  keel_tensor *dt = NULL;
   if (!PL->closs) return no_kernel(ctx, fn);
-  if ((st = on_gpu(ctx, fn, out, aux, x, OPT(weight), NULL)) || (st = device_index(ctx, fn, target, 0, &dt)))
-    return st;
+  if ((st = on_gpu(ctx, fn, out, aux, x, target, OPT(weight), NULL))) return st;
   closs_aux(q, aux, &vl, &vd, &pl);
-  st = done(ctx, fn, PL->closs(ST, closs_args(q, &c), view(out, &vo), pl, &vd, view(x, &vx), view(dt, &vt),
-                               view(weight, &vw)));
-  keel_tensor_release(dt);
-  return st;
+  return done(ctx, fn, PL->closs(ST, closs_args(q, &c), view(out, &vo), pl, &vd, view(x, &vx), view(target, &vt),
+                                 view(weight, &vw)));
 }
 static keel_status cuda_closs_backward(keel_ctx *ctx, const kl_closs *q, keel_tensor *gx, keel_tensor *gt,
                                        const keel_tensor *gout, const keel_tensor *x, const keel_tensor *target,
@@ -495,16 +451,11 @@ static keel_status cuda_closs_backward(keel_ctx *ctx, const kl_closs *q, keel_te
   kc_view vgx, vgt, vg, vx, vt, vw, vl, vd;
   const kc_view *pl;
   keel_status st;
-  keel_tensor *dt = NULL;
   if (!PL->closs_backward) return no_kernel(ctx, fn);
-  if ((st = on_gpu(ctx, fn, OPT(gx), OPT(gt), gout, x, OPT(weight), aux, NULL)) ||
-      (st = device_index(ctx, fn, target, 0, &dt)))
-    return st;
+  if ((st = on_gpu(ctx, fn, OPT(gx), OPT(gt), gout, x, target, OPT(weight), aux, NULL))) return st;
   closs_aux(q, aux, &vl, &vd, &pl);
-  st = done(ctx, fn, PL->closs_backward(ST, closs_args(q, &c), view(gx, &vgx), view(gt, &vgt), view(gout, &vg),
-                                        view(x, &vx), view(dt, &vt), view(weight, &vw), pl, &vd));
-  keel_tensor_release(dt);
-  return st;
+  return done(ctx, fn, PL->closs_backward(ST, closs_args(q, &c), view(gx, &vgx), view(gt, &vgt), view(gout, &vg),
+                                          view(x, &vx), view(target, &vt), view(weight, &vw), pl, &vd));
 }
 static keel_status cuda_bce(keel_ctx *ctx, keel_tensor *out, const keel_tensor *x, const keel_tensor *y,
                             const keel_tensor *w, const keel_tensor *pw, int red) {

@@ -174,25 +174,43 @@ static int plugin_open(struct kl_cuda *c, const char *path, const char *origin) 
   return 1;
 }
 
-/* Tries the places the header describes, in order. */
-static int plugin_search(struct kl_cuda *c) {
+/* The places the header describes before the linker's path: where a
+** plugin file is (1, its path in path; from KEEL_CUDA_PLUGIN, *from says
+** so), else 0 with the directories looked in, as the user would find them
+** (no ".."), in tried. */
+static int plugin_locate(char *path, size_t n, const char **from, char *tried, size_t tn) {
   static const char *const rel[] = {"", "/../lib", "/../../lib"};
-  char dir[PATH_MAX], path[PATH_MAX], tried[3 * PATH_MAX / 2];
+  char dir[PATH_MAX], cand[PATH_MAX], real[PATH_MAX];
   const char *env = getenv("KEEL_CUDA_PLUGIN");
   size_t k = 0;
-  if (env && env[0]) return plugin_open(c, env, " (from KEEL_CUDA_PLUGIN)");
+  *from = "";
   tried[0] = '\0';
-  if (engine_dir(dir, sizeof dir)) {
-    for (size_t i = 0; i < sizeof rel / sizeof rel[0]; i++) {
-      char real[PATH_MAX];
-      if (snprintf(path, sizeof path, "%s%s/" KEEL_CUDA_PLUGIN_FILE, dir, rel[i]) >= (int)sizeof path) continue;
-      if (access(path, F_OK) == 0) return plugin_open(c, realpath(path, real) ? real : path, "");
-      /* name the directory as the user would find it (no "..") */
-      snprintf(path, sizeof path, "%s%s", dir, rel[i]);
-      if (k < sizeof tried)
-        k += (size_t)snprintf(tried + k, sizeof tried - k, "%s%s", k ? ", " : "", realpath(path, real) ? real : path);
-    }
+  if (env && env[0]) {
+    *from = " (from KEEL_CUDA_PLUGIN)";
+    return snprintf(path, n, "%s", env) < (int)n;
   }
+  if (!engine_dir(dir, sizeof dir)) return 0;
+  for (size_t i = 0; i < sizeof rel / sizeof rel[0]; i++) {
+    if (snprintf(cand, sizeof cand, "%s%s/" KEEL_CUDA_PLUGIN_FILE, dir, rel[i]) >= (int)sizeof cand) continue;
+    if (access(cand, F_OK) == 0) return snprintf(path, n, "%s", realpath(cand, real) ? real : cand) < (int)n;
+    snprintf(cand, sizeof cand, "%s%s", dir, rel[i]);
+    if (k < tn) k += (size_t)snprintf(tried + k, tn - k, "%s%s", k ? ", " : "", realpath(cand, real) ? real : cand);
+  }
+  return 0;
+}
+
+int keel_cuda_plugin_find(char *path, size_t n) {
+  char tried[8];
+  const char *from;
+  /* KEEL_CUDA_PLUGIN is taken as given by the loader (to say why it fails) */
+  return plugin_locate(path, n, &from, tried, sizeof tried) && access(path, F_OK) == 0;
+}
+
+/* Tries the places the header describes, in order. */
+static int plugin_search(struct kl_cuda *c) {
+  char path[PATH_MAX], tried[3 * PATH_MAX / 2];
+  const char *from;
+  if (plugin_locate(path, sizeof path, &from, tried, sizeof tried)) return plugin_open(c, path, from);
   /* the dynamic linker's path (LD_LIBRARY_PATH, ld.so.cache) */
   dlerror();
   c->dl = dlopen(KEEL_CUDA_PLUGIN_FILE, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
@@ -531,6 +549,12 @@ static void keep_shadow(keel_ctx *ctx, const keel_tensor *src, keel_tensor *o) {
     o->storage->shadow_version = o->storage->version;
   }
   kl_err_restore(ctx, &saved);   /* without the copy, checks download: no error */
+}
+
+keel_status kl_upload_index(keel_ctx *ctx, const keel_tensor *h, keel_tensor **out) {
+  keel_status st = kl_transfer(ctx, h, KEEL_CUDA, KEEL_I64, out);
+  if (!st && h->dtype == KEEL_I64) keep_shadow(ctx, h, *out);
+  return st;
 }
 
 keel_status kl_host_values(keel_ctx *ctx, const keel_tensor *t, keel_tensor **out) {

@@ -1177,6 +1177,11 @@ KEEL_API int keel_cuda_available(keel_ctx *ctx, char *why, size_t n);
 /* Opens the plugin at path (NULL: the search above) now. After a failed
 ** attempt it tries again; once one is open, asking for another fails. */
 KEEL_API keel_status keel_cuda_load(keel_ctx *ctx, const char *path);
+/* Whether a plugin file is where the search above looks first
+** ($KEEL_CUDA_PLUGIN, else beside the engine), without opening it: 1 with
+** its path in path (n bytes), else 0. A CUDA build on a machine without a
+** GPU says 1; the linker's path is not searched (that needs dlopen). */
+KEEL_API int keel_cuda_plugin_find(char *path, size_t n);
 /* The open plugin's path and description; NULL when none is open. */
 KEEL_API const char *keel_cuda_plugin_path(const keel_ctx *ctx);
 KEEL_API const char *keel_cuda_plugin_description(const keel_ctx *ctx);

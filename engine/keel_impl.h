@@ -153,6 +153,10 @@ KEEL_INTERNAL size_t kl_dtype_size[KEEL_DTYPE_COUNT];
 ** of its storage's valid host copy (kl_storage.shadow), else a download
 ** (which waits for the device). *out is a new reference. */
 KEEL_INTERNAL keel_status kl_host_values(keel_ctx *ctx, const keel_tensor *t, keel_tensor **out);
+/* h (a CPU index tensor the op has checked) copied to the CUDA device as
+** int64 for the kernels, once per op; the copy keeps h's values as its
+** host copy, so that checking it again (backward's ops) downloads nothing. */
+KEEL_INTERNAL keel_status kl_upload_index(keel_ctx *ctx, const keel_tensor *h, keel_tensor **out);
 /* New contiguous tensor, uninitialised. */
 KEEL_INTERNAL keel_status kl_new(keel_ctx *ctx, keel_dtype dt, keel_device dev, int ndim,
                                  const int64_t *shape, keel_tensor **out);
@@ -369,9 +373,9 @@ KEEL_INTERNAL keel_status kl_cpu_norm_backward(keel_ctx *ctx, keel_tensor *gx, k
                                                int stats_of_x);
 KEEL_INTERNAL keel_status kl_cpu_dropout_mask(keel_ctx *ctx, keel_tensor *mask, double p);
 KEEL_INTERNAL keel_status kl_cpu_embedding(keel_ctx *ctx, keel_tensor *out, const keel_tensor *weight,
-                                           const keel_tensor *idx);
+                                           const keel_tensor *idx, int64_t base);
 KEEL_INTERNAL keel_status kl_cpu_embedding_backward(keel_ctx *ctx, keel_tensor *gw, const keel_tensor *gout,
-                                                    const keel_tensor *idx, int64_t pad);
+                                                    const keel_tensor *idx, int64_t base, int64_t pad);
 /* @backward:act */
 KL_BACKWARD(kl_act_backward);     KL_BACKWARD(kl_softmax_backward);
 KL_BACKWARD(kl_ploss_backward);   KL_BACKWARD(kl_closs_backward);
@@ -388,6 +392,12 @@ KEEL_INTERNAL keel_status kl_act_dense(keel_ctx *ctx, keel_tensor *a, keel_dtype
 typedef struct kl_closs {
   int64_t n, c, inner;
   double smoothing;
+  /* class-index targets (int64): a value equal to ignore_index
+  ** (KEEL_NO_IGNORE: none) is ignored, any other is class value -
+  ** index_base. The CPU backend always gets loss.c's converted copy
+  ** (base 0, ignore -1); the CUDA one may get the caller's own tensor
+  ** (the context's base, the caller's ignore_index). */
+  int64_t index_base, ignore_index;
   int reduction;      /* keel_reduction */
   int logits;         /* input holds logits (cross entropy), else log-probabilities */
   int probs;          /* target holds probabilities shaped like the input */
@@ -506,6 +516,8 @@ struct kl_backend {
   ** allowed on the batch dim). */
   keel_status (*matmul)(keel_ctx *ctx, keel_tensor *out, const keel_tensor *a,
                         const keel_tensor *b);
+  /* index: int64 of any strides, on a's device, its values counted from
+  ** the context's index base (checked by the op) */
   keel_status (*gather)(keel_ctx *ctx, keel_tensor *out, const keel_tensor *a, int dim,
                         const keel_tensor *index);
   /* out += scatter(src) along dim (out already holds the base values). */
@@ -549,11 +561,13 @@ struct kl_backend {
                                int stats_of_x);
   /* mask (contiguous) = 0 with probability p, else 1/(1-p), from the context RNG */
   keel_status (*dropout_mask)(keel_ctx *ctx, keel_tensor *mask, double p);
-  /* out [n, D] = weight [V, D] rows idx (int64 [n], 0-based, checked); all contiguous */
-  keel_status (*embedding)(keel_ctx *ctx, keel_tensor *out, const keel_tensor *weight, const keel_tensor *idx);
-  /* gw [V, D] += gout [n, D] rows at idx, skipping row pad (-1: none) */
+  /* out [n, D] = weight [V, D] rows idx - base (int64 [n] on the weight's
+  ** device, checked); all contiguous */
+  keel_status (*embedding)(keel_ctx *ctx, keel_tensor *out, const keel_tensor *weight, const keel_tensor *idx,
+                           int64_t base);
+  /* gw [V, D] += gout [n, D] rows at idx - base, skipping row pad (0-based, -1: none) */
   keel_status (*embedding_backward)(keel_ctx *ctx, keel_tensor *gw, const keel_tensor *gout,
-                                    const keel_tensor *idx, int64_t pad);
+                                    const keel_tensor *idx, int64_t base, int64_t pad);
   /* @slots:act */
   /* Contiguous tensors of one float dtype. act: pointwise activation op
   ** (KL_OP_*) with the node's parameters p; softmax over dim (log_out: log);
@@ -622,8 +636,17 @@ KEEL_INTERNAL const kl_backend kl_cpu_backend;
 KEEL_INTERNAL keel_status kl_cpu_gemm(keel_ctx *ctx, keel_dtype dt, int ta, int tb, int64_t m, int64_t n,
                                       int64_t k, const void *a, int64_t lda, const void *b, int64_t ldb,
                                       double beta, void *c, int64_t ldc);
-/* x rounded to the format of precision p (KEEL_MATMUL_*), as a float. */
-KEEL_INTERNAL float kl_round_to_precision(float x, int p);
+/* kl_cpu_gemm where the caller rounded an operand to ctx's matmul
+** precision already (kl_round_matrix; the rounding of keel_round.h): bit
+** KL_GEMM_A_ROUNDED (B) of ready says a (b) is used as it is. Same
+** results as kl_cpu_gemm; a loop-invariant operand is rounded once. */
+#define KL_GEMM_A_ROUNDED 1u
+#define KL_GEMM_B_ROUNDED 2u
+KEEL_INTERNAL keel_status kl_cpu_gemm_ex(keel_ctx *ctx, unsigned ready, keel_dtype dt, int ta, int tb, int64_t m,
+                                         int64_t n, int64_t k, const void *a, int64_t lda, const void *b,
+                                         int64_t ldb, double beta, void *c, int64_t ldc);
+/* dst[i*cols + j] = src[i*ld + j] rounded to precision p (KEEL_MATMUL_*). */
+KEEL_INTERNAL void kl_round_matrix(int p, float *dst, const float *src, int64_t rows, int64_t cols, int64_t ld);
 /* NULL when dev cannot be used (CUDA: see kl_cuda_ready). */
 KEEL_INTERNAL const kl_backend *kl_backend_for(keel_ctx *ctx, keel_device dev);
 

@@ -326,20 +326,34 @@ static keel_status index_on_host(keel_ctx *ctx, const char *fn, keel_tensor *ind
   return KEEL_OK;
 }
 
-/* The same for an index on any device. Indices are checked on the host,
-** so a device index comes over once (not at all when it still has the
-** values it was uploaded with: kl_host_values); the checked copy stays on the host
-** (the CUDA backend uploads what its kernels read: backend_cuda.c). An
-** index may sit on either device whatever the data's: backward hands the
-** saved host copy, and max/min hand device positions, to these ops. */
+/*
+** The index the backend of device dev reads, for an index on any device
+** (max/min hand these ops device positions whatever the data's device).
+** Its values are checked on the host, so a device index comes over once
+** (not at all while it still has the values it was uploaded with:
+** kl_host_values). The kernels read values counted from the index base
+** and any strides, so an int64 index already on dev goes to them as it
+** is: nothing is copied, and autograd saves it for backward, whose ops
+** check it again from the same host copy. Any other index is the checked
+** copy (the CPU backend's always), uploaded once when dev is CUDA
+** (keeping its host copy, so that backward's check downloads nothing).
+*/
 static keel_status index_tensor(keel_ctx *ctx, const char *fn, keel_tensor *index, int64_t limit,
-                                keel_tensor **out) {
-  keel_tensor *h = NULL;
+                                keel_device dev, keel_tensor **out) {
+  keel_tensor *h = NULL, *c = NULL;
   keel_status st;
   *out = NULL;
   if ((st = kl_check_same_ctx(ctx, fn, index)) || (st = kl_host_values(ctx, index, &h))) return st;
-  st = index_on_host(ctx, fn, h, limit, out);
+  st = index_on_host(ctx, fn, h, limit, &c);
   keel_tensor_release(h);
+  if (st) return st;
+  if (dev == KEEL_CPU)
+    *out = keel_tensor_retain(c);
+  else if (index->storage->device == dev && index->dtype == KEEL_I64)
+    *out = keel_tensor_retain(index);
+  else
+    st = kl_upload_index(ctx, c, out);
+  keel_tensor_release(c);
   return st;
 }
 
@@ -368,7 +382,7 @@ keel_status keel_gather(keel_ctx *ctx, keel_tensor *a, int dim, keel_tensor *ind
   if ((st = kl_check_same_ctx(ctx, "gather", a))) return st;
   if ((st = kl_check_dim(ctx, "gather", dim, a->ndim, &d))) return st;
   if ((st = check_index_shape(ctx, "gather", a, d, index, NULL))) return st;
-  if ((st = index_tensor(ctx, "gather", index, a->shape[d], &idx))) return st;
+  if ((st = index_tensor(ctx, "gather", index, a->shape[d], a->storage->device, &idx))) return st;
   TRY(kl_new(ctx, a->dtype, a->storage->device, idx->ndim, idx->shape, &o));
   TRY(backend(ctx, a)->gather(ctx, o, a, d, idx));
   if (kl_needs_grad(ctx, 1, &a)) {
@@ -397,7 +411,7 @@ keel_status keel_scatter_add(keel_ctx *ctx, keel_tensor *a, int dim, keel_tensor
   if (src->ndim != a->ndim)
     return kl_error(ctx, KEEL_ERR_SHAPE, "scatter_add: source has %d dimensions, input has %d", src->ndim, a->ndim);
   if ((st = check_index_shape(ctx, "scatter_add", a, d, index, src))) return st;
-  if ((st = index_tensor(ctx, "scatter_add", index, a->shape[d], &idx))) return st;
+  if ((st = index_tensor(ctx, "scatter_add", index, a->shape[d], a->storage->device, &idx))) return st;
   TRY(kl_new(ctx, a->dtype, a->storage->device, a->ndim, a->shape, &o));
   TRY(backend(ctx, a)->copy(ctx, o, a));
   TRY(keel_to_dtype(ctx, src, a->dtype, &s));
@@ -430,7 +444,7 @@ keel_status keel_index_select(keel_ctx *ctx, keel_tensor *a, int dim, keel_tenso
   if ((st = kl_check_dim(ctx, "index_select", dim, a->ndim, &d))) return st;
   if (index->ndim > 1)
     return kl_error(ctx, KEEL_ERR_SHAPE, "index_select: index must be 1-D, got %d dimensions", index->ndim);
-  if ((st = index_tensor(ctx, "index_select", index, a->shape[d], &idx))) return st;
+  if ((st = index_tensor(ctx, "index_select", index, a->shape[d], a->storage->device, &idx))) return st;
   memcpy(shape, a->shape, sizeof shape);
   shape[d] = idx->numel;
   if (idx->ndim == 0) {  /* a 0-d index selects one slice, keeping the dim */

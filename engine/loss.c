@@ -8,8 +8,11 @@
 **
 ** Class-index targets may be int64 or whole-valued floats (Lua numbers);
 ** they use the context's index base, and a target equal to ignore_index
-** (KEEL_NO_IGNORE: none) contributes nothing. The op converts them once
-** to 0-based int64 with -1 for ignored ones, which the kernels read.
+** (KEEL_NO_IGNORE: none) contributes nothing. The op checks them on the
+** host, then hands the backend int64 targets with the base and ignored
+** value they use (kl_closs): the CUDA backend gets an int64 device target
+** as the caller gave it (no copy to the host and back), others a copy
+** converted to 0-based with -1 for ignored ones.
 */
 #include <math.h>
 #include <string.h>
@@ -149,23 +152,28 @@ done:
 ** ======================================================================= */
 
 /*
-** target as 0-based int64 (-1 where it equals ignore), each value checked
-** to be whole and inside [base, base + c).
+** target for the backend of device dev, each value checked (on the host:
+** kl_host_values) to be whole and inside [base, base + c) unless it equals
+** ignore; q gets the base and ignored value of what *out holds. An int64
+** target on a CUDA dev goes as the caller gave it (contiguous: a device
+** copy when strided), with the context's base and ignore; otherwise a
+** contiguous 0-based copy with -1 for ignored targets, uploaded once
+** when dev is CUDA (backward reuses it).
 */
 static keel_status class_targets(keel_ctx *ctx, const char *fn, keel_tensor *target, int64_t c, int64_t ignore,
-                                 keel_tensor **out) {
+                                 keel_device dev, kl_closs *q, keel_tensor **out) {
   int64_t base = ctx->index_base, n = target->numel;
   double *vals = NULL;
   int64_t *dst;
   keel_status st = KEEL_OK;
-  keel_tensor *host = NULL;
+  keel_tensor *host = NULL, *conv = NULL, *given = target;
   *out = NULL;
-  /* checked on the host (kl_host_values); the CUDA backend uploads the
-  ** checked copy its kernels read */
+  q->index_base = 0;
+  q->ignore_index = -1;
   if ((st = kl_host_values(ctx, target, &host))) return st;
   target = host;
-  if ((st = kl_new(ctx, KEEL_I64, KEEL_CPU, target->ndim, target->shape, out))) goto done;
-  dst = (int64_t *)kl_data(*out);
+  if ((st = kl_new(ctx, KEEL_I64, KEEL_CPU, target->ndim, target->shape, &conv))) goto done;
+  dst = (int64_t *)kl_data(conv);
   if (target->dtype == KEEL_I64) {
     keel_tensor *c2 = NULL;
     if ((st = kl_act_dense(ctx, target, KEEL_I64, &c2))) goto done;
@@ -193,9 +201,20 @@ static keel_status class_targets(keel_ctx *ctx, const char *fn, keel_tensor *tar
     }
     dst[i] -= base;
   }
+  if (dev == KEEL_CPU) {
+    *out = conv;
+    conv = NULL;
+  } else if (given->storage->device == dev && given->dtype == KEEL_I64) {
+    if ((st = keel_contiguous(ctx, given, out))) goto done;
+    q->index_base = base;
+    q->ignore_index = ignore;
+  } else {
+    st = kl_transfer(ctx, conv, dev, KEEL_I64, out);
+  }
 done:
   if (vals) kl_free(ctx, vals, sizeof(double) * (size_t)(n ? n : 1));
   keel_tensor_release(host);
+  keel_tensor_release(conv);
   if (st) kl_release(out);
   return st;
 }
@@ -257,7 +276,7 @@ static keel_status class_loss(keel_ctx *ctx, int op, keel_tensor *x, keel_tensor
     dt = kl_promote(dt, target->dtype);
     TRY(kl_act_dense(ctx, target, dt, &ts));
   } else {
-    TRY(class_targets(ctx, fn, target, q.c, ignore, &ts));
+    TRY(class_targets(ctx, fn, target, q.c, ignore, x->storage->device, &q, &ts));
   }
   TRY(kl_act_dense(ctx, x, dt, &xs));
   if (weight) TRY(kl_act_dense(ctx, weight, dt, &ws));
@@ -275,6 +294,8 @@ static keel_status class_loss(keel_ctx *ctx, int op, keel_tensor *x, keel_tensor
       n->iparam[2] = q.inner;
       n->iparam[3] = q.reduction;
       n->iparam[4] = q.probs;
+      n->iparam[5] = q.index_base;   /* how ts holds its classes */
+      n->iparam[6] = q.ignore_index;
       n->fparam[0] = q.smoothing;
       TRY(kl_save(ctx, n, 0, xs));
       TRY(kl_save(ctx, n, 1, ts));
@@ -314,6 +335,8 @@ KL_BACKWARD(kl_closs_backward) {
   q.inner = n->iparam[2];
   q.reduction = (int)n->iparam[3];
   q.probs = (int)n->iparam[4];
+  q.index_base = n->iparam[5];
+  q.ignore_index = n->iparam[6];
   q.logits = n->op == KL_OP_CROSS_ENTROPY;
   q.smoothing = n->fparam[0];
   TRY(kl_act_dense(ctx, gout, x->dtype, &g));

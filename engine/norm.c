@@ -397,16 +397,24 @@ KL_BACKWARD(kl_dropout_backward) {
 ** Embedding
 ** ======================================================================= */
 
-/* indices as contiguous 0-based int64 values, each checked against [0, V).
-** Float indices with whole values are accepted (Lua numbers make them). */
+/*
+** indices checked against [base, base + V) and handed over, for the
+** backend of device dev, as contiguous int64 values counted from *obase.
+** Float indices with whole values are accepted (Lua numbers make them).
+** The values are checked on the host (kl_host_values: no download while an
+** uploaded tensor keeps its host copy). The kernels subtract the base, so
+** int64 indices already on the CUDA device go as they are (a contiguous
+** device copy when strided): nothing is uploaded. Others become a 0-based
+** host copy, uploaded once when dev is CUDA; backward reuses what forward
+** handed over.
+*/
 static keel_status embedding_indices(keel_ctx *ctx, const char *fn, keel_tensor *indices, int64_t V,
-                                     keel_tensor **out) {
+                                     keel_device dev, keel_tensor **out, int64_t *obase) {
   int64_t base = ctx->index_base, *dst;
-  keel_tensor *c = NULL, *f = NULL, *host = NULL;
+  keel_tensor *c = NULL, *f = NULL, *host = NULL, *given = indices;
   keel_status st;
   *out = NULL;
-  /* checked on the host (kl_host_values); the CUDA backend uploads the
-  ** checked copy its kernels read */
+  *obase = 0;
   if ((st = kl_host_values(ctx, indices, &host))) return st;
   indices = host;
   TRY(kl_new(ctx, KEEL_I64, KEEL_CPU, indices->ndim, indices->shape, &c));
@@ -433,8 +441,15 @@ static keel_status embedding_indices(keel_ctx *ctx, const char *fn, keel_tensor 
     }
     dst[i] -= base;
   }
-  *out = c;
-  c = NULL;
+  if (dev == KEEL_CPU) {
+    *out = c;
+    c = NULL;
+  } else if (given->storage->device == dev && given->dtype == KEEL_I64) {
+    TRY(keel_contiguous(ctx, given, out));
+    *obase = base;
+  } else {
+    TRY(kl_transfer(ctx, c, dev, KEEL_I64, out));
+  }
 done:
   keel_tensor_release(c);
   keel_tensor_release(f);
@@ -445,7 +460,7 @@ done:
 keel_status keel_embedding(keel_ctx *ctx, keel_tensor *weight, keel_tensor *indices, int64_t padding_idx,
                            keel_tensor **out) {
   const char *fn = "embedding";
-  int64_t V, D, pad = -1, shape[KEEL_MAX_DIMS], s2[2];
+  int64_t V, D, pad = -1, base, shape[KEEL_MAX_DIMS], s2[2];
   keel_tensor *idx = NULL, *wd = NULL, *y = NULL, *y2 = NULL;
   keel_status st;
   *out = NULL;
@@ -466,7 +481,7 @@ keel_status keel_embedding(keel_ctx *ctx, keel_tensor *weight, keel_tensor *indi
   if (indices->ndim + 1 > KEEL_MAX_DIMS)
     return kl_error(ctx, KEEL_ERR_SHAPE, "%s: indices have %d dimensions, at most %d allowed", fn, indices->ndim,
                     KEEL_MAX_DIMS - 1);
-  if ((st = embedding_indices(ctx, fn, indices, V, &idx))) return st;
+  if ((st = embedding_indices(ctx, fn, indices, V, weight->storage->device, &idx, &base))) return st;
   memcpy(shape, indices->shape, sizeof(int64_t) * (size_t)indices->ndim);
   shape[indices->ndim] = D;
   s2[0] = idx->numel;
@@ -474,11 +489,12 @@ keel_status keel_embedding(keel_ctx *ctx, keel_tensor *weight, keel_tensor *indi
   TRY(dense(ctx, weight, weight->dtype, &wd));
   TRY(kl_new(ctx, weight->dtype, weight->storage->device, indices->ndim + 1, shape, &y));
   TRY(reshaped(ctx, y, 2, s2, &y2));
-  TRY(backend(ctx, weight)->embedding(ctx, y2, wd, idx));
+  TRY(backend(ctx, weight)->embedding(ctx, y2, wd, idx, base));
   if (kl_needs_grad(ctx, 1, &weight)) {
     kl_node *n = kl_record(ctx, KL_OP_EMBEDDING, 1, &weight, y);
     if (!n) { st = kl_error(ctx, KEEL_ERR_NOMEM, "%s: out of memory", fn); goto done; }
     n->iparam[0] = pad;
+    n->iparam[1] = base;   /* idx's values count from it */
     TRY(kl_save(ctx, n, 0, idx));
   }
   *out = y;
@@ -500,7 +516,7 @@ KL_BACKWARD(kl_embedding_backward) {
   TRY(dense(ctx, gout, gout->dtype, &g));
   TRY(reshaped(ctx, g, 2, s2, &g2));
   TRY(kl_full(ctx, gout->dtype, gout->storage->device, 2, n->in[0].shape, 0.0, &gw));
-  TRY(backend(ctx, g)->embedding_backward(ctx, gw, g2, idx, n->iparam[0]));
+  TRY(backend(ctx, g)->embedding_backward(ctx, gw, g2, idx, n->iparam[1], n->iparam[0]));
   gin[0] = gw;
   gw = NULL;
 done:

@@ -741,6 +741,47 @@ static void report_init(const keel_optim *o, keel_step_report *rep) {
   rep->top_param = -1;
 }
 
+/* The update of active parameter k (its group's hyper-parameters at the
+** step's lr scale, the state buffers they need, non-finite policy nf) on
+** its device's backend, over nu units with factors a and v (NULL: none);
+** the change's sum of squares to *usq, the new parameter's per unit to
+** oparam.wsq, which then stand for what this update leaves. *need gets
+** the state buffers it makes valid (commit_param). Both paths of the
+** step, the host-decided and the device-decided, update through here. */
+static keel_status update_param(keel_optim *o, int k, int64_t nu, const double *a, const double *v,
+                                keel_nonfinite nf, double *usq, unsigned *need) {
+  oparam *op = &o->params[o->act[k]];
+  keel_optim_hparams h = o->groups[op->group];
+  keel_tensor *state[MAX_STATE] = {NULL, NULL, NULL};
+  keel_status st;
+  *need = needed_state(o->kind, &h);
+  h.lr *= o->lr_scale;
+  for (int j = 0; j < MAX_STATE; j++)
+    if (*need >> j & 1u) state[j] = op->state[j];
+  op->wsq_n = 0;
+  st = kl_backend_for(o->ctx, op->p->storage->device)
+           ->optim_update(o->ctx, o->kind, &h, op->step + 1, op->p, o->ag[k], state, (~op->valid) & *need, nu, a,
+                          v, nf, usq, op->wsq);
+  if (st) return st;
+  /* the sums are of what the update left (it bumped the version) */
+  op->wsq_n = nu;
+  op->wgen = op->p->storage->gen;
+  op->wver = op->p->storage->version;
+  return KEEL_OK;
+}
+
+/* Active parameter k's part of an applied step: its step count, the state
+** its update made valid, its update record (the update's own size is
+** written there by the update, or by the caller). */
+static void commit_param(keel_optim *o, int k, unsigned need) {
+  oparam *op = &o->params[o->act[k]];
+  keel_update_stats *us = &o->upd[o->act[k]];
+  op->step++;
+  op->valid |= need;
+  us->step = o->step_count + 1;
+  us->w_sumsq = o->work.ts[k].w_sumsq;
+}
+
 static void count_nonfinite(keel_optim *o);
 
 /* An applied step's bookkeeping: the clip chain's adaptive state, the step
@@ -796,13 +837,8 @@ static keel_status resolve_step(keel_optim *o, const char *fn) {
     for (int k = 0; k < m; k++) o->params[o->act[k]].wsq_n = 0;   /* the kernels wrote 0 */
   } else {
     for (int k = 0; k < m; k++) {
-      oparam *op = &o->params[o->act[k]];
-      keel_update_stats *us = &o->upd[o->act[k]];
-      op->step++;
-      op->valid |= o->dneed[k];
-      us->update_sumsq = o->ddsq[k];
-      us->step = o->step_count + 1;
-      us->w_sumsq = w->ts[k].w_sumsq;
+      commit_param(o, k, o->dneed[k]);
+      o->upd[o->act[k]].update_sumsq = o->ddsq[k];
     }
     count_nonfinite(o);
     commit_applied(o, &rep);
@@ -864,26 +900,12 @@ static keel_status step_device(keel_optim *o, kc_decide *q, keel_step_report *r)
   st = kl_clip_stats_begin(ctx, o->clip, w, o->m, o->ag, o->ap, o->wk, 1);
   if (!st) st = kl_cuda_decide(ctx, kn, q, &o->dec);
   for (int k = 0; k < o->m && !st; k++) {
-    oparam *op = &o->params[o->act[k]];
-    keel_optim_hparams h = o->groups[op->group];
-    unsigned need = needed_state(o->kind, &h);
-    keel_tensor *state[MAX_STATE] = {NULL, NULL, NULL};
     /* "zero" and "keep" change nothing where every element is finite, so
-    ** the update may apply them without knowing; "skip" stops it whole */
+    ** the update may apply them without knowing; "skip" stops it whole.
+    ** The commit waits for resolve_step: the device may yet skip. */
     keel_nonfinite nf = o->nonfinite == KEEL_NONFINITE_SKIP ? KEEL_NONFINITE_ERROR : o->nonfinite;
-    h.lr *= o->lr_scale;
-    for (int j = 0; j < MAX_STATE; j++)
-      if (need >> j & 1u) state[j] = op->state[j];
-    o->dneed[k] = need;
     o->ddsq[k] = 0;
-    op->wsq_n = 0;
-    st = kl_backend_for(ctx, KEEL_CUDA)
-             ->optim_update(ctx, o->kind, &h, op->step + 1, op->p, o->ag[k], state, (~op->valid) & need, 1, NULL,
-                            NULL, nf, &o->ddsq[k], op->wsq);
-    if (st) break;
-    op->wsq_n = 1;
-    op->wgen = op->p->storage->gen;
-    op->wver = op->p->storage->version;
+    st = update_param(o, k, 1, NULL, NULL, nf, &o->ddsq[k], &o->dneed[k]);
   }
   /* a queued call that failed its checks fails the batch whole: nothing runs */
   st2 = kl_cuda_defer(ctx, kn, st ? KL_DEFER_WAIT : KL_DEFER_LATER);
@@ -1004,30 +1026,13 @@ keel_status keel_optim_apply(keel_optim *o, keel_step_report *r) {
         break;
       }
       for (int k = 0; k < o->m; k++) {
-        oparam *op = &o->params[o->act[k]];
-        keel_optim_hparams h = o->groups[op->group];
-        unsigned need = needed_state(o->kind, &h);
-        keel_tensor *state[MAX_STATE] = {NULL, NULL, NULL};
         keel_nonfinite nf = w->ts[k].nan + w->ts[k].inf ? o->nonfinite : KEEL_NONFINITE_ERROR;
         int64_t u0 = w->u0[k], nu = w->u0[k + 1] - u0;
-        keel_update_stats *us = &o->upd[o->act[k]];
-        h.lr *= o->lr_scale;
-        for (int j = 0; j < MAX_STATE; j++)
-          if (need >> j & 1u) state[j] = op->state[j];
-        op->wsq_n = 0;
-        st = kl_backend_for(ctx, op->p->storage->device)
-                 ->optim_update(ctx, o->kind, &h, op->step + 1, op->p, o->ag[k], state, (~op->valid) & need, nu,
-                                w->a + u0, w->v + u0, nf, &us->update_sumsq, op->wsq);
+        unsigned need;
+        st = update_param(o, k, nu, w->a + u0, w->v + u0, nf, &o->upd[o->act[k]].update_sumsq, &need);
         if (st) break;   /* a backend that cannot fail after its checks; kept for safety */
-        /* the sums are of what the update left (it bumped the version) */
-        op->wsq_n = nu;
-        op->wgen = op->p->storage->gen;
-        op->wver = op->p->storage->version;
-        if (op->p->storage->device != KEEL_CPU) o->upd_pending = 1;
-        op->step++;
-        op->valid |= need;
-        us->step = o->step_count + 1;
-        us->w_sumsq = w->ts[k].w_sumsq;
+        if (o->params[o->act[k]].p->storage->device != KEEL_CPU) o->upd_pending = 1;
+        commit_param(o, k, need);
       }
       {
         keel_status st2 = kl_cuda_defer(ctx, kind_names[o->kind], KL_DEFER_LATER);

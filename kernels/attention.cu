@@ -13,10 +13,10 @@
 ** the row logsumexp.
 **
 ** Backward, deterministic (no atomics): a small kernel makes D_i = sum_d
-** dO_id O_id; one kernel over key blocks accumulates dK and dV in
-** registers while walking all query rows through shared memory (lane d
-** owns dims, scores are warp sums); one kernel over query blocks, shaped
-** like forward, accumulates dQ and writes d(bias) per element. Both
+** dO_id O_id (a warp per row); one kernel over key blocks accumulates dK
+** and dV in registers while walking all query rows through shared memory
+** (lane d owns dims, scores are warp sums); one kernel over query blocks,
+** shaped like forward, accumulates dQ and writes d(bias) per element. Both
 ** recompute the weights from the logsumexp.
 **
 ** Shared memory stays within the 48 KiB every device gives without
@@ -29,8 +29,8 @@
 ** lanes hit 32 banks when E is a multiple of 32 (no padding needed).
 */
 #include <math.h>
-#include <string.h>
 #include "common.cuh"
+#include "keel_round.h"
 
 #define NW 4                    /* warps per block */
 #define FQ 16                   /* forward: query rows per block */
@@ -71,32 +71,10 @@ __device__ __forceinline__ int64_t bias_plane(const sdpa_geo &g, int64_t b) {
   return off;
 }
 
-/* As kl_round_to_precision (engine/gemm.c): the operand rounding of a
-** product under a reduced precision; float only. */
-__device__ __forceinline__ float keep_bits(float x, int dropped) {
-  uint32_t u;
-  memcpy(&u, &x, sizeof u);
-  if ((u & 0x7f800000u) == 0x7f800000u) return x;
-  u += ((1u << (dropped - 1)) - 1) + ((u >> dropped) & 1u);
-  u &= ~((1u << dropped) - 1u);
-  memcpy(&x, &u, sizeof x);
-  return x;
-}
-__device__ __forceinline__ float rnd(float x, int prec) {
-  switch (prec) {
-    case KEEL_MATMUL_TF32: return keep_bits(x, 13);
-    case KEEL_MATMUL_BF16: return keep_bits(x, 16);
-    case KEEL_MATMUL_F16: {
-      float a = fabsf(x);
-      if (!(a < INFINITY)) return x;
-      if (a >= 65520.0f) return copysignf(INFINITY, x);
-      /* below 2^-14: float16's subnormal steps of 2^-24 */
-      if (a < 6.103515625e-05f) return copysignf(nearbyintf(a * 16777216.0f) * 5.9604644775390625e-08f, x);
-      return keep_bits(x, 13);
-    }
-    default: return x;
-  }
-}
+/* The operand rounding of a product under a reduced precision, as the
+** CPU's (engine/gemm.c) through the one definition of keel_round.h; float
+** only. */
+__device__ __forceinline__ float rnd(float x, int prec) { return kl_round_to_precision(x, prec); }
 __device__ __forceinline__ double rnd(double x, int) { return x; }
 
 __device__ __forceinline__ float exp_(float x) { return expf(x); }
@@ -118,14 +96,14 @@ __device__ __forceinline__ int64_t key_end(const sdpa_geo &g, int64_t i1) {
   return g.causal && i1 < g.S ? i1 : g.S;
 }
 
-/* rows x cols of src (row stride ld) into shared dst (dense), rounded;
-** rows past nrows as zeros. */
+/* rows x cols of dense src into shared dst, rounded; rows past nrows (of
+** src; may exceed rows) as zeros. A tile is at most 32 x 256 elements
+** (KC_SDPA_MAX_HEAD_*), so int indices, and the present rows end at one
+** element index: no division per element. */
 template <typename T>
-__device__ __forceinline__ void load_tile(T *dst, const T *src, int64_t nrows, int rows, int64_t cols, int prec) {
-  for (int64_t x = threadIdx.x; x < rows * cols; x += blockDim.x) {
-    int64_t r = x / cols;
-    dst[x] = r < nrows ? rnd(src[x], prec) : (T)0;
-  }
+__device__ __forceinline__ void load_tile(T *dst, const T *src, int64_t nrows, int rows, int cols, int prec) {
+  int n = rows * cols, present = (nrows < rows ? (int)nrows : rows) * cols;
+  for (int x = threadIdx.x; x < n; x += blockDim.x) dst[x] = x < present ? rnd(src[x], prec) : (T)0;
 }
 
 /* dot(a[0..n), b[0..n)) read from lane's rotation (see the top). */
@@ -238,13 +216,20 @@ __global__ void fwd_kernel(sdpa_geo g, const T *q, const T *k, const T *v, const
 ** Backward
 ** ======================================================================= */
 
-/* D[r] = sum_d gout[r, d] out[r, d] over n rows of Ev. */
+/* D[r] = sum_d gout[r, d] out[r, d] over n rows of Ev (at most 256): a
+** warp per row, so a row's reads coalesce. Lane l sums d = l, l + 32, ...
+** in order and kc_warp_sum adds the lanes in a fixed pattern: the same
+** bits on every run. The row loop is warp-uniform (the full-mask shuffle
+** needs all 32 lanes; blocks are whole warps). */
 template <typename T>
-__global__ void rowdot_kernel(T *D, const T *gout, const T *out, int64_t n, int64_t Ev) {
-  KC_GRID_LOOP(r, n) {
+__global__ void rowdot_kernel(T *D, const T *gout, const T *out, int64_t n, int Ev) {
+  int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+  for (int64_t r = (int64_t)blockIdx.x * wpb + (threadIdx.x >> 5); r < n; r += (int64_t)gridDim.x * wpb) {
+    const T *go = gout + r * Ev, *o = out + r * Ev;
     T s = 0;
-    for (int64_t d = 0; d < Ev; d++) s += gout[r * Ev + d] * out[r * Ev + d];
-    D[r] = s;
+    for (int d = lane; d < Ev; d += 32) s += go[d] * o[d];
+    s = kc_warp_sum(s);
+    if (lane == 0) D[r] = s;
   }
 }
 
@@ -486,8 +471,8 @@ static int backward_t(kc_state *s, const kc_sdpa *a) {
     return KC_OK;
   }
   if ((e = kc_scratch(s, sizeof(T) * (size_t)rows, (void **)&D))) return e;
-  KC_LAUNCH(kc_blocks(rows), KC_THREADS, 0, s->stream, rowdot_kernel<T>)(D, (const T *)a->gout->data,
-                                                                         (const T *)a->out->data, rows, a->Ev);
+  KC_LAUNCH(kc_blocks_sm(s, rows * 32), KC_THREADS, 0, s->stream, rowdot_kernel<T>)(
+      D, (const T *)a->gout->data, (const T *)a->out->data, rows, (int)a->Ev);   /* a warp per row */
   if ((e = KC_LAUNCHED())) return e;
   if (a->dk || a->dv) {
     int64_t nblk = a->B * ((a->S + NW * KW - 1) / (NW * KW));

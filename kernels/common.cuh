@@ -100,6 +100,7 @@ KC_HIDDEN int kc_gemm(kc_state *s, int dt, int ta, int tb, int64_t m, int64_t n,
 ** waits for queued work (the old one may be in use). */
 KC_HIDDEN int kc_scratch(kc_state *s, size_t n, void **p);
 KC_HIDDEN int kc_host_scratch(kc_state *s, size_t n, void **p);
+KC_HIDDEN int kc_grow(kc_state *s, void **buf, size_t *size, size_t n, int pinned);   /* runtime.cu: buffer growth */
 /* Queued work done (after an async D2H into host scratch). */
 KC_HIDDEN int kc_sync(kc_state *s);
 

@@ -46,7 +46,7 @@
 extern "C" {
 #endif
 
-#define KEEL_CUDA_ABI_VERSION 4
+#define KEEL_CUDA_ABI_VERSION 5
 #define KEEL_CUDA_PLUGIN_SYMBOL "keel_cuda_plugin"
 /* The file name the engine looks for (device.c gives the places). */
 #define KEEL_CUDA_PLUGIN_FILE "libkeel_cuda.so"
@@ -117,9 +117,15 @@ typedef struct kc_win2d {
   int32_t count_include_pad, adaptive, index_base;
 } kc_win2d;
 
+/* Class-index targets (not probs) are int64, read as the engine got
+** them: a value equal to ignore_index (KC_NO_IGNORE: none) is ignored,
+** any other is class value - index_base (the engine checked the range). */
+#define KC_NO_IGNORE KEEL_NO_IGNORE
 typedef struct kc_closs {
   int64_t n, c, inner;
   double smoothing;
+  int64_t index_base;            /* 0 or 1 */
+  int64_t ignore_index;          /* or KC_NO_IGNORE */
   int32_t reduction;             /* keel_reduction */
   int32_t logits;                /* x holds logits (cross entropy), else log-probabilities */
   int32_t probs;                 /* target holds probabilities shaped like x */
@@ -211,10 +217,15 @@ typedef struct keel_cuda_table {
   /* out[b] = a[b] @ b[b], 3-D operands of equal batch (stride 0 allowed
   ** on the batch dim); cuBLAS, its handle made on first use. */
   int (*matmul)(kc_state *s, const kc_view *out, const kc_view *a, const kc_view *b);
-  /* index: int64, 0-based, checked by the engine */
-  int (*gather)(kc_state *s, const kc_view *out, const kc_view *a, int dim, const kc_view *index);
-  int (*scatter_add)(kc_state *s, const kc_view *out, int dim, const kc_view *index, const kc_view *src);
-  int (*index_select)(kc_state *s, const kc_view *out, const kc_view *a, int dim, const kc_view *index);
+  /* index: an int64 device view of any strides (zero ones included),
+  ** its values counted from base (the engine's index base: 0, or 1 from
+  ** Lua) and range-checked by the engine; the kernels subtract base, so
+  ** the engine hands over the caller's own device index, no copy. */
+  int (*gather)(kc_state *s, const kc_view *out, const kc_view *a, int dim, const kc_view *index, int64_t base);
+  int (*scatter_add)(kc_state *s, const kc_view *out, int dim, const kc_view *index, const kc_view *src,
+                     int64_t base);
+  int (*index_select)(kc_state *s, const kc_view *out, const kc_view *a, int dim, const kc_view *index,
+                      int64_t base);
   /* contiguous operands; act: the engine's KL_OP_* code with its params p[4] */
   int (*act)(kc_state *s, int op, const kc_view *out, const kc_view *a, const double *p);
   int (*act_backward)(kc_state *s, int op, const kc_view *gin, const kc_view *gout, const kc_view *a,
@@ -229,7 +240,8 @@ typedef struct keel_cuda_table {
   ** otherwise; div: float64 [1] that forward sets to the "mean" divisor
   ** and backward reads, both on the device, so neither waits for the
   ** host); bce: w, pw NULL or shaped like x. Backward outputs NULL when
-  ** not needed. */
+  ** not needed. Class-index targets: contiguous int64 [n*inner], read
+  ** through q's index_base and ignore_index (kc_closs). */
   int (*ploss)(kc_state *s, int op, const kc_view *out, const kc_view *x, const kc_view *y, double p, int red);
   int (*ploss_backward)(kc_state *s, int op, const kc_view *gx, const kc_view *gout, const kc_view *x,
                         const kc_view *y, double p, int red);
@@ -272,8 +284,11 @@ typedef struct keel_cuda_table {
   ** needs no RNG state on the device (the engine takes seed from the
   ** context's RNG). */
   int (*dropout_mask)(kc_state *s, const kc_view *mask, double p, uint64_t seed);
-  int (*embedding)(kc_state *s, const kc_view *out, const kc_view *weight, const kc_view *idx);
-  int (*embedding_backward)(kc_state *s, const kc_view *gw, const kc_view *gout, const kc_view *idx, int64_t pad);
+  /* idx: contiguous int64, row = value - base (checked by the engine);
+  ** pad: the 0-based row that gets no gradient, -1 for none. */
+  int (*embedding)(kc_state *s, const kc_view *out, const kc_view *weight, const kc_view *idx, int64_t base);
+  int (*embedding_backward)(kc_state *s, const kc_view *gw, const kc_view *gout, const kc_view *idx, int64_t base,
+                            int64_t pad);
 
   /* Recurrent layers: a whole layer (all steps) per call; see kc_rnn. */
   int (*rnn_forward)(kc_state *s, const struct kc_rnn *a);

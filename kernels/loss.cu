@@ -13,8 +13,10 @@
 ** classes at b*c*inner + k*inner + j. With inner == 1 a group of L lanes
 ** (a power of two up to a warp, or a whole block for long rows) takes a
 ** sample; with inner > 1 one thread takes a sample and neighbouring
-** threads read neighbouring j. Targets arrive as 0-based int64, -1 for
-** ignored ones (loss.c checks and converts them before any kernel runs).
+** threads read neighbouring j. Class-index targets arrive as int64 values
+** the way the engine has them (loss.c checks them before any kernel runs):
+** a value equal to the ignore index is ignored, any other is its class
+** plus the index base (cl_class), so a device target needs no rebased copy.
 ** Cross entropy finds the max m, then s = sum exp(x - m) (the rules of
 ** softmax.cu for special values), z = m + log(s) in double; smoothing and
 ** probability targets need sums of w_k t_k (m - x_k), which have no
@@ -326,11 +328,19 @@ static int kc_bce_backward(kc_state *s, const kc_view *gx, const kc_view *gy, co
 template <typename T>
 struct cl_args {
   const T *x, *tp, *w;          /* tp: probability targets (probs), w: class weights or NULL */
-  const int64_t *t;             /* class indices (not probs) */
+  const int64_t *t;             /* class indices (not probs), counted from tbase */
+  int64_t tbase, tignore;       /* index base; the ignored value (KC_NO_IGNORE: none) */
   int64_t n, c, inner, ns;      /* ns = n * inner samples */
   double e;                     /* label smoothing */
   int logits, probs, red;
 };
+
+/* Sample smp's 0-based class, or -1 when its target is ignored. */
+template <typename T>
+__device__ __forceinline__ int64_t cl_class(const cl_args<T> &q, int64_t smp) {
+  int64_t y = q.t[smp];
+  return y == q.tignore ? -1 : y - q.tbase;
+}
 
 /* Where sample smp's classes start. */
 template <typename T>
@@ -399,11 +409,13 @@ __global__ void cl_forward(cl_args<T> q, T *out, double *lse, double *parts) {
       double l = 0, wy = 0;
       if (q.probs) {
         l = a1 + (z - (double)m) * a2;
-      } else if (q.t[smp] >= 0) {
-        int64_t y = q.t[smp];
-        wy = q.w ? (double)q.w[y] : 1;
-        l = (1 - q.e) * wy * (z - (double)x[y * inner]);
-        if (q.e > 0) l += q.e / (double)C * (a1 + (z - (double)m) * sw);
+      } else {
+        int64_t y = cl_class(q, smp);
+        if (y >= 0) {
+          wy = q.w ? (double)q.w[y] : 1;
+          l = (1 - q.e) * wy * (z - (double)x[y * inner]);
+          if (q.e > 0) l += q.e / (double)C * (a1 + (z - (double)m) * sw);
+        }
       }
       if (lse) lse[smp] = z;
       if (q.red == KEEL_REDUCTION_NONE) out[smp] = (T)l;
@@ -457,7 +469,7 @@ __global__ void cl_backward(cl_args<T> q, T *gx, T *gt, const T *g, const double
       continue;
     }
     if (!gx) continue;
-    int64_t y = nc ? q.t[smp] : -1;
+    int64_t y = nc ? cl_class(q, smp) : -1;
     if (y < 0) {
       for (int64_t k = lane; k < nc; k += G) gx[base + k * inner] = (T)0;
     } else if (!q.logits) {
@@ -537,6 +549,8 @@ static void cl_fill_args(cl_args<T> *a, const kc_closs *q, const kc_view *x, con
   a->x = (const T *)x->data;
   a->tp = q->probs ? (const T *)target->data : NULL;
   a->t = q->probs ? NULL : (const int64_t *)target->data;
+  a->tbase = q->index_base;
+  a->tignore = q->ignore_index;
   a->w = weight ? (const T *)weight->data : NULL;
   a->n = q->n;
   a->c = q->c;
@@ -582,6 +596,7 @@ static int cl_check(const kc_closs *q, const kc_view *x, const kc_view *target, 
   if (weight && weight->numel != q->c) return KC_ERR_ARG;
   if (q->probs ? !ls_float(target, dt) : target->dtype != KEEL_I64) return KC_ERR_DTYPE;
   if (q->probs ? target->numel != x->numel : target->numel != q->n * q->inner) return KC_ERR_ARG;
+  if (!q->probs && target->numel > 1 && !kc_contiguous(target)) return KC_ERR_ARG;   /* read as t[smp] */
   return KC_OK;
 }
 

@@ -101,22 +101,23 @@ struct alignas(16) kpack {
 
 /* Scratch for the per-unit a and v (nunits > 1): device arrays filled
 ** from the host ones; q gets what the kernels read. dev: nunits * 2
-** doubles of device scratch, or NULL when not needed. */
+** doubles of device scratch, or NULL when not needed. The engine's arrays
+** are pageable memory: the copies go through stage.cu's pinned ring, so
+** that they neither hold the host until the queue has drained nor need
+** the arrays to outlive the call. */
 static int units_to_device(kc_state *s, int64_t nunits, const double *a, const double *v, double *dev,
                            unitp *q) {
-  cudaError_t e;
+  int rc;
   q->a = q->v = NULL;
   q->a0 = a ? a[0] : 1.0;
   q->v0 = v ? v[0] : INFINITY;
   if (nunits <= 1) return KC_OK;
   if (a) {
-    if ((e = cudaMemcpyAsync(dev, a, sizeof(double) * (size_t)nunits, cudaMemcpyHostToDevice, s->stream)))
-      return kc_check_cuda(e);
+    if ((rc = kc_stage_h2d(s, dev, a, sizeof(double) * (size_t)nunits))) return rc;
     q->a = dev;
   }
   if (v) {
-    if ((e = cudaMemcpyAsync(dev + nunits, v, sizeof(double) * (size_t)nunits, cudaMemcpyHostToDevice, s->stream)))
-      return kc_check_cuda(e);
+    if ((rc = kc_stage_h2d(s, dev + nunits, v, sizeof(double) * (size_t)nunits))) return rc;
     q->v = dev + nunits;
   }
   return KC_OK;
@@ -305,7 +306,6 @@ struct kc_pending {
   int n, nrec;
   struct kc_batch *batch;       /* the queued calls of the open batch */
   int err;                      /* an error of a flush that no caller has seen yet */
-  size_t staged;                /* bytes of staging uploads since the stream was last idle */
   cudaEvent_t copied;           /* recorded after the last copy of results (results_ready) */
 };
 
@@ -366,30 +366,30 @@ static int pend_flush(kc_state *s) {
     P->used = 0;
     return rc;
   }
-  P->staged = 0;   /* the stream is idle: staging is free */
   pend_write(s);
   return KC_OK;
 }
 
 /* n bytes of the arena at *off; a full arena is flushed (one wait) before
-** it grows, since queued copies may still land in it. */
+** it grows, since queued copies may still land in it.
+**
+** The arena is the optimizer's own pinned buffer, not stage.cu's ring:
+** the ring is for uploads, whose bytes are free again once their copy has
+** run, while these are results coming down, which must stay put after the
+** copy until pend_write hands them to the engine (at the next wait, or
+** when a report is read, perhaps a step later). */
 static int pend_region(kc_state *s, size_t n, size_t *off) {
   struct kc_pending *P = s->pending;
   int rc;
   n = (n + 15) & ~(size_t)15;
   if (P->used + n > P->cap) {
+    void *arena = P->arena;
+    if ((rc = pend_flush(s))) return rc;
     /* room for twice what was wanted at once, so that the next time
     ** (the statistics and the update of one step) fits without a wait */
-    size_t cap = P->cap ? P->cap : 4096, want = 2 * (P->used + n);
-    void *q = NULL;
-    if ((rc = pend_flush(s))) return rc;
-    while (cap < want) cap <<= 1;
-    if (cap > P->cap) {
-      if ((rc = kc_check_cuda(cudaMallocHost(&q, cap)))) return rc;
-      if (P->arena) cudaFreeHost(P->arena);
-      P->arena = (char *)q;
-      P->cap = cap;
-    }
+    rc = kc_grow(s, &arena, &P->cap, 2 * (P->used + n), 1);
+    P->arena = (char *)arena;
+    if (rc) return rc;
   }
   *off = P->used;
   P->used += n;
@@ -780,10 +780,11 @@ static int optim_update(kc_state *s, int kind, const keel_optim_hparams *h, int6
 ** over the chunks of every tensor of the class and one that adds each
 ** unit's chunk partials in chunk order, as multi_tensor_apply does: a
 ** block finds its tensor by a binary search over the descriptors' first
-** items. The descriptor table and the a/v factors go up in one copy from
-** pinned staging, and the unit results of every class come back in one
-** copy into the results arena. Blocks are KC_THREADS wide whatever the
-** tensor, so a tensor's sums do not depend on what else is batched.
+** items. The descriptor table and the a/v factors go up in one copy
+** through stage.cu's pinned ring, and the unit results of every class
+** come back in one copy into the results arena. Blocks are KC_THREADS
+** wide whatever the tensor, so a tensor's sums do not depend on what else
+** is batched.
 ** ======================================================================= */
 
 /* Elements per chunk at most (a multiple of 8). */
@@ -825,9 +826,8 @@ struct kc_batch {
   int64_t nav, cap_av;
   void *dev;                    /* device: descriptors, a/v, partials, unit results */
   size_t dev_size;
-  void *stage;                  /* pinned: descriptors and a/v on their way up */
-  size_t stage_size;
-  cudaEvent_t staged;           /* recorded after the last upload from stage */
+  char *up;                     /* host: descriptors, a/v and decision indices, as uploaded */
+  size_t up_cap;
   int err;                      /* the first error of a flush the engine did not see */
   /* a step decided on the device (decide): its chain, where its record
   ** goes, the statistics calls queued so far and the updates that read it */
@@ -928,18 +928,40 @@ __device__ __forceinline__ double dec_coef(double max_norm, double total) {
   return c < 1 ? c : 1;
 }
 
+/* Tensor k's scale, bound, sum of squares and max after a norm item's
+** factor c (units_scale's order). Returns whether that clipped it. */
+__device__ __forceinline__ int dec_scale(double *A, double *V, double *SQ, double *MX, int64_t k, double c) {
+  int clipped = MX[k] > 0;
+  A[k] *= c;
+  V[k] *= c;
+  SQ[k] *= c * c;
+  MX[k] *= c;
+  return clipped;
+}
+
 /* The decision (kc_decide) from the statistics of the step's n tensors
-** (res[idx[k]]): the block gathers them, then one thread decides in
-** clip.c's order: the totals as kl_clip_stats adds them, then the chain as
-** kl_clip_eval runs it, each scale applied as units_scale applies it (a
-** few passes over n numbers: sequential, so that the sums are the host's
-** to the bit). W: 5n doubles of work (a, v, the running sums of squares
-** and max, the non-finite counts). out: total, nonfinite, coef, skip,
-** clipped. One block. */
+** (res[idx[k]]) in clip.c's order, to the host's bits: the totals as
+** kl_clip_stats adds them, then the chain as kl_clip_eval runs it, each
+** scale applied as units_scale applies it. Only the sums the host adds in
+** sequence are one thread's (thread 0: the totals, and each global norm
+** item's sum of squares); a value bound, a per-tensor norm item and the
+** scaling by a global factor are per tensor. Thread t owns tensors t,
+** t + blockDim.x, ... throughout, so items of those kinds need no barrier
+** between them; a global norm item takes two (its sum reads every
+** tensor's squares; its factor then goes to every thread). The clipped
+** flag is the block's OR. W: 5n doubles of work (a, v, the running sums
+** of squares and max, the non-finite counts). out: total, nonfinite,
+** coef, skip, clipped. One block. */
 __global__ void mt_decide_kernel(const gstat *res, const int64_t *idx, kc_decide q, double *W, double *out) {
+  __shared__ double bcast;   /* thread 0's number for all: the non-finite count, then each global factor */
+  /* the chain, copied at constant indices: a parameter indexed by a
+  ** variable would be copied to local memory (a stack frame) */
+  __shared__ double thr[KC_DECIDE_MAX];
+  __shared__ int kind[KC_DECIDE_MAX];
   int64_t n = q.ntensors;
   double *A = W, *V = W + n, *SQ = W + 2 * n, *MX = W + 3 * n, *NF = W + 4 * n;
-  double total = 0, nf = 0, coef = 1, clipped = 0;
+  double total = 0, nf = 0, coef = 1;
+  int clipped = 0, skip;
   for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
     const gstat &g = res[idx[k]];
     A[k] = 1;
@@ -949,45 +971,57 @@ __global__ void mt_decide_kernel(const gstat *res, const int64_t *idx, kc_decide
     NF[k] = (double)(g.nan + g.inf);
   }
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  for (int64_t k = 0; k < n; k++) {
-    total += SQ[k];
-    nf += NF[k];
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < KC_DECIDE_MAX; i++) {
+      thr[i] = q.threshold[i];
+      kind[i] = q.kind[i];
+    }
+    for (int64_t k = 0; k < n; k++) {
+      total += SQ[k];
+      nf += NF[k];
+    }
+    bcast = nf;
   }
-  if (!(q.skip_nonfinite && nf > 0)) {
-    for (int i = 0; i < q.nitems; i++) {
-      double t = q.threshold[i];
-      if (q.kind[i] == KC_DECIDE_VALUE) {
-        for (int64_t k = 0; k < n; k++) {
-          if (MX[k] > t) { clipped = 1; MX[k] = t; }
-          if (t < V[k]) V[k] = t;
-        }
-        continue;
+  __syncthreads();
+  skip = q.skip_nonfinite && bcast > 0;
+  for (int i = 0; i < q.nitems && !skip; i++) {
+    double t = thr[i], c;
+    if (kind[i] == KC_DECIDE_VALUE) {
+      for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
+        if (MX[k] > t) { clipped = 1; MX[k] = t; }
+        if (t < V[k]) V[k] = t;
       }
-      for (int64_t k0 = 0; k0 < n;) {
-        /* a per-tensor norm scales one tensor at a time, the global one all */
-        int64_t k1 = q.kind[i] == KC_DECIDE_NORM ? k0 + 1 : n;
-        double s = 0, c;
-        for (int64_t k = k0; k < k1; k++) s += SQ[k];
+    } else if (kind[i] == KC_DECIDE_NORM) {
+      /* one tensor's sum: 0 + its squares, as the host adds it */
+      for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
+        double s = 0;
+        s += SQ[k];
         c = dec_coef(t, sqrt(s));
-        if (c != 1)
-          for (int64_t k = k0; k < k1; k++) {
-            if (MX[k] > 0) clipped = 1;
-            A[k] *= c;
-            V[k] *= c;
-            SQ[k] *= c * c;
-            MX[k] *= c;
-          }
-        if (q.kind[i] == KC_DECIDE_GLOBAL_NORM) coef *= c;
-        k0 = k1;
+        if (c != 1) clipped |= dec_scale(A, V, SQ, MX, k, c);
       }
+    } else {
+      __syncthreads();   /* the squares as the items before left them */
+      if (threadIdx.x == 0) {
+        double s = 0;
+        for (int64_t k = 0; k < n; k++) s += SQ[k];
+        bcast = dec_coef(t, sqrt(s));
+      }
+      __syncthreads();
+      c = bcast;
+      if (c != 1)
+        for (int64_t k = threadIdx.x; k < n; k += blockDim.x) clipped |= dec_scale(A, V, SQ, MX, k, c);
+      coef *= c;
     }
   }
-  out[0] = total;
-  out[1] = nf;
-  out[2] = coef;
-  out[3] = q.skip_nonfinite && nf > 0 ? 1 : 0;
-  out[4] = clipped;
+  clipped = __syncthreads_or(clipped);
+  if (threadIdx.x == 0) {
+    out[0] = total;
+    out[1] = nf;
+    out[2] = coef;
+    out[3] = skip ? 1 : 0;
+    out[4] = clipped ? 1 : 0;
+  }
 }
 
 /* part[2k], part[2k+1]: item k's sum of squared changes and of the new
@@ -1147,50 +1181,15 @@ static int class_of(const mt_call *c) {
   return c->op == MT_STATS ? d : 2 + 4 * d + c->kind;
 }
 
-static int grow_dev(kc_state *s, struct kc_batch *B, size_t n) {
-  void *q = NULL;
-  int rc;
-  if (n <= B->dev_size) return KC_OK;
-  n = n + n / 2;
-  if (B->dev) {
-    if ((rc = kc_sync(s))) return rc;   /* queued work may still read it */
-    cudaFree(B->dev);
-    B->dev = NULL;
-    B->dev_size = 0;
-  }
-  if ((rc = kc_check_cuda(cudaMalloc(&q, n)))) return rc;
-  B->dev = q;
-  B->dev_size = n;
-  return KC_OK;
-}
-
-/* n bytes of staging at *off. Uploads since the stream was last idle
-** (a step's update batch and the next statistics batch) take successive
-** places, so staging is not written while an upload from it may be
-** queued; only when it is full does it wait for the last upload. */
-static int grow_stage(kc_state *s, struct kc_batch *B, size_t n, size_t *off) {
-  struct kc_pending *P = s->pending;
-  void *q = NULL;
-  int rc;
-  n = (n + 255) & ~(size_t)255;
-  if (!B->staged && (rc = kc_check_cuda(cudaEventCreateWithFlags(&B->staged, cudaEventDisableTiming)))) return rc;
-  if (P->staged + n > B->stage_size && P->staged > 0) {
-    if ((rc = kc_check_cuda(cudaEventSynchronize(B->staged)))) return rc;
-    P->staged = 0;
-  }
-  *off = P->staged;
-  if (n <= B->stage_size) {
-    P->staged += n;
-    return KC_OK;
-  }
-  n = 3 * n;   /* room for the next two batches of this size */
-  if (B->stage) cudaFreeHost(B->stage);
-  B->stage = NULL;
-  B->stage_size = 0;
-  if ((rc = kc_check_cuda(cudaMallocHost(&q, n)))) return rc;
-  B->stage = q;
-  B->stage_size = n;
-  P->staged = (n / 3 + 255) & ~(size_t)255;
+/* Room for n bytes of upload in B->up (host memory: stage.cu's ring
+** copies it into pinned memory and queues the copy). */
+static int up_room(struct kc_batch *B, size_t n) {
+  char *q;
+  if (n <= B->up_cap) return KC_OK;
+  n += n / 2;
+  if (!(q = (char *)realloc(B->up, n))) return KC_ERR_NOMEM;
+  B->up = q;
+  B->up_cap = n;
   return KC_OK;
 }
 
@@ -1202,7 +1201,7 @@ static int batch_launch(kc_state *s) {
   int64_t items[MT_CLASSES] = {0}, units[MT_CLASSES] = {0}, maxch[MT_CLASSES] = {0};
   int first[MT_CLASSES], count[MT_CLASSES] = {0};
   size_t off_av, off_idx, up, off_work = 0, off_dec = 0, off_part[MT_CLASSES], off_res[MT_CLASSES], res0, total,
-      nres, hoff, soff;
+      nres, hoff;
   int64_t nt = B && B->has_dec ? B->dec.ntensors : 0;
   mt_desc *D;
   mt_call **order = NULL;
@@ -1264,9 +1263,9 @@ static int batch_launch(kc_state *s) {
     rc = KC_ERR_ARG;   /* decide's contract: one unit per tensor, every tensor updated */
     goto out;
   }
-  if ((rc = grow_dev(s, B, total)) || (rc = grow_stage(s, B, up, &soff))) goto out;
+  if ((rc = kc_grow(s, &B->dev, &B->dev_size, total, 0)) || (rc = up_room(B, up))) goto out;
   dev = (char *)B->dev;
-  host = (char *)B->stage + soff;
+  host = B->up;
   D = (mt_desc *)host;
   for (int i = 0; i < n; i++) D[i] = order[i]->d;
   memcpy(host + off_av, B->av, (size_t)B->nav * sizeof(double));
@@ -1278,9 +1277,8 @@ static int batch_launch(kc_state *s) {
         idx[j++] = (int64_t)((off_res[class_of(c)] - off_res[0]) / sizeof(gstat)) + c->d.unit0;
     }
   }
-  if ((rc = kc_check_cuda(cudaMemcpyAsync(dev, host, up, cudaMemcpyHostToDevice, s->stream))) ||
-      (rc = kc_check_cuda(cudaEventRecord(B->staged, s->stream))))
-    goto out;
+  /* one upload through the pinned ring: B->up is free again on return */
+  if ((rc = kc_stage_h2d(s, dev, host, up))) goto out;
   for (int c = 0; c < MT_CLASSES; c++) {
     const mt_desc *dd = (const mt_desc *)dev + first[c];
     const double *av = (const double *)(dev + off_av);
@@ -1363,9 +1361,8 @@ out:
 
 static void batch_free(struct kc_batch *B) {
   if (!B) return;
-  if (B->staged) cudaEventDestroy(B->staged);
-  if (B->stage) cudaFreeHost(B->stage);
   if (B->dev) cudaFree(B->dev);
+  free(B->up);
   free(B->calls);
   free(B->av);
   free(B);
@@ -1491,9 +1488,6 @@ static int results_ready(kc_state *s) {
     (void)kc_check_cuda(e);
     return 0;
   }
-  /* every batch records the event after its upload and copies: the
-  ** staging uploads are all done, as after a wait */
-  P->staged = 0;
   pend_write(s);
   return 1;
 }

@@ -186,43 +186,42 @@ static size_t grown(size_t n) {
   return m;
 }
 
-int kc_scratch(kc_state *s, size_t n, void **p) {
-  if (n > s->scratch_size) {
-    size_t m = grown(n);
-    void *q = NULL;
-    cudaError_t e;
-    if (s->scratch) {
-      /* queued kernels may still read the old buffer */
-      if ((e = cudaStreamSynchronize(s->stream)) != cudaSuccess) return from_cuda(e);
-      cudaFree(s->scratch);
-      s->scratch = NULL;
-      s->scratch_size = 0;
-    }
-    if ((e = cudaMalloc(&q, m)) != cudaSuccess) return from_cuda(e);
-    s->scratch = q;
-    s->scratch_size = m;
+/* The one way a buffer of ours grows (the scratch below, the optimizer's
+** device batch space and results arena, the staging ring): at least n
+** bytes in *buf, device memory or pinned host memory. The old buffer may
+** still be read or written by queued kernels and copies, so it is freed
+** only once the stream has finished (a wait, only when there is one to
+** replace); its contents do not carry over. On failure *buf is the old
+** buffer (the wait failed) or NULL with *size 0. */
+int kc_grow(kc_state *s, void **buf, size_t *size, size_t n, int pinned) {
+  size_t m = grown(n);
+  void *q = NULL;
+  cudaError_t e;
+  if (n <= *size) return KC_OK;
+  if (*buf) {
+    if ((e = cudaStreamSynchronize(s->stream)) != cudaSuccess) return from_cuda(e);
+    if (pinned) cudaFreeHost(*buf);
+    else cudaFree(*buf);
+    *buf = NULL;
+    *size = 0;
   }
-  *p = s->scratch;
+  e = pinned ? cudaMallocHost(&q, m) : cudaMalloc(&q, m);
+  if (e != cudaSuccess) return from_cuda(e);
+  *buf = q;
+  *size = m;
   return KC_OK;
 }
 
+int kc_scratch(kc_state *s, size_t n, void **p) {
+  int rc = kc_grow(s, &s->scratch, &s->scratch_size, n, 0);
+  *p = s->scratch;
+  return rc;
+}
+
 int kc_host_scratch(kc_state *s, size_t n, void **p) {
-  if (n > s->host_size) {
-    size_t m = grown(n);
-    void *q = NULL;
-    cudaError_t e;
-    if (s->host) {
-      if ((e = cudaStreamSynchronize(s->stream)) != cudaSuccess) return from_cuda(e);
-      cudaFreeHost(s->host);
-      s->host = NULL;
-      s->host_size = 0;
-    }
-    if ((e = cudaMallocHost(&q, m)) != cudaSuccess) return from_cuda(e);
-    s->host = q;
-    s->host_size = m;
-  }
+  int rc = kc_grow(s, &s->host, &s->host_size, n, 1);
   *p = s->host;
-  return KC_OK;
+  return rc;
 }
 
 int kc_sync(kc_state *s) { return from_cuda(cudaStreamSynchronize(s->stream)); }

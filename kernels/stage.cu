@@ -9,9 +9,9 @@
 ** from there is queued, and the caller may reuse its buffer at once. A
 ** region of the ring is written again only after the copy that last read
 ** it has run (an event per copy, waited for only when the ring comes round
-** to it). Copies larger than half the ring take the plain synchronous
-** road, which costs nothing extra for them: the host would copy them
-** twice here.
+** to it before the copy has run). Copies larger than half the ring take
+** the plain synchronous road, which costs nothing extra for them: the
+** host would copy them twice here.
 */
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +22,7 @@
 
 struct kc_stage {
   char *ring;
+  size_t size;                 /* bytes of ring (ST_RING or more) */
   size_t head;                 /* where the next copy's bytes go */
   struct {
     size_t lo, hi;             /* ring bytes the copy reads */
@@ -32,12 +33,14 @@ struct kc_stage {
 
 static int st_init(kc_state *s) {
   struct kc_stage *g = (struct kc_stage *)calloc(1, sizeof *g);
+  void *ring = NULL;
   int e;
   if (!g) return KC_ERR_NOMEM;
-  if ((e = kc_check_cuda(cudaMallocHost((void **)&g->ring, ST_RING)))) {
+  if ((e = kc_grow(s, &ring, &g->size, ST_RING, 1))) {
     free(g);
     return e;
   }
+  g->ring = (char *)ring;
   for (int i = 0; i < ST_SLOTS; i++) {
     if ((e = kc_check_cuda(cudaEventCreateWithFlags(&g->slot[i].done, cudaEventDisableTiming)))) {
       while (i-- > 0) cudaEventDestroy(g->slot[i].done);
@@ -59,11 +62,28 @@ static int st_retire(struct kc_stage *g, int k) {
   return e;
 }
 
+/* Forgets the copies that have run, oldest first, without waiting: a
+** step's few uploads (a batch, the optimizer's descriptor tables) come
+** round to a slot long after its copy ran, and need not wait for it. */
+static void st_reap(struct kc_stage *g) {
+  while (g->count > 0) {
+    if (cudaEventQuery(g->slot[g->first].done) != cudaSuccess) {
+      /* not run yet (or an error, which the next wait reports): not an
+      ** error of this call, so the runtime's slot is cleared */
+      (void)cudaGetLastError();
+      return;
+    }
+    g->first = (g->first + 1) % ST_SLOTS;
+    g->count--;
+  }
+}
+
 /* Room for n bytes at [*lo, *lo + n): the newest copy still reading any of
 ** them is waited for. */
 static int st_reserve(struct kc_stage *g, size_t n, size_t *lo) {
-  size_t a = g->head + n <= ST_RING ? g->head : 0;
+  size_t a = g->head + n <= g->size ? g->head : 0;
   int e, newest = -1;
+  st_reap(g);
   if (g->count == ST_SLOTS && (e = st_retire(g, 0))) return e;
   for (int k = 0; k < g->count; k++) {
     int i = (g->first + k) % ST_SLOTS;
@@ -80,7 +100,7 @@ int kc_stage_h2d(kc_state *s, void *dst, const void *src, size_t n) {
   int e, i;
   if (!n) return KC_OK;
   if (!s->stage && !s->stage_off && st_init(s) != KC_OK) s->stage_off = 1;   /* no pinned memory: never again */
-  if (n > ST_RING / 2 || !s->stage) {
+  if (!s->stage || n > s->stage->size / 2) {
     /* the synchronous road */
     e = kc_check_cuda(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, s->stream));
     return e ? e : kc_sync(s);

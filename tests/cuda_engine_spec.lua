@@ -3,11 +3,12 @@
 -- CUDA tensors: anomaly detection names the op on the device, histograms
 -- of device tensors (the monitor's), prod's backward and 0-d arg
 -- reductions, device index tensors and class targets (checked on the
--- host, read by the kernels from a device copy), and optimizer statistics
+-- host, read by the kernels where they are), and optimizer statistics
 -- that are gathered with one wait for all parameters. Run on a GPU, or on
 -- the CUDA simulator (tools/test.sh); visible skips elsewhere.
 --
 local H = require "helper"
+local D = require "devcheck"
 local keel = H.keel
 local nn = keel.nn
 local F = nn.functional
@@ -203,7 +204,7 @@ describe("CUDA tensors in the engine's own paths", function()
     loss:backward()
     local m1 = keel.cuda.memory_stats()
     assert.are.equal(m0.d2h_copies, m1.d2h_copies)
-    assert.is_true(m1.h2d_copies > m0.h2d_copies)   -- the checked 0-based copies went up
+    assert.are.equal(m0.h2d_copies, m1.h2d_copies)   -- the kernels read the uploaded tensors themselves
     local want = F.cross_entropy(x:cpu(), t:cpu()) + emb.weight:cpu():index_select(1, ids:cpu():view(4)):sum() +
       x:cpu():gather(2, t:cpu():view(4, 1)):sum()
     assert.is_true(math.abs(loss:item() - want:item()) < 1e-5)
@@ -226,5 +227,112 @@ describe("CUDA tensors in the engine's own paths", function()
     ok, err = pcall(emb, ids)
     assert.is_false(ok)
     assert.matches("out of range", tostring(err))
+  end)
+
+  -- A training step over uploaded int64 indices: the kernels read them where
+  -- they are (index base and ignored value passed along), so no step, forward
+  -- or backward, copies an index either way; results are the CPU's.
+  gpu_it("a training step on uploaded indices copies no index to or from the device, and matches the CPU", function()
+    local i64 = {dtype = "int64"}
+    local ix_cpu = {
+      ids = keel.tensor({{1, 2, 3}, {4, 6, 6}}, i64),
+      t = keel.tensor({1, 5, 3, 2, 4, 1}, i64),
+      t_in = keel.tensor({1, 3, 3, 2, 4, 3}, i64),      -- ignore_index 3: a valid class, ignored before rebasing
+      t_neg = keel.tensor({1, -100, 3, -100, 4, 1}, i64),
+      gi = keel.tensor({{2, 1}, {1, 1}, {5, 4}, {5, 2}, {3, 3}, {4, 5}}, i64),
+      sel = keel.tensor({3, 1, 3}, i64),
+    }
+    local function build(dev)
+      keel.manual_seed(11)
+      local emb, lin = nn.Embedding(6, 4), nn.Linear(4, 5)
+      if dev then emb:to(dev); lin:to(dev) end
+      return emb, lin
+    end
+    local function step(emb, lin, ix)
+      local z = lin(emb(ix.ids):view(6, 4))
+      local loss = F.cross_entropy(z, ix.t) +
+        F.cross_entropy(z, ix.t_in, {ignore_index = 3, label_smoothing = 0.1}) +
+        F.cross_entropy(z, ix.t_neg, {ignore_index = -100, reduction = "sum"}) +
+        F.nll_loss(F.log_softmax(z, 2), ix.t_in, {ignore_index = 3}) +
+        z:gather(2, ix.gi):pow(2):sum() + z:index_select(1, ix.sel):sum() + z:index_select(2, ix.sel):mean()
+      loss:backward()
+      return loss
+    end
+    local emb_c, lin_c = build()
+    local emb_d, lin_d = build("cuda")
+    local ix_dev = {}
+    for k, v in pairs(ix_cpu) do ix_dev[k] = v:cuda() end
+    local loss_c, loss_d
+    for s = 1, 3 do
+      loss_c = step(emb_c, lin_c, ix_cpu)
+      local m0 = keel.cuda.memory_stats()
+      loss_d = step(emb_d, lin_d, ix_dev)
+      local m1 = keel.cuda.memory_stats()
+      assert.are.equal(m0.h2d_copies, m1.h2d_copies, "step " .. s .. ": uploads")
+      assert.are.equal(m0.d2h_copies, m1.d2h_copies, "step " .. s .. ": downloads")
+      H.assert_close(loss_d:item(), loss_c:item(), 1e-4, "step " .. s .. ": loss")
+    end
+    -- three steps' accumulated gradients
+    local tol = D.tol.float32
+    H.assert_close(emb_d.weight.grad:cpu(), emb_c.weight.grad:totable(), tol.rtol, "embedding gradient")
+    H.assert_close(lin_d.weight.grad:cpu(), lin_c.weight.grad:totable(), tol.rtol, "linear gradient")
+    H.assert_close(lin_d.bias.grad:cpu(), lin_c.bias.grad:totable(), tol.rtol, "bias gradient")
+  end)
+
+  gpu_it("device indices of any strides go to the kernels as they are, results as the CPU's", function()
+    -- int64 values in 1..hi, deterministic
+    local function ix(shape, hi, seed)
+      local v, r = {}, H.rng(seed)
+      for k = 1, H.numel(shape) do v[k] = 1 + math.floor(r() * hi) end
+      return keel.tensor(v, {dtype = "int64"}):reshape(shape)
+    end
+    for _, dt in ipairs({"float32", "float64"}) do
+      local o = {tol = D.tol[dt]}
+      local x = D.input({7, 5}, dt)
+      -- the index inputs reach the CUDA side as device tensors: transposed,
+      -- expanded (zero strides), narrowed (an offset), a strided 1-D, a 0-d
+      D.check(function(a, i) return a:gather(2, i:t()) end, {x, ix({5, 7}, 5, 1)}, o)
+      D.check(function(a, i) return a:gather(1, i:expand({4, 5})) end, {x, ix({1, 5}, 7, 2)}, o)
+      D.check(function(a, i) return a:gather(2, i:narrow(2, 2, 3)) end, {x, ix({7, 4}, 5, 3)}, o)
+      D.check(function(a, src, i) return a:scatter_add(1, i:t(), src) end,
+              {x, D.input({5, 5}, dt, {seed = 4}), ix({5, 5}, 7, 4)}, o)
+      D.check(function(a, i) return a:index_select(1, i:select(2, 2)) end, {x, ix({6, 2}, 7, 5)}, o)
+      D.check(function(a, i) return a:index_select(2, i:select(1, 3)) end, {x, ix({4}, 5, 6)}, o)
+      -- embedding and class losses read dense indices: a strided one is copied on the device
+      D.check(function(w, i) return F.embedding(i:t(), w) end, {D.input({9, 4}, dt), ix({3, 5}, 9, 7)}, o)
+      D.check(function(w, i) return F.embedding(i:t(), w, 2) end, {D.input({9, 4}, dt), ix({3, 5}, 9, 8)}, o)
+      D.check(function(a, t) return F.cross_entropy(a, t:select(2, 1), {ignore_index = 2, reduction = "none"}) end,
+              {D.input({6, 5}, dt), ix({6, 2}, 5, 9)}, o)
+      D.check(function(a, t) return F.cross_entropy(a, t:select(2, 1), {ignore_index = 2, label_smoothing = 0.2}) end,
+              {D.input({6, 5}, dt), ix({6, 2}, 5, 9)}, o)
+      D.check(function(a, t) return F.nll_loss(a, t:t(), {ignore_index = 4}) end, {D.input({2, 5, 3}, dt), ix({3, 2}, 5, 10)},
+              o)
+      -- whole-valued float targets take the converting path (uploaded once)
+      D.check(function(a, t) return F.cross_entropy(a, t, {ignore_index = 5}) end,
+              {D.input({4, 5}, dt), keel.tensor({1, 5, 2, 2}, {dtype = dt})}, o)
+    end
+  end)
+
+  gpu_it("CPU indices with CUDA data are uploaded once per op; backward reuses the upload", function()
+    local i64 = {dtype = "int64"}
+    local gi, sel = keel.tensor({{2}, {1}, {3}, {3}}, i64), keel.tensor({4, 1}, i64)
+    local x = keel.randn{4, 3}
+    local xd = x:cuda():detach():requires_grad_(true)
+    x:requires_grad_(true)
+    local emb = nn.Embedding(5, 2)
+    local w = emb.weight:detach():clone()
+    emb:to("cuda")
+    local m0 = keel.cuda.memory_stats()
+    local loss = xd:gather(2, gi):sum() + xd:index_select(1, sel):sum() + emb(sel):pow(2):sum()
+    local m1 = keel.cuda.memory_stats()
+    loss:backward()
+    local m2 = keel.cuda.memory_stats()
+    assert.are.equal(3, m1.h2d_copies - m0.h2d_copies)   -- one per op
+    assert.are.equal(0, m2.h2d_copies - m1.h2d_copies)   -- backward: none
+    assert.are.equal(m0.d2h_copies, m2.d2h_copies)       -- and nothing downloaded to check them again
+    local want = x:gather(2, gi):sum() + x:index_select(1, sel):sum() + w:index_select(1, sel):pow(2):sum()
+    want:backward()
+    H.assert_close(loss:item(), want:item(), 1e-5)
+    H.assert_close(xd.grad:cpu(), x.grad:totable(), 1e-6)
   end)
 end)

@@ -173,6 +173,55 @@ describe("cuda deferred optimizer steps", function()
     end)
   end
 
+  -- More tensors than the decision kernel's block has threads (each
+  -- thread then owns several), some empty (no device work), under a chain
+  -- of every kind of item the device decides: per tensor, global, bound.
+  for _, policy in ipairs{"zero", "skip"} do
+    gpu_it(("agree with the host-decided steps over 700 tensors (nonfinite = %s)"):format(policy), function()
+      local N = 700
+      local pa, pb = {}, {}
+      for i = 1, N do
+        local shape = i % 100 == 50 and {0, 3} or {i % 6 + 1, i % 5 + 1}
+        local dtype = i % 3 == 0 and "float64" or "float32"
+        local t = tensor(H.values(H.numel(shape), -1, 1, 500 + i), shape, dtype)
+        pa[i] = t:to("cuda"):requires_grad_()
+        pb[i] = t:to("cuda"):requires_grad_()
+      end
+      local chain = clip.chain{clip.norm(1), clip.global_norm(2), clip.value(0.05)}
+      local oa = optim.AdamW(pa, {lr = 0.05, nonfinite = policy, clip = chain})
+      local ob = optim.AdamW(pb, {lr = 0.05, nonfinite = policy, clip = chain})
+      local handles = hook_all(pb)
+      local ok, err = pcall(function()
+        for t = 1, 3 do
+          for i, p in ipairs(pa) do
+            -- every tenth tensor large: the per-tensor norm clips those
+            local n, scale = p:numel(), i % 10 == 0 and 20 or 0.1
+            local v = H.values(n, -2, 2, 1000 * t + i)
+            for j = 1, n do v[j] = v[j] * scale end
+            if t == 2 and i == 7 then v[2] = 0 / 0 end
+            local g = tensor(v, p.shape, p.dtype)
+            p.grad = g:to("cuda")
+            pb[i].grad = g:to("cuda")
+          end
+          local ra, rb = oa:step(), ob:step()
+          local what = ("700 tensors, %s, step %d"):format(policy, t)
+          assert.is_table(getmetatable(ra), what .. ": decided on the device")
+          assert.is_nil(getmetatable(rb), what .. ": decided on the host")
+          same_report(ra, rb, what)
+          same_everything(oa, ob, pa, pb, what)
+          if t ~= 2 or policy == "zero" then
+            assert.is_true(ra.clipped, what .. ": clipped")
+            assert.is_true(ra.clip_coef < 1, what .. ": the global norm is active")
+          else
+            assert.is_false(ra.applied, what .. ": skipped")
+          end
+        end
+      end)
+      for _, h in ipairs(handles) do h:remove() end
+      if not ok then error(err, 0) end
+    end)
+  end
+
   gpu_it("the report fills itself on first access, and pairs() sees every field", function()
     local pa = params("float32", 3)
     local o = optim.Adam(pa, {lr = 0.01, nonfinite = "skip", clip = clip.global_norm(0.5)})
@@ -369,17 +418,8 @@ end)
 
 describe("cuda deferred steps wait for nothing", function()
   local plugin = os.getenv("KEEL_CUDA_PLUGIN") or ""
-  local bin = os.getenv("KEEL_BIN")
-  local on_sim = plugin:find("sim", 1, true) and bin
-  local function counts(n, steps, policy)
-    local cmd = ("KEEL_CUDA_SIM_STATS=1 %q tests/optim_launch_count.lua %d %d %s 2>&1"):format(bin, n, steps, policy)
-    local f = assert(io.popen(cmd))
-    local out = f:read("a")
-    f:close()
-    local l, w = out:match("kcsim: (%d+) launches, %d+ blocks, %d+ threads, (%d+) waits")
-    assert(l, "no simulator counts in: " .. out)
-    return tonumber(l), tonumber(w)
-  end
+  local on_sim = plugin:find("sim", 1, true) and os.getenv("KEEL_BIN")
+  local counts = H.sim_counts
   local test = on_sim and gpu_it or pending
   test("no host wait per step when nothing reads the report; one launch more than the host path", function()
     local l3a, w3a = counts(3, 2, "skip")

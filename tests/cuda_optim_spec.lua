@@ -716,17 +716,8 @@ end)
 
 describe("cuda optimizer launches", function()
   local plugin = os.getenv("KEEL_CUDA_PLUGIN") or ""
-  local bin = os.getenv("KEEL_BIN")
-  local on_sim = plugin:find("sim", 1, true) and bin
-  local function counts(n, steps)
-    local cmd = ("KEEL_CUDA_SIM_STATS=1 %q tests/optim_launch_count.lua %d %d 2>&1"):format(bin, n, steps)
-    local f = assert(io.popen(cmd))
-    local out = f:read("a")
-    f:close()
-    local l, w = out:match("kcsim: (%d+) launches, %d+ blocks, %d+ threads, (%d+) waits")
-    assert(l, "no simulator counts in: " .. out)
-    return tonumber(l), tonumber(w)
-  end
+  local on_sim = plugin:find("sim", 1, true) and os.getenv("KEEL_BIN")
+  local counts = H.sim_counts
   local test = on_sim and gpu_it or pending
   test("per step: as many launches for 40 parameters as for 3, one more wait per step", function()
     local l3a, w3a = counts(3, 2)

@@ -106,15 +106,7 @@ describe("the CUDA simulator", function()
   describe("in a fresh process", function()
     local BIN, PLUGIN = os.getenv("KEEL_BIN"), os.getenv("KEEL_CUDA_PLUGIN")
     local function run(env, code)
-      local f = os.tmpname()
-      local h = io.open(f, "w")
-      h:write(code)
-      h:close()
-      local p = io.popen(("%s KEEL_CUDA_PLUGIN=%q %s %q 2>&1"):format(env, PLUGIN, BIN, f))
-      local out = p:read("a")
-      p:close()
-      os.remove(f)
-      return out
+      return H.run_keel(code, {("%s KEEL_CUDA_PLUGIN=%q "):format(env, PLUGIN)}, true)[1]
     end
     local function proc_it(name, fn)
       if BIN and PLUGIN and on_sim() then it(name, fn) else pending(name .. " (needs KEEL_BIN and the simulator)") end

@@ -28,19 +28,10 @@ local function err_match(f, text)
 end
 
 -- Runs Lua code in a fresh keel process with extra environment settings;
--- returns its output. The keel executable (tools/test.sh sets KEEL_BIN)
--- carries its own Lua, and finds the plugin beside itself.
-local BIN = os.getenv("KEEL_BIN")
+-- returns its output (stdout and stderr). The keel executable carries its
+-- own Lua, and finds the plugin beside itself.
 local function run(env, code)
-  local f = os.tmpname()
-  local h = io.open(f, "w")
-  h:write(code)
-  h:close()
-  local p = io.popen(("%s %s %q 2>&1"):format(env, BIN, f))
-  local out = p:read("a")
-  p:close()
-  os.remove(f)
-  return out
+  return H.run_keel(code, {env .. " "}, true)[1]
 end
 
 describe("keel.cuda without a GPU", function()
@@ -111,7 +102,7 @@ describe("keel.cuda without a GPU", function()
   end)
 
   describe("in a fresh process", function()
-    if not BIN then
+    if not os.getenv("KEEL_BIN") then
       pending("KEEL_BIN is not set (tools/test.sh sets it)")
       return
     end
@@ -123,6 +114,19 @@ describe("keel.cuda without a GPU", function()
       assert.is_truthy(out:find("false\tzeros: CUDA is not available: ", 1, true), out)
       assert.is_truthy(out:find("(the default device, from KEEL_DEVICE=cuda)", 1, true), out)
       assert.is_true(names_a_cause(out), out)
+    end)
+
+    it("is_built() names the plugin file keel would open, without opening it", function()
+      local out = run("KEEL_CUDA_PLUGIN=/nonexistent/libkeel_cuda.so",
+        "print(keel.cuda.is_built()); print(keel.cuda.plugin())")
+      assert.are.equal("false\nnil\n", out)
+      local here = os.getenv("KEEL_BIN"):gsub("/bin/keel$", "/lib/libkeel_cuda.so")
+      local f = io.open(here, "rb")
+      if f then   -- a CUDA build: found beside the executable, under the keel executable too
+        f:close()
+        out = run("KEEL_CUDA_PLUGIN=", "print(keel.cuda.is_built())")
+        assert.is_truthy(out:find("^true\t.*/libkeel_cuda%.so\n$"), out)
+      end
     end)
 
     it("KEEL_DEVICE with an unknown value is refused when keel loads", function()

@@ -607,7 +607,8 @@ end
 -- ($KEEL_BIN) runs it, once per environment prefix of envs (e.g.
 -- "OPENBLAS_NUM_THREADS=1 "): a list of outputs in that order, or nil when
 -- KEEL_BIN is not set (tools/test.sh sets it; the caller then pends).
-function H.run_keel(source, envs)
+-- With merge_stderr, each output is stdout and stderr together.
+function H.run_keel(source, envs, merge_stderr)
   local bin = os.getenv("KEEL_BIN")
   if not bin then return nil end
   local script = os.tmpname()
@@ -616,12 +617,26 @@ function H.run_keel(source, envs)
   f:close()
   local outs = {}
   for i, env in ipairs(envs) do
-    local h = io.popen(("%s%q %q"):format(env, bin, script))
+    local h = io.popen(("%s%q %q%s"):format(env, bin, script, merge_stderr and " 2>&1" or ""))
     outs[i] = h:read("a")
     h:close()
   end
   os.remove(script)
   return outs
+end
+
+-- The CUDA simulator's counters over a keel run of tests/optim_launch_count.lua
+-- with the given arguments (KEEL_CUDA_SIM_STATS=1 prints them at exit):
+-- kernel launches and host waits. Needs KEEL_BIN and the simulator plugin.
+function H.sim_counts(...)
+  local cmd = ("KEEL_CUDA_SIM_STATS=1 %q tests/optim_launch_count.lua %s 2>&1"):format(
+    assert(os.getenv("KEEL_BIN"), "KEEL_BIN is not set"), table.concat({...}, " "))
+  local f = assert(io.popen(cmd))
+  local out = f:read("a")
+  f:close()
+  local l, w = out:match("kcsim: (%d+) launches, %d+ blocks, %d+ threads, (%d+) waits")
+  assert(l, "no simulator counts in: " .. out)
+  return tonumber(l), tonumber(w)
 end
 
 H.GPU_MARK = " [gpu]"

@@ -228,3 +228,127 @@ describe("keel.amp.autocast", function()
     assert.is_true(last < first / 10, ("loss %g -> %g"):format(first, last))
   end)
 end)
+
+-- {====================================================================
+-- The CPU's recurrent layers (engine/backend_cpu_rnn.c) under a reduced
+-- precision: W_hh is rounded once per layer call and every step's
+-- product uses that copy (the other operands are rounded per product).
+-- =====================================================================
+
+describe("recurrent layers under a reduced precision", function()
+  after_each(function() keel.set_float32_matmul_precision("highest") end)
+
+  local GATES = {lstm = 4, gru = 3, rnn_tanh = 1}
+  local T, B, I, HS = 5, 3, 4, 6
+
+  local function leaf(shape, seed, lo, hi)
+    return H.t64(shape, lo or -1, hi or 1, seed, {dtype = "float32"})
+  end
+
+  -- the inputs of mode's layer op: x, h0, c0 (lstm; else false), wi, wh, bi, bh
+  local function inputs(mode)
+    local G = GATES[mode]
+    return {leaf({T, B, I}, 1), leaf({B, HS}, 2), mode == "lstm" and leaf({B, HS}, 3) or false,
+            leaf({G * HS, I}, 4, -0.6, 0.6), leaf({G * HS, HS}, 5, -0.6, 0.6), leaf({G * HS}, 6, -0.5, 0.5),
+            leaf({G * HS}, 7, -0.5, 0.5)}
+  end
+
+  -- runs mode's layer on inp under precision p, forward and backward;
+  -- returns the results and the gradients of every input
+  local function run(mode, inp, p)
+    local x, h0, c0, wi, wh, bi, bh = table.unpack(inp, 1, 7)
+    local res
+    keel.amp.autocast(p, function()
+      if mode == "lstm" then
+        res = {F.lstm_layer(x, h0, c0, wi, wh, bi, bh)}
+      else
+        res = {F[mode .. "_layer"](x, h0, wi, wh, bi, bh)}
+      end
+      local loss
+      for k, y in ipairs(res) do
+        local r = keel.tensor(H.nest(H.values(H.numel(y.shape), -1, 1, 50 + k), y.shape), {dtype = "float32"})
+        local term = (y * r):sum()
+        loss = loss and loss + term or term
+      end
+      loss:backward()
+    end)
+    local grads = {}
+    for k, t in ipairs(inp) do if t then grads[#grads + 1] = t.grad:totable() end end
+    return res, grads
+  end
+
+  -- the same leaves, fresh (no gradients), w_hh replaced by f(w_hh)
+  local function again(inp, f)
+    local o = {}
+    for k, t in ipairs(inp) do
+      o[k] = t and (k == 5 and f(t) or t:detach():clone()):requires_grad_(true)
+    end
+    return o
+  end
+
+  local function exact(a, b, msg)
+    H.assert_close(a, type(b) == "table" and b or b:totable(), {atol = 0, rtol = 0}, msg)
+  end
+
+  it("give the bits of a W_hh rounded beforehand, forward and backward", function()
+    for _, mode in ipairs {"lstm", "gru", "rnn_tanh"} do
+      for _, p in ipairs {"bfloat16", "tf32", "float16"} do
+        local inp = inputs(mode)
+        local res, grads = run(mode, inp, p)
+        local pre = again(inp, function(w) return rounded(w, p) end)
+        local res2, grads2 = run(mode, pre, p)
+        for k = 1, #res do exact(res[k], res2[k], mode .. " " .. p .. " result " .. k) end
+        for k = 1, #grads do exact(grads[k], grads2[k], mode .. " " .. p .. " grad " .. k) end
+        -- and the rounding is there: full precision differs
+        local full = run(mode, again(inp, function(w) return w:detach():clone() end), "highest")
+        if p == "bfloat16" then
+          assert.is_true((full[1] - res[1]):abs():max():item() > 1e-4, mode .. ": bfloat16 had no effect")
+        end
+      end
+    end
+  end)
+
+  it("a layer gives the bits of a loop over its cells (W_hh rounded per call either way)", function()
+    -- x and W_ih are multiples of 1/8, so x W_ih^T is exact whichever way
+    -- BLAS sums it (all steps in one product, or one step per call)
+    local function dyadic(t)
+      local v = H.flat(t:detach():totable())
+      for k = 1, #v do v[k] = math.floor(v[k] * 8 + 0.5) / 8 end
+      return keel.tensor(v, {dtype = "float32"}):reshape(t.shape)
+    end
+    for _, mode in ipairs {"lstm", "gru"} do
+      local inp = inputs(mode)
+      local x, h0, c0, wi, wh, bi, bh = dyadic(inp[1]), inp[2]:detach(), inp[3] and inp[3]:detach(),
+                                        dyadic(inp[4]), inp[5]:detach(), inp[6]:detach(), inp[7]:detach()
+      keel.set_float32_matmul_precision("bfloat16")
+      local out = mode == "lstm" and F.lstm_layer(x, h0, c0, wi, wh, bi, bh) or F.gru_layer(x, h0, wi, wh, bi, bh)
+      local h, c = h0, c0
+      for t = 1, T do
+        if mode == "lstm" then h, c = F.lstm_cell(x[t], h, c, wi, wh, bi, bh)
+        else h = F.gru_cell(x[t], h, wi, wh, bi, bh) end
+        exact(out[t], h, mode .. " step " .. t)
+      end
+    end
+  end)
+
+  it("an LSTM step multiplies by W_hh in its layout (against composed ops)", function()
+    local x, h0, c0, wi, wh, bi, bh = table.unpack(inputs("lstm"), 1, 7)
+    local function composed()
+      local g = keel.matmul(x[1], wi:t()) + keel.matmul(h0, wh:t()) + bi + bh
+      local i, f = g:narrow(2, 1, HS):sigmoid(), g:narrow(2, HS + 1, HS):sigmoid()
+      local gg, o = g:narrow(2, 2 * HS + 1, HS):tanh(), g:narrow(2, 3 * HS + 1, HS):sigmoid()
+      local cn = f * c0 + i * gg
+      return o * cn:tanh()
+    end
+    keel.set_float32_matmul_precision("bfloat16")
+    local _, hn = F.lstm_layer(x:narrow(1, 1, 1), h0, c0, wi, wh, bi, bh)
+    local want = composed()
+    keel.set_float32_matmul_precision("highest")
+    H.assert_close(hn, want:totable(), {atol = 1e-5, rtol = 1e-5})
+    -- the tolerance tells the formats apart
+    local gap = (composed() - want):abs():max():item()
+    assert.is_true(gap > 1e-4, ("bfloat16 vs full precision: %g"):format(gap))
+  end)
+end)
+
+-- }====================================================================

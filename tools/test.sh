@@ -113,8 +113,6 @@ run_spec() {
     passed=$((passed + s))
     failed=$((failed + f + e))
     pending=$((pending + p))
-    run_passed=$((run_passed + s))
-    run_failed=$((run_failed + f + e))
     # GPU tests skipped without a GPU: pending tests named "... [gpu]" (helper.lua)
     if [ "$count_gpu" = 1 ]; then
       gs=$(grep -c ' \[gpu\]$' "$log" || true)
@@ -123,12 +121,10 @@ run_spec() {
     if [ "$brc" -ne 0 ] && [ $((f + e)) -eq 0 ]; then
       echo "test: $spec: busted exited with status $brc despite no failures" >&2
       failed=$((failed + 1))
-      run_failed=$((run_failed + 1))
     fi
   else
     echo "test: $spec: busted printed no summary (exit status $brc): counted as 1 failure" >&2
     failed=$((failed + 1))
-    run_failed=$((run_failed + 1))
   fi
   # UBSan reports and goes on: count each report as a failure.
   if [ "$cfg" = asan ]; then
@@ -136,7 +132,6 @@ run_spec() {
     if [ "$ub" -gt 0 ]; then
       echo "test: $spec: $ub UBSan report(s)" >&2
       failed=$((failed + ub))
-      run_failed=$((run_failed + ub))
     fi
   fi
 }
@@ -145,8 +140,6 @@ specs=$(find tests -name '*_spec.lua' | sort)
 [ -n "$specs" ] || echo "test: no tests/*_spec.lua found" >&2
 pending=0
 gpu_skipped=0
-run_passed=0
-run_failed=0
 for spec in $specs; do
   run_spec "$spec" "$cfg" 1
 done
@@ -194,12 +187,11 @@ sim_line=
 if [ "${KEEL_CUDA_SIM:-}" = 0 ]; then
   sim_line="cuda-sim: not run (KEEL_CUDA_SIM=0)"
 elif [ -z "$sim_all" ] && [ -f "$sim_lib" ]; then
-  run_passed=0
-  run_failed=0
+  sim_p0=$passed sim_f0=$failed
   for spec in $(find tests -name 'cuda_*spec.lua' | sort); do
     run_spec "$spec" "$cfg, CUDA simulator" 0 "KEEL_CUDA_PLUGIN=$sim_lib" KEEL_CUDA_SIM_QUIET=1
   done
-  sim_line="cuda-sim: $run_passed passed, $run_failed failed (kernels on the CPU simulator)"
+  sim_line="cuda-sim: $((passed - sim_p0)) passed, $((failed - sim_f0)) failed (kernels on the CPU simulator)"
 elif [ -z "$sim_all" ]; then
   sim_line="cuda-sim: not run ($sim_lib was not built)"
 fi

@@ -15,24 +15,13 @@
 --   keel.cuda.mem_get_info()      free, total bytes of the device
 --   keel.cuda.load(path)          opens that plugin now (default: the usual search)
 --   keel.cuda.plugin()            path and description of the open plugin, or nil
+--   keel.cuda.is_built()          whether a plugin file is where keel looks first (not
+--                                 opened), and its path
 
 local core = require "keel.core"
 local C = core._cuda
 
 local cuda = {}
 for k, v in pairs(C) do cuda[k] = v end
-
--- keel.cuda.is_built(): whether the plugin file exists where keel looks
--- first, without opening it (a GPU-less machine with a CUDA build says true).
-function cuda.is_built()
-  local path = package.searchpath("keel.core", package.cpath)
-  if not path then return false end
-  local dir = path:match("^(.*)/[^/]*$") or "."
-  for _, rel in ipairs {"", "/../lib", "/../../lib"} do
-    local f = io.open(dir .. rel .. "/libkeel_cuda.so", "rb")
-    if f then f:close(); return true end
-  end
-  return false
-end
 
 return cuda

@@ -33,6 +33,7 @@
 
 local core = require "keel.core"
 local hooks = require "keel.hooks"
+local json = require "keel.json"
 local tensorboard = require "keel.tensorboard"
 local S = core._summary
 
@@ -42,26 +43,9 @@ local M = {}
 -- JSON lines (strict: every line must parse with a strict JSON parser)
 -- =======================================================================
 
-local function jnum(v)
-  if math.type(v) == "integer" then return ("%d"):format(v) end
-  if v ~= v then return '"NaN"' end
-  if v == math.huge then return '"Infinity"' end
-  if v == -math.huge then return '"-Infinity"' end
-  local s = ("%.15g"):format(v)
-  if tonumber(s) ~= v then s = ("%.17g"):format(v) end
-  return s
-end
-
-local ESC = {['"'] = '\\"', ['\\'] = '\\\\', ['\b'] = '\\b', ['\f'] = '\\f', ['\n'] = '\\n',
-             ['\r'] = '\\r', ['\t'] = '\\t'}
-local function jstr(s)
-  s = s:gsub('[%c"\\]', function(c) return ESC[c] or ("\\u%04x"):format(c:byte()) end)
-  if not utf8.len(s) then
-    -- not UTF-8 (a strict parser would refuse it): bytes >= 0x80 as code points
-    s = s:gsub("[\128-\255]", function(c) return ("\\u%04x"):format(c:byte()) end)
-  end
-  return '"' .. s .. '"'
-end
+-- numbers and strings as keel.json writes them for strict readers
+local function jnum(v) return json.number(v, true) end
+local function jstr(s) return json.quote(s, true) end
 
 local jval
 local function jtable(t, depth)

@@ -18,113 +18,21 @@
 -- all, or only non-bias ones when there are more than 20), title.
 
 local core = require "keel.core"
+local json = require "keel.json"
 local S = core._summary
 
 local plot = {}
 
 -- {======================================================================
--- JSON lines: a small decoder that keeps the order of object keys (the
--- legend follows the parameter order) and reads "NaN"/"Infinity" strings
--- (how keel.monitor writes them) and bare NaN/Infinity (as Python does).
+-- JSON lines (keel.json), keeping the order of object keys: the legend
+-- follows the parameter order. keel.monitor writes NaN and the infinities
+-- as strings, Python as bare words: num() below reads both.
 -- =======================================================================
 
 local ORDER = setmetatable({}, {__mode = "k"})   -- object -> its keys in file order
 
 local function decode(s)
-  local pos = 1
-  local function fail(what) error(("json: %s at byte %d"):format(what, pos), 0) end
-  local function ws() pos = s:find("[^ \t\r\n]", pos) or #s + 1 end
-  local value
-  local function str()
-    local out, i = {}, pos + 1
-    while true do
-      local j = s:find('["\\]', i)
-      if not j then fail("unterminated string") end
-      out[#out + 1] = s:sub(i, j - 1)
-      if s:byte(j) == 34 then pos = j + 1 break end
-      local c = s:sub(j + 1, j + 1)
-      local simple = ({b = "\b", f = "\f", n = "\n", r = "\r", t = "\t", ['"'] = '"', ["\\"] = "\\", ["/"] = "/"})[c]
-      if simple then
-        out[#out + 1] = simple
-        i = j + 2
-      elseif c == "u" then
-        local cp = tonumber(s:sub(j + 2, j + 5), 16)
-        if not cp then fail("bad \\u escape") end
-        i = j + 6
-        if cp >= 0xD800 and cp < 0xDC00 and s:sub(i, i + 1) == "\\u" then
-          local lo = tonumber(s:sub(i + 2, i + 5), 16)
-          if lo and lo >= 0xDC00 and lo < 0xE000 then
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
-            i = i + 6
-          end
-        end
-        out[#out + 1] = utf8.char(cp)
-      else
-        fail("bad escape")
-      end
-    end
-    return table.concat(out)
-  end
-  value = function()
-    ws()
-    local c = s:sub(pos, pos)
-    if c == "{" then
-      local obj, keys = {}, {}
-      pos = pos + 1
-      ws()
-      if s:sub(pos, pos) == "}" then pos = pos + 1 ORDER[obj] = keys return obj end
-      while true do
-        ws()
-        if s:sub(pos, pos) ~= '"' then fail("expected a key") end
-        local k = str()
-        ws()
-        if s:sub(pos, pos) ~= ":" then fail("expected ':'") end
-        pos = pos + 1
-        local v = value()
-        if obj[k] == nil then keys[#keys + 1] = k end
-        obj[k] = v
-        ws()
-        local d = s:sub(pos, pos)
-        pos = pos + 1
-        if d == "}" then break end
-        if d ~= "," then fail("expected ',' or '}'") end
-      end
-      ORDER[obj] = keys
-      return obj
-    elseif c == "[" then
-      local arr = {}
-      pos = pos + 1
-      ws()
-      if s:sub(pos, pos) == "]" then pos = pos + 1 return arr end
-      while true do
-        arr[#arr + 1] = value()
-        ws()
-        local d = s:sub(pos, pos)
-        pos = pos + 1
-        if d == "]" then break end
-        if d ~= "," then fail("expected ',' or ']'") end
-      end
-      return arr
-    elseif c == '"' then
-      return str()
-    end
-    for lit, v in pairs({["true"] = true, ["false"] = false, ["null"] = false, NaN = 0 / 0,
-                         Infinity = math.huge, ["-Infinity"] = -math.huge}) do
-      if s:sub(pos, pos + #lit - 1) == lit then
-        pos = pos + #lit
-        if lit == "null" then return nil end
-        return v
-      end
-    end
-    local num = s:match("^-?%d+%.?%d*[eE]?[-+]?%d*", pos)
-    if not num or num == "" or num == "-" then fail("unexpected character") end
-    pos = pos + #num
-    return tonumber(num) or fail("bad number")
-  end
-  local v = value()
-  ws()
-  if pos <= #s then fail("trailing characters") end
-  return v
+  return json.decode(s, {name = "json", order = ORDER})
 end
 plot._decode = decode
 

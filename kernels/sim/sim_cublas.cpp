@@ -17,6 +17,7 @@
 #include "kcsim.h"
 #include "cublas_v2.h"
 #include "sim_internal.h"
+#include "keel_round.h"
 
 struct kcsim_cublas {
   cudaStream_t stream;
@@ -140,45 +141,19 @@ static int on_device(const T *p, int64_t extent) {
 
 /* The reduced formats of the FAST compute types (and of the TF32 math
 ** mode): tensor cores round each float32 operand to the format before
-** multiplying. As engine/gemm.c rounds on the CPU: round to nearest even
-** on the dropped mantissa bits (13 for TF32 and float16, 16 for
-** bfloat16); float16 also has its range (Inf from 65520) and subnormals. */
-enum { R_NONE, R_TF32, R_BF16, R_F16 };
-
-static float keep_bits(float x, int dropped) {
-  uint32_t u, half = (1u << (dropped - 1)) - 1;
-  memcpy(&u, &x, sizeof u);
-  if ((u & 0x7f800000u) == 0x7f800000u) return x;
-  u += half + ((u >> dropped) & 1u);
-  u &= ~((1u << dropped) - 1u);
-  memcpy(&x, &u, sizeof x);
-  return x;
-}
-
-static double rounded(float x, int r) {
-  float a;
-  switch (r) {
-    case R_TF32: return keep_bits(x, 13);
-    case R_BF16: return keep_bits(x, 16);
-    case R_F16:
-      a = fabsf(x);
-      if (!(a < INFINITY)) return x;
-      if (a >= 65520.0f) return copysignf(INFINITY, x);
-      if (a < 0x1p-14f) return copysignf(nearbyintf(a * 0x1p24f) * 0x1p-24f, x);
-      return keep_bits(x, 13);
-    default: return x;
-  }
-}
+** multiplying, as engine/gemm.c does on the CPU: keel_round.h, whose
+** KEEL_MATMUL_* codes name the formats here too (HIGHEST: no rounding). */
+static double rounded(float x, int r) { return kl_round_to_precision(x, r); }
 static double rounded(double x, int r) {
   (void)r;
   return x;
 }
 
-/* C[b] = alpha op(A[b]) op(B[b]) + beta C[b], b < batch; rnd: R_* */
+/* C[b] = alpha op(A[b]) op(B[b]) + beta C[b], b < batch; rnd: KEEL_MATMUL_* */
 template <typename T>
 static cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                            double alpha, const T *A, int lda, long long sa, const T *B, int ldb, long long sb,
-                           double beta, T *C, int ldc, long long sc, int batch, int rnd = R_NONE) {
+                           double beta, T *C, int ldc, long long sc, int batch, int rnd = KEEL_MATMUL_HIGHEST) {
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (bad_op(ta) || bad_op(tb) || m < 0 || n < 0 || k < 0 || batch < 0) return CUBLAS_STATUS_INVALID_VALUE;
   if (lda < imax1(ta == CUBLAS_OP_N ? m : k) || ldb < imax1(tb == CUBLAS_OP_N ? k : n) || ldc < imax1(m))
@@ -235,17 +210,20 @@ static int ex_type(cudaDataType at, cudaDataType bt, cudaDataType ct, cublasComp
   return -1;
 }
 
+static int math_round(cublasHandle_t h) {
+  return h && h->math == CUBLAS_TF32_TENSOR_OP_MATH ? KEEL_MATMUL_TF32 : KEEL_MATMUL_HIGHEST;
+}
+
 /* the rounding of float32 operands: the compute type's, else the math mode's */
 static int ex_round(cublasHandle_t h, cublasComputeType_t compute) {
   switch (compute) {
-    case CUBLAS_COMPUTE_32F_FAST_TF32: return R_TF32;
-    case CUBLAS_COMPUTE_32F_FAST_16BF: return R_BF16;
-    case CUBLAS_COMPUTE_32F_FAST_16F: return R_F16;
-    case CUBLAS_COMPUTE_32F: return h && h->math == CUBLAS_TF32_TENSOR_OP_MATH ? R_TF32 : R_NONE;
-    default: return R_NONE;
+    case CUBLAS_COMPUTE_32F_FAST_TF32: return KEEL_MATMUL_TF32;
+    case CUBLAS_COMPUTE_32F_FAST_16BF: return KEEL_MATMUL_BF16;
+    case CUBLAS_COMPUTE_32F_FAST_16F: return KEEL_MATMUL_F16;
+    case CUBLAS_COMPUTE_32F: return math_round(h);
+    default: return KEEL_MATMUL_HIGHEST;
   }
 }
-static int math_round(cublasHandle_t h) { return h && h->math == CUBLAS_TF32_TENSOR_OP_MATH ? R_TF32 : R_NONE; }
 
 extern "C" {
 

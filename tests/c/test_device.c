@@ -369,6 +369,123 @@ static void *counting_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   return realloc(ptr, nsize);
 }
 
+/* {======================================================================
+** Index tensors read where they are, on the CUDA simulator
+** ======================================================================= */
+
+/* The tensors of one side (CPU or CUDA) of idx_step. */
+enum { IDX_X, IDX_W, IDX_T, IDX_TN, IDX_IDS, IDX_GI, IDX_SEL, IDX_N };
+
+/* *acc += sum(t), releasing t (a NULL *acc starts the sum). */
+static keel_status idx_add_sum(keel_ctx *ctx, keel_tensor **acc, keel_tensor *t) {
+  keel_tensor *s = NULL, *a = NULL;
+  keel_status st = t ? keel_reduce(ctx, KEEL_RED_SUM, t, 0, NULL, 0, &s, NULL) : KEEL_ERR_ARG;
+  keel_tensor_release(t);
+  if (st) return st;
+  if (!*acc) { *acc = s; return KEEL_OK; }
+  st = keel_add(ctx, *acc, s, &a);
+  keel_tensor_release(s);
+  keel_tensor_release(*acc);
+  *acc = a;
+  return st;
+}
+
+/* One step's index ops on v (IDX_*) at the context's index base (ignore:
+** the ignored target value): cross entropy with and without an ignored
+** target, embedding, gather and index_select, summed; then backward. */
+static keel_status idx_step(keel_ctx *ctx, keel_tensor **v, int64_t ignore, double *loss) {
+  keel_tensor *acc = NULL, *t = NULL;
+  keel_status st;
+  if ((st = keel_cross_entropy(ctx, v[IDX_X], v[IDX_T], NULL, ignore, 0.1, KEEL_REDUCTION_MEAN, &t)) ||
+      (st = idx_add_sum(ctx, &acc, t)))
+    goto done;
+  if ((st = keel_cross_entropy(ctx, v[IDX_X], v[IDX_TN], NULL, KEEL_NO_IGNORE, 0, KEEL_REDUCTION_SUM, &t)) ||
+      (st = idx_add_sum(ctx, &acc, t)))
+    goto done;
+  if ((st = keel_embedding(ctx, v[IDX_W], v[IDX_IDS], KEEL_NO_PADDING, &t)) || (st = idx_add_sum(ctx, &acc, t)))
+    goto done;
+  if ((st = keel_gather(ctx, v[IDX_X], 1, v[IDX_GI], &t)) || (st = idx_add_sum(ctx, &acc, t))) goto done;
+  if ((st = keel_index_select(ctx, v[IDX_X], 0, v[IDX_SEL], &t)) || (st = idx_add_sum(ctx, &acc, t))) goto done;
+  if ((st = keel_backward(ctx, acc, NULL, 0))) goto done;
+  st = keel_tensor_read(ctx, acc, loss, 1);
+done:
+  keel_tensor_release(acc);
+  return st;
+}
+
+/* a and b (float64) agree within tol. */
+static int idx_close(keel_ctx *ctx, const keel_tensor *a, const keel_tensor *b, double tol) {
+  double x[16], y[16];
+  int64_t n = a && b ? keel_tensor_numel(a) : 0;
+  if (n <= 0 || n > 16 || n != keel_tensor_numel(b) || keel_tensor_read(ctx, a, x, n) || keel_tensor_read(ctx, b, y, n))
+    return 0;
+  for (int64_t i = 0; i < n; i++)
+    if (!(fabs(x[i] - y[i]) <= tol)) return 0;
+  return 1;
+}
+
+/* At index base b, the CUDA backend reads the uploaded index tensors
+** where they are (base and ignored value passed to the kernels): a step
+** makes no host-device copy, and agrees with the CPU's. */
+static void test_index_in_place(const char *sim, int b) {
+  static const double xv[12] = {0.5, -1, 2, 0, 1.5, -0.5, 3, 1, -2, 0.25, 0.75, -1.25};
+  static const double wv[10] = {1, 2, -1, 0.5, 0, 3, -2, 1, 0.5, -0.5};
+  /* 0-based values; t's second entry is the ignored one (set below) */
+  static const double tv[4] = {2, 0, 1, 0}, tnv[4] = {1, 2, 0, 2}, idsv[6] = {4, 0, 2, 2, 1, 3};
+  static const double giv[4] = {2, 0, 1, 1}, selv[3] = {3, 1, 3};
+  const double *vals[IDX_N] = {xv, wv, tv, tnv, idsv, giv, selv};
+  static const int64_t shapes[IDX_N][2] = {{4, 3}, {5, 2}, {4, 0}, {4, 0}, {2, 3}, {4, 1}, {3, 0}};
+  keel_tensor *h[IDX_N] = {NULL}, *d[IDX_N] = {NULL};
+  keel_cuda_memory_stats m0, m1;
+  int64_t ignore = 1 + b;   /* a valid class: the kernels must test for it before rebasing */
+  double lh = 0, ld = 0, shifted[6];
+  char what[160];
+  keel_ctx *ctx;
+  int ok = 1;
+  keel_ctx_new(&ctx, NULL, NULL);
+  keel_set_index_base(ctx, b);
+  if (keel_cuda_load(ctx, sim) != KEEL_OK) {
+    check_(0, "device: the CUDA simulator loads", keel_last_error(ctx));
+    keel_ctx_free(ctx);
+    return;
+  }
+  for (int i = 0; i < IDX_N; i++) {
+    int nd = shapes[i][1] ? 2 : 1;
+    int64_t n = shapes[i][0] * (shapes[i][1] ? shapes[i][1] : 1);
+    const double *src = vals[i];
+    if (i >= IDX_T) {   /* index values count from the base */
+      for (int64_t k = 0; k < n; k++) shifted[k] = src[k] + b;
+      if (i == IDX_T) shifted[1] = (double)ignore;
+      src = shifted;
+    }
+    ok = ok && keel_from_doubles(ctx, i >= IDX_T ? KEEL_I64 : KEEL_F64, nd, shapes[i], src, &h[i]) == KEEL_OK &&
+         keel_to_device(ctx, h[i], KEEL_CUDA, 0, &d[i]) == KEEL_OK;
+  }
+  ok = ok && keel_set_requires_grad(ctx, h[IDX_X], 1) == KEEL_OK && keel_set_requires_grad(ctx, h[IDX_W], 1) == KEEL_OK &&
+       keel_set_requires_grad(ctx, d[IDX_X], 1) == KEEL_OK && keel_set_requires_grad(ctx, d[IDX_W], 1) == KEEL_OK;
+  snprintf(what, sizeof what, "device: index base %d: the index ops run on the CPU and the simulator", b);
+  keel_cuda_memory_stats_get(ctx, &m0);
+  ok = ok && idx_step(ctx, h, ignore, &lh) == KEEL_OK && idx_step(ctx, d, ignore, &ld) == KEEL_OK;
+  keel_cuda_memory_stats_get(ctx, &m1);
+  check_(ok, what, ok ? NULL : keel_last_error(ctx));
+  if (ok) {
+    /* the one download: the loss read at the end of the device step */
+    snprintf(what, sizeof what, "device: index base %d: a step uploads no index and downloads only the loss", b);
+    CHECK(m1.h2d_copies == m0.h2d_copies && m1.d2h_copies == m0.d2h_copies + 1, what);
+    snprintf(what, sizeof what, "device: index base %d: loss and gradients agree with the CPU's", b);
+    CHECK(fabs(lh - ld) <= 1e-12 &&
+          idx_close(ctx, keel_tensor_grad(h[IDX_X]), keel_tensor_grad(d[IDX_X]), 1e-12) &&
+          idx_close(ctx, keel_tensor_grad(h[IDX_W]), keel_tensor_grad(d[IDX_W]), 1e-12), what);
+  }
+  for (int i = 0; i < IDX_N; i++) {
+    keel_tensor_release(h[i]);
+    keel_tensor_release(d[i]);
+  }
+  keel_ctx_free(ctx);
+}
+
+/* }====================================================================== */
+
 void keel_test_device(check_fn check) {
   char fake[4400];
   keel_ctx *ctx;
@@ -381,6 +498,12 @@ void keel_test_device(check_fn check) {
   }
   test_loading(fake);
   test_oom(fake);
+  {
+    char sim[4400];
+    lib_path(sim, sizeof sim, "libkeel_cuda_sim.so");
+    test_index_in_place(sim, 0);
+    test_index_in_place(sim, 1);
+  }
   keel_ctx_new(&ctx, counting_alloc, NULL);
   CHECK_OK(ctx, keel_cuda_load(ctx, fake), "device: the stand-in plugin loads (every CUDA vtable slot is set)");
   {

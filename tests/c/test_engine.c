@@ -804,6 +804,8 @@ static void test_optim_cancel(void) {
 
 /* tests/c/test_device.c */
 void keel_test_device(void (*check_fn)(int ok, const char *what, const char *detail));
+/* tests/c/test_round.c */
+void keel_test_round(void (*check_fn)(int ok, const char *what, const char *detail));
 
 int main(void) {
   test_basics();
@@ -820,6 +822,7 @@ int main(void) {
   test_optim_deferred_cpu();
   test_optim_cancel();
   keel_test_device(check);
+  keel_test_round(check);
   printf("%d passed, %d failed\n", n_pass, n_fail);
   return n_fail ? 1 : 0;
 }
