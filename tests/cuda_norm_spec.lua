@@ -22,16 +22,7 @@ describe("cuda batch_norm", function()
     for _, shape in ipairs({{37, 5}, {9, 7, 3}, {3, 4, 301}, {4, 3, 5, 7}}) do
       local name = table.concat(shape, "x")
       gpu_it("training with affine and running stats, " .. name .. " " .. dt, function()
-        local C = shape[2]
-        local x = D.input(shape, dt, {seed = 11})
-        local w = D.input({C}, dt, {lo = 0.5, hi = 1.5, seed = 12})
-        local b = D.input({C}, dt, {seed = 13})
-        local rm = D.input({C}, dt, {grad = false, seed = 14})
-        local rv = D.input({C}, dt, {grad = false, lo = 0.5, hi = 2, seed = 15})
-        D.check(function(a, ww, bb, m, v)
-          local y = F.batch_norm(a, m, v, ww, bb, true, 0.1, 1e-5)
-          return {y, m * 1, v * 1}
-        end, {x, w, b, rm, rv})
+        D.check_batch_norm_train(shape, dt, 11)
       end)
       gpu_it("training without affine, no running stats, " .. name .. " " .. dt, function()
         D.check(function(a) return F.batch_norm(a, nil, nil, nil, nil, true, 0.1, 1e-3) end,

@@ -56,17 +56,8 @@ describe("cuda batch norm in columns ([N, C] inputs)", function()
     for _, shape in ipairs({{37, 5}, {20, 40}, {300, 70}, {96, 32}}) do
       local name = table.concat(shape, "x")
       gpu_it("training with affine and running stats, then eval, " .. name .. " " .. dt, function()
-        local C = shape[2]
-        local x = D.input(shape, dt, {seed = 81})
-        local w = D.input({C}, dt, {lo = 0.5, hi = 1.5, seed = 82})
-        local b = D.input({C}, dt, {seed = 83})
-        local rm = D.input({C}, dt, {grad = false, seed = 84})
-        local rv = D.input({C}, dt, {grad = false, lo = 0.5, hi = 2, seed = 85})
-        D.check(function(a, ww, bb, m, v)
-          local y = F.batch_norm(a, m, v, ww, bb, true, 0.1, 1e-5)
-          return {y, m * 1, v * 1}
-        end, {x, w, b, rm, rv})
-        D.check(function(a, ww, bb, m, v) return F.batch_norm(a, m, v, ww, bb, false) end, {x, w, b, rm, rv})
+        local ins = D.check_batch_norm_train(shape, dt, 81)
+        D.check(function(a, ww, bb, m, v) return F.batch_norm(a, m, v, ww, bb, false) end, ins)
         -- the same bits twice: a fixed order of the column sums
         local xd = D.input(shape, dt, {seed = 86, grad = false}):to("cuda")
         assert.same(F.batch_norm(xd, nil, nil, nil, nil, true):cpu():totable(),

@@ -129,4 +129,24 @@ function D.input(shape, opts, more)
   return t
 end
 
+-- Batch norm in training (affine, running statistics updated) on an
+-- input of shape and dtype dt, CPU against the device; seed picks the
+-- values. Returns the inputs {x, weight, bias, running_mean, running_var}.
+function D.check_batch_norm_train(shape, dt, seed)
+  local F = require("keel").nn.functional
+  local C = shape[2]
+  local ins = {
+    D.input(shape, dt, {seed = seed}),
+    D.input({C}, dt, {lo = 0.5, hi = 1.5, seed = seed + 1}),
+    D.input({C}, dt, {seed = seed + 2}),
+    D.input({C}, dt, {grad = false, seed = seed + 3}),
+    D.input({C}, dt, {grad = false, lo = 0.5, hi = 2, seed = seed + 4}),
+  }
+  D.check(function(a, ww, bb, m, v)
+    local y = F.batch_norm(a, m, v, ww, bb, true, 0.1, 1e-5)
+    return {y, m * 1, v * 1}
+  end, ins)
+  return ins
+end
+
 return D
