@@ -21,6 +21,15 @@ local what, batch = arg[1] or "cnn", tonumber(arg[2] or "64")
 local now = B.clock("wall")
 local threads = os.getenv("OPENBLAS_NUM_THREADS") or "?"
 keel.manual_seed(0)
+-- KEEL_BENCH_PRECISION=bfloat16|float16|tf32: the float32 products of the
+-- whole run at that matmul precision (autocast's rounding), named in the
+-- results
+local precision = os.getenv("KEEL_BENCH_PRECISION")
+local tag = ""
+if precision and precision ~= "" and precision ~= "highest" then
+  keel.set_float32_matmul_precision(precision)
+  tag = "_" .. precision
+end
 
 local function time_steps(step, warmup, reps, rounds)
   return B.time_steps(now, step, warmup, reps, rounds)
@@ -31,14 +40,14 @@ if what == "cnn" then
   local opt = optim.Adam(model:parameters(), {lr = 1e-3, clip = clip.global_norm(1.0)})
   local x, y = keel.randn{batch, 1, 28, 28}, M.labels({batch}, 10)
   local s = time_steps(M.step(opt, function() return nn.cross_entropy(model(x), y) end), 3, B.scaled(10), 3)
-  B.result(("train_cnn_b%d_t%s_keel"):format(batch, threads), batch / s, "img/s")
+  B.result(("train_cnn_b%d_t%s%s_keel"):format(batch, threads, tag), batch / s, "img/s")
 elseif what == "lstm" then
   local c = M.LSTM
   local loss, params = M.char_lstm()
   local opt = optim.SGD(params, {lr = 0.1, momentum = 0.9, clip = clip.global_norm(5.0)})
   local xs, ys = M.labels({c.T, c.N}, c.V), M.labels({c.T, c.N}, c.V)
   local s = time_steps(M.step(opt, function() return loss(xs, ys) end), 2, B.scaled(5), 3)
-  B.result(("train_lstm_t%s_keel"):format(threads), c.T * c.N / s, "tokens/s")
+  B.result(("train_lstm_t%s%s_keel"):format(threads, tag), c.T * c.N / s, "tokens/s")
 elseif what == "adamw" then
   local total, n = 10 * 1000 * 1000, 50
   local params = {}

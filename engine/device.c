@@ -563,9 +563,21 @@ keel_status kl_host_values(keel_ctx *ctx, const keel_tensor *t, keel_tensor **ou
     *out = keel_tensor_retain((keel_tensor *)t);
     return KEEL_OK;
   }
+  keel_status st;
   if (s->shadow && s->version == s->shadow_version)
     return kl_alias(ctx, s->shadow, t->ndim, t->shape, t->stride, t->offset, out);
-  return kl_transfer(ctx, t, KEEL_CPU, t->dtype, out);
+  if ((st = kl_transfer(ctx, t, KEEL_CPU, t->dtype, out))) return st;
+  /* a small int64 tensor that is its whole storage (an index made on the
+  ** device: argmax, a computed target): the download becomes its host
+  ** copy, so the next check of the same values (backward's) need not wait */
+  if (t->dtype == KEEL_I64 && t->offset == 0 && kl_is_contiguous(t) && t->numel <= SHADOW_MAX_NUMEL &&
+      (size_t)t->numel * sizeof(int64_t) == s->nbytes) {
+    kl_storage *w = t->storage;
+    keel_tensor_release(w->shadow);
+    w->shadow = keel_tensor_retain(*out);
+    w->shadow_version = w->version;
+  }
+  return KEEL_OK;
 }
 
 keel_status keel_to_device(keel_ctx *ctx, keel_tensor *a, keel_device dev, int copy, keel_tensor **out) {

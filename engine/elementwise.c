@@ -374,7 +374,7 @@ keel_status keel_copy_(keel_ctx *ctx, keel_tensor *dst, keel_tensor *src) {
   if (!st) st = backend(ctx, dst)->copy(ctx, dst, &v);
   keel_tensor_release(moved);
   keel_tensor_release(owned);
-  if (st) return st;
+  /* a failed copy may have written part of dst: its contents changed */
   dst->storage->version++;
   return st;
 }

@@ -10,11 +10,15 @@
 ** (nvcc) and C++ (g++, the simulator, where KL_HD is empty and device code
 ** is host code) all include it.
 **
-** What tensor cores do with cuBLAS's FAST compute types: each float32
-** operand is rounded to nearest even on the dropped mantissa bits, 13 for
-** TF32 and float16, 16 for bfloat16; float16 also has its range (Inf from
-** 65520 up, the first value that rounds past 65504) and its subnormals
-** (steps of 2^-24 below 2^-14). NaN and infinities are kept.
+** The model is the conversion to each format: each float32 operand is
+** rounded to nearest even on the dropped mantissa bits, 13 for TF32 and
+** float16, 16 for bfloat16; float16 also has its range (Inf from 65520
+** up, the first value that rounds past 65504) and its subnormals (steps
+** of 2^-24 below 2^-14). NaN and infinities are kept. cuBLAS's FAST
+** compute types do not document how tensor cores round float32 operands
+** (TF32 conversion may round ties away from zero, or truncate), so a
+** cuBLAS product may differ from these in the last bits of an operand;
+** the three users here agree with each other exactly.
 */
 #ifndef KEEL_ROUND_H
 #define KEEL_ROUND_H

@@ -29,6 +29,7 @@
 ** lanes hit 32 banks when E is a multiple of 32 (no padding needed).
 */
 #include <math.h>
+#include <string.h>
 #include "common.cuh"
 #include "keel_round.h"
 

@@ -325,7 +325,9 @@ __device__ __forceinline__ void kc_offsets_sel(const kc_geom &g, bool small, int
 ** a multiple of 32, at most 1024). Every lane of the warp (every thread
 ** of the block) calls them, and every lane gets the result. The order is
 ** fixed: a butterfly over lane distances G/2, G/4, .. 1, then (block) the
-** warps' results in warp order, so a result never depends on timing.
+** same over the warps' results, so a result never depends on timing. The
+** max and min take NaN-free inputs: a NaN compares false, so lanes would
+** disagree (callers skip NaN as they build their own value).
 ** ======================================================================= */
 
 template <int G = 32, typename T>

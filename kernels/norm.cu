@@ -15,9 +15,9 @@
 ** norm with few samples) split each over blocks instead (kc_chan_split),
 ** with ordered second passes.
 ** Per-channel weight gradients of layer/group norm cross statistics, so
-** they are column sums: partial sums over slices of N in scratch, then a
-** block per channel adds them in a fixed order. Nothing uses atomics, so
-** results repeat exactly.
+** they are column sums: partial sums over slices of N in scratch, then
+** one block per unit of neighbouring channels adds them in a fixed
+** order. Nothing uses atomics, so results repeat exactly.
 **
 ** Dropout draws element i from splitmix64 of (seed, i): a counter-based
 ** generator, no state on the device; the engine passes a fresh seed from

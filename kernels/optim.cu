@@ -384,10 +384,12 @@ static int pend_region(kc_state *s, size_t n, size_t *off) {
   n = (n + 15) & ~(size_t)15;
   if (P->used + n > P->cap) {
     void *arena = P->arena;
+    /* room for twice what was wanted at once (what is outstanding and n,
+    ** counted before the flush empties it), so that the next time (the
+    ** statistics and the update of one step) fits without a wait */
+    size_t want = 2 * (P->used + n);
     if ((rc = pend_flush(s))) return rc;
-    /* room for twice what was wanted at once, so that the next time
-    ** (the statistics and the update of one step) fits without a wait */
-    rc = kc_grow(s, &arena, &P->cap, 2 * (P->used + n), 1);
+    rc = kc_grow(s, &arena, &P->cap, want, 1);
     P->arena = (char *)arena;
     if (rc) return rc;
   }

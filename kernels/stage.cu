@@ -67,10 +67,11 @@ static int st_retire(struct kc_stage *g, int k) {
 ** round to a slot long after its copy ran, and need not wait for it. */
 static void st_reap(struct kc_stage *g) {
   while (g->count > 0) {
-    if (cudaEventQuery(g->slot[g->first].done) != cudaSuccess) {
-      /* not run yet (or an error, which the next wait reports): not an
-      ** error of this call, so the runtime's slot is cleared */
-      (void)cudaGetLastError();
+    cudaError_t e = cudaEventQuery(g->slot[g->first].done);
+    if (e != cudaSuccess) {
+      /* not run yet: not an error, so the runtime's last error is cleared
+      ** of it; a real error stays for the next wait to report */
+      if (e == cudaErrorNotReady) (void)cudaGetLastError();
       return;
     }
     g->first = (g->first + 1) % ST_SLOTS;

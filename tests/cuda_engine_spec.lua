@@ -335,4 +335,29 @@ describe("CUDA tensors in the engine's own paths", function()
     H.assert_close(loss:item(), want:item(), 1e-5)
     H.assert_close(xd.grad:cpu(), x.grad:totable(), 1e-6)
   end)
+
+  gpu_it("an index made on the device is downloaded for its check once: backward's check reuses it", function()
+    local x = keel.randn{6, 5}
+    local xd = x:cuda():detach():requires_grad_(true)
+    x:requires_grad_(true)
+    local idx = xd:detach():argmax(2, true)          -- int64 [6, 1], made on the device
+    local m0 = keel.cuda.memory_stats()
+    local y = xd:gather(2, idx):sum() + xd:index_select(1, idx:view(6)):sum()
+    local m1 = keel.cuda.memory_stats()
+    y:backward()
+    local m2 = keel.cuda.memory_stats()
+    assert.are.equal(1, m1.d2h_copies - m0.d2h_copies)   -- the first check downloads
+    assert.are.equal(0, m2.d2h_copies - m1.d2h_copies)   -- the others read that copy
+    assert.are.equal(0, m2.h2d_copies - m0.h2d_copies)   -- and nothing goes up
+    local hi = x:detach():argmax(2, true)
+    local want = x:gather(2, hi):sum() + x:index_select(1, hi:view(6)):sum()
+    want:backward()
+    H.assert_close(y:item(), want:item(), 1e-5)
+    H.assert_close(xd.grad:cpu(), x.grad:totable(), 1e-6)
+    -- a change of the values makes the copy stale: the next check downloads
+    idx:fill_(1)
+    local m3 = keel.cuda.memory_stats()
+    xd:gather(2, idx)
+    assert.are.equal(1, keel.cuda.memory_stats().d2h_copies - m3.d2h_copies)
+  end)
 end)
