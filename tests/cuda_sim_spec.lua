@@ -112,6 +112,23 @@ describe("the CUDA simulator", function()
       if BIN and PLUGIN and on_sim() then it(name, fn) else pending(name .. " (needs KEEL_BIN and the simulator)") end
     end
 
+    proc_it("KEEL_CUDA_SIM_STATS=2: the launches per launch site, busiest first", function()
+      local out = run("KEEL_CUDA_SIM_STATS=2", [[
+        local a = keel.ones({1000}, {device = "cuda"})
+        for _ = 1, 3 do a = a + a end
+        print(a:sum():item())]])
+      local total = tonumber(out:match("kcsim: (%d+) launches, "))
+      local counts, sum = {}, 0
+      for n in out:gmatch("kcsim: +(%d+) launches at [%w_]+%.cu:%d+\n") do
+        counts[#counts + 1] = tonumber(n)
+        sum = sum + tonumber(n)
+      end
+      assert.is_truthy(total, out)
+      assert.are.equal(total, sum, out)                -- every launch has its site
+      assert.is_true(#counts >= 2, out)                -- the additions' and the sum's
+      for i = 2, #counts do assert.is_true(counts[i - 1] >= counts[i], out) end
+    end)
+
     proc_it("KEEL_CUDA_SIM_DEVICES=0: CUDA unavailable, the reason says no device", function()
       local out = run("KEEL_CUDA_SIM_DEVICES=0", "print(keel.cuda.is_available())")
       assert.is_truthy(out:find("false\tno CUDA device", 1, true), out)

@@ -21,6 +21,10 @@ struct stats {
   uint64_t waits, h2d, d2h, d2d;
 };
 extern KCSIM_API stats sim_stats;
+/* KEEL_CUDA_SIM_STATS=2: launches counted per launch site too, printed at
+** exit busiest first (where a step's launches go, without a profiler). */
+KCSIM_API void sim_count_site(const char *file, int line);
+KCSIM_API void sim_print_sites(void);
 
 /* The runtime's last-error slot takes a launch failure; the message is
 ** what cudaGetErrorString gives for that code until the next failure. */

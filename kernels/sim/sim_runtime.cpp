@@ -16,6 +16,8 @@
 **   KEEL_CUDA_SIM_QUIET=1      no "kcsim:" line on stderr for a failed launch
 **   KEEL_CUDA_SIM_STATS=1      launches, blocks and threads run, host waits
 **                              and copies by direction, at exit
+**   KEEL_CUDA_SIM_STATS=2      also the launches per launch site (file:line),
+**                              busiest first
 */
 #include <stdarg.h>
 #include <stdio.h>
@@ -72,6 +74,7 @@ static void print_stats(void) {
           (unsigned long long)sim_stats.launches, (unsigned long long)sim_stats.blocks,
           (unsigned long long)sim_stats.threads, (unsigned long long)sim_stats.waits,
           (unsigned long long)sim_stats.h2d, (unsigned long long)sim_stats.d2h, (unsigned long long)sim_stats.d2d);
+  sim_print_sites();
 }
 
 __attribute__((constructor)) static void init(void) {

@@ -542,6 +542,39 @@ void *dynamic_smem() { return smem_buf; }
 ** Launches
 ** ======================================================================= */
 
+/* Launch sites and their counts (KEEL_CUDA_SIM_STATS=2): a small open
+** table keyed by the site's file pointer and line (string literals of
+** __FILE__ are one pointer per file). Sites past its size go uncounted. */
+#define SITES 1024
+static struct site { const char *file; int line; uint64_t n; } sites[SITES];
+static int sites_on = -1;
+
+void sim_count_site(const char *file, int line) {
+  if (sites_on < 0) {
+    const char *e = getenv("KEEL_CUDA_SIM_STATS");
+    sites_on = e && atoi(e) >= 2;
+  }
+  if (!sites_on) return;
+  size_t h = ((uintptr_t)file * 31u + (unsigned)line) % SITES;
+  for (int k = 0; k < SITES; k++, h = (h + 1) % SITES) {
+    if (!sites[h].file) { sites[h].file = file; sites[h].line = line; }
+    if (sites[h].file == file && sites[h].line == line) { sites[h].n++; return; }
+  }
+}
+
+static int by_count(const void *a, const void *b) {
+  uint64_t x = ((const struct site *)a)->n, y = ((const struct site *)b)->n;
+  return x < y ? 1 : x > y ? -1 : 0;
+}
+
+void sim_print_sites(void) {
+  if (sites_on != 1) return;
+  qsort(sites, SITES, sizeof sites[0], by_count);
+  for (int k = 0; k < SITES && sites[k].n; k++)
+    fprintf(stderr, "kcsim: %8llu launches at %s:%d\n", (unsigned long long)sites[k].n, site_base(sites[k].file),
+            sites[k].line);
+}
+
 static size_t stack_bytes(void) {
   const char *e = getenv("KEEL_CUDA_SIM_STACK");
   long v = e && *e ? strtol(e, NULL, 10) : 0;
@@ -553,6 +586,7 @@ void run(dim3 grid, dim3 block, size_t smem, cudaStream_t st, body_fn body, void
   std::lock_guard<std::mutex> hold(lock);
   unsigned nt = block.x * block.y * block.z;
   size_t smem_max = sim_smem_limit(kernel);
+  sim_count_site(file, line);
   (void)st;
   if (!block.x || !block.y || !block.z || !grid.x || !grid.y || !grid.z || block.x > 1024 || block.y > 1024 ||
       block.z > 64 || (uint64_t)block.x * block.y * block.z > 1024 || grid.y > 65535 || grid.z > 65535 ||
