@@ -360,4 +360,44 @@ describe("CUDA tensors in the engine's own paths", function()
     xd:gather(2, idx)
     assert.are.equal(1, keel.cuda.memory_stats().d2h_copies - m3.d2h_copies)
   end)
+
+  gpu_it("a training loop keeps device memory bounded and host memory flat without collectgarbage()", function()
+    -- uploads of a batch and labels every step, embedding ids, a device-decided
+    -- AdamW step: staging, host copies of indices and the optimizer's
+    -- pending results must not pile up
+    keel.manual_seed(4)
+    local emb, l1, l2 = nn.Embedding(20, 8), nn.Linear(16, 32), nn.Linear(32, 5)
+    local params = {}
+    for _, m in ipairs{emb, l1, l2} do
+      m:to("cuda")
+      for _, p in ipairs(m:parameters()) do params[#params + 1] = p end
+    end
+    local opt = keel.optim.AdamW(params, {lr = 1e-3, clip = keel.clip.global_norm(1.0), nonfinite = "skip"})
+    local function step()
+      local ids = ((keel.rand{4, 2} * 20):long():clamp(0, 19) + 1):cuda()
+      local y = ((keel.rand{4} * 5):long():clamp(0, 4) + 1):cuda()
+      local x = keel.randn{4, 8}:cuda()
+      local h = keel.cat({emb(ids):mean(2), x}, 2)
+      local loss = F.cross_entropy(l2(l1(h):relu()), y)
+      opt:zero_grad()
+      loss:backward()
+      opt:step()
+    end
+    for _ = 1, 50 do step() end
+    collectgarbage()
+    local a0, rss0, peak = keel.cuda.memory_stats().allocated_bytes, H.rss_bytes(), 0
+    for _ = 1, 400 do
+      step()
+      peak = math.max(peak, keel.cuda.memory_stats().allocated_bytes)
+    end
+    -- the GC frees dropped tensors as it goes (the binding tells it their
+    -- device bytes): a bounded lag, and nothing kept once collected
+    assert.is_true(peak < a0 + 2 ^ 20, ("device bytes in use %d at rest, %d at the peak"):format(a0, peak))
+    collectgarbage()
+    assert.are.equal(a0, keel.cuda.memory_stats().allocated_bytes)
+    local rss1 = H.rss_bytes()
+    if rss0 and rss1 then
+      assert.is_true(rss1 - rss0 < 16 * 2 ^ 20, ("host RSS grew by %.1f MB"):format((rss1 - rss0) / 2 ^ 20))
+    end
+  end)
 end)
