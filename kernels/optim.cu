@@ -416,7 +416,11 @@ static int pend_record(kc_state *s, pend_rec **rec) {
 static int pend_reserve(kc_state *s, size_t n, pend_rec **rec, void **host) {
   size_t off;
   int rc;
-  if ((rc = pend_region(s, n, &off)) || (rc = pend_record(s, rec))) return rc;
+  if ((rc = pend_region(s, n, &off))) return rc;
+  if ((rc = pend_record(s, rec))) {
+    s->pending->used = off;   /* the region back: it was the last one taken */
+    return rc;
+  }
   (*rec)->off = off;
   *host = s->pending->arena + off;
   return KC_OK;
