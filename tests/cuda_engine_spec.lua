@@ -396,8 +396,9 @@ describe("CUDA tensors in the engine's own paths", function()
     collectgarbage()
     assert.are.equal(a0, keel.cuda.memory_stats().allocated_bytes)
     local rss1 = H.rss_bytes()
-    if rss0 and rss1 then
-      assert.is_true(rss1 - rss0 < 16 * 2 ^ 20, ("host RSS grew by %.1f MB"):format((rss1 - rss0) / 2 ^ 20))
+    -- (not under AddressSanitizer: its quarantine keeps freed host memory)
+    if rss0 and rss1 and not (os.getenv("LD_PRELOAD") or ""):find("asan", 1, true) then
+      assert.is_true(rss1 - rss0 < 4 * 2 ^ 20, ("host RSS grew by %.1f MB"):format((rss1 - rss0) / 2 ^ 20))
     end
   end)
 end)

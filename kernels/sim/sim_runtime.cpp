@@ -338,9 +338,14 @@ cudaError_t cudaFree(void *p) {
   return cudaSuccess;
 }
 
+/* Page-locked memory is resident from the start: touched here, so that a
+** process's RSS shows what a real run holds (not pages that fill in as a
+** staging ring goes round for the first time). */
 cudaError_t cudaMallocHost(void **p, size_t n) {
   *p = malloc(n ? n : 1);
-  return *p ? cudaSuccess : fail(cudaErrorMemoryAllocation);
+  if (!*p) return fail(cudaErrorMemoryAllocation);
+  memset(*p, 0, n);
+  return cudaSuccess;
 }
 
 cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags) {
