@@ -293,25 +293,17 @@ KL_BACKWARD(kl_sdpa_backward) {
   TRY(dense_as(ctx, g, n->out_ndim, n->out_shape, &gd));
   a.gout = gd;
   memcpy(s, n->out_shape, sizeof(int64_t) * (size_t)nb);
-  if (KL_NEEDS(n, 0)) {
-    s[nb] = a.L; s[nb + 1] = a.E;
-    TRY(kl_new(ctx, q->dtype, q->storage->device, nb + 2, s, &gin[0]));
-    a.dq = gin[0];
-  }
-  if (KL_NEEDS(n, 1)) {
-    s[nb] = a.S; s[nb + 1] = a.E;
-    TRY(kl_new(ctx, q->dtype, q->storage->device, nb + 2, s, &gin[1]));
-    a.dk = gin[1];
-  }
-  if (KL_NEEDS(n, 2)) {
-    s[nb] = a.S; s[nb + 1] = a.Ev;
-    TRY(kl_new(ctx, q->dtype, q->storage->device, nb + 2, s, &gin[2]));
-    a.dv = gin[2];
-  }
-  if (KL_NEEDS(n, 3)) {
-    s[nb] = a.L; s[nb + 1] = a.S;
-    TRY(kl_new(ctx, q->dtype, q->storage->device, nb + 2, s, &gin[3]));
-    a.dbias = gin[3];
+  {
+    /* each input's gradient: [batch..., rows, cols] */
+    const int64_t rc[4][2] = {{a.L, a.E}, {a.S, a.E}, {a.S, a.Ev}, {a.L, a.S}};
+    keel_tensor **dst[4] = {&a.dq, &a.dk, &a.dv, &a.dbias};
+    for (int i = 0; i < 4; i++) {
+      if (!KL_NEEDS(n, i)) continue;
+      s[nb] = rc[i][0];
+      s[nb + 1] = rc[i][1];
+      TRY(kl_new(ctx, q->dtype, q->storage->device, nb + 2, s, &gin[i]));
+      *dst[i] = gin[i];
+    }
   }
   st = be->sdpa_backward(ctx, &a);
 done:

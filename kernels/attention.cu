@@ -133,6 +133,26 @@ __device__ __forceinline__ T warp_max_skipnan(T v) {
   return v;
 }
 
+/* acc[rr] (a row of width W, lane + 32c its column c) += sum over the
+** tile's TK rows jj of coef_jj * tile[jj]: coef is one value per lane
+** (lane jj holds row jj's), spread by shuffles. The forward's P V and the
+** dQ kernel's dS K. */
+template <int R, int NC, typename T>
+__device__ __forceinline__ void add_tile(T (&acc)[R][NC], const T (&coef)[R], const T *tile, int64_t W, int lane) {
+  #pragma unroll
+  for (int rr = 0; rr < R; rr++)
+    #pragma unroll
+    for (int jj = 0; jj < TK; jj++) {
+      T cj = __shfl_sync(0xffffffffu, coef[rr], jj);
+      if (cj == 0) continue;
+      #pragma unroll
+      for (int c = 0; c < NC; c++) {
+        int64_t d = lane + 32 * c;
+        if (d < W) acc[rr][c] += cj * tile[jj * W + d];
+      }
+    }
+}
+
 /* }====================================================================== */
 
 /* {======================================================================
@@ -185,17 +205,7 @@ __global__ void fwd_kernel(sdpa_geo g, const T *q, const T *k, const T *v, const
       __syncthreads();
       load_tile(kv, v + (b * S + j0) * Ev, S - j0, TK, Ev, g.prec);
       __syncthreads();
-      #pragma unroll
-      for (int rr = 0; rr < FQ / NW; rr++)
-        for (int jj = 0; jj < TK; jj++) {
-          T pj = __shfl_sync(0xffffffffu, pr[rr], jj);
-          if (pj == 0) continue;
-          #pragma unroll
-          for (int c = 0; c < NC; c++) {
-            int64_t d = lane + 32 * c;
-            if (d < Ev) acc[rr][c] += pj * kv[jj * Ev + d];
-          }
-        }
+      add_tile<FQ / NW, NC>(acc, pr, kv, Ev, lane);
     }
     #pragma unroll
     for (int rr = 0; rr < FQ / NW; rr++) {
@@ -367,18 +377,7 @@ __global__ void dq_kernel(sdpa_geo g, const T *q, const T *k, const T *v, const 
       __syncthreads();
       load_tile(kv, k + (b * S + j0) * E, S - j0, TK, E, g.prec);
       __syncthreads();
-      #pragma unroll
-      for (int rr = 0; rr < GQ / NW; rr++)
-        #pragma unroll
-        for (int jj = 0; jj < TK; jj++) {
-          T dj = __shfl_sync(0xffffffffu, dsr[rr], jj);
-          if (dj == 0) continue;
-          #pragma unroll
-          for (int c = 0; c < NC; c++) {
-            int64_t d = lane + 32 * c;
-            if (d < E) acc[rr][c] += dj * kv[jj * E + d];
-          }
-        }
+      add_tile<GQ / NW, NC>(acc, dsr, kv, E, lane);
     }
     #pragma unroll
     for (int rr = 0; rr < GQ / NW; rr++) {

@@ -195,6 +195,32 @@ __device__ __forceinline__ void sacc_store(const sacc &A, gstat *o) {
   o->nan = A.nan; o->inf = A.inf; o->zeros = A.zeros;
 }
 
+/* The block's threads add elements [b, e) of g (and the squares of w's:
+** NULL, none) into A: one element at a time, or (_vec: b and e on
+** 16-byte packs, w of g's dtype) a pack at a time. */
+template <typename T, typename W>
+__device__ __forceinline__ void stat_span(sacc &A, const T *g, const W *w, int64_t b, int64_t e, T ca, T lo, T hi,
+                                          double pw) {
+  for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) {
+    stat_elem(A, g[i], ca, lo, hi, pw);
+    if (w) stat_w(A, w[i]);
+  }
+}
+template <typename T>
+__device__ __forceinline__ void stat_span_vec(sacc &A, const T *g, const T *w, int64_t b, int64_t e, T ca, T lo,
+                                              T hi, double pw) {
+  const int N = 16 / sizeof(T);
+  int64_t nv = (e - b) / N;
+  for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
+    kpack<T> x = *(const kpack<T> *)(g + b + j * N);
+    for (int l = 0; l < N; l++) stat_elem(A, x.x[l], ca, lo, hi, pw);
+    if (w) {
+      kpack<T> y = *(const kpack<T> *)(w + b + j * N);
+      for (int l = 0; l < N; l++) stat_w(A, y.x[l]);
+    }
+  }
+}
+
 /* Any layout: one element at a time; w (NULL: none) of its own dtype. */
 template <typename T, typename W>
 __global__ void stats_kernel(const T *g, const W *w, plan pl, unitp q, double pw, gstat *part) {
@@ -204,10 +230,7 @@ __global__ void stats_kernel(const T *g, const W *w, plan pl, unitp q, double pw
     T ca = (T)unit_a(q, u), hi = (T)unit_v(q, u), lo = -hi;
     sacc A;
     sacc_zero(A);
-    for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) {
-      stat_elem(A, g[i], ca, lo, hi, pw);
-      if (w) stat_w(A, w[i]);
-    }
+    stat_span(A, g, w, b, e, ca, lo, hi, pw);
     sacc_block(A, sh);
     if (threadIdx.x == 0) sacc_store(A, &part[k]);
   }
@@ -216,22 +239,13 @@ __global__ void stats_kernel(const T *g, const W *w, plan pl, unitp q, double pw
 /* Aligned units of whole packs, w (NULL: none) of g's dtype. */
 template <typename T>
 __global__ void stats_vec_kernel(const T *g, const T *w, plan pl, unitp q, double pw, gstat *part) {
-  const int N = 16 / sizeof(T);
   __shared__ double sh[9][32];
   for (int64_t k = blockIdx.x; k < pl.items; k += gridDim.x) {
-    int64_t b, e, u = item_range(pl, k, &b, &e), nv;
+    int64_t b, e, u = item_range(pl, k, &b, &e);
     T ca = (T)unit_a(q, u), hi = (T)unit_v(q, u), lo = -hi;
     sacc A;
     sacc_zero(A);
-    nv = (e - b) / N;
-    for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
-      kpack<T> x = *(const kpack<T> *)(g + b + j * N);
-      for (int l = 0; l < N; l++) stat_elem(A, x.x[l], ca, lo, hi, pw);
-      if (w) {
-        kpack<T> y = *(const kpack<T> *)(w + b + j * N);
-        for (int l = 0; l < N; l++) stat_w(A, y.x[l]);
-      }
-    }
+    stat_span_vec(A, g, w, b, e, ca, lo, hi, pw);
     sacc_block(A, sh);
     if (threadIdx.x == 0) sacc_store(A, &part[k]);
   }
@@ -871,7 +885,6 @@ __device__ __forceinline__ void mt_unit(const mt_desc &d, const double *AV, int6
 
 template <typename T>
 __global__ void mt_stats_kernel(const mt_desc *D, int nd, const double *AV, int64_t items, gstat *part) {
-  const int N = 16 / sizeof(T);
   __shared__ double sh[9][32];
   for (int64_t k = blockIdx.x; k < items; k += gridDim.x) {
     const mt_desc &d = D[mt_find(D, nd, k, 0)];
@@ -882,22 +895,8 @@ __global__ void mt_stats_kernel(const mt_desc *D, int nd, const double *AV, int6
     sacc A;
     mt_unit(d, AV, u, &ca, &lo, &hi);
     sacc_zero(A);
-    if (d.vec) {
-      int64_t nv = (e - b) / N;
-      for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
-        kpack<T> x = *(const kpack<T> *)(g + b + j * N);
-        for (int l = 0; l < N; l++) stat_elem(A, x.x[l], ca, lo, hi, pw);
-        if (w) {
-          kpack<T> y = *(const kpack<T> *)(w + b + j * N);
-          for (int l = 0; l < N; l++) stat_w(A, y.x[l]);
-        }
-      }
-    } else {
-      for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) {
-        stat_elem(A, g[i], ca, lo, hi, pw);
-        if (w) stat_w(A, w[i]);
-      }
-    }
+    if (d.vec) stat_span_vec(A, g, w, b, e, ca, lo, hi, pw);
+    else stat_span(A, g, w, b, e, ca, lo, hi, pw);
     sacc_block(A, sh);
     if (threadIdx.x == 0) sacc_store(A, &part[k]);
   }

@@ -232,6 +232,8 @@ describe("fused attention arguments", function()
       "scaled_dot_product_attention: bias %(attn_mask%) has dtype int64, expected a float dtype")
     err(function() sdpa(q, q, q, { scale = math.huge }) end,
       "scaled_dot_product_attention: scale must be finite, got inf")
+    local long = keel.zeros({ 0, 2 ^ 31 + 1, 4 })   -- no elements, a length past int32
+    err(function() sdpa(long, long, long) end, "scaled_dot_product_attention: sizes above 2%^31 are not supported")
   end)
 end)
 

@@ -417,10 +417,8 @@ end)
 -- =======================================================================
 
 describe("cuda deferred steps wait for nothing", function()
-  local plugin = os.getenv("KEEL_CUDA_PLUGIN") or ""
-  local on_sim = plugin:find("sim", 1, true) and os.getenv("KEEL_BIN")
   local counts = H.sim_counts
-  local test = on_sim and gpu_it or pending
+  local test = H.on_sim() and gpu_it or pending
   test("no host wait per step when nothing reads the report; one launch more than the host path", function()
     local l3a, w3a = counts(3, 2, "skip")
     local l3b, w3b = counts(3, 4, "skip")

@@ -715,10 +715,8 @@ end)
 -- =======================================================================
 
 describe("cuda optimizer launches", function()
-  local plugin = os.getenv("KEEL_CUDA_PLUGIN") or ""
-  local on_sim = plugin:find("sim", 1, true) and os.getenv("KEEL_BIN")
   local counts = H.sim_counts
-  local test = on_sim and gpu_it or pending
+  local test = H.on_sim() and gpu_it or pending
   test("per step: as many launches for 40 parameters as for 3, one more wait per step", function()
     local l3a, w3a = counts(3, 2)
     local l3b, w3b = counts(3, 4)

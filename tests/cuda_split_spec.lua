@@ -15,25 +15,15 @@ local F = H.keel.nn.functional
 local gpu_it = H.gpu_it(it, pending)
 
 describe("cuda split and whole reductions (simulator launch counts)", function()
-  local plugin = os.getenv("KEEL_CUDA_PLUGIN") or ""
-  local bin = os.getenv("KEEL_BIN")
-  local on_sim = plugin:find("sim", 1, true) and bin
   -- launches of one run of the case: runs 2 and 1 subtracted (the input's
   -- upload and any setup cancel out); 4 simulated SMs, as the defaults
   local function per_run(case)
     local function launches(reps)
-      local cmd = ("KEEL_CUDA_SIM_STATS=1 KEEL_CUDA_SIM_SMS=4 %q tests/split_launch_count.lua %q %d 2>&1"):format(
-        bin, case, reps)
-      local f = assert(io.popen(cmd))
-      local out = f:read("a")
-      f:close()
-      local l = out:match("kcsim: (%d+) launches")
-      assert(l, "no simulator counts in: " .. out)
-      return tonumber(l)
+      return (H.sim_run("tests/split_launch_count.lua", {("%q"):format(case), reps}, "KEEL_CUDA_SIM_SMS=4"))
     end
     return launches(2) - launches(1)
   end
-  local test = on_sim and gpu_it or pending
+  local test = H.on_sim() and gpu_it or pending
   -- name, split case, whole case, launches the split adds
   for _, c in ipairs({
     {"sum over rows", "sum rows split", "sum rows whole", 1},

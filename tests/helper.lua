@@ -625,18 +625,31 @@ function H.run_keel(source, envs, merge_stderr)
   return outs
 end
 
--- The CUDA simulator's counters over a keel run of tests/optim_launch_count.lua
--- with the given arguments (KEEL_CUDA_SIM_STATS=1 prints them at exit):
--- kernel launches and host waits. Needs KEEL_BIN and the simulator plugin.
-function H.sim_counts(...)
-  local cmd = ("KEEL_CUDA_SIM_STATS=1 %q tests/optim_launch_count.lua %s 2>&1"):format(
-    assert(os.getenv("KEEL_BIN"), "KEEL_BIN is not set"), table.concat({...}, " "))
+-- Whether CUDA is the simulator plugin here and KEEL_BIN can run child
+-- processes on it: the specs that read the simulator's counters need both.
+function H.on_sim()
+  return (os.getenv("KEEL_CUDA_PLUGIN") or ""):find("sim", 1, true) ~= nil and os.getenv("KEEL_BIN") ~= nil
+end
+
+-- The CUDA simulator's counters over a keel run of script with the given
+-- arguments (shell words) and environment settings (a prefix such as
+-- "KEEL_CUDA_SIM_SMS=4"; KEEL_CUDA_SIM_STATS=1 prints the counters at
+-- exit): kernel launches and host waits. Needs KEEL_BIN and the simulator.
+function H.sim_run(script, args, env)
+  local cmd = ("KEEL_CUDA_SIM_STATS=1 %s %q %q %s 2>&1"):format(env or "",
+    assert(os.getenv("KEEL_BIN"), "KEEL_BIN is not set"), script, table.concat(args, " "))
   local f = assert(io.popen(cmd))
   local out = f:read("a")
   f:close()
   local l, w = out:match("kcsim: (%d+) launches, %d+ blocks, %d+ threads, (%d+) waits")
   assert(l, "no simulator counts in: " .. out)
   return tonumber(l), tonumber(w)
+end
+
+-- H.sim_run of tests/optim_launch_count.lua (its arguments: parameters,
+-- steps [, nonfinite policy]).
+function H.sim_counts(...)
+  return H.sim_run("tests/optim_launch_count.lua", {...})
 end
 
 H.GPU_MARK = " [gpu]"

@@ -62,6 +62,10 @@ describe("keel.json values", function()
   end)
   it("refuses what it cannot encode, naming where", function()
     assert.has_error(function() json.encode({a = {b = print}}) end, "json_encode: value.a.b: cannot encode a function")
+    local deep = {}
+    for _ = 1, json.MAX_DEPTH + 1 do deep = {deep} end
+    assert.has_error(function() json.encode(deep) end,
+      ("json_encode: value%s: nesting deeper than %d"):format(("[1]"):rep(json.MAX_DEPTH + 1), json.MAX_DEPTH))
     assert.has_error(function() json.encode({[true] = 1}) end,
       "json_encode: value: key of type boolean, expected strings or integers")
   end)

@@ -614,6 +614,13 @@ describe("errors", function()
     opt.param_groups[1].lr = 0.1
     table.insert(opt.param_groups, {params = {}, lr = 0.1})
     H.assert_error(function() opt:step() end, "param_groups has 2 groups, the optimizer 1 (use add_param_group)")
+    table.remove(opt.param_groups)
+    local g = opt.param_groups[1]
+    opt.param_groups[1] = "lr"
+    H.assert_error(function() opt:step() end, "SGD.step: param_groups[1] is not a table")
+    opt.param_groups[1] = g
+    opt:step()
+    H.assert_close(q, {-0.1, -0.1})
   end)
 end)
 
