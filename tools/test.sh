@@ -11,7 +11,10 @@
 # CUDA kernels are tested on any machine; their counts join the totals and
 # a line "cuda-sim: N passed, N failed" reports them.
 # KEEL_CUDA_SIM=1 makes the simulator the CUDA device for the whole run
-# (with KEEL_DEVICE=cuda: every spec on CUDA tensors, on the CPU).
+# (with KEEL_DEVICE=cuda: every spec on CUDA tensors, on the CPU);
+# KEEL_CUDA_SIM=only runs the simulator pass alone. KEEL_CUDA_SIM_ORDER
+# (reverse, shuffle[:seed]; kernels/sim/kcsim.h) reorders the simulator's
+# blocks and threads: a kernel with a race gives other results.
 #
 # KEEL_DEVICE=cuda tools/test.sh runs the same specs with CUDA as the
 # default device of the creation functions. Without a usable GPU it says
@@ -44,7 +47,11 @@ busted=${KEEL_BUSTED:-/usr/bin/busted}
 # CUDA tensors by default, their kernels on the CPU).
 sim_lib="$root/build/$cfg/lib/libkeel_cuda_sim.so"
 sim_all=
-if [ -n "${KEEL_CUDA_SIM:-}" ] && [ "${KEEL_CUDA_SIM}" != 0 ]; then
+sim_only=
+if [ "${KEEL_CUDA_SIM:-}" = only ]; then
+  [ -f "$sim_lib" ] || { echo "test: KEEL_CUDA_SIM=only: $sim_lib was not built" >&2; echo "0 passed, 1 failed"; exit 1; }
+  sim_only=1
+elif [ -n "${KEEL_CUDA_SIM:-}" ] && [ "${KEEL_CUDA_SIM}" != 0 ]; then
   [ -f "$sim_lib" ] || { echo "test: KEEL_CUDA_SIM: $sim_lib was not built" >&2; echo "0 passed, 1 failed"; exit 1; }
   export KEEL_CUDA_PLUGIN="$sim_lib"
   sim_all=1
@@ -140,6 +147,7 @@ specs=$(find tests -name '*_spec.lua' | sort)
 [ -n "$specs" ] || echo "test: no tests/*_spec.lua found" >&2
 pending=0
 gpu_skipped=0
+[ -n "$sim_only" ] && specs=
 for spec in $specs; do
   run_spec "$spec" "$cfg" 1
 done
@@ -147,7 +155,9 @@ done
 
 # ---------------------------------------------------------------- keel_ctest
 ctest="build/$cfg/bin/keel_ctest"
-if compgen -G "tests/c/*.c" >/dev/null; then
+if [ -n "$sim_only" ]; then
+  echo "test: KEEL_CUDA_SIM=only: the CPU specs and keel_ctest skipped"
+elif compgen -G "tests/c/*.c" >/dev/null; then
   echo "test: $ctest"
   if [ -x "$ctest" ]; then
     ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 "$ctest" 2>&1 | tee "$log"
@@ -191,7 +201,7 @@ elif [ -z "$sim_all" ] && [ -f "$sim_lib" ]; then
   for spec in $(find tests -name 'cuda_*spec.lua' | sort); do
     run_spec "$spec" "$cfg, CUDA simulator" 0 "KEEL_CUDA_PLUGIN=$sim_lib" KEEL_CUDA_SIM_QUIET=1
   done
-  sim_line="cuda-sim: $((passed - sim_p0)) passed, $((failed - sim_f0)) failed (kernels on the CPU simulator)"
+  sim_line="cuda-sim: $((passed - sim_p0)) passed, $((failed - sim_f0)) failed (kernels on the CPU simulator${KEEL_CUDA_SIM_ORDER:+, order $KEEL_CUDA_SIM_ORDER})"
 elif [ -z "$sim_all" ]; then
   sim_line="cuda-sim: not run ($sim_lib was not built)"
 fi

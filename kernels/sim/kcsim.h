@@ -33,6 +33,13 @@
 **   KEEL_CUDA_SIM_STACK=bytes changes it): no large local arrays.
 ** - `__shared__` statics keep their contents from block to block; a GPU
 **   gives garbage there. Never read shared memory before writing it.
+** - KEEL_CUDA_SIM_ORDER=reverse|shuffle[:seed] changes the order in which
+**   the blocks of a grid run, and the threads of a block between two
+**   barriers (default: forward, x fastest). Correct kernels give the same
+**   results in every order; one that reads what another thread or block
+**   writes without a barrier between (a race on a GPU) gives different
+**   ones, so running the suite in another order finds races a GPU would
+**   have, and the forward order hides.
 ** Built with -DKC_MAX_BLOCKS=7, so every grid-stride loop goes round, and
 ** -DKC_INDEX32_LIMIT=4096, so modest sizes take the 64-bit index paths.
 */

@@ -166,6 +166,11 @@ static size_t smem_cap, smem_size;
 /* a failure stops the launch: its code and message */
 static cudaError_t fail_code;
 static char fail_msg[1024];
+/* KEEL_CUDA_SIM_ORDER: how blocks and threads take turns (kcsim.h) */
+enum { ORDER_FORWARD, ORDER_REVERSE, ORDER_SHUFFLE };
+static int order_mode = -1;
+static uint64_t order_seed, rng;
+static unsigned short turn[1024];   /* the threads of a block, in the order of this round */
 
 static void to_scheduler(void);
 
@@ -460,6 +465,51 @@ static void give_fiber(fiber *f) {
   free_fibers = f;
 }
 
+static uint64_t next_random(void) {   /* xorshift64* */
+  rng ^= rng >> 12;
+  rng ^= rng << 25;
+  rng ^= rng >> 27;
+  return rng * 0x2545F4914F6CDD1DULL;
+}
+
+static void order_init(void) {
+  const char *e = getenv("KEEL_CUDA_SIM_ORDER");
+  order_mode = ORDER_FORWARD;
+  order_seed = 0x9E3779B97F4A7C15ULL;
+  if (!e || !*e || strcmp(e, "forward") == 0) return;
+  if (strcmp(e, "reverse") == 0) {
+    order_mode = ORDER_REVERSE;
+  } else if (strncmp(e, "shuffle", 7) == 0 && (e[7] == 0 || e[7] == ':')) {
+    order_mode = ORDER_SHUFFLE;
+    if (e[7] == ':') order_seed ^= strtoull(e + 8, NULL, 0) * 0xBF58476D1CE4E5B9ULL;
+  } else {
+    /* a typo must not quietly test the default order */
+    fprintf(stderr, "kcsim: KEEL_CUDA_SIM_ORDER=%s: expected forward, reverse or shuffle[:seed]; using forward\n", e);
+  }
+}
+
+/* turn[0..nt) for the next round of a block's threads */
+static void order_threads(unsigned nt) {
+  for (unsigned k = 0; k < nt; k++)
+    turn[k] = (unsigned short)(order_mode == ORDER_REVERSE ? nt - 1 - k : k);
+  if (order_mode == ORDER_SHUFFLE)
+    for (unsigned k = nt; k > 1; k--) {
+      unsigned j = (unsigned)(next_random() % k);
+      unsigned short t = turn[k - 1];
+      turn[k - 1] = turn[j];
+      turn[j] = t;
+    }
+}
+
+static uint64_t gcd64(uint64_t a, uint64_t b) {
+  while (b) {
+    uint64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
 /* Runs one block; 0 when it failed (fail_code says why). */
 static int run_block(unsigned nt, const char *file, int line) {
   unsigned bx = g.block_dim.x, by = g.block_dim.y;
@@ -474,8 +524,9 @@ static int run_block(unsigned nt, const char *file, int line) {
   }
   if (smem_size) memset(smem_buf, 0xFF, smem_size);
   for (;;) {
-    for (unsigned i = 0; i < nt && fail_code == cudaSuccess; i++) {
-      thread_rec *t = &threads[i];
+    order_threads(nt);
+    for (unsigned k = 0; k < nt && fail_code == cudaSuccess; k++) {
+      thread_rec *t = &threads[turn[k]];
       if (t->state != T_READY) continue;
       if (!t->fib) {
         fiber *f = take_fiber();
@@ -619,18 +670,34 @@ void run(dim3 grid, dim3 block, size_t smem, cudaStream_t st, body_fn body, void
   fail_code = cudaSuccess;
   g.block_dim = block;
   g.grid_dim = grid;
-  for (unsigned z = 0; z < grid.z; z++)
-    for (unsigned y = 0; y < grid.y; y++)
-      for (unsigned x = 0; x < grid.x; x++) {
-        g.block_idx = uint3{x, y, z};
-        if (!run_block(nt, file, line)) {
-          sim_set_launch_error(fail_code, "%s", fail_msg);
-          sim_stats.launches++;
-          return;
-        }
-        sim_stats.blocks++;
-        sim_stats.threads += nt;
-      }
+  if (order_mode < 0) order_init();
+  /* the sequence starts from the seed and the launch site (its file's
+  ** name, not address), so a failing order is the same in a rerun of one
+  ** spec as in the whole suite */
+  rng = order_seed;
+  for (const char *p = site_base(file); *p; p++) rng = (rng ^ (unsigned char)*p) * 0x100000001B3ULL;
+  rng = (rng ^ (uint64_t)line) * 0x94D049BB133111EBULL;
+  if (!rng) rng = 1;
+  /* blocks in linear order (x fastest), reversed, or through the
+  ** permutation b -> (a*b + c) mod n, a prime to n */
+  uint64_t nb = (uint64_t)grid.x * grid.y * grid.z, a = 1, c = 0;
+  if (order_mode == ORDER_SHUFFLE && nb > 1) {
+    a = next_random() % nb | 1;
+    while (gcd64(a, nb) != 1) a = a + 1 < nb ? a + 1 : 1;
+    c = next_random() % nb;
+  }
+  for (uint64_t k = 0; k < nb; k++) {
+    uint64_t b = order_mode == ORDER_REVERSE ? nb - 1 - k
+               : order_mode == ORDER_SHUFFLE ? (uint64_t)(((unsigned __int128)a * k + c) % nb) : k;
+    g.block_idx = uint3{(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y), (unsigned)(b / ((uint64_t)grid.x * grid.y))};
+    if (!run_block(nt, file, line)) {
+      sim_set_launch_error(fail_code, "%s", fail_msg);
+      sim_stats.launches++;
+      return;
+    }
+    sim_stats.blocks++;
+    sim_stats.threads += nt;
+  }
   sim_stats.launches++;
 }
 
