@@ -418,7 +418,9 @@ end)
 
 describe("cuda deferred steps wait for nothing", function()
   local counts = H.sim_counts
-  local test = H.on_sim() and gpu_it or pending
+  -- KEEL_CUDA_SIM_ASYNC plays a device a whole step behind, for which
+  -- resolving the last step waits: these counts are the synchronous one's
+  local test = H.on_sim() and not os.getenv("KEEL_CUDA_SIM_ASYNC") and gpu_it or pending
   test("no host wait per step when nothing reads the report; one launch more than the host path", function()
     local l3a, w3a = counts(3, 2, "skip")
     local l3b, w3b = counts(3, 4, "skip")

@@ -15,6 +15,8 @@
 # KEEL_CUDA_SIM=only runs the simulator pass alone. KEEL_CUDA_SIM_ORDER
 # (reverse, shuffle[:seed]; kernels/sim/kcsim.h) reorders the simulator's
 # blocks and threads: a kernel with a race gives other results.
+# KEEL_CUDA_SIM_ASYNC=1 keeps queued work queued until the host waits
+# (kernels/sim/sim_stream.cpp): a missing wait gives other results.
 #
 # KEEL_DEVICE=cuda tools/test.sh runs the same specs with CUDA as the
 # default device of the creation functions. Without a usable GPU it says
@@ -201,7 +203,7 @@ elif [ -z "$sim_all" ] && [ -f "$sim_lib" ]; then
   for spec in $(find tests -name 'cuda_*spec.lua' | sort); do
     run_spec "$spec" "$cfg, CUDA simulator" 0 "KEEL_CUDA_PLUGIN=$sim_lib" KEEL_CUDA_SIM_QUIET=1
   done
-  sim_line="cuda-sim: $((passed - sim_p0)) passed, $((failed - sim_f0)) failed (kernels on the CPU simulator${KEEL_CUDA_SIM_ORDER:+, order $KEEL_CUDA_SIM_ORDER})"
+  sim_line="cuda-sim: $((passed - sim_p0)) passed, $((failed - sim_f0)) failed (kernels on the CPU simulator${KEEL_CUDA_SIM_ORDER:+, order $KEEL_CUDA_SIM_ORDER}${KEEL_CUDA_SIM_ASYNC:+, queued work runs at waits})"
 elif [ -z "$sim_all" ]; then
   sim_line="cuda-sim: not run ($sim_lib was not built)"
 fi

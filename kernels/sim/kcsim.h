@@ -6,7 +6,9 @@
 ** each a coroutine with its own stack (sim_sched.cpp).
 **
 ** How kernels run (what kernel code may rely on, and what it may not):
-** - A launch runs at once, synchronously, on the calling OS thread; its
+** - A launch runs at once, synchronously, on the calling OS thread (with
+**   KEEL_CUDA_SIM_ASYNC=1: when the host waits for its stream, on the
+**   waiting thread; sim_stream.cpp); its
 **   blocks run one after another (x fastest, then y, z), and the threads
 **   of a block run one at a time, each until it finishes or waits at a
 **   barrier. So `__shared__` is a function-local `static` (exactly one
@@ -50,6 +52,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <new>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -100,9 +103,11 @@ struct geometry {
 extern KCSIM_API geometry g;
 
 typedef void (*body_fn)(void *ctx);
-/* Runs a whole grid of body(ctx) (the kernel with its arguments). */
-KCSIM_API void run(dim3 grid, dim3 block, size_t smem, cudaStream_t st, body_fn body, void *ctx, const void *kernel,
-                   const char *file, int line);
+/* Runs a whole grid of body(ctx) (the kernel with its arguments), now or
+** when its stream runs it (KEEL_CUDA_SIM_ASYNC); then drop(ctx) frees
+** ctx, which the launch owns from the call on. */
+KCSIM_API void run(dim3 grid, dim3 block, size_t smem, cudaStream_t st, body_fn body, void *ctx, void (*drop)(void *),
+                   const void *kernel, const char *file, int line);
 KCSIM_API void *dynamic_smem();
 
 /* Barrier and warp primitives; file/line name the call site in reports. */
@@ -119,7 +124,8 @@ KCSIM_API void trap(const char *why, const char *file, int line);
 
 /* kcsim::launch(grid, block, smem, stream, kernel)(args...), what
 ** KC_LAUNCH expands to: the arguments are converted to the kernel's
-** parameter types once, as a launch copies them, and every emulated thread
+** parameter types once, as a launch copies them (into a heap tuple, as the
+** launch may run after the caller has returned), and every emulated thread
 ** calls the kernel with its own copies. file/line: the launch site. */
 template <typename... P>
 struct launcher {
@@ -143,10 +149,12 @@ struct launcher {
     tuple_t *t = (tuple_t *)ctx;
     std::get<0>(*t)(std::get<I + 1>(*t)...);
   }
+  static void drop(void *ctx) { delete (tuple_t *)ctx; }
   template <size_t... I, typename... A>
   void call(std::index_sequence<I...>, A &&...a) const {
-    tuple_t t(kernel, (typename std::decay<P>::type)(std::forward<A>(a))...);
-    run(grid, block, smem, stream, &launcher::template body<I...>, &t, (const void *)kernel, file, line);
+    tuple_t *t = new (std::nothrow) tuple_t(kernel, (typename std::decay<P>::type)(std::forward<A>(a))...);
+    run(grid, block, smem, stream, &launcher::template body<I...>, t, &launcher::drop, (const void *)kernel, file,
+        line);
   }
 };
 

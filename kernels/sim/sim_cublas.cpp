@@ -7,6 +7,8 @@
 ** tensor cores do (and as engine/gemm.c does on the CPU). As in reference
 ** BLAS, beta == 0 means C's old contents are never read (a NaN there does
 ** not leak), and alpha == 0 (or k == 0) means A and B are never read.
+** Under KEEL_CUDA_SIM_ASYNC the gemms are queued on the handle's stream
+** (sim_stream.cpp); the level 1 and 2 calls wait for it and run at once.
 */
 #include <math.h>
 #include <stdlib.h>
@@ -18,6 +20,11 @@
 #include "cublas_v2.h"
 #include "sim_internal.h"
 #include "keel_round.h"
+
+using kcsim::sim_async;
+using kcsim::sim_enqueue;
+using kcsim::sim_set_launch_error;
+using kcsim::sim_wait_stream;
 
 struct kcsim_cublas {
   cudaStream_t stream;
@@ -149,6 +156,11 @@ static double rounded(double x, int r) {
   return x;
 }
 
+template <typename T>
+static cublasStatus_t gemm_run(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, double alpha,
+                               const T *A, int lda, long long sa, const T *B, int ldb, long long sb, double beta, T *C,
+                               int ldc, long long sc, int batch, int rnd);
+
 /* C[b] = alpha op(A[b]) op(B[b]) + beta C[b], b < batch; rnd: KEEL_MATMUL_* */
 template <typename T>
 static cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
@@ -159,6 +171,25 @@ static cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperati
   if (lda < imax1(ta == CUBLAS_OP_N ? m : k) || ldb < imax1(tb == CUBLAS_OP_N ? k : n) || ldc < imax1(m))
     return CUBLAS_STATUS_INVALID_VALUE;
   if (m == 0 || n == 0 || batch == 0) return CUBLAS_STATUS_SUCCESS;
+  if (sim_async()) {
+    /* arguments checked now, the product computed when the stream runs it
+    ** (alpha and beta were read already: host pointer mode) */
+    cudaError_t e = sim_enqueue(h->stream, [=]() {
+      cublasStatus_t r = gemm_run(ta, tb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch, rnd);
+      if (r == CUBLAS_STATUS_SUCCESS) return cudaSuccess;
+      sim_set_launch_error(cudaErrorLaunchFailure, "cuBLAS gemm failed when it ran: %s", cublasGetStatusName(r));
+      return cudaErrorLaunchFailure;
+    });
+    return e == cudaSuccess ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_ALLOC_FAILED;
+  }
+  return gemm_run(ta, tb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch, rnd);
+}
+
+/* gemm's product, its arguments checked */
+template <typename T>
+static cublasStatus_t gemm_run(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, double alpha,
+                               const T *A, int lda, long long sa, const T *B, int ldb, long long sb, double beta, T *C,
+                               int ldc, long long sc, int batch, int rnd) {
   int use_ab = alpha != 0 && k > 0;
   int64_t ea = ta == CUBLAS_OP_N ? (int64_t)(k - 1) * lda + m : (int64_t)(m - 1) * lda + k;
   int64_t eb = tb == CUBLAS_OP_N ? (int64_t)(n - 1) * ldb + k : (int64_t)(k - 1) * ldb + n;
@@ -292,6 +323,7 @@ static inline int64_t at(int i, int n, int inc) { return inc > 0 ? (int64_t)i * 
 template <typename T>
 static cublasStatus_t gemv(cublasHandle_t h, cublasOperation_t t, int m, int n, double alpha, const T *A, int lda,
                            const T *x, int incx, double beta, T *y, int incy) {
+  if (h) (void)sim_wait_stream(h->stream);   /* level 1 and 2 run in order, at once */
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (bad_op(t) || m < 0 || n < 0 || lda < imax1(m) || incx == 0 || incy == 0) return CUBLAS_STATUS_INVALID_VALUE;
   if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
@@ -318,6 +350,7 @@ static cublasStatus_t gemv(cublasHandle_t h, cublasOperation_t t, int m, int n, 
 template <typename T>
 static cublasStatus_t geam(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, double alpha,
                            const T *A, int lda, double beta, const T *B, int ldb, T *C, int ldc) {
+  if (h) (void)sim_wait_stream(h->stream);   /* level 1 and 2 run in order, at once */
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (bad_op(ta) || bad_op(tb) || m < 0 || n < 0) return CUBLAS_STATUS_INVALID_VALUE;
   if (lda < imax1(ta == CUBLAS_OP_N ? m : n) || ldb < imax1(tb == CUBLAS_OP_N ? m : n) || ldc < imax1(m))
@@ -338,6 +371,7 @@ static cublasStatus_t geam(cublasHandle_t h, cublasOperation_t ta, cublasOperati
 
 template <typename T>
 static cublasStatus_t axpy(cublasHandle_t h, int n, double alpha, const T *x, int incx, T *y, int incy) {
+  if (h) (void)sim_wait_stream(h->stream);   /* level 1 and 2 run in order, at once */
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (n <= 0 || alpha == 0) return CUBLAS_STATUS_SUCCESS;
   for (int i = 0; i < n; i++) y[at(i, n, incy)] = (T)((double)y[at(i, n, incy)] + alpha * (double)x[at(i, n, incx)]);
@@ -346,6 +380,7 @@ static cublasStatus_t axpy(cublasHandle_t h, int n, double alpha, const T *x, in
 
 template <typename T>
 static cublasStatus_t scal(cublasHandle_t h, int n, double alpha, T *x, int incx) {
+  if (h) (void)sim_wait_stream(h->stream);   /* level 1 and 2 run in order, at once */
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (n <= 0 || incx <= 0) return CUBLAS_STATUS_SUCCESS;
   for (int i = 0; i < n; i++) x[(int64_t)i * incx] = (T)(alpha * (double)x[(int64_t)i * incx]);
@@ -354,6 +389,7 @@ static cublasStatus_t scal(cublasHandle_t h, int n, double alpha, T *x, int incx
 
 template <typename T>
 static cublasStatus_t dot(cublasHandle_t h, int n, const T *x, int incx, const T *y, int incy, T *r) {
+  if (h) (void)sim_wait_stream(h->stream);   /* level 1 and 2 run in order, at once */
   double s = 0;
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
   for (int i = 0; i < n; i++) s += (double)x[at(i, n, incx)] * (double)y[at(i, n, incy)];
@@ -363,6 +399,7 @@ static cublasStatus_t dot(cublasHandle_t h, int n, const T *x, int incx, const T
 
 template <typename T>
 static cublasStatus_t nrm2(cublasHandle_t h, int n, const T *x, int incx, T *r) {
+  if (h) (void)sim_wait_stream(h->stream);   /* level 1 and 2 run in order, at once */
   double s = 0;
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (incx > 0)
@@ -373,6 +410,7 @@ static cublasStatus_t nrm2(cublasHandle_t h, int n, const T *x, int incx, T *r) 
 
 template <typename T>
 static cublasStatus_t asum(cublasHandle_t h, int n, const T *x, int incx, T *r) {
+  if (h) (void)sim_wait_stream(h->stream);   /* level 1 and 2 run in order, at once */
   double s = 0;
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (incx > 0)

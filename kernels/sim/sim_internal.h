@@ -7,6 +7,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <functional>
+
 #include "cuda_runtime.h"
 
 #define KCSIM_SMEM_DEFAULT (48 * 1024)
@@ -33,6 +35,25 @@ KCSIM_API void sim_set_launch_error(cudaError_t code, const char *fmt, ...) __at
 KCSIM_API size_t sim_smem_limit(const void *kernel);
 /* Whether [p, p+n) lies in one device allocation. */
 KCSIM_API int sim_is_device(const void *p, size_t n);
+
+/* The runtime's failure: kept as the last error, returned. */
+KCSIM_API cudaError_t sim_fail(cudaError_t e);
+
+/* When queued work runs (sim_stream.cpp). sim_enqueue runs work at once,
+** returning its result, unless KEEL_CUDA_SIM_ASYNC is set (sim_async());
+** then it queues it on st and a later wait runs it and reports its
+** failure. The waits run a stream's queue, every stream's (an implicit
+** device synchronization), or the legacy stream's and the blocking
+** streams' (cudaMemcpy, cudaMemset), and return the first failure. */
+KCSIM_API int sim_async(void);
+KCSIM_API cudaError_t sim_enqueue(cudaStream_t st, std::function<cudaError_t()> work);
+KCSIM_API cudaError_t sim_wait_stream(cudaStream_t st);
+KCSIM_API cudaError_t sim_wait_device(void);
+KCSIM_API cudaError_t sim_wait_legacy(void);
+/* Page-locked host memory (cudaMallocHost): async copies treat it apart. */
+KCSIM_API int sim_pinned_add(void *p, size_t n);
+KCSIM_API void sim_pinned_remove(void *p);
+KCSIM_API int sim_is_pinned(const void *p, size_t n);
 
 }  // namespace kcsim
 

@@ -5,8 +5,8 @@
 ** filled with 0xFF bytes when allocated (NaN as float, -1 as int64), and
 ** recorded, so that cudaFree of an unknown pointer and a copy whose device
 ** side is not device memory fail (cudaErrorInvalidValue), as on a GPU.
-** Streams and events exist as handles; all work runs synchronously when
-** queued, so every stream is always idle.
+** Streams and events: sim_stream.cpp (work runs when queued, or with
+** KEEL_CUDA_SIM_ASYNC=1 when the host waits for it).
 **
 ** Environment (read when asked):
 **   KEEL_CUDA_SIM_DEVICES=0    no device (cudaErrorNoDevice)
@@ -18,6 +18,9 @@
 **                              and copies by direction, at exit
 **   KEEL_CUDA_SIM_STATS=2      also the launches per launch site (file:line),
 **                              busiest first
+**   KEEL_CUDA_SIM_ASYNC=1      queued work runs when the host waits for it
+**                              (sim_stream.cpp)
+**   KEEL_CUDA_SIM_ORDER=...    the order of blocks and threads (kcsim.h)
 */
 #include <stdarg.h>
 #include <stdio.h>
@@ -25,19 +28,13 @@
 #include <string.h>
 #include <time.h>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <new>
+#include <vector>
 
 #include "kcsim.h"
 #include "sim_internal.h"
-
-struct kcsim_stream {
-  unsigned flags;
-};
-struct kcsim_event {
-  double t;                     /* seconds, CLOCK_MONOTONIC, when recorded */
-  int recorded;
-};
 
 namespace kcsim {
 
@@ -56,6 +53,8 @@ static cudaError_t fail(cudaError_t e) {
   if (e != cudaSuccess) last_error = e;
   return e;
 }
+
+cudaError_t sim_fail(cudaError_t e) { return fail(e); }
 
 static long long env_ll(const char *name, long long def) {
   const char *s = getenv(name);
@@ -284,10 +283,6 @@ cudaError_t cudaDriverGetVersion(int *v) {
   return cudaSuccess;
 }
 
-cudaError_t cudaDeviceSynchronize(void) {
-  sim_stats.waits++;
-  return cudaSuccess;
-}
 cudaError_t cudaDeviceReset(void) { return cudaSuccess; }
 
 cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes) {
@@ -327,6 +322,9 @@ cudaError_t cudaMalloc(void **p, size_t n) {
 }
 
 cudaError_t cudaFree(void *p) {
+  /* as on a GPU, an implicit device synchronization: queued work may use p */
+  cudaError_t e = sim_wait_device();
+  if (e != cudaSuccess) return fail(e);
   std::lock_guard<std::mutex> hold(mem_lock);
   if (!p) return cudaSuccess;
   if (!blocks) return fail(cudaErrorInvalidValue);
@@ -345,6 +343,11 @@ cudaError_t cudaMallocHost(void **p, size_t n) {
   *p = malloc(n ? n : 1);
   if (!*p) return fail(cudaErrorMemoryAllocation);
   memset(*p, 0, n);
+  if (!sim_pinned_add(*p, n)) {   /* async copies need to know it */
+    free(*p);
+    *p = NULL;
+    return fail(cudaErrorMemoryAllocation);
+  }
   return cudaSuccess;
 }
 
@@ -354,8 +357,10 @@ cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags) {
 }
 
 cudaError_t cudaFreeHost(void *p) {
+  cudaError_t e = sim_wait_device();   /* synchronizes, as CUDA's */
+  sim_pinned_remove(p);
   free(p);
-  return cudaSuccess;
+  return fail(e);
 }
 
 /* The device side of a copy must be device memory, the host side not. */
@@ -371,125 +376,87 @@ static cudaError_t check_copy(void *dst, const void *src, size_t n, cudaMemcpyKi
   }
 }
 
+static void count_copy(cudaMemcpyKind kind) {
+  if (kind == cudaMemcpyHostToDevice) sim_stats.h2d++;
+  else if (kind == cudaMemcpyDeviceToHost) sim_stats.d2h++;
+  else if (kind == cudaMemcpyDeviceToDevice) sim_stats.d2d++;
+}
+
+/* On the legacy stream: after its work and that of blocking streams. */
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind) {
   cudaError_t e;
   if (!n) return cudaSuccess;
   if ((e = check_copy(dst, src, n, kind)) != cudaSuccess) return fail(e);
+  if ((e = sim_wait_legacy()) != cudaSuccess) return fail(e);
   memmove(dst, src, n);
-  if (kind == cudaMemcpyHostToDevice) sim_stats.h2d++;
-  else if (kind == cudaMemcpyDeviceToHost) sim_stats.d2h++;
-  else if (kind == cudaMemcpyDeviceToDevice) sim_stats.d2d++;
+  count_copy(kind);
   return cudaSuccess;
 }
 
+/* Queued (sim_stream.cpp says what each kind of host memory sees). */
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind kind, cudaStream_t st) {
-  (void)st;
-  return cudaMemcpy(dst, src, n, kind);
+  cudaError_t e;
+  if (!n) return cudaSuccess;
+  if ((e = check_copy(dst, src, n, kind)) != cudaSuccess) return fail(e);
+  count_copy(kind);
+  if (!sim_async()) {
+    memmove(dst, src, n);
+    return cudaSuccess;
+  }
+  int from_host = !sim_is_device(src, 1), to_host = !sim_is_device(dst, 1);
+  if (to_host && !sim_is_pinned(dst, n)) {
+    /* into pageable memory: returns when the data is there */
+    if ((e = sim_wait_stream(st)) != cudaSuccess) return fail(e);
+    memmove(dst, src, n);
+    return cudaSuccess;
+  }
+  if (from_host && !sim_is_pinned(src, n)) {
+    /* from pageable memory: the bytes are taken now */
+    std::shared_ptr<std::vector<unsigned char>> copy;
+    try {
+      copy = std::make_shared<std::vector<unsigned char>>((const unsigned char *)src, (const unsigned char *)src + n);
+    } catch (...) {
+      return fail(cudaErrorMemoryAllocation);
+    }
+    return fail(sim_enqueue(st, [dst, copy]() {
+      memcpy(dst, copy->data(), copy->size());
+      return cudaSuccess;
+    }));
+  }
+  /* into page-locked memory: not to be read before the copy has run */
+  if (to_host) memset(dst, 0xFF, n);
+  return fail(sim_enqueue(st, [dst, src, n]() {
+    memmove(dst, src, n);
+    return cudaSuccess;
+  }));
 }
 
 cudaError_t cudaMemcpy2DAsync(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height,
                               cudaMemcpyKind kind, cudaStream_t st) {
-  (void)st;
   if (width > dpitch || width > spitch) return fail(cudaErrorInvalidPitchValue);
   for (size_t r = 0; r < height; r++) {
-    cudaError_t e = cudaMemcpy((char *)dst + r * dpitch, (const char *)src + r * spitch, width, kind);
+    cudaError_t e = cudaMemcpyAsync((char *)dst + r * dpitch, (const char *)src + r * spitch, width, kind, st);
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
 }
 
 cudaError_t cudaMemset(void *p, int v, size_t n) {
+  cudaError_t e;
   if (!n) return cudaSuccess;
   if (!sim_is_device(p, n)) return fail(cudaErrorInvalidValue);
+  if ((e = sim_wait_legacy()) != cudaSuccess) return fail(e);
   memset(p, v, n);
   return cudaSuccess;
 }
 
 cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t st) {
-  (void)st;
-  return cudaMemset(p, v, n);
-}
-
-/* }====================================================================== */
-
-/* {======================================================================
-** Streams and events (work is done when queued)
-** ======================================================================= */
-
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t *st, unsigned flags) {
-  *st = new (std::nothrow) kcsim_stream();
-  if (!*st) return fail(cudaErrorMemoryAllocation);
-  (*st)->flags = flags;
-  return cudaSuccess;
-}
-
-cudaError_t cudaStreamCreate(cudaStream_t *st) { return cudaStreamCreateWithFlags(st, 0); }
-
-static int special_stream(cudaStream_t st) {
-  return st == NULL || st == cudaStreamLegacy || st == cudaStreamPerThread;
-}
-
-cudaError_t cudaStreamDestroy(cudaStream_t st) {
-  if (special_stream(st)) return fail(cudaErrorInvalidResourceHandle);
-  delete st;
-  return cudaSuccess;
-}
-
-cudaError_t cudaStreamSynchronize(cudaStream_t st) {
-  (void)st;
-  sim_stats.waits++;
-  return cudaSuccess;
-}
-
-cudaError_t cudaStreamQuery(cudaStream_t st) {
-  (void)st;
-  return cudaSuccess;
-}
-
-cudaError_t cudaStreamWaitEvent(cudaStream_t st, cudaEvent_t ev, unsigned flags) {
-  (void)st, (void)flags;
-  return ev ? cudaSuccess : fail(cudaErrorInvalidResourceHandle);
-}
-
-static double now(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-cudaError_t cudaEventCreateWithFlags(cudaEvent_t *ev, unsigned flags) {
-  (void)flags;
-  *ev = new (std::nothrow) kcsim_event();
-  return *ev ? cudaSuccess : fail(cudaErrorMemoryAllocation);
-}
-
-cudaError_t cudaEventCreate(cudaEvent_t *ev) { return cudaEventCreateWithFlags(ev, 0); }
-
-cudaError_t cudaEventRecord(cudaEvent_t ev, cudaStream_t st) {
-  (void)st;
-  if (!ev) return fail(cudaErrorInvalidResourceHandle);
-  ev->t = now();
-  ev->recorded = 1;
-  return cudaSuccess;
-}
-
-cudaError_t cudaEventSynchronize(cudaEvent_t ev) {
-  if (!ev) return fail(cudaErrorInvalidResourceHandle);
-  sim_stats.waits++;
-  return cudaSuccess;
-}
-cudaError_t cudaEventQuery(cudaEvent_t ev) { return ev ? cudaSuccess : fail(cudaErrorInvalidResourceHandle); }
-
-cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
-  if (!a || !b) return fail(cudaErrorInvalidResourceHandle);
-  if (!a->recorded || !b->recorded) return fail(cudaErrorInvalidResourceHandle);
-  *ms = (float)((b->t - a->t) * 1e3);
-  return cudaSuccess;
-}
-
-cudaError_t cudaEventDestroy(cudaEvent_t ev) {
-  delete ev;
-  return cudaSuccess;
+  if (!n) return cudaSuccess;
+  if (!sim_is_device(p, n)) return fail(cudaErrorInvalidValue);
+  return fail(sim_enqueue(st, [p, v, n]() {
+    memset(p, v, n);
+    return cudaSuccess;
+  }));
 }
 
 /* }====================================================================== */

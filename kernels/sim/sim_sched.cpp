@@ -632,34 +632,17 @@ static size_t stack_bytes(void) {
   return v >= 16384 ? (size_t)v : (size_t)KCSIM_STACK;
 }
 
-void run(dim3 grid, dim3 block, size_t smem, cudaStream_t st, body_fn body, void *ctx, const void *kernel,
-         const char *file, int line) {
+/* Runs a launch's blocks (now, or when its stream runs it); its failure
+** is the launch error, and the result. */
+static cudaError_t execute(dim3 grid, dim3 block, size_t smem, body_fn body, void *ctx, const char *file, int line) {
   std::lock_guard<std::mutex> hold(lock);
   unsigned nt = block.x * block.y * block.z;
-  size_t smem_max = sim_smem_limit(kernel);
-  sim_count_site(file, line);
-  (void)st;
-  if (!block.x || !block.y || !block.z || !grid.x || !grid.y || !grid.z || block.x > 1024 || block.y > 1024 ||
-      block.z > 64 || (uint64_t)block.x * block.y * block.z > 1024 || grid.y > 65535 || grid.z > 65535 ||
-      grid.x > 0x7fffffffu) {
-    sim_set_launch_error(cudaErrorInvalidConfiguration,
-                         "invalid launch configuration at %s:%d: grid (%u,%u,%u), block (%u,%u,%u)", site_base(file),
-                         line, grid.x, grid.y, grid.z, block.x, block.y, block.z);
-    return;
-  }
-  if (smem > smem_max) {
-    sim_set_launch_error(cudaErrorInvalidValue,
-                         "launch at %s:%d asks for %zu bytes of dynamic shared memory, the limit is %zu "
-                         "(cudaFuncSetAttribute raises it)",
-                         site_base(file), line, smem, smem_max);
-    return;
-  }
   if (!stack_size) stack_size = stack_bytes();
   if (smem > smem_cap) {
     unsigned char *p = (unsigned char *)realloc(smem_buf, smem);
     if (!p) {
       sim_set_launch_error(cudaErrorMemoryAllocation, "no host memory for %zu bytes of shared memory", smem);
-      return;
+      return cudaErrorMemoryAllocation;
     }
     smem_buf = p;
     smem_cap = smem;
@@ -692,13 +675,53 @@ void run(dim3 grid, dim3 block, size_t smem, cudaStream_t st, body_fn body, void
     g.block_idx = uint3{(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y), (unsigned)(b / ((uint64_t)grid.x * grid.y))};
     if (!run_block(nt, file, line)) {
       sim_set_launch_error(fail_code, "%s", fail_msg);
-      sim_stats.launches++;
-      return;
+      return fail_code;
     }
     sim_stats.blocks++;
     sim_stats.threads += nt;
   }
+  return cudaSuccess;
+}
+
+/* A launch: its configuration is checked now (an error of the launch
+** itself, as on a GPU); the grid runs when its stream gets to it. */
+void run(dim3 grid, dim3 block, size_t smem, cudaStream_t st, body_fn body, void *ctx, void (*drop)(void *),
+         const void *kernel, const char *file, int line) {
+  size_t smem_max = sim_smem_limit(kernel);
+  sim_count_site(file, line);
+  if (!ctx) {
+    sim_set_launch_error(cudaErrorMemoryAllocation, "no host memory for the arguments of the launch at %s:%d",
+                         site_base(file), line);
+    return;
+  }
+  if (!block.x || !block.y || !block.z || !grid.x || !grid.y || !grid.z || block.x > 1024 || block.y > 1024 ||
+      block.z > 64 || (uint64_t)block.x * block.y * block.z > 1024 || grid.y > 65535 || grid.z > 65535 ||
+      grid.x > 0x7fffffffu) {
+    sim_set_launch_error(cudaErrorInvalidConfiguration,
+                         "invalid launch configuration at %s:%d: grid (%u,%u,%u), block (%u,%u,%u)", site_base(file),
+                         line, grid.x, grid.y, grid.z, block.x, block.y, block.z);
+    drop(ctx);
+    return;
+  }
+  if (smem > smem_max) {
+    sim_set_launch_error(cudaErrorInvalidValue,
+                         "launch at %s:%d asks for %zu bytes of dynamic shared memory, the limit is %zu "
+                         "(cudaFuncSetAttribute raises it)",
+                         site_base(file), line, smem, smem_max);
+    drop(ctx);
+    return;
+  }
   sim_stats.launches++;
+  cudaError_t e = sim_enqueue(st, [=]() {
+    cudaError_t r = execute(grid, block, smem, body, ctx, file, line);
+    drop(ctx);
+    return r;
+  });
+  /* run at once (its failure is the launch error already), or queued */
+  if (e == cudaErrorMemoryAllocation && sim_async()) {
+    sim_set_launch_error(e, "no host memory to queue the launch at %s:%d", site_base(file), line);
+    drop(ctx);
+  }
 }
 
 }  // namespace kcsim
