@@ -8,9 +8,12 @@
 ** instead: work waits in its stream's queue, in order, until the host
 ** waits for it (cudaStreamSynchronize, cudaEventSynchronize, a stream
 ** waiting on an event, cudaDeviceSynchronize, cudaFree, cudaFreeHost, a
-** copy into pageable memory) or asks about it. A query of unfinished work
-** (cudaEventQuery, cudaStreamQuery) answers cudaErrorNotReady and then
-** lets the device catch up, so the next query finds it done. With it:
+** copy into pageable memory), or asks about it too often. A query of
+** unfinished work (cudaEventQuery, cudaStreamQuery) answers
+** cudaErrorNotReady; only a host that keeps asking (POLLS times in a row)
+** sees the device catch up, so code that polls in a loop ends, and code
+** that looks once and moves on finds its work still queued when it comes
+** round again. With it:
 ** - a copy from page-locked memory reads its source when it runs: a host
 **   that writes the buffer again before the copy has run sends the new
 **   bytes (on a GPU: sometimes);
@@ -43,8 +46,12 @@
 #include "kcsim.h"
 #include "sim_internal.h"
 
+/* queries of unfinished work answered "not ready" before it is run */
+#define POLLS 64
+
 struct kcsim_stream {
   unsigned flags;
+  unsigned polls;               /* cudaStreamQuery calls since work was last run */
   std::deque<std::function<cudaError_t()>> queue;   /* work not yet run, oldest first */
   cudaError_t err;              /* the first failure since the last wait: that wait's result */
 };
@@ -52,6 +59,7 @@ struct kcsim_event {
   double t;                     /* seconds, CLOCK_MONOTONIC, when its last record ran */
   int recorded;
   uint64_t rec, done;           /* records queued, records run: pending while done < rec */
+  unsigned polls;               /* cudaEventQuery calls while pending */
   kcsim_stream *stream;         /* of the last record */
 };
 
@@ -222,8 +230,10 @@ cudaError_t cudaStreamQuery(cudaStream_t st) {
   std::lock_guard<std::recursive_mutex> hold(qlock);
   kcsim_stream *q = queue_of(st);
   if (q->queue.empty()) return sim_fail(take_error(q));
-  /* busy: say so, then catch up (the next query finds it idle) */
-  run_queue(q, [] { return false; });
+  if (++q->polls >= POLLS) {
+    q->polls = 0;
+    run_queue(q, [] { return false; });
+  }
   return sim_fail(cudaErrorNotReady);
 }
 
@@ -254,6 +264,7 @@ cudaError_t cudaEventRecord(cudaEvent_t ev, cudaStream_t st) {
   std::lock_guard<std::recursive_mutex> hold(qlock);
   uint64_t r = ++ev->rec;
   ev->recorded = 1;
+  ev->polls = 0;
   ev->stream = queue_of(st);
   return sim_fail(sim_enqueue(st, [ev, r]() {
     if (ev->done < r) {
@@ -278,9 +289,12 @@ cudaError_t cudaEventQuery(cudaEvent_t ev) {
   if (!ev) return sim_fail(cudaErrorInvalidResourceHandle);
   std::lock_guard<std::recursive_mutex> hold(qlock);
   if (!pending(ev)) return cudaSuccess;
-  uint64_t r = ev->rec;
-  run_queue(ev->stream, [ev, r] { return ev->done >= r; });
-  /* a failure on the way is the next wait's to report */
+  if (++ev->polls >= POLLS) {
+    /* a host polling in a loop: the device catches up (a failure on the
+    ** way is the next wait's to report) */
+    uint64_t r = ev->rec;
+    run_queue(ev->stream, [ev, r] { return ev->done >= r; });
+  }
   return sim_fail(cudaErrorNotReady);
 }
 
