@@ -230,6 +230,45 @@ describe("CUDA tensors in the engine's own paths", function()
     assert.matches("out of range", tostring(err))
   end)
 
+  -- keel.tensor and arange on a CUDA default device make the values on the
+  -- host and upload them once: an int64 one keeps them as to("cuda") does,
+  -- so a target or id made that way is checked without a download.
+  gpu_it("int64 tensors made on a CUDA default device are checked from their host copy", function()
+    local i64 = {dtype = "int64"}
+    local x = keel.randn{4, 3}:cuda():requires_grad_(true)
+    local emb = nn.Embedding(5, 2)
+    emb:to("cuda")
+    local prev = keel.set_default_device("cuda")
+    local ok, err = pcall(function()
+      local t = keel.tensor({1, 2, 3, 1}, i64)
+      local ids = keel.arange(1, 5, 1, i64):view(2, 2)
+      assert.are.equal("cuda", t.device)
+      assert.are.equal("cuda", ids.device)
+      local m0 = keel.cuda.memory_stats()
+      local loss = F.cross_entropy(x, t) + emb(ids):sum() + x:gather(2, t:view(4, 1)):sum()
+      loss:backward()
+      local m1 = keel.cuda.memory_stats()
+      assert.are.equal(m0.d2h_copies, m1.d2h_copies)
+      assert.are.equal(m0.h2d_copies, m1.h2d_copies)
+      local want = F.cross_entropy(x:cpu(), t:cpu()) + emb.weight:cpu():index_select(1, ids:cpu():view(4)):sum() +
+        x:cpu():gather(2, t:cpu():view(4, 1)):sum()
+      assert.is_true(math.abs(loss:item() - want:item()) < 1e-5)
+      -- a float tensor keeps nothing: its values are the device's alone
+      local f = keel.tensor({1, 2}, {dtype = "float64"})
+      assert.are.equal("cuda", f.device)
+      assert.are.same({1, 2}, f:cpu():totable())
+      -- written on the device, the host copy is stale: the check downloads
+      t:add_(10)
+      local m2 = keel.cuda.memory_stats()
+      local bad, e = pcall(F.cross_entropy, x, t)
+      assert.is_false(bad)
+      assert.matches("out of range", e)
+      assert.are.equal(m2.d2h_copies + 1, keel.cuda.memory_stats().d2h_copies)
+    end)
+    keel.set_default_device(prev)
+    assert(ok, err)
+  end)
+
   -- A training step over uploaded int64 indices: the kernels read them where
   -- they are (index base and ignored value passed along), so no step, forward
   -- or backward, copies an index either way; results are the CPU's.
