@@ -230,6 +230,33 @@ describe("CUDA tensors in the engine's own paths", function()
     assert.matches("out of range", tostring(err))
   end)
 
+  -- where's number operands become 0-d tensors on the other operands'
+  -- device, whichever device is the default
+  gpu_it("where with number operands on either device, under either default device", function()
+    local x = keel.tensor({{1, -2, 3}, {-4, 5, -6}})
+    local want = {{1, 0, 3}, {0, 5, 0}}
+    for _, default in ipairs {"cpu", "cuda"} do
+      local prev = keel.set_default_device(default)
+      local ok, err = pcall(function()
+        for _, dev in ipairs {"cpu", "cuda"} do
+          local xd = x:to(dev)
+          local r = keel.where(xd:gt(0), xd, 0)
+          assert.are.equal(dev, r.device)
+          assert.are.same(want, r:cpu():totable())
+          local r2 = keel.where(xd:gt(0), 1.5, -0.5)
+          assert.are.equal(dev, r2.device)
+          assert.are.same({{1.5, -0.5, 1.5}, {-0.5, 1.5, -0.5}}, r2:cpu():totable())
+          local r3 = keel.where(xd:gt(0), 2, xd:double())
+          assert.are.equal("float64", r3.dtype)
+          assert.are.equal(dev, r3.device)
+        end
+      end)
+      keel.set_default_device(prev)
+      assert(ok, err)
+    end
+    H.assert_error_match(function() keel.where(x:gt(0), 0, "a") end, "where: argument #3")
+  end)
+
   -- keel.tensor and arange on a CUDA default device make the values on the
   -- host and upload them once: an int64 one keeps them as to("cuda") does,
   -- so a target or id made that way is checked without a download.
