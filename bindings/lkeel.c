@@ -537,14 +537,20 @@ static int join(lua_State *L, const char *fn,
 static int l_cat(lua_State *L) { return join(L, "cat", keel_cat); }
 static int l_stack(lua_State *L) { return join(L, "stack", keel_stack); }
 
-/* A tensor for argument i, making a 0-d one from a number. */
-static keel_tensor *operand(lua_State *L, lk_state *S, int i, const char *fn, keel_dtype like, int *owned) {
+/* A tensor for argument i, making a 0-d one of dtype like on device dev
+** from a number: the operands' device, not the default one (where(c, 0,
+** x) on CPU tensors must work while CUDA is the default, and on CUDA ones
+** while the CPU is). A made one is pushed: Lua owns it, so an error
+** raised after it (the other operand, the op) leaks nothing. */
+static keel_tensor *operand(lua_State *L, lk_state *S, int i, const char *fn, keel_dtype like, keel_device dev) {
   keel_tensor *t = lk_to(L, i);
-  *owned = 0;
   if (t) return t;
   if (lua_type(L, i) == LUA_TNUMBER) {
-    lk_check(L, S, keel_full(S->ctx, like, 0, NULL, lua_tonumber(L, i), &t));
-    *owned = 1;
+    keel_device prev = keel_set_default_device(S->ctx, dev);
+    keel_status st = keel_full(S->ctx, like, 0, NULL, lua_tonumber(L, i), &t);
+    keel_set_default_device(S->ctx, prev);
+    lk_check(L, S, st);
+    lk_push(L, S, t);
     return t;
   }
   return lk_check_tensor(L, i, fn);
@@ -555,14 +561,10 @@ static int l_where(lua_State *L) {
   keel_tensor *c = lk_check_tensor(L, 1, "where"), *a, *b, *out;
   keel_tensor *ta = lk_to(L, 2), *tb = lk_to(L, 3);
   keel_dtype like = ta ? keel_tensor_dtype(ta) : tb ? keel_tensor_dtype(tb) : KEEL_F32;
-  int oa, ob;
-  keel_status st;
-  a = operand(L, S, 2, "where", like, &oa);
-  b = operand(L, S, 3, "where", like, &ob);
-  st = keel_where(S->ctx, c, a, b, &out);
-  if (oa) keel_tensor_release(a);
-  if (ob) keel_tensor_release(b);
-  lk_check(L, S, st);
+  keel_device dev = keel_tensor_device(ta ? ta : tb ? tb : c);
+  a = operand(L, S, 2, "where", like, dev);
+  b = operand(L, S, 3, "where", like, dev);
+  lk_check(L, S, keel_where(S->ctx, c, a, b, &out));
   lk_push(L, S, out);
   return 1;
 }

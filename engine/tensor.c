@@ -452,12 +452,19 @@ keel_status kl_full(keel_ctx *ctx, keel_dtype dt, keel_device dev, int ndim, con
   return st;
 }
 
-/* Hands back host tensor *t on the default device (releasing the host one). */
+/* Hands back host tensor *t on the default device (releasing the host one).
+** An int64 tensor goes up as an index does (kl_upload_index): it keeps the
+** values it was made with, so that a class target or token id made on a
+** CUDA default device is checked without a download, as one moved there
+** with to("cuda") is. */
 static keel_status to_default(keel_ctx *ctx, keel_tensor **t) {
   keel_tensor *d;
   keel_status st;
   if (ctx->default_device == KEEL_CPU) return KEEL_OK;
-  st = kl_transfer(ctx, *t, ctx->default_device, (*t)->dtype, &d);
+  if (ctx->default_device == KEEL_CUDA && (*t)->dtype == KEEL_I64)
+    st = kl_upload_index(ctx, *t, &d);
+  else
+    st = kl_transfer(ctx, *t, ctx->default_device, (*t)->dtype, &d);
   kl_release(t);
   if (st) return st;
   *t = d;

@@ -10,6 +10,7 @@
 local H = require "helper"
 local D = require "devcheck"
 local keel = H.keel
+H.cpu_default(teardown)   -- CPU references stay CPU under KEEL_DEVICE=cuda (helper.lua)
 local nn = keel.nn
 local F = nn.functional
 local ag = keel.autograd
@@ -227,6 +228,72 @@ describe("CUDA tensors in the engine's own paths", function()
     ok, err = pcall(emb, ids)
     assert.is_false(ok)
     assert.matches("out of range", tostring(err))
+  end)
+
+  -- where's number operands become 0-d tensors on the other operands'
+  -- device, whichever device is the default
+  gpu_it("where with number operands on either device, under either default device", function()
+    local x = keel.tensor({{1, -2, 3}, {-4, 5, -6}})
+    local want = {{1, 0, 3}, {0, 5, 0}}
+    for _, default in ipairs {"cpu", "cuda"} do
+      local prev = keel.set_default_device(default)
+      local ok, err = pcall(function()
+        for _, dev in ipairs {"cpu", "cuda"} do
+          local xd = x:to(dev)
+          local r = keel.where(xd:gt(0), xd, 0)
+          assert.are.equal(dev, r.device)
+          assert.are.same(want, r:cpu():totable())
+          local r2 = keel.where(xd:gt(0), 1.5, -0.5)
+          assert.are.equal(dev, r2.device)
+          assert.are.same({{1.5, -0.5, 1.5}, {-0.5, 1.5, -0.5}}, r2:cpu():totable())
+          local r3 = keel.where(xd:gt(0), 2, xd:double())
+          assert.are.equal("float64", r3.dtype)
+          assert.are.equal(dev, r3.device)
+        end
+      end)
+      keel.set_default_device(prev)
+      assert(ok, err)
+    end
+    H.assert_error_match(function() keel.where(x:gt(0), 0, "a") end, "where: argument #3")
+  end)
+
+  -- keel.tensor and arange on a CUDA default device make the values on the
+  -- host and upload them once: an int64 one keeps them as to("cuda") does,
+  -- so a target or id made that way is checked without a download.
+  gpu_it("int64 tensors made on a CUDA default device are checked from their host copy", function()
+    local i64 = {dtype = "int64"}
+    local x = keel.randn{4, 3}:cuda():requires_grad_(true)
+    local emb = nn.Embedding(5, 2)
+    emb:to("cuda")
+    local prev = keel.set_default_device("cuda")
+    local ok, err = pcall(function()
+      local t = keel.tensor({1, 2, 3, 1}, i64)
+      local ids = keel.arange(1, 5, 1, i64):view(2, 2)
+      assert.are.equal("cuda", t.device)
+      assert.are.equal("cuda", ids.device)
+      local m0 = keel.cuda.memory_stats()
+      local loss = F.cross_entropy(x, t) + emb(ids):sum() + x:gather(2, t:view(4, 1)):sum()
+      loss:backward()
+      local m1 = keel.cuda.memory_stats()
+      assert.are.equal(m0.d2h_copies, m1.d2h_copies)
+      assert.are.equal(m0.h2d_copies, m1.h2d_copies)
+      local want = F.cross_entropy(x:cpu(), t:cpu()) + emb.weight:cpu():index_select(1, ids:cpu():view(4)):sum() +
+        x:cpu():gather(2, t:cpu():view(4, 1)):sum()
+      assert.is_true(math.abs(loss:item() - want:item()) < 1e-5)
+      -- a float tensor keeps nothing: its values are the device's alone
+      local f = keel.tensor({1, 2}, {dtype = "float64"})
+      assert.are.equal("cuda", f.device)
+      assert.are.same({1, 2}, f:cpu():totable())
+      -- written on the device, the host copy is stale: the check downloads
+      t:add_(10)
+      local m2 = keel.cuda.memory_stats()
+      local bad, e = pcall(F.cross_entropy, x, t)
+      assert.is_false(bad)
+      assert.matches("out of range", e)
+      assert.are.equal(m2.d2h_copies + 1, keel.cuda.memory_stats().d2h_copies)
+    end)
+    keel.set_default_device(prev)
+    assert(ok, err)
   end)
 
   -- A training step over uploaded int64 indices: the kernels read them where

@@ -13,6 +13,7 @@
 local H = require "helper"
 local D = require "devcheck"
 local keel = H.keel
+H.cpu_default(teardown)   -- CPU references stay CPU under KEEL_DEVICE=cuda (helper.lua)
 local F = keel.nn.functional
 local gpu_it = H.gpu_it(it, pending)
 

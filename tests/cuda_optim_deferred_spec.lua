@@ -13,6 +13,7 @@
 -- test is a visible skip.
 local H = require "helper"
 local keel = H.keel
+H.cpu_default(teardown)   -- CPU references stay CPU under KEEL_DEVICE=cuda (helper.lua)
 local optim, clip = keel.optim, keel.clip
 local hooks = require "keel.hooks"
 local gpu_it = H.gpu_it(it, pending)

@@ -12,6 +12,7 @@
 -- plugin) every test is a visible skip.
 local H = require "helper"
 local keel = H.keel
+H.cpu_default(teardown)   -- CPU references stay CPU under KEEL_DEVICE=cuda (helper.lua)
 local nn, optim, clip, amp = keel.nn, keel.optim, keel.clip, keel.amp
 local gpu_it = H.gpu_it(it, pending)
 

@@ -7,6 +7,7 @@
 --
 local H = require "helper"
 local keel = H.keel
+H.cpu_default(teardown)   -- CPU references stay CPU under KEEL_DEVICE=cuda (helper.lua)
 local D = require "devcheck"
 local F = keel.nn.functional
 local gpu_it = H.gpu_it(it, pending)

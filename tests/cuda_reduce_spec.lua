@@ -10,6 +10,7 @@
 local H = require "helper"
 local D = require "devcheck"
 local keel = H.keel
+H.cpu_default(teardown)   -- CPU references stay CPU under KEEL_DEVICE=cuda (helper.lua)
 local gpu_it = H.gpu_it(it, pending)
 
 local FLOATS = {"float32", "float64"}

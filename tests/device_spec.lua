@@ -7,6 +7,12 @@
 --
 local H = require "helper"
 local keel = H.keel
+-- The subject is the CPU/device boundary, through a plugin with copies and
+-- add only: the CPU side is the CPU whatever KEEL_DEVICE says (under
+-- KEEL_DEVICE=cuda the default-device tensors would land on the stand-in,
+-- which cannot compute them; the default-device path itself is a case of
+-- device_cases.lua, with set_default_device).
+H.cpu_default(teardown)
 
 local core = package.searchpath("keel.core", package.cpath)
 local fake = core and core:gsub("/lua/keel/[^/]*$", "/lib/libkeel_fakecuda.so")

@@ -326,7 +326,8 @@ function H.gradcheck(f, inputs, opts)
     if rnd() < 0.5 then v = -v end
     r[i] = v
   end
-  local R = keel.tensor(H.nest(r, oshape), { dtype = out.dtype })
+  -- on the output's device, which may not be the default one (to("cpu"))
+  local R = keel.tensor(H.nest(r, oshape), { dtype = out.dtype, device = out.device })
   local loss = (out * R):sum()
   loss:backward()
 
@@ -650,6 +651,18 @@ end
 -- steps [, nonfinite policy]).
 function H.sim_counts(...)
   return H.sim_run("tests/optim_launch_count.lua", {...})
+end
+
+-- The CPU as the default device for the rest of this spec file, whatever
+-- KEEL_DEVICE says; the previous default comes back after the file. The
+-- CUDA specs call it first: they compare CUDA results with CPU references
+-- made by the default-device creators and modules, and move the CUDA side
+-- there explicitly, so they test the same thing in the KEEL_DEVICE=cuda
+-- run as in the normal one (that run's subject is the other specs, on
+-- CUDA tensors). teardown is busted's, handed over as for H.gpu_it.
+function H.cpu_default(teardown)
+  local prev = keel.set_default_device("cpu")
+  teardown(function() keel.set_default_device(prev) end)
 end
 
 H.GPU_MARK = " [gpu]"

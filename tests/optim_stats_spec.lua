@@ -116,10 +116,21 @@ describe("statistics of the step", function()
         assert.is_nil(st[i].update_ratio)
       end
       assert.equals(nonfinite, r.nonfinite)
-      -- the standalone function agrees on the gradient's part
+      -- the standalone function agrees on the gradient's part: to the bit
+      -- on the CPU (one pass in element order both times); on CUDA the
+      -- step's statistics come from the multi-tensor kernels, chunked
+      -- otherwise than the standalone call's, so the sums agree up to
+      -- their summation order (counts and max_abs still exactly)
       local alone = clip.grad_stats(P[2].grad)[1]
-      for _, k in ipairs{"numel", "nan", "inf", "zeros", "sum", "sumsq", "sum_abs", "max_abs"} do
+      for _, k in ipairs{"numel", "nan", "inf", "zeros", "max_abs"} do
         assert.equals(bits(st[2][k]), bits(alone[k]), k)
+      end
+      for _, k in ipairs{"sum", "sumsq", "sum_abs"} do
+        if P[2].device == "cpu" then
+          assert.equals(bits(st[2][k]), bits(alone[k]), k)
+        elseif not H.close(alone[k], st[2][k], 1e-12 * (st[2].sum_abs + 1), 1e-12) then
+          H.fail(("standalone %s: got %.17g, the step's %.17g"):format(k, alone[k], st[2][k]))
+        end
       end
     end)
   end

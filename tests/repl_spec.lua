@@ -126,10 +126,14 @@ print("SUM=" .. string.format("%g", t:sum():item()))
   end)
 
   it("the REPL pretty-prints tensors with their header", function()
-    local text = repl("keel.ones(2, 3)\n")
+    local text = repl("keel.ones(2, 3)\nprint('DEV=' .. keel.ones(1).device)\n")
     assert.is_truthy(text:find("keel.Tensor", 1, true), text)
     assert.is_truthy(text:find("2x3", 1, true), text)
-    assert.is_truthy(text:find("cpu", 1, true), text)
+    -- the header names the tensor's device: the REPL's default one (cpu,
+    -- or cuda where the environment has KEEL_DEVICE=cuda)
+    local dev = text:match("DEV=(%w+)")
+    assert.is_truthy(dev, text)
+    assert.is_truthy(text:find("float32 " .. dev .. " 2x3", 1, true), text)
   end)
 
   it("the REPL survives an error and evaluates the next line", function()
