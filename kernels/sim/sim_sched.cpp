@@ -15,7 +15,8 @@
 **
 ** Everything here is process state behind one lock: a launch holds it
 ** from the first block to the last, so launches from several OS threads
-** take turns and `__shared__` statics are never shared by two blocks.
+** take turns and shared memory statics (KC_SHARED) are never shared by
+** two blocks.
 */
 #include <stdarg.h>
 #include <stdio.h>
@@ -56,6 +57,7 @@
 namespace kcsim {
 
 geometry g;
+uint64_t block_serial = 1;
 
 /* {======================================================================
 ** Fibers
@@ -523,6 +525,7 @@ static int run_block(unsigned nt, const char *file, int line) {
     t->fib = NULL;
   }
   if (smem_size) memset(smem_buf, 0xFF, smem_size);
+  block_serial++;               /* KC_SHARED arrays are filled again at first use */
   for (;;) {
     order_threads(nt);
     for (unsigned k = 0; k < nt && fail_code == cudaSuccess; k++) {
