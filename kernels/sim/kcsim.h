@@ -46,6 +46,10 @@
 **   have, and the forward order hides.
 ** Built with -DKC_MAX_BLOCKS=7, so every grid-stride loop goes round, and
 ** -DKC_INDEX32_LIMIT=4096, so modest sizes take the 64-bit index paths.
+**
+** tests/sim/test_sim.cu (build/<cfg>/bin/kcsim_test, run by tools/test.sh)
+** pins these promises down with small kernels: a change here that breaks
+** one fails there.
 */
 #ifndef KCSIM_H
 #define KCSIM_H

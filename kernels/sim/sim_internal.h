@@ -34,6 +34,12 @@ KCSIM_API size_t sim_smem_limit(const void *kernel);
 /* Whether [p, p+n) lies in one device allocation. */
 KCSIM_API int sim_is_device(const void *p, size_t n);
 
+/* The order of the launches from now on, as KEEL_CUDA_SIM_ORDER gives it
+** (forward, reverse, shuffle[:seed]); NULL: what the environment says
+** again. -1 (order unchanged) for anything else. For the simulator's
+** self-test (tests/sim/), which runs one kernel in several orders. */
+KCSIM_API int sim_set_order(const char *order);
+
 }  // namespace kcsim
 
 #endif
