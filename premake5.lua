@@ -12,6 +12,7 @@ usual entry point. Everything generated lands under build/:
   build/<cfg>/bin/keel_ctest           the Lua-free C test (tests/c/*.c)
   build/<cfg>/lib/libkeel_cuda.so      the CUDA plugin (kernels/*.cu), when nvcc is found
   build/<cfg>/lib/libkeel_cuda_sim.so  the same kernels on a CPU simulator (kernels/sim/), always
+  build/<cfg>/bin/kcsim_test           the simulator's self-test (tests/sim/), always
   build/<cfg>/lib/libkeel_fakecuda.so  a host-memory stand-in for it, for the tests
   build/obj/<cfg>/<project>/           object files
   build/cuda.txt                       what was decided about CUDA (tools/build.sh shows it)
@@ -174,10 +175,11 @@ project "keel_static"
         pre[#pre + 1] = "+$(MAKE) --no-print-directory -f ../kernels/cuda.mk ROOT=.. NVCC=" .. NVCC .. " CFG=" .. cfg ..
           " OBJ=obj/" .. (cfg == "asan" and "release" or cfg) .. "/cuda LIB=" .. cfg .. "/lib/libkeel_cuda.so"
       end
-      -- the CPU simulator plugin (kernels/sim/): g++ only, so always; the
-      -- asan configuration instruments it (its own objects)
+      -- the CPU simulator plugin (kernels/sim/) and its self-test
+      -- (tests/sim/, bin/kcsim_test): g++ only, so always; the asan
+      -- configuration instruments them (their own objects)
       pre[#pre + 1] = "+$(MAKE) --no-print-directory -f ../kernels/cuda.mk sim ROOT=.. CFG=" .. cfg ..
-        " SIMOBJ=obj/" .. cfg .. "/cuda_sim SIMLIB=" .. cfg .. "/lib/libkeel_cuda_sim.so"
+        " SIMOBJ=obj/" .. cfg .. "/cuda_sim SIMLIB=" .. cfg .. "/lib/libkeel_cuda_sim.so SIMTEST=" .. cfg .. "/bin/kcsim_test"
       prebuildcommands(pre)
       postbuildcommands {
         "mkdir -p " .. cfg .. "/lib",

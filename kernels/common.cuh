@@ -8,8 +8,10 @@
 ** the CPU, one block at a time, so the test suite checks them on machines
 ** without a GPU). What that asks of kernel code:
 ** - launch through KC_LAUNCH, never <<< >>>;
-** - __shared__ arrays at kernel scope with a constant size; dynamic shared
-**   memory through KC_DYN_SMEM;
+** - shared memory through KC_SHARED (at kernel scope, a constant size) and
+**   KC_DYN_SMEM, never a bare __shared__ (the simulator rejects it); never
+**   read before this block wrote it (the simulator fills both with 0xFF
+**   bytes at each block's start, so a test sees NaN/-1);
 ** - warp intrinsics from this list: __shfl_sync, __shfl_down_sync,
 **   __shfl_xor_sync, __ballot_sync, __any_sync, __all_sync, __syncwarp;
 **   all 32 lanes of a warp call them (no early return before one);
@@ -42,6 +44,20 @@
 #define KC_DYN_SMEM(T, name) T *name = (T *)kcsim::dynamic_smem()
 #else
 #define KC_DYN_SMEM(T, name) extern __shared__ unsigned char kc_dyn_smem_[]; T *name = (T *)kc_dyn_smem_
+#endif
+/* KC_SHARED(T, name, [dims]...): `__shared__ T name[dims]...` (no dims: a
+** scalar), e.g. KC_SHARED(double, sh, [9][32]). On the simulator a
+** function-local static, filled with 0xFF bytes when the first thread of
+** each block reaches it (kcsim::smem_fresh): a GPU's shared memory holds
+** garbage when a block starts, a static would hold the last block's
+** values, and a kernel reading it before writing would pass there. */
+#ifdef KEEL_CUDA_SIM
+#define KC_SHARED(T, name, ...) \
+  static T name __VA_ARGS__; \
+  static uint64_t kc_fresh_##name##_ = 0; \
+  kcsim::smem_fresh(&name, sizeof name, &kc_fresh_##name##_)
+#else
+#define KC_SHARED(T, name, ...) __shared__ T name __VA_ARGS__
 #endif
 
 struct kc_state {

@@ -169,7 +169,7 @@ __global__ void transpose_kernel(T *dst, const T *src, int64_t nb, int64_t R, in
 template <typename T>
 __global__ void bias_grad_kernel(T *gb, double *part, const T *gout, int64_t n, int64_t oc, int64_t P,
                                  kc_split sp) {
-  __shared__ double buf[KC_THREADS];
+  KC_SHARED(double, buf, [KC_THREADS]);
   bool cols = P == 1;
   int64_t units = kc_chan_units(cols, oc);
   for (int64_t sl = blockIdx.y; sl < sp.S; sl += gridDim.y) {

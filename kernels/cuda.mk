@@ -18,7 +18,9 @@
 # without nvcc:
 #   make -f ../kernels/cuda.mk sim CFG=asan SIMOBJ=obj/asan/cuda_sim SIMLIB=asan/lib/libkeel_cuda_sim.so
 # The asan configuration instruments it (-fsanitize=address,undefined),
-# so a kernel's out-of-bounds access is reported where it happens.
+# so a kernel's out-of-bounds access is reported where it happens. `sim`
+# also builds the simulator's self-test, SIMTEST (default
+# $(CFG)/bin/kcsim_test), from tests/sim/.
 
 NVCC ?= nvcc
 CFG ?= release
@@ -81,7 +83,29 @@ SIMSRC := $(wildcard $(ROOT)/kernels/sim/*.cpp)
 SIMOBJS := $(patsubst $(ROOT)/kernels/%.cu,$(SIMOBJ)/%.o,$(SRC)) \
            $(patsubst $(ROOT)/kernels/sim/%.cpp,$(SIMOBJ)/%.o,$(SIMSRC))
 
+# The simulator's self-test (tests/sim/*.cu, kcsim_test): compiled like
+# the kernels, linked with the simulator's own objects (the plugin hides
+# their symbols) into an executable that tools/test.sh runs.
+SIMTEST ?= $(CFG)/bin/kcsim_test
+SIMTESTSRC := $(wildcard $(ROOT)/tests/sim/*.cu)
+SIMTESTOBJS := $(patsubst $(ROOT)/tests/sim/%.cu,$(SIMOBJ)/test/%.o,$(SIMTESTSRC))
+SIMRTOBJS := $(patsubst $(ROOT)/kernels/sim/%.cpp,$(SIMOBJ)/%.o,$(SIMSRC))
+
+ifneq ($(SIMTESTSRC),)
+sim: $(SIMLIB) $(SIMTEST)
+else
 sim: $(SIMLIB)
+endif
+
+$(SIMTEST): $(SIMTESTOBJS) $(SIMRTOBJS)
+	@mkdir -p $(dir $@)
+	@echo "sim: linking $(notdir $@) ($(CFG))"
+	@$(CXX) $(SIMOPT) -o $@ $(SIMTESTOBJS) $(SIMRTOBJS) -lpthread
+
+$(SIMOBJ)/test/%.o: $(ROOT)/tests/sim/%.cu
+	@mkdir -p $(SIMOBJ)/test
+	@echo "sim: tests/sim/$(notdir $<) ($(CFG))"
+	@$(CXX) $(SIMFLAGS) -x c++ -include $(ROOT)/kernels/sim/kcsim.h -MD -MF $(@:.o=.d) -c $< -o $@
 
 $(SIMLIB): $(SIMOBJS)
 	@mkdir -p $(dir $@)
@@ -98,6 +122,6 @@ $(SIMOBJ)/%.o: $(ROOT)/kernels/sim/%.cpp
 	@echo "sim: sim/$(notdir $<) ($(CFG))"
 	@$(CXX) $(SIMFLAGS) -MD -MF $(@:.o=.d) -c $< -o $@
 
--include $(SIMOBJS:.o=.d)
+-include $(SIMOBJS:.o=.d) $(SIMTESTOBJS:.o=.d)
 
 .PHONY: all sim

@@ -46,7 +46,7 @@ static unsigned ls_grid(int64_t units, int64_t per_block, int64_t cap) {
 template <typename T>
 __global__ void ls_finish(T *out, double *dv, const double *parts, int nparts, int red, int div_by_w,
                           double div) {
-  __shared__ double buf[32];
+  KC_SHARED(double, buf, [32]);
   double v = 0, w = 0;
   /* each thread sums a fixed stride of parts: the same order every run */
   for (int i = threadIdx.x; i < nparts; i += blockDim.x) {
@@ -116,7 +116,7 @@ __global__ void pl_none(T *out, const T *x, const T *y, int64_t n, double p) {
 
 template <typename T, int OP>
 __global__ void pl_reduce(double *parts, const T *x, const T *y, int64_t n, double p) {
-  __shared__ double buf[32];
+  KC_SHARED(double, buf, [32]);
   double acc = 0;
   KC_GRID_LOOP(i, n) acc += pl_value<OP>((double)x[i] - (double)y[i], p);
   ls_store_part(parts, acc, 0, buf);
@@ -238,7 +238,7 @@ __global__ void bce_none(T *out, const T *x, const T *y, const T *w, const T *pw
 
 template <typename T>
 __global__ void bce_reduce(double *parts, const T *x, const T *y, const T *w, const T *pw, int64_t n) {
-  __shared__ double buf[32];
+  KC_SHARED(double, buf, [32]);
   double acc = 0;
   KC_GRID_LOOP(i, n) acc += (double)bce_value(x, y, w, pw, i);
   ls_store_part(parts, acc, 0, buf);
@@ -361,8 +361,8 @@ __device__ __forceinline__ int64_t cl_base(const cl_args<T> &q, int64_t smp) {
 ** be NULL) gets z. */
 template <typename T, int L>
 __global__ void cl_forward(cl_args<T> q, T *out, double *lse, double *parts) {
-  __shared__ T bt[32];
-  __shared__ double bd[32];
+  KC_SHARED(T, bt, [32]);
+  KC_SHARED(double, bd, [32]);
   CL_GROUP(L);
   const int64_t C = q.c, inner = q.inner;
   double acc = 0, accw = 0;
@@ -429,7 +429,7 @@ __global__ void cl_forward(cl_args<T> q, T *out, double *lse, double *parts) {
 /* Backward: gx (may be NULL), gt (probs, may be NULL) from the saved z. */
 template <typename T, int L>
 __global__ void cl_backward(cl_args<T> q, T *gx, T *gt, const T *g, const double *lse, const double *div) {
-  __shared__ double bd[32];
+  KC_SHARED(double, bd, [32]);
   CL_GROUP(L);
   const int64_t C = q.c, inner = q.inner;
   const double e = q.e, eC = q.e / (double)C;

@@ -105,7 +105,7 @@ __device__ __forceinline__ double ld(const T *p, int64_t i, double dflt) { retur
 ** blockDim.x neighbouring channels; s may then be past the last one. */
 template <typename T>
 __global__ void stats_kernel(nshape g, T *mean, T *rstd, T *var, const T *x, double eps) {
-  __shared__ double buf[NT];
+  KC_SHARED(double, buf, [NT]);
   bool cols = is_cols(g);
   int64_t units = kc_chan_units(cols, g.S);
   for (int64_t un = blockIdx.x; un < units; un += gridDim.x) {
@@ -144,7 +144,7 @@ __device__ __forceinline__ double split_mean(const nshape &g, const double *sums
 /* sums NULL: pass 1 (sum x); else pass 2 (sum (x - mean)^2). */
 template <typename T>
 __global__ void split_stats_part(nshape g, kc_split sp, double *part, const double *sums, const T *x) {
-  __shared__ double buf[NT];
+  KC_SHARED(double, buf, [NT]);
   bool cols = is_cols(g);
   int64_t units = kc_chan_units(cols, g.S);
   for (int64_t sl = blockIdx.y; sl < sp.S; sl += gridDim.y) {
@@ -212,7 +212,7 @@ __global__ void forward_kernel(nshape g, T *y, const T *x, const T *mean, const 
 template <typename T>
 __global__ void backward_kernel(nshape g, T *gx, T *gw, T *gb, const T *gy, const T *x, const T *mean,
                                 const T *rstd, const T *w, int stats_of_x) {
-  __shared__ double buf[NT];
+  KC_SHARED(double, buf, [NT]);
   bool cols = is_cols(g);
   int64_t units = kc_chan_units(cols, g.S);
   for (int64_t un = blockIdx.x; un < units; un += gridDim.x) {
@@ -263,7 +263,7 @@ __global__ void backward_kernel(nshape g, T *gx, T *gw, T *gb, const T *gy, cons
 template <typename T>
 __global__ void split_back_part(nshape g, kc_split sp, dpair *part, const T *gy, const T *x, const T *mean,
                                 const T *rstd, const T *w) {
-  __shared__ double buf[NT];
+  KC_SHARED(double, buf, [NT]);
   bool cols = is_cols(g);
   int64_t units = kc_chan_units(cols, g.S);
   for (int64_t sl = blockIdx.y; sl < sp.S; sl += gridDim.y) {
@@ -349,7 +349,7 @@ __global__ void wgrad_part(nshape g, dpair *part, int64_t slices, int64_t per, c
 ** when L == 1 (layer norm: a warp reads neighbouring channels of a slice). */
 template <typename T>
 __global__ void wgrad_finish(nshape g, T *gw, T *gb, const dpair *part, int64_t slices) {
-  __shared__ double buf[NT];
+  KC_SHARED(double, buf, [NT]);
   bool cols = g.L == 1;
   int64_t units = kc_chan_units(cols, g.C);
   for (int64_t un = blockIdx.x; un < units; un += gridDim.x) {

@@ -224,7 +224,7 @@ __device__ __forceinline__ void stat_span_vec(sacc &A, const T *g, const T *w, i
 /* Any layout: one element at a time; w (NULL: none) of its own dtype. */
 template <typename T, typename W>
 __global__ void stats_kernel(const T *g, const W *w, plan pl, unitp q, double pw, gstat *part) {
-  __shared__ double sh[9][32];
+  KC_SHARED(double, sh, [9][32]);
   for (int64_t k = blockIdx.x; k < pl.items; k += gridDim.x) {
     int64_t b, e, u = item_range(pl, k, &b, &e);
     T ca = (T)unit_a(q, u), hi = (T)unit_v(q, u), lo = -hi;
@@ -239,7 +239,7 @@ __global__ void stats_kernel(const T *g, const W *w, plan pl, unitp q, double pw
 /* Aligned units of whole packs, w (NULL: none) of g's dtype. */
 template <typename T>
 __global__ void stats_vec_kernel(const T *g, const T *w, plan pl, unitp q, double pw, gstat *part) {
-  __shared__ double sh[9][32];
+  KC_SHARED(double, sh, [9][32]);
   for (int64_t k = blockIdx.x; k < pl.items; k += gridDim.x) {
     int64_t b, e, u = item_range(pl, k, &b, &e);
     T ca = (T)unit_a(q, u), hi = (T)unit_v(q, u), lo = -hi;
@@ -268,7 +268,7 @@ __device__ __forceinline__ void unit_total(const gstat *part, int64_t nchunk, gs
 
 /* Unit totals: the partials of each unit's chunks, in chunk order. */
 __global__ void stats_final_kernel(const gstat *part, plan pl, gstat *out) {
-  __shared__ double sh[9][32];
+  KC_SHARED(double, sh, [9][32]);
   for (int64_t u = blockIdx.x; u < pl.nunits; u += gridDim.x) {
     unit_total(part + u * pl.nchunk, pl.nchunk, &out[u], sh);
   }
@@ -885,7 +885,7 @@ __device__ __forceinline__ void mt_unit(const mt_desc &d, const double *AV, int6
 
 template <typename T>
 __global__ void mt_stats_kernel(const mt_desc *D, int nd, const double *AV, int64_t items, gstat *part) {
-  __shared__ double sh[9][32];
+  KC_SHARED(double, sh, [9][32]);
   for (int64_t k = blockIdx.x; k < items; k += gridDim.x) {
     const mt_desc &d = D[mt_find(D, nd, k, 0)];
     int64_t b, e, u = mt_range(d, k, &b, &e);
@@ -904,7 +904,7 @@ __global__ void mt_stats_kernel(const mt_desc *D, int nd, const double *AV, int6
 
 /* Unit u's totals: its chunks' partials in chunk order. */
 __global__ void mt_stats_final_kernel(const mt_desc *D, int nd, int64_t units, const gstat *part, gstat *out) {
-  __shared__ double sh[9][32];
+  KC_SHARED(double, sh, [9][32]);
   for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
     const mt_desc &d = D[mt_find(D, nd, u, 1)];
     int64_t base = d.item0 + (u - d.unit0) * d.nchunk;
@@ -958,11 +958,11 @@ __device__ __forceinline__ int dec_scale(double *A, double *V, double *SQ, doubl
 ** of squares and max, the non-finite counts). out: total, nonfinite,
 ** coef, skip, clipped. One block. */
 __global__ void mt_decide_kernel(const gstat *res, const int64_t *idx, kc_decide q, double *W, double *out) {
-  __shared__ double bcast;   /* thread 0's number for all: the non-finite count, then each global factor */
+  KC_SHARED(double, bcast);   /* thread 0's number for all: the non-finite count, then each global factor */
   /* the chain, copied at constant indices: a parameter indexed by a
   ** variable would be copied to local memory (a stack frame) */
-  __shared__ double thr[KC_DECIDE_MAX];
-  __shared__ int kind[KC_DECIDE_MAX];
+  KC_SHARED(double, thr, [KC_DECIDE_MAX]);
+  KC_SHARED(int, kind, [KC_DECIDE_MAX]);
   int64_t n = q.ntensors;
   double *A = W, *V = W + n, *SQ = W + 2 * n, *MX = W + 3 * n, *NF = W + 4 * n;
   double total = 0, nf = 0, coef = 1;
@@ -1035,7 +1035,7 @@ template <typename T, int K>
 __global__ void mt_update_kernel(const mt_desc *D, int nd, const double *AV, int64_t items, double *part,
                                  mt_dec dec) {
   const int N = 16 / sizeof(T);
-  __shared__ double sh[32];
+  KC_SHARED(double, sh, [32]);
   for (int64_t k = blockIdx.x; k < items; k += gridDim.x) {
     const mt_desc &d = D[mt_find(D, nd, k, 0)];
     int64_t b, e, u = mt_range(d, k, &b, &e);
@@ -1098,7 +1098,7 @@ __global__ void mt_update_kernel(const mt_desc *D, int nd, const double *AV, int
 
 /* Unit u's pair: its chunks' pairs in chunk order. */
 __global__ void mt_pair_final_kernel(const mt_desc *D, int nd, int64_t units, const double *part, double *out) {
-  __shared__ double sh[32];
+  KC_SHARED(double, sh, [32]);
   for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
     const mt_desc &d = D[mt_find(D, nd, u, 1)];
     int64_t base = d.item0 + (u - d.unit0) * d.nchunk;

@@ -165,7 +165,7 @@ __device__ __forceinline__ void put(const rplan &P, int64_t m, racc a, T *out, i
 /* ONE: a single reduced dim (no division per element). */
 template <typename T, int OP, bool ONE>
 __global__ void reduce_kernel(rplan P, const T *a, T *out, int64_t *idx, racc *part) {
-  __shared__ racc sm[RED_THREADS];
+  KC_SHARED(racc, sm, [RED_THREADS]);
   int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x;
   int lane = P.inner ? tx : ty, nl = P.inner ? blockDim.x : blockDim.y;   /* along the reduced range */
   int slot = P.inner ? ty : tx, ns = P.inner ? blockDim.y : blockDim.x;   /* output within the tile */

@@ -48,7 +48,7 @@ __global__ void set_kernel(R *dst, const R *src, int64_t n) {
 #define CS_WARPS (KC_THREADS / 32)
 template <typename R>
 __global__ void colsum_kernel(R *out, const R *A, int64_t rows, int64_t cols) {
-  __shared__ double part[CS_WARPS][33];
+  KC_SHARED(double, part, [CS_WARPS][33]);
   int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   for (int64_t c0 = (int64_t)blockIdx.x * 32; c0 < cols; c0 += (int64_t)gridDim.x * 32) {
     int64_t c = c0 + lane;

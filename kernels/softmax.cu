@@ -115,7 +115,7 @@ __global__ void sm_rows_reg(T *out, const T *a, int64_t rows, int n, int log_out
 /* One block per row (long rows). */
 template <typename T>
 __global__ void sm_rows_block(T *out, const T *a, int64_t rows, int64_t n, int log_out) {
-  __shared__ T buf[32];
+  KC_SHARED(T, buf, [32]);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T *x = a + row * n;
     T *o = out + row * n;
@@ -187,7 +187,7 @@ __global__ void smb_rows_reg(T *gin, const T *gout, const T *y, int64_t rows, in
 
 template <typename T>
 __global__ void smb_rows_block(T *gin, const T *gout, const T *y, int64_t rows, int64_t n, int log_out) {
-  __shared__ T buf[32];
+  KC_SHARED(T, buf, [32]);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T *gr = gout + row * n, *yr = y + row * n;
     T *o = gin + row * n;

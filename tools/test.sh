@@ -6,6 +6,8 @@
 # anything failed or nothing ran. Before it, a line
 # "cuda: N device(s), M GPU tests skipped" (GPU tests skip visibly).
 #
+# After keel_ctest, the simulator's self-test build/<config>/bin/kcsim_test
+# (tests/sim/) runs, its counts in the totals too.
 # After the normal passes, the tests/cuda*_spec.lua files run again with
 # KEEL_CUDA_PLUGIN set to the CPU simulator plugin (kernels/sim/), so the
 # CUDA kernels are tested on any machine; their counts join the totals and
@@ -187,6 +189,42 @@ elif compgen -G "tests/c/*.c" >/dev/null; then
   fi
 else
   echo "test: no tests/c/*.c, keel_ctest skipped"
+fi
+
+# ---------------------------------------------------------------- kcsim_test
+# The simulator's self-test (tests/sim/, built with the simulator): its
+# scheduling, failure reports, shuffles and shared memory, pinned down by
+# small kernels. Runs with KEEL_CUDA_SIM=only too; not with KEEL_CUDA_SIM=0
+# (a GPU machine, whose bundle does not carry it).
+simtest="build/$cfg/bin/kcsim_test"
+if [ "${KEEL_CUDA_SIM:-}" = 0 ]; then
+  echo "test: KEEL_CUDA_SIM=0: $simtest skipped"
+elif compgen -G "tests/sim/*.cu" >/dev/null; then
+  echo "test: $simtest"
+  if [ -x "$simtest" ]; then
+    ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 "$simtest" 2>&1 | tee "$log"
+    krc=${PIPESTATUS[0]}
+    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -n 1)
+    if [ -n "$line" ]; then
+      read -r kp _ kf _ <<<"$line"
+      passed=$((passed + kp))
+      failed=$((failed + kf))
+      if [ "$krc" -ne 0 ] && [ "$kf" -eq 0 ]; then
+        echo "test: kcsim_test exited with status $krc" >&2
+        failed=$((failed + 1))
+      fi
+    else
+      echo "test: kcsim_test printed no summary (exit status $krc)" >&2
+      failed=$((failed + 1))
+    fi
+    if [ "$cfg" = asan ]; then
+      ub=$(grep -c 'runtime error:' "$log" || true)
+      failed=$((failed + ub))
+    fi
+  else
+    echo "test: $simtest was not built" >&2
+    failed=$((failed + 1))
+  fi
 fi
 
 # ---------------------------------------------------------------- simulator

@@ -11,9 +11,9 @@
 **   waiting thread; sim_stream.cpp); its
 **   blocks run one after another (x fastest, then y, z), and the threads
 **   of a block run one at a time, each until it finishes or waits at a
-**   barrier. So `__shared__` is a function-local `static` (exactly one
-**   block uses it at a time); launches from several OS threads take turns
-**   (one lock).
+**   barrier. So shared memory (KC_SHARED) is a function-local `static`
+**   (exactly one block uses it at a time); launches from several OS
+**   threads take turns (one lock).
 ** - __syncthreads releases when every thread of the block that has not
 **   finished waits at it, at the same call site (file:line); a warp op
 **   (shuffle, vote, __syncwarp) releases when every unfinished lane of its
@@ -23,18 +23,22 @@
 **   cudaErrorLaunchFailure, the message naming the launch and the sites.
 ** - A shuffle that reads a lane outside its group, or one that has
 **   finished, gets all-ones bits (NaN, -1): a GPU gives garbage there.
-** - The dynamic shared buffer (KC_DYN_SMEM) is filled with 0xFF bytes at
-**   the start of each block, and new device memory too, so reading before
-**   writing shows up as NaN/-1 in tests.
+** - Shared memory starts each block as 0xFF bytes, as new device memory
+**   does, so reading before writing shows up as NaN/-1 in tests (a GPU
+**   gives garbage, or the previous block's values): the dynamic buffer
+**   (KC_DYN_SMEM) is filled when the block starts, a KC_SHARED array when
+**   the block's first thread reaches its declaration. A bare `__shared__`
+**   does not compile here (it would keep the previous block's contents):
+**   kernel code declares shared memory with KC_SHARED (common.cuh).
 ** - Atomics are plain read-modify-writes (no two threads ever overlap).
-** - __activemask() gives the unfinished lanes of the warp: the simulator
-**   cannot see divergence, so use explicit masks.
+** - __activemask() gives the lanes of the warp not finished yet when it
+**   is called (a lane that ran to its end before this one asked is not
+**   in it, converged or not): the simulator cannot see divergence, so use
+**   explicit masks.
 ** - __CUDA_ARCH__ and __CUDACC__ are not defined: code behind them (inline
 **   PTX, arch-specific paths) is not what the simulator runs.
 ** - Each emulated thread has a 64 KiB stack (256 KiB under ASan;
 **   KEEL_CUDA_SIM_STACK=bytes changes it): no large local arrays.
-** - `__shared__` statics keep their contents from block to block; a GPU
-**   gives garbage there. Never read shared memory before writing it.
 ** - KEEL_CUDA_SIM_ORDER=reverse|shuffle[:seed] changes the order in which
 **   the blocks of a grid run, and the threads of a block between two
 **   barriers (default: forward, x fastest). Correct kernels give the same
@@ -44,6 +48,10 @@
 **   have, and the forward order hides.
 ** Built with -DKC_MAX_BLOCKS=7, so every grid-stride loop goes round, and
 ** -DKC_INDEX32_LIMIT=4096, so modest sizes take the 64-bit index paths.
+**
+** tests/sim/test_sim.cu (build/<cfg>/bin/kcsim_test, run by tools/test.sh)
+** pins these promises down with small kernels: a change here that breaks
+** one fails there.
 */
 #ifndef KCSIM_H
 #define KCSIM_H
@@ -69,7 +77,10 @@
 #define __device__
 #define __host__
 #define __constant__
-#define __shared__ static
+/* Shared memory is declared with KC_SHARED (kernels/common.cuh), which
+** fills it with 0xFF bytes at each block's first use; a bare __shared__
+** would keep the previous block's contents, so it does not compile. */
+#define __shared__ _Pragma("GCC error \"bare __shared__: declare shared memory with KC_SHARED(T, name, [dims]) (kernels/common.cuh)\"")
 #define __managed__
 #define __forceinline__ inline __attribute__((always_inline))
 #define __noinline__ __attribute__((noinline))
@@ -109,6 +120,19 @@ typedef void (*body_fn)(void *ctx);
 KCSIM_API void run(dim3 grid, dim3 block, size_t smem, cudaStream_t st, body_fn body, void *ctx, void (*drop)(void *),
                    const void *kernel, const char *file, int line);
 KCSIM_API void *dynamic_smem();
+/* Static shared memory (KC_SHARED): a function-local static, and beside
+** it the serial of the block that last filled it; the first thread of a
+** block to reach the declaration fills it with 0xFF bytes, so a kernel
+** that reads it before writing sees NaN/-1 rather than what the previous
+** block left. block_serial: the block running now (never 0, so a fresh
+** `seen` of 0 always fills). */
+extern KCSIM_API uint64_t block_serial;
+static inline void smem_fresh(void *p, size_t n, uint64_t *seen) {
+  if (*seen != block_serial) {
+    memset(p, 0xFF, n);
+    *seen = block_serial;
+  }
+}
 
 /* Barrier and warp primitives; file/line name the call site in reports. */
 KCSIM_API int syncthreads(int pred, int mode, const char *file, int line);

@@ -55,6 +55,12 @@ KCSIM_API int sim_pinned_add(void *p, size_t n);
 KCSIM_API void sim_pinned_remove(void *p);
 KCSIM_API int sim_is_pinned(const void *p, size_t n);
 
+/* The order of the launches from now on, as KEEL_CUDA_SIM_ORDER gives it
+** (forward, reverse, shuffle[:seed]); NULL: what the environment says
+** again. -1 (order unchanged) for anything else. For the simulator's
+** self-test (tests/sim/), which runs one kernel in several orders. */
+KCSIM_API int sim_set_order(const char *order);
+
 }  // namespace kcsim
 
 #endif

@@ -15,7 +15,8 @@
 **
 ** Everything here is process state behind one lock: a launch holds it
 ** from the first block to the last, so launches from several OS threads
-** take turns and `__shared__` statics are never shared by two blocks.
+** take turns and shared memory statics (KC_SHARED) are never shared by
+** two blocks.
 */
 #include <stdarg.h>
 #include <stdio.h>
@@ -56,6 +57,7 @@
 namespace kcsim {
 
 geometry g;
+uint64_t block_serial = 1;
 
 /* {======================================================================
 ** Fibers
@@ -472,20 +474,44 @@ static uint64_t next_random(void) {   /* xorshift64* */
   return rng * 0x2545F4914F6CDD1DULL;
 }
 
-static void order_init(void) {
-  const char *e = getenv("KEEL_CUDA_SIM_ORDER");
-  order_mode = ORDER_FORWARD;
-  order_seed = 0x9E3779B97F4A7C15ULL;
-  if (!e || !*e || strcmp(e, "forward") == 0) return;
-  if (strcmp(e, "reverse") == 0) {
-    order_mode = ORDER_REVERSE;
+/* Sets order_mode and order_seed from a KEEL_CUDA_SIM_ORDER value (NULL
+** or empty: forward); -1, and nothing changed, for anything else. */
+static int order_parse(const char *e) {
+  int mode;
+  uint64_t seed = 0x9E3779B97F4A7C15ULL;
+  if (!e || !*e || strcmp(e, "forward") == 0) {
+    mode = ORDER_FORWARD;
+  } else if (strcmp(e, "reverse") == 0) {
+    mode = ORDER_REVERSE;
   } else if (strncmp(e, "shuffle", 7) == 0 && (e[7] == 0 || e[7] == ':')) {
-    order_mode = ORDER_SHUFFLE;
-    if (e[7] == ':') order_seed ^= strtoull(e + 8, NULL, 0) * 0xBF58476D1CE4E5B9ULL;
+    mode = ORDER_SHUFFLE;
+    if (e[7] == ':') seed ^= strtoull(e + 8, NULL, 0) * 0xBF58476D1CE4E5B9ULL;
   } else {
-    /* a typo must not quietly test the default order */
-    fprintf(stderr, "kcsim: KEEL_CUDA_SIM_ORDER=%s: expected forward, reverse or shuffle[:seed]; using forward\n", e);
+    return -1;
   }
+  order_mode = mode;
+  order_seed = seed;
+  return 0;
+}
+
+static void order_init(void) {
+  static int warned;
+  const char *e = getenv("KEEL_CUDA_SIM_ORDER");
+  if (order_parse(e) == 0) return;
+  order_parse(NULL);
+  /* a typo must not quietly test the default order */
+  if (!warned++)
+    fprintf(stderr, "kcsim: KEEL_CUDA_SIM_ORDER=%s: expected forward, reverse or shuffle[:seed]; using forward\n",
+            e);
+}
+
+int sim_set_order(const char *order) {
+  std::lock_guard<std::mutex> hold(lock);
+  if (!order) {
+    order_init();
+    return 0;
+  }
+  return order_parse(order);
 }
 
 /* turn[0..nt) for the next round of a block's threads */
@@ -523,6 +549,7 @@ static int run_block(unsigned nt, const char *file, int line) {
     t->fib = NULL;
   }
   if (smem_size) memset(smem_buf, 0xFF, smem_size);
+  block_serial++;               /* KC_SHARED arrays are filled again at first use */
   for (;;) {
     order_threads(nt);
     for (unsigned k = 0; k < nt && fail_code == cudaSuccess; k++) {
