@@ -46,6 +46,9 @@ KCSIM_API cudaError_t sim_fail(cudaError_t e);
 ** device synchronization), or the legacy stream's and the blocking
 ** streams' (cudaMemcpy, cudaMemset), and return the first failure. */
 KCSIM_API int sim_async(void);
+/* Switches it (the self-test, tests/sim/): 1 on, 0 off (queued work run
+** first), -1 what the environment says again; returns the mode before. */
+KCSIM_API int sim_set_async(int on);
 KCSIM_API cudaError_t sim_enqueue(cudaStream_t st, std::function<cudaError_t()> work);
 KCSIM_API cudaError_t sim_wait_stream(cudaStream_t st);
 KCSIM_API cudaError_t sim_wait_device(void);

@@ -79,6 +79,14 @@ int sim_async(void) {
   return async_mode;
 }
 
+int sim_set_async(int on) {
+  std::lock_guard<std::recursive_mutex> hold(qlock);
+  int prev = sim_async();
+  if (prev && !on) (void)sim_wait_device();   /* nothing left queued behind the switch */
+  async_mode = on < 0 ? -1 : on != 0;
+  return prev;
+}
+
 static kcsim_stream *queue_of(cudaStream_t st) {
   return st == NULL || st == cudaStreamLegacy || st == cudaStreamPerThread ? &legacy : st;
 }

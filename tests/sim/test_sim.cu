@@ -5,7 +5,8 @@
 ** kcsim::sim_set_order), what a race and a barrier give in each order,
 ** the launch failures the scheduler reports, shuffles and votes, shared
 ** memory that starts each block as 0xFF bytes, grid-stride loops that go
-** round. The specs test the real kernels on the simulator; this tests the
+** round, work held in its stream until the host waits (KEEL_CUDA_SIM_ASYNC,
+** switched through kcsim::sim_set_async). The specs test the real kernels on the simulator; this tests the
 ** simulator, so that a change to it that breaks a promise fails here and
 ** not as a kernel bug that the specs no longer see.
 **
@@ -671,6 +672,123 @@ static void test_grid_stride(void) {
 
 /* }====================================================================== */
 
+/* {======================================================================
+** Work held until the host waits (KEEL_CUDA_SIM_ASYNC, sim_stream.cpp)
+** ======================================================================= */
+
+__global__ void set_int(int *p, int v) { p[0] = v; }
+__global__ void copy_int(int *dst, const int *src) { dst[0] = src[0]; }
+__global__ void trap_now(void) { __trap(); }
+
+static int peek(const int *d) { return d[0]; }   /* device memory is host memory here */
+
+static void test_async(void) {
+  cudaStream_t st, st2, blocking;
+  cudaEvent_t ev;
+  int *d = dev_zeros<int>(4), *pinned = NULL, pageable[1];
+  int prev = kcsim::sim_set_async(1);
+  if (cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) != cudaSuccess ||
+      cudaStreamCreateWithFlags(&st2, cudaStreamNonBlocking) != cudaSuccess ||
+      cudaStreamCreateWithFlags(&blocking, cudaStreamDefault) != cudaSuccess || cudaEventCreate(&ev) != cudaSuccess ||
+      cudaMallocHost((void **)&pinned, sizeof(int)) != cudaSuccess) {
+    check(false, "async: streams, an event and page-locked memory");
+    return;
+  }
+
+  /* a launch waits in its stream until the host waits for it */
+  KC_LAUNCH(dim3(1), dim3(1), 0, st, set_int)(d, 1);
+  check(cudaGetLastError() == cudaSuccess && peek(d) == 0, "async: a launch has not run when it returns",
+        "d[0] = %d", peek(d));
+  check(cudaStreamQuery(st) == cudaErrorNotReady, "async: the stream is busy");
+  (void)cudaGetLastError();
+  check(cudaStreamSynchronize(st) == cudaSuccess && peek(d) == 1, "async: the stream's wait runs it");
+  check(cudaStreamQuery(st) == cudaSuccess, "async: then the stream is idle");
+
+  /* events: not ready when asked once; ready after a wait, or after the
+  ** host keeps asking */
+  KC_LAUNCH(dim3(1), dim3(1), 0, st, set_int)(d, 2);
+  cudaEventRecord(ev, st);
+  check(cudaEventQuery(ev) == cudaErrorNotReady && peek(d) == 1, "async: an event behind a launch is not ready");
+  (void)cudaGetLastError();
+  check(cudaEventSynchronize(ev) == cudaSuccess && peek(d) == 2 && cudaEventQuery(ev) == cudaSuccess,
+        "async: its wait runs the work before it");
+  KC_LAUNCH(dim3(1), dim3(1), 0, st, set_int)(d, 3);
+  cudaEventRecord(ev, st);
+  int polls = 0;
+  while (cudaEventQuery(ev) == cudaErrorNotReady && polls < 1000) polls++;
+  (void)cudaGetLastError();
+  check(polls > 1 && polls < 1000 && peek(d) == 3, "async: a host polling in a loop sees the device catch up",
+        "%d polls, d[0] = %d", polls, peek(d));
+
+  /* copies: from page-locked memory the source is read when the copy runs,
+  ** from pageable memory when it is queued */
+  *pinned = 10;
+  cudaMemcpyAsync(d, pinned, sizeof(int), cudaMemcpyHostToDevice, st);
+  *pinned = 11;
+  cudaStreamSynchronize(st);
+  check(peek(d) == 11, "async: a copy from page-locked memory reads it when it runs", "d[0] = %d", peek(d));
+  pageable[0] = 20;
+  cudaMemcpyAsync(d, pageable, sizeof(int), cudaMemcpyHostToDevice, st);
+  pageable[0] = 21;
+  cudaStreamSynchronize(st);
+  check(peek(d) == 20, "async: a copy from pageable memory takes its bytes at once", "d[0] = %d", peek(d));
+  /* into page-locked memory: poisoned until it runs; into pageable: there
+  ** when the call returns */
+  *pinned = 5;
+  cudaMemcpyAsync(pinned, d, sizeof(int), cudaMemcpyDeviceToHost, st);
+  check(*pinned == -1, "async: a copy into page-locked memory reads -1 before the wait", "%d", *pinned);
+  cudaStreamSynchronize(st);
+  check(*pinned == 20, "async: and its value after", "%d", *pinned);
+  KC_LAUNCH(dim3(1), dim3(1), 0, st, set_int)(d, 30);
+  pageable[0] = 0;
+  cudaMemcpyAsync(pageable, d, sizeof(int), cudaMemcpyDeviceToHost, st);
+  check(pageable[0] == 30, "async: a copy into pageable memory waits for the work before it", "%d", pageable[0]);
+
+  /* streams: one waits for another's event; cudaMemcpy (the legacy
+  ** stream) waits for blocking streams, not for non-blocking ones */
+  KC_LAUNCH(dim3(1), dim3(1), 0, st, set_int)(d, 40);
+  cudaEventRecord(ev, st);
+  cudaStreamWaitEvent(st2, ev, 0);
+  KC_LAUNCH(dim3(1), dim3(1), 0, st2, copy_int)(d + 1, d);
+  cudaStreamSynchronize(st2);
+  check(peek(d + 1) == 40, "async: a stream waiting on an event runs after the work before the record",
+        "d[1] = %d", peek(d + 1));
+  KC_LAUNCH(dim3(1), dim3(1), 0, st, set_int)(d + 2, 50);
+  KC_LAUNCH(dim3(1), dim3(1), 0, blocking, set_int)(d + 3, 60);
+  int got[4] = {0, 0, 0, 0};
+  cudaMemcpy(got, d, sizeof got, cudaMemcpyDeviceToHost);
+  check(got[2] == 0 && got[3] == 60, "async: cudaMemcpy waits for a blocking stream, not a non-blocking one",
+        "d[2] = %d, d[3] = %d", got[2], got[3]);
+  cudaStreamSynchronize(st);
+
+  /* a kernel's failure is the error of the wait that runs it */
+  KC_LAUNCH(dim3(1), dim3(1), 0, st, trap_now)();
+  cudaError_t at_launch = cudaGetLastError(), at_wait = cudaStreamSynchronize(st);
+  check(at_launch == cudaSuccess && at_wait == cudaErrorLaunchFailure,
+        "async: a trap is reported by the wait, not the launch", "launch %s, wait %s", cudaGetErrorName(at_launch),
+        cudaGetErrorName(at_wait));
+  (void)cudaGetLastError();
+  check(cudaStreamSynchronize(st) == cudaSuccess, "async: once");
+
+  /* off again: what is queued runs at the switch, then work runs at once */
+  KC_LAUNCH(dim3(1), dim3(1), 0, st, set_int)(d, 70);
+  kcsim::sim_set_async(0);
+  check(peek(d) == 70, "async off: the queued work ran at the switch", "d[0] = %d", peek(d));
+  KC_LAUNCH(dim3(1), dim3(1), 0, st, set_int)(d, 71);
+  cudaEventRecord(ev, st);
+  check(peek(d) == 71 && cudaEventQuery(ev) == cudaSuccess, "async off: a launch runs when it is queued");
+
+  kcsim::sim_set_async(prev);
+  cudaEventDestroy(ev);
+  cudaStreamDestroy(st);
+  cudaStreamDestroy(st2);
+  cudaStreamDestroy(blocking);
+  cudaFreeHost(pinned);
+  cudaFree(d);
+}
+
+/* }====================================================================== */
+
 int main(void) {
   /* the failures below are expected: no "kcsim:" line for each on stderr */
   setenv("KEEL_CUDA_SIM_QUIET", "1", 1);
@@ -684,6 +802,7 @@ int main(void) {
   test_shared();
   set_order(NULL);
   test_grid_stride();
+  test_async();
   printf("%d passed, %d failed\n", n_pass, n_fail);
   return n_fail ? 1 : 0;
 }
