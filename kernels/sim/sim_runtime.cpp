@@ -429,10 +429,11 @@ cudaError_t kcsim_mem_in_use(void *p, size_t used, size_t block) {
   }
   if (!size)
     sim_set_launch_error(cudaErrorInvalidValue, "kcsim_mem_in_use: %p is not the start of a device allocation", p);
-  else
+  else if (size != block)
     sim_set_launch_error(cudaErrorInvalidValue,
-                         "kcsim_mem_in_use: %zu bytes in use of a block of %zu, but the allocation at %p has %zu",
-                         used, block, p, size);
+                         "kcsim_mem_in_use: a block of %zu bytes, but the allocation at %p has %zu", block, p, size);
+  else
+    sim_set_launch_error(cudaErrorInvalidValue, "kcsim_mem_in_use: %zu bytes in use of a block of %zu", used, block);
   return cudaErrorInvalidValue;
 }
 

@@ -607,6 +607,8 @@ static void test_sim_copy_bounds(const char *sim) {
           "device: (simulator) mem_in_use of a pointer inside a block is refused");
     code = pl->mem_in_use(s, d, 0, 256);
     CHECK(sim_refused(pl, code, "the allocation at"), "device: (simulator) ... and of a wrong block size");
+    code = pl->mem_in_use(s, d, 321, 320);
+    CHECK(sim_refused(pl, code, "321 bytes in use of a block of 320"), "device: (simulator) ... and more in use than it has");
     CHECK(pl->free(s, d) == KC_OK, "device: (simulator) a block not in use is freed");
   }
   if (s) pl->close(s);
