@@ -374,8 +374,16 @@ keel_status keel_cuda_mem_get_info(keel_ctx *ctx, size_t *free_bytes, size_t *to
 ** classes (at most 25% waste) and kept per class when freed; the records
 ** that remember them live in host memory (device memory is not ours to
 ** write a list into). Nothing is given back until empty_cache, a failed
-** allocation (which then retries once) or the context's end.
+** allocation (which then retries once) or the context's end. A plugin
+** with mem_in_use (the simulator) hears how much of each block is in use,
+** so that the rounding and the cached blocks are not silently usable.
 ** ======================================================================= */
+
+static void device_free(struct kl_cuda *c, void *p, size_t size) {
+  c->pl->free(c->s, p);   /* an error here leaves nothing to do */
+  c->mem.reserved_bytes -= size;
+  c->mem.device_frees++;
+}
 
 static void cache_release(keel_ctx *ctx) {
   struct kl_cuda *c = ctx->cuda;
@@ -383,9 +391,7 @@ static void cache_release(keel_ctx *ctx) {
     while (c->cache[k]) {
       kl_dblock *b = c->cache[k];
       c->cache[k] = b->next;
-      c->pl->free(c->s, b->ptr);   /* an error here leaves nothing to do */
-      c->mem.reserved_bytes -= b->size;
-      c->mem.device_frees++;
+      device_free(c, b->ptr, b->size);
       b->next = c->spare;
       c->spare = b;
     }
@@ -421,6 +427,13 @@ void *kl_cuda_alloc(keel_ctx *ctx, size_t nbytes) {
     c->mem.reserved_bytes += rounded;
     if (c->mem.reserved_bytes > c->mem.peak_reserved_bytes) c->mem.peak_reserved_bytes = c->mem.reserved_bytes;
   }
+  if (c->pl->mem_in_use && (code = c->pl->mem_in_use(c->s, p, nbytes, rounded)) != KC_OK) {
+    /* the plugin does not know the block as malloc gave it: a bug */
+    kl_error(ctx, KEEL_ERR_DEVICE, "tensor: the CUDA plugin refused the bounds of a %zu-byte block: %s", rounded,
+             c->pl->error_string(code));
+    device_free(c, p, rounded);
+    return NULL;
+  }
   c->mem.allocated_bytes += rounded;
   if (c->mem.allocated_bytes > c->mem.peak_allocated_bytes) c->mem.peak_allocated_bytes = c->mem.allocated_bytes;
   return p;
@@ -440,11 +453,12 @@ void kl_cuda_free(keel_ctx *ctx, void *p, size_t nbytes) {
   if (k >= KL_CACHE_CLASSES || !b || ctx->closed) {
     /* too big to class, no record, or the context is going away */
     if (b) { b->next = c->spare; c->spare = b; }
-    c->pl->free(c->s, p);
-    c->mem.reserved_bytes -= rounded;
-    c->mem.device_frees++;
+    device_free(c, p, rounded);
     return;
   }
+  /* cached: none of it in use. free has no error to return; a refusal
+  ** (an engine bug) recurs, reported, when the block is handed out again */
+  if (c->pl->mem_in_use) c->pl->mem_in_use(c->s, p, 0, rounded);
   b->ptr = p;
   b->size = rounded;
   b->next = c->cache[k];

@@ -46,7 +46,7 @@
 extern "C" {
 #endif
 
-#define KEEL_CUDA_ABI_VERSION 5
+#define KEEL_CUDA_ABI_VERSION 6
 #define KEEL_CUDA_PLUGIN_SYMBOL "keel_cuda_plugin"
 /* The file name the engine looks for (device.c gives the places). */
 #define KEEL_CUDA_PLUGIN_FILE "libkeel_cuda.so"
@@ -192,6 +192,23 @@ typedef struct keel_cuda_table {
   int (*memcpy_h2d)(kc_state *s, void *dst, const void *src, size_t nbytes);  /* returns when src may be reused */
   int (*memcpy_d2h)(kc_state *s, void *dst, const void *src, size_t nbytes);  /* returns when dst holds the data */
   int (*memcpy_d2d)(kc_state *s, void *dst, const void *src, size_t nbytes);
+  /* Optional: NULL in a plugin that has no use for it (the GPU build).
+  ** The engine's cache hands out blocks larger than asked for (a size
+  ** class, up to 25% more) and keeps returned blocks for reuse, so a
+  ** kernel that runs past a tensor's end, or uses a tensor the engine has
+  ** freed, reaches memory that is still allocated: no fault, only stale
+  ** values read and writes into what the next tensor gets. Through this
+  ** entry the engine says, for each block it hands out (fresh from malloc
+  ** or from its cache) and each block it takes back into its cache, how
+  ** many leading bytes of it are in use: used = the tensor's bytes on
+  ** hand-out, 0 on return; p and block are the address and size malloc
+  ** gave. A checking plugin (the CPU simulator) makes [p + used, p +
+  ** block) unusable, so that a kernel or copy reaching there is reported.
+  ** A block given back with free needs no call (free ends what this set).
+  ** Narrowing a block may cut off memory that queued optimizer work still
+  ** reads: an open batch is launched first (as free does; defer_results).
+  ** An error means p or block is not what malloc gave: an engine bug. */
+  int (*mem_in_use)(kc_state *s, void *p, size_t used, size_t block);
 
   /* {== Generic kernels (every dtype, any strides) ==} */
   /* dst = src converted to dst's dtype; same shape (src may broadcast

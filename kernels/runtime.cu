@@ -288,6 +288,20 @@ static int memcpy_d2d(kc_state *s, void *dst, const void *src, size_t n) {
   return from_cuda(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, s->stream));
 }
 
+#ifdef KEEL_CUDA_SIM
+/* keel_cuda.h's optional mem_in_use: the simulator makes the block's
+** unused bytes unusable (kernels/sim/sim_runtime.cpp: poisoned for
+** AddressSanitizer, else 0xFF), so that a kernel or copy reaching past a
+** tensor's end, or into a block the engine has cached, is reported. A GPU
+** has nothing to check with: the GPU build leaves the slot NULL. Queued
+** optimizer work is launched first, as dev_free does: it may still read
+** what is being cut off. */
+static int mem_in_use(kc_state *s, void *p, size_t used, size_t block) {
+  kc_optim_flush(s);
+  return from_cuda(kcsim_mem_in_use(s->stream, p, used, block));
+}
+#endif
+
 /* }====================================================================== */
 
 /* {======================================================================
@@ -321,6 +335,9 @@ static keel_cuda_table make_table(void) {
   t.memcpy_h2d = memcpy_h2d;
   t.memcpy_d2h = memcpy_d2h;
   t.memcpy_d2d = memcpy_d2d;
+#ifdef KEEL_CUDA_SIM
+  t.mem_in_use = mem_in_use;
+#endif
   t.copy = kc_copy;
   t.fill = kc_fill;
   t.set_gemm_precision = set_gemm_precision;

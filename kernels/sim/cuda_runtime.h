@@ -8,7 +8,9 @@
 ** "Device" memory is host memory from the simulator's own allocator: it
 ** records every block, so a copy whose device side is no device block (or
 ** whose host side is one) fails with cudaErrorInvalidValue, as a wrong
-** pointer would fault on a GPU. Work on any stream runs synchronously.
+** pointer would fault on a GPU; so does one that reaches past the bytes in
+** use of a block (kcsim_mem_in_use below). Work on any stream runs
+** synchronously.
 */
 #ifndef KCSIM_CUDA_RUNTIME_H
 #define KCSIM_CUDA_RUNTIME_H
@@ -177,6 +179,15 @@ cudaError_t cudaEventDestroy(cudaEvent_t ev);
 /* the C entry points of the templates below */
 cudaError_t kcsim_func_set_attribute(const void *func, cudaFuncAttribute attr, int value);
 cudaError_t kcsim_occupancy(int *blocks, const void *func, int block_size, size_t smem);
+
+/* The simulator's own (no CUDA counterpart; keel_cuda.h's mem_in_use):
+** of the allocation p of block bytes (cudaMalloc's size), the first used
+** are in use; the rest is made unusable, poisoned under AddressSanitizer
+** and filled with 0xFF bytes in any case, and copies, memsets and cuBLAS
+** operands that reach it fail with cudaErrorInvalidValue. used = block
+** makes the whole allocation usable again; cudaFree does that itself.
+** The bounds apply to calls from now on, the memory in st's order. */
+cudaError_t kcsim_mem_in_use(cudaStream_t st, void *p, size_t used, size_t block);
 
 #ifdef __cplusplus
 }

@@ -28,12 +28,14 @@ extern KCSIM_API stats sim_stats;
 KCSIM_API void sim_count_site(const char *file, int line);
 KCSIM_API void sim_print_sites(void);
 
-/* The runtime's last-error slot takes a launch failure; the message is
-** what cudaGetErrorString gives for that code until the next failure. */
+/* The runtime's last-error slot takes a launch (or copy) failure; the
+** message is what cudaGetErrorString gives for that code until the next
+** failure. */
 KCSIM_API void sim_set_launch_error(cudaError_t code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Dynamic shared memory a launch of kernel may use (cudaFuncSetAttribute). */
 KCSIM_API size_t sim_smem_limit(const void *kernel);
-/* Whether [p, p+n) lies in one device allocation. */
+/* Whether [p, p+n) lies in the bytes in use of one device allocation (all
+** of it, unless kcsim_mem_in_use said less). */
 KCSIM_API int sim_is_device(const void *p, size_t n);
 
 /* The runtime's failure: kept as the last error, returned. */

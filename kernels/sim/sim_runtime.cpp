@@ -5,6 +5,11 @@
 ** filled with 0xFF bytes when allocated (NaN as float, -1 as int64), and
 ** recorded, so that cudaFree of an unknown pointer and a copy whose device
 ** side is not device memory fail (cudaErrorInvalidValue), as on a GPU.
+** Each allocation also records how many of its bytes are in use
+** (kcsim_mem_in_use, which keel's caching allocator calls: it rounds
+** tensors up and keeps freed blocks): the rest is refilled with 0xFF,
+** poisoned under AddressSanitizer (a kernel touching it is reported where
+** it does), and out of bounds for copies and memsets.
 ** Streams and events: sim_stream.cpp (work runs when queued, or with
 ** KEEL_CUDA_SIM_ASYNC=1 when the host waits for it).
 **
@@ -36,13 +41,29 @@
 #include "kcsim.h"
 #include "sim_internal.h"
 
+/* as sim_sched.cpp: gcc says __SANITIZE_ADDRESS__, clang __has_feature */
+#if defined(__SANITIZE_ADDRESS__)
+#define KCSIM_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KCSIM_ASAN 1
+#endif
+#endif
+#ifdef KCSIM_ASAN
+#include <sanitizer/asan_interface.h>
+#endif
+
 namespace kcsim {
 
 stats sim_stats;
 
 static thread_local cudaError_t last_error = cudaSuccess;
 static std::mutex mem_lock;
-static std::map<uintptr_t, size_t> *blocks;   /* device allocations: base -> size */
+struct dblock {
+  size_t size;                  /* as allocated */
+  size_t used;                  /* the leading bytes in use (kcsim_mem_in_use; size until then) */
+};
+static std::map<uintptr_t, dblock> *blocks;   /* device allocations by base */
 static std::map<const void *, int> *smem_limits;
 static size_t in_use;
 static int device;
@@ -50,11 +71,18 @@ static char detail[1100];
 static cudaError_t detail_code;
 
 static cudaError_t fail(cudaError_t e) {
-  if (e != cudaSuccess) last_error = e;
+  if (e == cudaSuccess) return e;
+  last_error = e;
+  /* an older explanation of the same code is not this failure's */
+  if (e == detail_code) detail_code = cudaSuccess;
   return e;
 }
 
-cudaError_t sim_fail(cudaError_t e) { return fail(e); }
+/* a queued failure was explained when it ran: its wait keeps that */
+cudaError_t sim_fail(cudaError_t e) {
+  if (e != cudaSuccess) last_error = e;
+  return e;
+}
 
 static long long env_ll(const char *name, long long def) {
   const char *s = getenv(name);
@@ -102,19 +130,58 @@ size_t sim_smem_limit(const void *kernel) {
 }
 
 /* the allocation holding p (under mem_lock), or end() */
-static std::map<uintptr_t, size_t>::iterator holder(const void *p) {
+static std::map<uintptr_t, dblock>::iterator holder(const void *p) {
   uintptr_t a = (uintptr_t)p;
   auto it = blocks->upper_bound(a);
   if (it == blocks->begin()) return blocks->end();
   --it;
-  return a < it->first + it->second ? it : blocks->end();
+  return a < it->first + it->second.size ? it : blocks->end();
+}
+
+/* Whether p is in any allocation, its unused bytes included. */
+static int in_allocation(const void *p) {
+  std::lock_guard<std::mutex> hold(mem_lock);
+  return blocks && holder(p) != blocks->end();
 }
 
 int sim_is_device(const void *p, size_t n) {
   std::lock_guard<std::mutex> hold(mem_lock);
   if (!blocks) return 0;
   auto it = holder(p);
-  return it != blocks->end() && (uintptr_t)p + n <= it->first + it->second;
+  return it != blocks->end() && n <= it->second.used && (uintptr_t)p - it->first <= it->second.used - n;
+}
+
+/* cudaSuccess when [p, p+n) lies in the bytes in use of one allocation;
+** else cudaErrorInvalidValue, explained (cudaGetErrorString) in terms of
+** what fn's side of the call (what) reached. */
+static cudaError_t check_device_range(const char *fn, const char *what, const void *p, size_t n) {
+  uintptr_t a = (uintptr_t)p;
+  size_t off, size, used;
+  {
+    std::lock_guard<std::mutex> hold(mem_lock);
+    auto it = blocks ? holder(p) : std::map<uintptr_t, dblock>::iterator();
+    if (!blocks || it == blocks->end()) {
+      sim_set_launch_error(cudaErrorInvalidValue, "%s: the %s %p is not device memory", fn, what, p);
+      return cudaErrorInvalidValue;
+    }
+    off = a - it->first;
+    size = it->second.size;
+    used = it->second.used;
+  }
+  if (n <= used && off <= used - n) return cudaSuccess;
+  if (n > size || off > size - n)
+    sim_set_launch_error(cudaErrorInvalidValue,
+                         "%s: the %s, %zu bytes at offset %zu of a device allocation of %zu, runs past its end", fn,
+                         what, n, off, size);
+  else if (used == 0)
+    sim_set_launch_error(cudaErrorInvalidValue,
+                         "%s: the %s, %zu bytes at offset %zu of a device block of %zu, is in a block not in use "
+                         "(freed into keel's cache)", fn, what, n, off, size);
+  else
+    sim_set_launch_error(cudaErrorInvalidValue,
+                         "%s: the %s, %zu bytes at offset %zu of a device block of %zu, runs past the %zu bytes in "
+                         "use (the rest is the caching allocator's rounding)", fn, what, n, off, size, used);
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace kcsim
@@ -305,13 +372,14 @@ cudaError_t cudaMalloc(void **p, size_t n) {
   void *q;
   *p = NULL;
   if (devices() <= 0) return fail(cudaErrorNoDevice);
-  if (!blocks && !(blocks = new (std::nothrow) std::map<uintptr_t, size_t>())) return fail(cudaErrorMemoryAllocation);
+  if (!blocks && !(blocks = new (std::nothrow) std::map<uintptr_t, dblock>())) return fail(cudaErrorMemoryAllocation);
   if (rounded < n || in_use + rounded > total_memory()) return fail(cudaErrorMemoryAllocation);
   /* the exact size for the sanitizers' bounds, 256-aligned base */
   if (posix_memalign(&q, 256, n ? n : 1) != 0) return fail(cudaErrorMemoryAllocation);
   memset(q, 0xFF, n);
   try {
-    (*blocks)[(uintptr_t)q] = n ? n : 1;
+    size_t m = n ? n : 1;
+    (*blocks)[(uintptr_t)q] = dblock{m, m};
   } catch (...) {
     free(q);
     return fail(cudaErrorMemoryAllocation);
@@ -330,10 +398,49 @@ cudaError_t cudaFree(void *p) {
   if (!blocks) return fail(cudaErrorInvalidValue);
   auto it = blocks->find((uintptr_t)p);
   if (it == blocks->end()) return fail(cudaErrorInvalidValue);
-  in_use -= (it->second + 255) / 256 * 256;
+  in_use -= (it->second.size + 255) / 256 * 256;
+#ifdef KCSIM_ASAN
+  /* malloc's memory again before free sees it */
+  ASAN_UNPOISON_MEMORY_REGION(p, it->second.size);
+#endif
   blocks->erase(it);
   free(p);
   return cudaSuccess;
+}
+
+/* The record changes now (the calls that follow are checked against it);
+** the memory in stream order, as the engine's reuse of a cached block is
+** (with KEEL_CUDA_SIM_ASYNC, work queued before may still read it). */
+cudaError_t kcsim_mem_in_use(cudaStream_t st, void *p, size_t used, size_t block) {
+  size_t size;
+  {
+    std::lock_guard<std::mutex> hold(mem_lock);
+    auto it = blocks ? blocks->find((uintptr_t)p) : std::map<uintptr_t, dblock>::iterator();
+    size = blocks && it != blocks->end() ? it->second.size : 0;
+    if (size && size == block && used <= block) it->second.used = used;
+  }
+  if (size && size == block && used <= block)
+    return fail(sim_enqueue(st, [p, used, block]() {
+#ifdef KCSIM_ASAN
+      /* writable for the fill, then poisoned but for the bytes in use */
+      ASAN_UNPOISON_MEMORY_REGION(p, block);
+#endif
+      /* what is not in use reads as new memory does: a freed block's old
+      ** values do not survive into its next tensor */
+      memset((char *)p + used, 0xFF, block - used);
+#ifdef KCSIM_ASAN
+      ASAN_POISON_MEMORY_REGION((char *)p + used, block - used);
+#endif
+      return cudaSuccess;
+    }));
+  if (!size)
+    sim_set_launch_error(cudaErrorInvalidValue, "kcsim_mem_in_use: %p is not the start of a device allocation", p);
+  else if (size != block)
+    sim_set_launch_error(cudaErrorInvalidValue,
+                         "kcsim_mem_in_use: a block of %zu bytes, but the allocation at %p has %zu", block, p, size);
+  else
+    sim_set_launch_error(cudaErrorInvalidValue, "kcsim_mem_in_use: %zu bytes in use of a block of %zu", used, block);
+  return cudaErrorInvalidValue;
 }
 
 /* Page-locked memory is resident from the start: touched here, so that a
@@ -363,16 +470,30 @@ cudaError_t cudaFreeHost(void *p) {
   return fail(e);
 }
 
-/* The device side of a copy must be device memory, the host side not. */
+/* A host side that is device memory (any of it). */
+static cudaError_t host_side(const char *what, const void *p) {
+  if (!in_allocation(p)) return cudaSuccess;
+  sim_set_launch_error(cudaErrorInvalidValue, "cudaMemcpy: the %s %p is device memory, the copy's kind says host",
+                       what, p);
+  return cudaErrorInvalidValue;
+}
+
+/* The device side of a copy must be device memory in use, the host side
+** not device memory. A failure sets its explanation (last_error too). */
 static cudaError_t check_copy(void *dst, const void *src, size_t n, cudaMemcpyKind kind) {
-  int dd = sim_is_device(dst, n), sd = sim_is_device(src, n);
+  static const char *const fn = "cudaMemcpy";
+  cudaError_t e;
   switch (kind) {
-    case cudaMemcpyHostToHost: return !dd && !sd ? cudaSuccess : cudaErrorInvalidValue;
-    case cudaMemcpyHostToDevice: return dd && !sim_is_device(src, 1) ? cudaSuccess : cudaErrorInvalidValue;
-    case cudaMemcpyDeviceToHost: return sd && !sim_is_device(dst, 1) ? cudaSuccess : cudaErrorInvalidValue;
-    case cudaMemcpyDeviceToDevice: return dd && sd ? cudaSuccess : cudaErrorInvalidValue;
+    case cudaMemcpyHostToHost:
+      return (e = host_side("destination", dst)) ? e : host_side("source", src);
+    case cudaMemcpyHostToDevice:
+      return (e = check_device_range(fn, "destination", dst, n)) ? e : host_side("source", src);
+    case cudaMemcpyDeviceToHost:
+      return (e = check_device_range(fn, "source", src, n)) ? e : host_side("destination", dst);
+    case cudaMemcpyDeviceToDevice:
+      return (e = check_device_range(fn, "destination", dst, n)) ? e : check_device_range(fn, "source", src, n);
     case cudaMemcpyDefault: return cudaSuccess;
-    default: return cudaErrorInvalidMemcpyDirection;
+    default: return fail(cudaErrorInvalidMemcpyDirection);
   }
 }
 
@@ -386,7 +507,7 @@ static void count_copy(cudaMemcpyKind kind) {
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind) {
   cudaError_t e;
   if (!n) return cudaSuccess;
-  if ((e = check_copy(dst, src, n, kind)) != cudaSuccess) return fail(e);
+  if ((e = check_copy(dst, src, n, kind)) != cudaSuccess) return e;
   if ((e = sim_wait_legacy()) != cudaSuccess) return fail(e);
   memmove(dst, src, n);
   count_copy(kind);
@@ -397,13 +518,13 @@ cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind kind, cudaStream_t st) {
   cudaError_t e;
   if (!n) return cudaSuccess;
-  if ((e = check_copy(dst, src, n, kind)) != cudaSuccess) return fail(e);
+  if ((e = check_copy(dst, src, n, kind)) != cudaSuccess) return e;
   count_copy(kind);
   if (!sim_async()) {
     memmove(dst, src, n);
     return cudaSuccess;
   }
-  int from_host = !sim_is_device(src, 1), to_host = !sim_is_device(dst, 1);
+  int from_host = !in_allocation(src), to_host = !in_allocation(dst);
   if (to_host && !sim_is_pinned(dst, n)) {
     /* into pageable memory: returns when the data is there */
     if ((e = sim_wait_stream(st)) != cudaSuccess) return fail(e);
@@ -444,15 +565,16 @@ cudaError_t cudaMemcpy2DAsync(void *dst, size_t dpitch, const void *src, size_t 
 cudaError_t cudaMemset(void *p, int v, size_t n) {
   cudaError_t e;
   if (!n) return cudaSuccess;
-  if (!sim_is_device(p, n)) return fail(cudaErrorInvalidValue);
+  if ((e = check_device_range("cudaMemset", "destination", p, n)) != cudaSuccess) return e;
   if ((e = sim_wait_legacy()) != cudaSuccess) return fail(e);
   memset(p, v, n);
   return cudaSuccess;
 }
 
 cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t st) {
+  cudaError_t e;
   if (!n) return cudaSuccess;
-  if (!sim_is_device(p, n)) return fail(cudaErrorInvalidValue);
+  if ((e = check_device_range("cudaMemsetAsync", "destination", p, n)) != cudaSuccess) return e;
   return fail(sim_enqueue(st, [p, v, n]() {
     memset(p, v, n);
     return cudaSuccess;

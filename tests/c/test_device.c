@@ -6,8 +6,10 @@
 ** gradient, set_data and the default device. Called from test_engine.c's
 ** main with its check function; like it, it uses engine/keel.h only (the
 ** engine refuses to open a plugin while a CUDA vtable slot is unset, so
-** loading the stand-in checks that too).
+** loading the stand-in checks that too). The simulator's device-memory
+** bounds are checked through its plugin table too (kernels/keel_cuda.h).
 */
+#include <dlfcn.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -16,6 +18,12 @@
 #include <unistd.h>
 
 #include "keel.h"
+#include "keel_cuda.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define TD_ASAN 1
+#endif
 
 typedef void (*check_fn)(int ok, const char *what, const char *detail);
 void keel_test_device(check_fn check);
@@ -486,6 +494,130 @@ static void test_index_in_place(const char *sim, int b) {
 
 /* }====================================================================== */
 
+/* {======================================================================
+** Device-memory bounds on the CUDA simulator (keel_cuda.h: mem_in_use)
+** ======================================================================= */
+
+/* Whether bytes [lo, hi) of the simulator's device block p are marked not
+** in use: poisoned under ASan, else filled with 0xFF (device memory is
+** host memory there). */
+static int sim_unusable(const unsigned char *p, size_t lo, size_t hi) {
+  for (size_t i = lo; i < hi; i++) {
+#ifdef TD_ASAN
+    if (!__asan_address_is_poisoned(p + i)) return 0;
+#else
+    if (p[i] != 0xFF) return 0;
+#endif
+  }
+  return 1;
+}
+
+/* Whether the n floats at p are usable and hold v. */
+static int sim_holds(const unsigned char *p, size_t n, float v) {
+#ifdef TD_ASAN
+  if (__asan_region_is_poisoned((void *)p, n * sizeof v)) return 0;
+#endif
+  for (size_t i = 0; i < n; i++) {
+    float x;
+    memcpy(&x, p + i * sizeof x, sizeof x);
+    if (x != v) return 0;
+  }
+  return 1;
+}
+
+/* The engine tells the simulator what of each block is in use: a tensor's
+** rounding and a block back in the cache are unusable, though allocated. */
+static void test_sim_bounds(const char *sim) {
+  int64_t whole = 80, part = 75;   /* float32: 320 bytes (a size class's own size), 300 (rounded to 320) */
+  keel_cuda_memory_stats m0, m1;
+  keel_tensor *a = NULL, *b = NULL;
+  unsigned char *p = NULL;
+  keel_ctx *ctx;
+  keel_ctx_new(&ctx, NULL, NULL);
+  if (keel_cuda_load(ctx, sim) != KEEL_OK) {
+    check_(0, "device: the CUDA simulator loads", keel_last_error(ctx));
+    keel_ctx_free(ctx);
+    return;
+  }
+  CHECK_OK(ctx, cuda_full(ctx, whole, 0, &a), "device: (simulator) a 320-byte tensor of zeros");
+  if (a) {
+    p = (unsigned char *)keel_tensor_data(a);
+    CHECK(sim_holds(p, (size_t)whole, 0), "device: (simulator) ... fills its whole block");
+    keel_tensor_release(a);
+    CHECK(sim_unusable(p, 0, 320), "device: (simulator) a block freed into the cache is unusable");
+  }
+  keel_cuda_memory_stats_get(ctx, &m0);
+  CHECK_OK(ctx, cuda_full(ctx, part, 1, &b), "device: (simulator) a 300-byte tensor of ones");
+  keel_cuda_memory_stats_get(ctx, &m1);
+  if (p && b) {
+    CHECK(keel_tensor_data(b) == p && m1.device_mallocs == m0.device_mallocs &&
+          m1.allocated_bytes == m0.allocated_bytes + 320,
+          "device: (simulator) ... gets the cached 320-byte block");
+    CHECK(sim_holds(p, (size_t)part, 1), "device: (simulator) ... its 300 bytes are in use");
+    CHECK(sim_unusable(p, 300, 320), "device: (simulator) ... the 20 bytes of rounding are not");
+  }
+  keel_tensor_release(b);
+  keel_ctx_free(ctx);
+}
+
+/* A code of the plugin whose message holds text. */
+static int sim_refused(const keel_cuda_table *pl, int code, const char *text) {
+  return code != KC_OK && strstr(pl->error_string(code), text) != NULL;
+}
+
+/* The simulator's copies and memsets stay within the bytes in use, and
+** say so when they do not (its plugin table, as the engine calls it). */
+static void test_sim_copy_bounds(const char *sim) {
+  static const char *const past = "runs past the 300 bytes in use";
+  void *dl = dlopen(sim, RTLD_NOW | RTLD_LOCAL);
+  keel_cuda_plugin_fn entry = NULL;
+  const keel_cuda_table *pl = NULL;
+  kc_state *s = NULL;
+  unsigned char host[320], *d = NULL;
+  int code;
+  if (dl) *(void **)(&entry) = dlsym(dl, KEEL_CUDA_PLUGIN_SYMBOL);
+  if (entry) pl = entry(KEEL_CUDA_ABI_VERSION);
+  if (!pl || pl->abi_version != KEEL_CUDA_ABI_VERSION || !pl->mem_in_use) {
+    check_(0, "device: the CUDA simulator's table has mem_in_use", dl ? sim : dlerror());
+    if (dl) dlclose(dl);
+    return;
+  }
+  setenv("KEEL_CUDA_SIM_QUIET", "1", 1);   /* the refusals below are meant */
+  if (pl->open(0, &s) != KC_OK || pl->malloc(s, (void **)&d, 320) != KC_OK) {
+    check_(0, "device: the CUDA simulator opens and allocates", NULL);
+  } else {
+    memset(host, 7, sizeof host);
+    CHECK(pl->mem_in_use(s, d, 300, 320) == KC_OK, "device: (simulator) mem_in_use takes a block's bounds");
+    CHECK(pl->memcpy_h2d(s, d, host, 300) == KC_OK && pl->memcpy_d2h(s, host, d, 300) == KC_OK &&
+          pl->memcpy_d2d(s, d + 150, d, 150) == KC_OK,
+          "device: (simulator) copies within the bytes in use work");
+    code = pl->memcpy_d2h(s, host, d, 320);
+    CHECK(sim_refused(pl, code, past), "device: (simulator) a download past the bytes in use is refused, saying so");
+    code = pl->memcpy_h2d(s, d + 296, host, 8);
+    CHECK(sim_refused(pl, code, past), "device: (simulator) ... an upload");
+    code = pl->memcpy_d2d(s, d, d + 200, 120);
+    CHECK(sim_refused(pl, code, "source") && sim_refused(pl, code, past), "device: (simulator) ... a device copy's source");
+    code = pl->memcpy_d2h(s, host, d, 321);
+    CHECK(sim_refused(pl, code, "runs past its end"), "device: (simulator) ... past the allocation, said as such");
+    CHECK(pl->mem_in_use(s, d, 0, 320) == KC_OK, "device: (simulator) a block can be marked not in use");
+    code = pl->memcpy_d2h(s, host, d, 4);
+    CHECK(sim_refused(pl, code, "not in use"), "device: (simulator) ... then no copy reads it");
+    code = pl->mem_in_use(s, d + 8, 0, 312);
+    CHECK(sim_refused(pl, code, "not the start of a device allocation"),
+          "device: (simulator) mem_in_use of a pointer inside a block is refused");
+    code = pl->mem_in_use(s, d, 0, 256);
+    CHECK(sim_refused(pl, code, "the allocation at"), "device: (simulator) ... and of a wrong block size");
+    code = pl->mem_in_use(s, d, 321, 320);
+    CHECK(sim_refused(pl, code, "321 bytes in use of a block of 320"), "device: (simulator) ... and more in use than it has");
+    CHECK(pl->free(s, d) == KC_OK, "device: (simulator) a block not in use is freed");
+  }
+  if (s) pl->close(s);
+  unsetenv("KEEL_CUDA_SIM_QUIET");
+  dlclose(dl);
+}
+
+/* }====================================================================== */
+
 void keel_test_device(check_fn check) {
   char fake[4400];
   keel_ctx *ctx;
@@ -503,6 +635,8 @@ void keel_test_device(check_fn check) {
     lib_path(sim, sizeof sim, "libkeel_cuda_sim.so");
     test_index_in_place(sim, 0);
     test_index_in_place(sim, 1);
+    test_sim_bounds(sim);
+    test_sim_copy_bounds(sim);
   }
   keel_ctx_new(&ctx, counting_alloc, NULL);
   CHECK_OK(ctx, keel_cuda_load(ctx, fake), "device: the stand-in plugin loads (every CUDA vtable slot is set)");
