@@ -473,11 +473,14 @@ done:
 static keel_status dev_batch(keel_ctx *ctx, keel_loader *ld, int64_t b, keel_tensor **xb,
                              keel_tensor **yb) {
   int64_t start = b * ld->bs, cnt = ld->n - start < ld->bs ? ld->n - start : ld->bs, k, *id;
-  keel_tensor *index = NULL, *x = NULL, *y = NULL;
+  keel_tensor *hindex = NULL, *index = NULL, *x = NULL, *y = NULL;
   int grad = keel_set_grad_enabled(ctx, 0);   /* a batch is data, never part of a graph */
   keel_status st;
-  if ((st = host_index(ctx, cnt, &index, &id)) != KEEL_OK) goto done;
+  if ((st = host_index(ctx, cnt, &hindex, &id)) != KEEL_OK) goto done;
   for (k = 0; k < cnt; k++) id[k] = ld->order[start + k] + ctx->index_base;
+  /* uploaded once with its host copy: x's and y's selects check the values
+  ** from that copy and share the device index (one transfer per batch) */
+  if ((st = kl_upload_index(ctx, hindex, &index)) != KEEL_OK) goto done;
   if ((st = keel_index_select(ctx, ld->x, 0, index, &x)) != KEEL_OK) goto done;
   if (ld->y && (st = keel_index_select(ctx, ld->y, 0, index, &y)) != KEEL_OK) goto done;
   if (ld->ntf && (st = dev_transforms(ctx, ld, &x, start, cnt, ld->epoch)) != KEEL_OK) goto done;
@@ -486,6 +489,7 @@ static keel_status dev_batch(keel_ctx *ctx, keel_loader *ld, int64_t b, keel_ten
   x = y = NULL;
 done:
   keel_set_grad_enabled(ctx, grad);
+  keel_tensor_release(hindex);
   keel_tensor_release(index);
   keel_tensor_release(x);
   keel_tensor_release(y);

@@ -163,6 +163,24 @@ describe("DataLoader over CUDA datasets", function()
     for xb in loader:batches() do assert.is_false(xb.requires_grad) end
   end)
 
+  gpu_it("moves one index per batch to the device and downloads nothing", function()
+    local ds = on_cuda(cpu_dataset(12, {1, 4, 4}))
+    local plain = data.DataLoader(ds, {batch_size = 4, shuffle = true, seed = 1})
+    local tf = data.DataLoader(ds, {batch_size = 4, shuffle = true, seed = 1,
+      transforms = {T.to_float(), T.normalize(0.5, 0.25)}})
+    for _, loader in ipairs{plain, tf} do
+      local it = loader:batches()
+      it()   -- a first batch: the kernels' one-time uploads, if any
+      local m0 = keel.cuda.memory_stats()
+      local xb, yb = it()
+      local m1 = keel.cuda.memory_stats()
+      assert.is_not_nil(xb)
+      assert.is_not_nil(yb)
+      assert.are.equal(1, m1.h2d_copies - m0.h2d_copies)   -- the rows, shared by x and y
+      assert.are.equal(0, m1.d2h_copies - m0.d2h_copies)   -- the index is checked on the host
+    end
+  end)
+
   gpu_it("refuses x and y on different devices, naming both", function()
     local ds = cpu_dataset(4, {2})
     H.assert_error(function() data.DataLoader({x = ds.x:to("cuda"), y = ds.y}) end,
