@@ -565,6 +565,12 @@ KEEL_API keel_status keel_sdpa(keel_ctx *ctx, keel_tensor *q, keel_tensor *k, ke
 **                on each side; top = int in [0, H + 2p - size_h], then left =
 **                int in [0, W + 2p - size_w]
 **   RANDOM_HFLIP reverses the last dim when the draw in [0, 1) is < p
+**
+** x and y on one device. On a CUDA device the batches are gathered there
+** (index_select of the batch's rows; the transforms as device ops) and
+** equal the CPU loader's for the same data and options, value for value;
+** prefetch has no effect there (no thread: the device queue runs the
+** gathers while the caller works).
 */
 #define KEEL_LOADER_MAX_CH 16
 typedef enum keel_transform_kind {

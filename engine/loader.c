@@ -15,6 +15,16 @@
 ** thread is out of its fill before it changes the order. Errors the thread
 ** meets are kept as text in the slot and reported by keel_loader_next.
 ** The caller must not resize or write x or y while a loader reads them.
+**
+** Device datasets. When x and y live on a CUDA device the rows are not
+** copied on the host: the order and the random draws are made here as for
+** the CPU (same streams, so the same batches), and each batch is gathered
+** on the device by index_select with the batch's rows, the transforms run
+** as device ops (to_float and normalize as float32 multiply, subtract and
+** divide, exactly the CPU loop's arithmetic; random_crop as one gather
+** from the zero-padded batch; random_hflip as a select between the batch
+** and its reversed copy). There is no prefetch thread (it could not call
+** the context); the device queue already runs the gathers asynchronously.
 */
 #include <math.h>
 #include <pthread.h>
@@ -63,6 +73,8 @@ struct keel_loader {
   int64_t next_fill;                /* next batch for the thread */
   int stop, busy;
   uint64_t gen;                     /* bumped by every reset */
+  keel_device dev;                  /* x's and y's device */
+  keel_tensor **tfa, **tfb;         /* device datasets: per-transform float32 operands */
 };
 
 /* {====================================================================
@@ -260,6 +272,233 @@ static void reset(keel_loader *ld, int64_t epoch, int64_t cursor, uint64_t seed)
 /* }==================================================================== */
 
 /* {====================================================================
+** Device datasets (caller's thread: the work is context ops)
+** ===================================================================== */
+
+/* A float32 tensor [n] (or [n, 1, 1] when rank3) of values v on dev. */
+static keel_status dev_values(keel_ctx *ctx, keel_device dev, int n, const double *v, int rank3,
+                              keel_tensor **out) {
+  int64_t shape[3] = {n, 1, 1};
+  keel_tensor *h = NULL;
+  keel_status st;
+  int i;
+  *out = NULL;
+  if ((st = kl_new(ctx, KEEL_F32, KEEL_CPU, rank3 ? 3 : 1, shape, &h)) != KEEL_OK) return st;
+  for (i = 0; i < n; i++) ((float *)keel_tensor_data(h))[i] = (float)v[i];
+  st = keel_to_device(ctx, h, dev, 0, out);
+  keel_tensor_release(h);
+  return st;
+}
+
+/* The operands of the elementwise transforms, made once on the device. */
+static keel_status dev_operands(keel_loader *ld) {
+  keel_ctx *ctx = ld->ctx;
+  keel_status st;
+  int ti;
+  if (ld->ntf == 0) return KEEL_OK;
+  ld->tfa = (keel_tensor **)kl_malloc(ctx, (size_t)ld->ntf * sizeof *ld->tfa);
+  ld->tfb = (keel_tensor **)kl_malloc(ctx, (size_t)ld->ntf * sizeof *ld->tfb);
+  if (!ld->tfa || !ld->tfb) return KEEL_ERR_NOMEM;
+  memset(ld->tfa, 0, (size_t)ld->ntf * sizeof *ld->tfa);
+  memset(ld->tfb, 0, (size_t)ld->ntf * sizeof *ld->tfb);
+  for (ti = 0; ti < ld->ntf; ti++) {
+    const keel_transform *t = &ld->tf[ti];
+    if (t->kind == KEEL_TF_TO_FLOAT) {
+      if ((st = dev_values(ctx, ld->dev, 1, &t->scale, 0, &ld->tfa[ti])) != KEEL_OK) return st;
+    } else if (t->kind == KEEL_TF_NORMALIZE) {
+      /* per channel [C, 1, 1] against [B, C, H, W]; one value broadcasts as [1] */
+      int rank3 = t->nch > 1;
+      if ((st = dev_values(ctx, ld->dev, t->nch, t->mean, rank3, &ld->tfa[ti])) != KEEL_OK ||
+          (st = dev_values(ctx, ld->dev, t->nch, t->std, rank3, &ld->tfb[ti])) != KEEL_OK)
+        return st;
+    }
+  }
+  return KEEL_OK;
+}
+
+/* A CPU int64 tensor [n] for index ops, counted from the index base. */
+static keel_status host_index(keel_ctx *ctx, int64_t n, keel_tensor **out, int64_t **data) {
+  keel_status st = kl_new(ctx, KEEL_I64, KEEL_CPU, 1, &n, out);
+  if (st == KEEL_OK) *data = (int64_t *)keel_tensor_data(*out);
+  return st;
+}
+
+/* *x (a batch [B, ...sample]) replaced by r (consumed); returns st. */
+static keel_status replace(keel_tensor **x, keel_tensor *r, keel_status st) {
+  if (st != KEEL_OK) return st;
+  keel_tensor_release(*x);
+  *x = r;
+  return KEEL_OK;
+}
+
+/* random_crop of a batch [B, c, h, w] (any sample rank 2 or 3, viewed so):
+** one gather from the zero-padded batch, windows at tops[k], lefts[k]. */
+static keel_status dev_crop(keel_ctx *ctx, keel_loader *ld, const keel_transform *t,
+                            keel_tensor **x, int64_t cnt, int64_t c, int64_t h, int64_t w,
+                            const int64_t *tops, const int64_t *lefts) {
+  int64_t p = t->padding, hp = h + 2 * p, wp = w + 2 * p, sh = t->size_h, sw = t->size_w;
+  int64_t shape[KEEL_MAX_DIMS], flat[2], k, ch, i, j, *id, base = ctx->index_base;
+  keel_tensor *pad = NULL, *v1 = NULL, *v2 = NULL, *v3 = NULL, *src = NULL, *index = NULL,
+              *g = NULL;
+  int ndim = keel_tensor_ndim(*x);
+  keel_status st;
+  shape[0] = cnt; shape[1] = c; shape[2] = hp; shape[3] = wp;
+  if (p > 0) {
+    /* the padded batch: zeros, the batch copied into its middle */
+    int64_t in[4] = {cnt, c, h, w};
+    if ((st = kl_new(ctx, KEEL_F32, ld->dev, 4, shape, &pad)) != KEEL_OK ||
+        (st = keel_fill_(ctx, pad, 0)) != KEEL_OK || (st = keel_narrow(ctx, pad, 2, p, h, &v1)) != KEEL_OK ||
+        (st = keel_narrow(ctx, v1, 3, p, w, &v2)) != KEEL_OK ||
+        (st = keel_view(ctx, *x, 4, in, &v3)) != KEEL_OK || (st = keel_copy_(ctx, v2, v3)) != KEEL_OK)
+      goto done;
+  } else {
+    pad = keel_tensor_retain(*x);
+  }
+  flat[0] = cnt;
+  flat[1] = c * hp * wp;
+  if ((st = keel_view(ctx, pad, 2, flat, &src)) != KEEL_OK) goto done;
+  flat[1] = c * sh * sw;
+  if ((st = kl_new(ctx, KEEL_I64, KEEL_CPU, 2, flat, &index)) != KEEL_OK) goto done;
+  id = (int64_t *)keel_tensor_data(index);
+  for (k = 0; k < cnt; k++)
+    for (ch = 0; ch < c; ch++)
+      for (i = 0; i < sh; i++)
+        for (j = 0; j < sw; j++)
+          *id++ = base + (ch * hp + tops[k] + i) * wp + lefts[k] + j;
+  if ((st = keel_gather(ctx, src, 1, index, &g)) != KEEL_OK) goto done;
+  memcpy(shape + 1, keel_tensor_shape(*x) + 1, (size_t)(ndim - 1) * sizeof *shape);
+  shape[ndim - 2] = sh;
+  shape[ndim - 1] = sw;
+  {
+    keel_tensor *r = NULL;
+    st = replace(x, r, keel_view(ctx, g, ndim, shape, &r));
+  }
+done:
+  keel_tensor_release(g);
+  keel_tensor_release(index);
+  keel_tensor_release(src);
+  keel_tensor_release(v3);
+  keel_tensor_release(v2);
+  keel_tensor_release(v1);
+  keel_tensor_release(pad);
+  return st;
+}
+
+/* random_hflip of the samples k with flip[k]: the batch reversed along its
+** last dim, then a select per sample (none or all: no select). */
+static keel_status dev_hflip(keel_ctx *ctx, keel_loader *ld, keel_tensor **x, int64_t cnt,
+                             const unsigned char *flip) {
+  int64_t w = keel_tensor_shape(*x)[keel_tensor_ndim(*x) - 1], shape[KEEL_MAX_DIMS], i, nflip = 0,
+          *id;
+  keel_tensor *rev = NULL, *f = NULL, *hc = NULL, *cond = NULL, *r = NULL;
+  int ndim = keel_tensor_ndim(*x), d;
+  keel_status st;
+  for (i = 0; i < cnt; i++) nflip += flip[i];
+  if (nflip == 0) return KEEL_OK;
+  if ((st = host_index(ctx, w, &rev, &id)) != KEEL_OK) return st;
+  for (i = 0; i < w; i++) id[i] = ctx->index_base + w - 1 - i;
+  if ((st = keel_index_select(ctx, *x, ndim - 1, rev, &f)) != KEEL_OK) goto done;
+  if (nflip == cnt) {
+    st = replace(x, f, KEEL_OK);
+    f = NULL;
+    goto done;
+  }
+  shape[0] = cnt;
+  for (d = 1; d < ndim; d++) shape[d] = 1;
+  if ((st = kl_new(ctx, KEEL_F32, KEEL_CPU, ndim, shape, &hc)) != KEEL_OK) goto done;
+  for (i = 0; i < cnt; i++) ((float *)keel_tensor_data(hc))[i] = flip[i] ? 1.0f : 0.0f;
+  if ((st = keel_to_device(ctx, hc, ld->dev, 0, &cond)) != KEEL_OK) goto done;
+  st = replace(x, r, keel_where(ctx, cond, f, *x, &r));
+done:
+  keel_tensor_release(cond);
+  keel_tensor_release(hc);
+  keel_tensor_release(f);
+  keel_tensor_release(rev);
+  return st;
+}
+
+/* The transforms on a device batch x [cnt, ...] of the samples at epoch
+** positions start.. (the random draws are the CPU loader's, per sample). */
+static keel_status dev_transforms(keel_ctx *ctx, keel_loader *ld, keel_tensor **x, int64_t start,
+                                  int64_t cnt, int64_t epoch) {
+  uint64_t *s = NULL;
+  int64_t *tops = NULL, *lefts = NULL, k, c, h, w;
+  unsigned char *flip = NULL;
+  size_t n = (size_t)(cnt ? cnt : 1);
+  keel_status st = KEEL_OK;
+  int ti;
+  s = (uint64_t *)kl_malloc(ctx, n * sizeof *s);
+  tops = (int64_t *)kl_malloc(ctx, n * sizeof *tops);
+  lefts = (int64_t *)kl_malloc(ctx, n * sizeof *lefts);
+  flip = (unsigned char *)kl_malloc(ctx, n);
+  if (!s || !tops || !lefts || !flip) {
+    st = kl_error(ctx, KEEL_ERR_NOMEM, "DataLoader: out of memory");
+    goto done;
+  }
+  for (k = 0; k < cnt; k++) s[k] = rng_start(ld->seed, epoch, start + k);
+  for (ti = 0; ti < ld->ntf && st == KEEL_OK; ti++) {
+    const keel_transform *t = &ld->tf[ti];
+    keel_tensor *r = NULL;
+    chw(keel_tensor_ndim(*x) - 1, keel_tensor_shape(*x) + 1, &c, &h, &w);
+    switch (t->kind) {
+    case KEEL_TF_TO_FLOAT:
+      st = replace(x, r, keel_mul(ctx, *x, ld->tfa[ti], &r));
+      break;
+    case KEEL_TF_NORMALIZE:
+      if ((st = replace(x, r, keel_sub(ctx, *x, ld->tfa[ti], &r))) == KEEL_OK)
+        st = replace(x, r, keel_div(ctx, *x, ld->tfb[ti], &r));
+      break;
+    case KEEL_TF_RANDOM_CROP:
+      for (k = 0; k < cnt; k++) {
+        tops[k] = rng_int(&s[k], h + 2 * t->padding - t->size_h + 1);
+        lefts[k] = rng_int(&s[k], w + 2 * t->padding - t->size_w + 1);
+      }
+      st = dev_crop(ctx, ld, t, x, cnt, c, h, w, tops, lefts);
+      break;
+    case KEEL_TF_RANDOM_HFLIP:
+      for (k = 0; k < cnt; k++) flip[k] = rng_unit(&s[k]) < t->p;
+      st = dev_hflip(ctx, ld, x, cnt, flip);
+      break;
+    }
+  }
+done:
+  kl_free(ctx, flip, n);
+  kl_free(ctx, lefts, n * sizeof *lefts);
+  kl_free(ctx, tops, n * sizeof *tops);
+  kl_free(ctx, s, n * sizeof *s);
+  return st;
+}
+
+/* Batch b of the current epoch gathered on the device. */
+static keel_status dev_batch(keel_ctx *ctx, keel_loader *ld, int64_t b, keel_tensor **xb,
+                             keel_tensor **yb) {
+  int64_t start = b * ld->bs, cnt = ld->n - start < ld->bs ? ld->n - start : ld->bs, k, *id;
+  keel_tensor *hindex = NULL, *index = NULL, *x = NULL, *y = NULL;
+  int grad = keel_set_grad_enabled(ctx, 0);   /* a batch is data, never part of a graph */
+  keel_status st;
+  if ((st = host_index(ctx, cnt, &hindex, &id)) != KEEL_OK) goto done;
+  for (k = 0; k < cnt; k++) id[k] = ld->order[start + k] + ctx->index_base;
+  /* uploaded once with its host copy: x's and y's selects check the values
+  ** from that copy and share the device index (one transfer per batch) */
+  if ((st = kl_upload_index(ctx, hindex, &index)) != KEEL_OK) goto done;
+  if ((st = keel_index_select(ctx, ld->x, 0, index, &x)) != KEEL_OK) goto done;
+  if (ld->y && (st = keel_index_select(ctx, ld->y, 0, index, &y)) != KEEL_OK) goto done;
+  if (ld->ntf && (st = dev_transforms(ctx, ld, &x, start, cnt, ld->epoch)) != KEEL_OK) goto done;
+  *xb = x;
+  *yb = y;
+  x = y = NULL;
+done:
+  keel_set_grad_enabled(ctx, grad);
+  keel_tensor_release(hindex);
+  keel_tensor_release(index);
+  keel_tensor_release(x);
+  keel_tensor_release(y);
+  return st;
+}
+
+/* }==================================================================== */
+
+/* {====================================================================
 ** API
 ** ===================================================================== */
 
@@ -351,6 +590,12 @@ void keel_loader_free(keel_loader *ld) {
   kl_free(ctx, ld->scratch[0], ld->scratch_n * sizeof(float));
   kl_free(ctx, ld->scratch[1], ld->scratch_n * sizeof(float));
   kl_free(ctx, ld->order, (size_t)ld->n * sizeof *ld->order);
+  for (i = 0; i < ld->ntf; i++) {
+    if (ld->tfa) keel_tensor_release(ld->tfa[i]);
+    if (ld->tfb) keel_tensor_release(ld->tfb[i]);
+  }
+  kl_free(ctx, ld->tfa, (size_t)ld->ntf * sizeof *ld->tfa);
+  kl_free(ctx, ld->tfb, (size_t)ld->ntf * sizeof *ld->tfb);
   kl_free(ctx, ld->tf, (size_t)ld->ntf * sizeof *ld->tf);
   keel_tensor_release(ld->x);
   keel_tensor_release(ld->y);
@@ -368,8 +613,9 @@ keel_status keel_loader_new(keel_ctx *ctx, keel_tensor *x, keel_tensor *y,
   if (!x) return kl_error(ctx, KEEL_ERR_ARG, "DataLoader: dataset has no x tensor");
   if ((st = kl_check_same_ctx(ctx, "DataLoader", x)) != KEEL_OK) return st;
   if (y && (st = kl_check_same_ctx(ctx, "DataLoader", y)) != KEEL_OK) return st;
-  if (keel_tensor_device(x) != KEEL_CPU || (y && keel_tensor_device(y) != KEEL_CPU))
-    return kl_error(ctx, KEEL_ERR_DEVICE, "DataLoader: dataset tensors must be on the CPU");
+  if (y && keel_tensor_device(y) != keel_tensor_device(x))
+    return kl_error(ctx, KEEL_ERR_DEVICE, "DataLoader: x is on %s and y on %s, expected one device",
+                    keel_device_name(keel_tensor_device(x)), keel_device_name(keel_tensor_device(y)));
   if (keel_tensor_ndim(x) < 1)
     return kl_error(ctx, KEEL_ERR_SHAPE, "DataLoader: x is a scalar, expected [N, ...]");
   if (y && (keel_tensor_ndim(y) < 1 || keel_tensor_shape(y)[0] != keel_tensor_shape(x)[0]))
@@ -411,7 +657,8 @@ keel_status keel_loader_new(keel_ctx *ctx, keel_tensor *x, keel_tensor *y,
   ld->onumel = kl_numel(ndim, shape);
   ld->sndim = keel_tensor_ndim(x) - 1;
   memcpy(ld->sshape, keel_tensor_shape(x) + 1, (size_t)ld->sndim * sizeof *shape);
-  ld->nslots = o->prefetch > 0 ? o->prefetch : 1;
+  ld->dev = keel_tensor_device(x);
+  ld->nslots = ld->dev != KEEL_CPU ? 0 : o->prefetch > 0 ? o->prefetch : 1;
   if ((st = keel_contiguous(ctx, x, &ld->x)) != KEEL_OK) goto fail;
   if (y && (st = keel_contiguous(ctx, y, &ld->y)) != KEEL_OK) goto fail;
   ld->xdata = (const char *)keel_tensor_data(ld->x);
@@ -428,6 +675,14 @@ keel_status keel_loader_new(keel_ctx *ctx, keel_tensor *x, keel_tensor *y,
     if (!ld->tf) goto fail;
     memcpy(ld->tf, o->transforms, (size_t)o->ntransforms * sizeof *ld->tf);
     ld->ntf = o->ntransforms;
+  }
+  if (ld->dev != KEEL_CPU) {   /* no host buffers, no thread: batches are device ops */
+    if ((st = dev_operands(ld)) != KEEL_OK) goto fail;
+    reset(ld, 1, 0, o->seed);
+    *out = ld;
+    return KEEL_OK;
+  }
+  if (o->ntransforms) {
     ld->scratch_n = (size_t)(maxn ? maxn : 1);
     ld->scratch[0] = (float *)kl_malloc(ctx, ld->scratch_n * sizeof(float));
     ld->scratch[1] = (float *)kl_malloc(ctx, ld->scratch_n * sizeof(float));
@@ -490,6 +745,14 @@ keel_status keel_loader_next(keel_ctx *ctx, keel_loader *ld, keel_tensor **xb, k
     return KEEL_OK;
   }
   b = ld->cursor;
+  if (ld->dev != KEEL_CPU) {
+    if ((st = dev_batch(ctx, ld, b, xb, &ny)) != KEEL_OK) return st;
+    ld->cursor++;
+    if (yb) *yb = ny;
+    else keel_tensor_release(ny);
+    if (index) *index = b;
+    return KEEL_OK;
+  }
   sl = &ld->slots[b % ld->nslots];
   if (ld->threaded) {
     pthread_mutex_lock(&ld->mu);

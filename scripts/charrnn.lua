@@ -9,6 +9,8 @@
 --
 -- Without --data it reads /work/shared/data/tinyshakespeare/input.txt when
 -- that exists, else a built-in paragraph. The weights are saved with keel.save.
+-- Device: keel's default device (KEEL_DEVICE=cuda keel scripts/charrnn.lua trains on the GPU);
+-- the data is moved there once and the model is made there.
 package.path = (arg[0]:match("^(.*)/") or ".") .. "/lib/?.lua;" .. package.path
 local keel = keel or require "keel"
 local args = require "args"

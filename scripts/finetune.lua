@@ -7,6 +7,8 @@
 --   keel scripts/finetune.lua [--from mnist.safetensors] [--data DIR] [--epochs 1]
 --                             [--batch 64] [--lr 1e-3] [--limit N]
 --                             [--out finetune.safetensors]
+-- Device: keel's default device (KEEL_DEVICE=cuda keel scripts/finetune.lua trains on the GPU);
+-- the data is moved there once and the model is made there.
 package.path = (arg[0]:match("^(.*)/") or ".") .. "/lib/?.lua;" .. package.path
 local keel = keel or require "keel"
 local args = require "args"

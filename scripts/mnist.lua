@@ -15,6 +15,8 @@
 -- without it the script trains on a built-in synthetic digit set (see
 -- scripts/lib/synth.lua). --limit N keeps the first N training images.
 -- --resume continues from the checkpoint --out. Threads: OPENBLAS_NUM_THREADS.
+-- Device: keel's default device (KEEL_DEVICE=cuda keel scripts/mnist.lua trains on the GPU);
+-- the data is moved there once and the model is made there.
 package.path = (arg[0]:match("^(.*)/") or ".") .. "/lib/?.lua;" .. package.path
 local keel = keel or require "keel"
 local args = require "args"

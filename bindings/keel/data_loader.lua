@@ -16,6 +16,9 @@
 -- epoch): keel.h documents the exact stream. state() = {epoch, cursor, seed}
 -- where cursor is the number of batches already taken in the epoch;
 -- set_state(s) continues from there (exact resume, or skipping a batch).
+-- x and y are on one device: a CUDA dataset gives CUDA batches gathered on
+-- the device, equal to the CPU loader's (same order, transforms and values);
+-- prefetch does nothing there (the device queue already runs ahead).
 
 local core = require "keel.core"
 local C = core._data

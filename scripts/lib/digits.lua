@@ -14,15 +14,23 @@ function M.cnn()
   }
 end
 
+-- ds with x and y on keel's default device (where the model is made): the
+-- loader then gathers each batch there (MNIST's 47 MB fit any GPU).
+local function on_device(ds)
+  local dev = keel.get_default_device()
+  ds.x, ds.y = ds.x:to(dev), ds.y:to(dev)
+  return ds
+end
+
 -- train_set, test_set and a line that says which: MNIST from dir, or the
--- built-in synthetic digits when dir is false.
+-- built-in synthetic digits when dir is false; on keel's default device.
 function M.datasets(dir, seed)
   if dir then
-    return keel.data.mnist(dir, {train = true}), keel.data.mnist(dir, {train = false}),
+    return on_device(keel.data.mnist(dir, {train = true})), on_device(keel.data.mnist(dir, {train = false})),
       "data: MNIST from " .. dir
   end
   local synth = require "synth"
-  return synth.digits(6000, seed), synth.digits(1000, seed + 1),
+  return on_device(synth.digits(6000, seed)), on_device(synth.digits(1000, seed + 1)),
     "data: no --data given: the built-in synthetic digit set (6000 training, 1000 test images)"
 end
 

@@ -35,15 +35,23 @@ No more talking on't; let it be done: away, away!
 
 -- The text of `path`, or of the default file when path is false and that
 -- exists, or the built-in paragraph.
--- Returns keel.data.chars's dataset and a line that says where it came from.
+-- Returns keel.data.chars's dataset, its ids (ds.data) moved to keel's
+-- default device (where the model's parameters are made: the reader gives
+-- CPU ids), and a line that says where the text came from.
 function M.load(path)
   if not path then
     local f = io.open(M.DEFAULT)
     if f then f:close(); path = M.DEFAULT end
   end
-  if path then return keel.data.chars(path, {text = false}), "text: " .. path end
-  return keel.data.chars(M.BUILTIN, {text = true}),
-    ("text: no --data and no %s: the built-in paragraph (%d characters)"):format(M.DEFAULT, #M.BUILTIN)
+  local ds, source
+  if path then
+    ds, source = keel.data.chars(path, {text = false}), "text: " .. path
+  else
+    ds, source = keel.data.chars(M.BUILTIN, {text = true}),
+      ("text: no --data and no %s: the built-in paragraph (%d characters)"):format(M.DEFAULT, #M.BUILTIN)
+  end
+  ds.data = ds.data:to(keel.get_default_device())
+  return ds, source
 end
 
 -- char-rnn batches: the ids [N] cut into `batch` parallel streams; next()
