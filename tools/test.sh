@@ -157,74 +157,57 @@ for spec in $specs; do
 done
 [ "$pending" -gt 0 ] && echo "test: busted: $pending pending (not counted)"
 
-# ---------------------------------------------------------------- keel_ctest
-ctest="build/$cfg/bin/keel_ctest"
+# ------------------------------------------------------------- C test programs
+# A test program that ends with its own "N passed, N failed" line (with
+# leak detection and UBSan reports counted under asan): adds its counts.
+run_ctest() {
+  local bin=$1 name
+  name=$(basename "$bin")
+  echo "test: $bin"
+  if [ ! -x "$bin" ]; then
+    echo "test: $bin was not built" >&2
+    failed=$((failed + 1))
+    return
+  fi
+  ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 "$bin" 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]} line cp cf ub
+  line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -n 1)
+  if [ -n "$line" ]; then
+    read -r cp _ cf _ <<<"$line"
+    passed=$((passed + cp))
+    failed=$((failed + cf))
+    if [ "$rc" -ne 0 ] && [ "$cf" -eq 0 ]; then
+      echo "test: $name exited with status $rc" >&2
+      failed=$((failed + 1))
+    fi
+  else
+    echo "test: $name printed no summary (exit status $rc)" >&2
+    failed=$((failed + 1))
+  fi
+  if [ "$cfg" = asan ]; then
+    ub=$(grep -c 'runtime error:' "$log" || true)
+    failed=$((failed + ub))
+  fi
+}
+
+# keel_ctest: the engine's C API (tests/c/).
 if [ -n "$sim_only" ]; then
   echo "test: KEEL_CUDA_SIM=only: the CPU specs and keel_ctest skipped"
 elif compgen -G "tests/c/*.c" >/dev/null; then
-  echo "test: $ctest"
-  if [ -x "$ctest" ]; then
-    ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 "$ctest" 2>&1 | tee "$log"
-    crc=${PIPESTATUS[0]}
-    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -n 1)
-    if [ -n "$line" ]; then
-      read -r cp _ cf _ <<<"$line"
-      passed=$((passed + cp))
-      failed=$((failed + cf))
-      if [ "$crc" -ne 0 ] && [ "$cf" -eq 0 ]; then
-        echo "test: keel_ctest exited with status $crc" >&2
-        failed=$((failed + 1))
-      fi
-    else
-      echo "test: keel_ctest printed no summary (exit status $crc)" >&2
-      failed=$((failed + 1))
-    fi
-    if [ "$cfg" = asan ]; then
-      ub=$(grep -c 'runtime error:' "$log" || true)
-      failed=$((failed + ub))
-    fi
-  else
-    echo "test: $ctest was not built" >&2
-    failed=$((failed + 1))
-  fi
+  run_ctest "build/$cfg/bin/keel_ctest"
 else
   echo "test: no tests/c/*.c, keel_ctest skipped"
 fi
 
-# ---------------------------------------------------------------- kcsim_test
-# The simulator's self-test (tests/sim/, built with the simulator): its
-# scheduling, failure reports, shuffles and shared memory, pinned down by
-# small kernels. Runs with KEEL_CUDA_SIM=only too; not with KEEL_CUDA_SIM=0
-# (a GPU machine, whose bundle does not carry it).
-simtest="build/$cfg/bin/kcsim_test"
+# kcsim_test: the simulator's self-test (tests/sim/, built with the
+# simulator): its scheduling, failure reports, shuffles, shared memory and
+# queued work, pinned down by small kernels. Runs with KEEL_CUDA_SIM=only
+# too; not with KEEL_CUDA_SIM=0 (a GPU machine, whose bundle does not
+# carry it).
 if [ "${KEEL_CUDA_SIM:-}" = 0 ]; then
-  echo "test: KEEL_CUDA_SIM=0: $simtest skipped"
+  echo "test: KEEL_CUDA_SIM=0: kcsim_test skipped"
 elif compgen -G "tests/sim/*.cu" >/dev/null; then
-  echo "test: $simtest"
-  if [ -x "$simtest" ]; then
-    ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 "$simtest" 2>&1 | tee "$log"
-    krc=${PIPESTATUS[0]}
-    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -n 1)
-    if [ -n "$line" ]; then
-      read -r kp _ kf _ <<<"$line"
-      passed=$((passed + kp))
-      failed=$((failed + kf))
-      if [ "$krc" -ne 0 ] && [ "$kf" -eq 0 ]; then
-        echo "test: kcsim_test exited with status $krc" >&2
-        failed=$((failed + 1))
-      fi
-    else
-      echo "test: kcsim_test printed no summary (exit status $krc)" >&2
-      failed=$((failed + 1))
-    fi
-    if [ "$cfg" = asan ]; then
-      ub=$(grep -c 'runtime error:' "$log" || true)
-      failed=$((failed + ub))
-    fi
-  else
-    echo "test: $simtest was not built" >&2
-    failed=$((failed + 1))
-  fi
+  run_ctest "build/$cfg/bin/kcsim_test"
 fi
 
 # ---------------------------------------------------------------- simulator

@@ -171,9 +171,21 @@ static cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperati
   if (lda < imax1(ta == CUBLAS_OP_N ? m : k) || ldb < imax1(tb == CUBLAS_OP_N ? k : n) || ldc < imax1(m))
     return CUBLAS_STATUS_INVALID_VALUE;
   if (m == 0 || n == 0 || batch == 0) return CUBLAS_STATUS_SUCCESS;
+  {
+    /* every operand in device memory in use, checked at the call: a queued
+    ** product's operands may be given back to keel's cache before it runs,
+    ** which stream order makes safe */
+    int use_ab = alpha != 0 && k > 0;
+    int64_t ea = ta == CUBLAS_OP_N ? (int64_t)(k - 1) * lda + m : (int64_t)(m - 1) * lda + k;
+    int64_t eb = tb == CUBLAS_OP_N ? (int64_t)(n - 1) * ldb + k : (int64_t)(k - 1) * ldb + n;
+    int64_t ec = (int64_t)(n - 1) * ldc + m;
+    for (int b = 0; b < batch; b++)
+      if (!on_device(C + b * sc, ec) || (use_ab && (!on_device(A + b * sa, ea) || !on_device(B + b * sb, eb))))
+        return CUBLAS_STATUS_EXECUTION_FAILED;
+  }
   if (sim_async()) {
-    /* arguments checked now, the product computed when the stream runs it
-    ** (alpha and beta were read already: host pointer mode) */
+    /* the product computed when the stream runs it (alpha and beta were
+    ** read already: host pointer mode) */
     cudaError_t e = sim_enqueue(h->stream, [=]() {
       cublasStatus_t r = gemm_run(ta, tb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch, rnd);
       if (r == CUBLAS_STATUS_SUCCESS) return cudaSuccess;
@@ -185,15 +197,12 @@ static cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperati
   return gemm_run(ta, tb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch, rnd);
 }
 
-/* gemm's product, its arguments checked */
+/* gemm's product, its arguments and operands checked */
 template <typename T>
 static cublasStatus_t gemm_run(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, double alpha,
                                const T *A, int lda, long long sa, const T *B, int ldb, long long sb, double beta, T *C,
                                int ldc, long long sc, int batch, int rnd) {
   int use_ab = alpha != 0 && k > 0;
-  int64_t ea = ta == CUBLAS_OP_N ? (int64_t)(k - 1) * lda + m : (int64_t)(m - 1) * lda + k;
-  int64_t eb = tb == CUBLAS_OP_N ? (int64_t)(n - 1) * ldb + k : (int64_t)(k - 1) * ldb + n;
-  int64_t ec = (int64_t)(n - 1) * ldc + m;
   std::vector<double> ap, acc;
   try {
     if (use_ab) ap.resize((size_t)m * k);
@@ -204,8 +213,6 @@ static cublasStatus_t gemm_run(cublasOperation_t ta, cublasOperation_t tb, int m
   for (int b = 0; b < batch; b++) {
     const T *a = A + b * sa, *bb = B + b * sb;
     T *c = C + b * sc;
-    if (!on_device(c, ec) || (use_ab && (!on_device(a, ea) || !on_device(bb, eb))))
-      return CUBLAS_STATUS_EXECUTION_FAILED;
     if (use_ab) {
       /* op(A) packed column-major m x k, in double */
       for (int l = 0; l < k; l++)

@@ -11,6 +11,20 @@
 
 #include "cuda_runtime.h"
 
+/* KCSIM_ASAN: built with AddressSanitizer (gcc says __SANITIZE_ADDRESS__,
+** clang __has_feature); its interface comes with it */
+#if defined(__SANITIZE_ADDRESS__)
+#define KCSIM_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KCSIM_ASAN 1
+#endif
+#endif
+#ifdef KCSIM_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 #define KCSIM_SMEM_DEFAULT (48 * 1024)
 #define KCSIM_SMEM_OPTIN (227 * 1024)   /* an H100's opt-in maximum per block */
 

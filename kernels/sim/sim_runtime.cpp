@@ -41,18 +41,6 @@
 #include "kcsim.h"
 #include "sim_internal.h"
 
-/* as sim_sched.cpp: gcc says __SANITIZE_ADDRESS__, clang __has_feature */
-#if defined(__SANITIZE_ADDRESS__)
-#define KCSIM_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define KCSIM_ASAN 1
-#endif
-#endif
-#ifdef KCSIM_ASAN
-#include <sanitizer/asan_interface.h>
-#endif
-
 namespace kcsim {
 
 stats sim_stats;

@@ -30,18 +30,6 @@
 #include "kcsim.h"
 #include "sim_internal.h"
 
-#if defined(__SANITIZE_ADDRESS__)
-#define KCSIM_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define KCSIM_ASAN 1
-#endif
-#endif
-#ifdef KCSIM_ASAN
-#include <sanitizer/asan_interface.h>
-#include <sanitizer/common_interface_defs.h>
-#endif
-
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif

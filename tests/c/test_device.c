@@ -526,7 +526,10 @@ static int sim_holds(const unsigned char *p, size_t n, float v) {
 }
 
 /* The engine tells the simulator what of each block is in use: a tensor's
-** rounding and a block back in the cache are unusable, though allocated. */
+** rounding and a block back in the cache are unusable, though allocated.
+** The memory is read here directly (the simulator's device memory is the
+** host's), after a wait: under KEEL_CUDA_SIM_ASYNC the fills and the
+** marking run in stream order. */
 static void test_sim_bounds(const char *sim) {
   int64_t whole = 80, part = 75;   /* float32: 320 bytes (a size class's own size), 300 (rounded to 320) */
   keel_cuda_memory_stats m0, m1;
@@ -542,8 +545,10 @@ static void test_sim_bounds(const char *sim) {
   CHECK_OK(ctx, cuda_full(ctx, whole, 0, &a), "device: (simulator) a 320-byte tensor of zeros");
   if (a) {
     p = (unsigned char *)keel_tensor_data(a);
+    keel_cuda_synchronize(ctx);
     CHECK(sim_holds(p, (size_t)whole, 0), "device: (simulator) ... fills its whole block");
     keel_tensor_release(a);
+    keel_cuda_synchronize(ctx);
     CHECK(sim_unusable(p, 0, 320), "device: (simulator) a block freed into the cache is unusable");
   }
   keel_cuda_memory_stats_get(ctx, &m0);
@@ -553,6 +558,7 @@ static void test_sim_bounds(const char *sim) {
     CHECK(keel_tensor_data(b) == p && m1.device_mallocs == m0.device_mallocs &&
           m1.allocated_bytes == m0.allocated_bytes + 320,
           "device: (simulator) ... gets the cached 320-byte block");
+    keel_cuda_synchronize(ctx);
     CHECK(sim_holds(p, (size_t)part, 1), "device: (simulator) ... its 300 bytes are in use");
     CHECK(sim_unusable(p, 300, 320), "device: (simulator) ... the 20 bytes of rounding are not");
   }
