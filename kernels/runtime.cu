@@ -298,11 +298,12 @@ static int memcpy_d2d(kc_state *s, void *dst, const void *src, size_t n) {
 ** unused bytes unusable (kernels/sim/sim_runtime.cpp: poisoned for
 ** AddressSanitizer, else 0xFF), so that a kernel or copy reaching past a
 ** tensor's end, or into a block the engine has cached, is reported. A GPU
-** has nothing to check with: the GPU build leaves the slot NULL. Queued
-** optimizer work is launched first, as dev_free does: it may still read
-** what is being cut off. */
+** has nothing to check with: the GPU build leaves the slot NULL. A block
+** going back to the cache (used 0) first launches queued optimizer work,
+** as dev_free does: it may still read what is cut off. A block handed
+** out only widens, so the batch is left as a GPU run leaves it. */
 static int mem_in_use(kc_state *s, void *p, size_t used, size_t block) {
-  kc_optim_flush(s);
+  if (used == 0) kc_optim_flush(s);
   return from_cuda(kcsim_mem_in_use(s->stream, p, used, block));
 }
 #endif

@@ -130,6 +130,16 @@ describe("the CUDA simulator", function()
       for i = 2, #counts do assert.is_true(counts[i - 1] >= counts[i], out) end
     end)
 
+    proc_it("KEEL_CUDA_SIM_ORDER with a typo: one warning naming the choices, then the forward order", function()
+      local out = run("KEEL_CUDA_SIM_ORDER=sideways", [[
+        local a = keel.ones({1000}, {device = "cuda"})
+        for _ = 1, 3 do a = a + a end
+        print(a:sum():item())]])
+      local _, warnings = out:gsub("KEEL_CUDA_SIM_ORDER=sideways: expected forward, reverse or shuffle%[:seed%]", "")
+      assert.are.equal(1, warnings, out)
+      assert.is_truthy(out:find("\n8000%.?0*\n") or out:find("^8000"), out)
+    end)
+
     proc_it("KEEL_CUDA_SIM_DEVICES=0: CUDA unavailable, the reason says no device", function()
       local out = run("KEEL_CUDA_SIM_DEVICES=0", "print(keel.cuda.is_available())")
       assert.is_truthy(out:find("false\tno CUDA device", 1, true), out)

@@ -502,10 +502,12 @@ int sim_set_order(const char *order) {
   return order_parse(order);
 }
 
-/* turn[0..nt) for the next round of a block's threads */
-static void order_threads(unsigned nt) {
-  for (unsigned k = 0; k < nt; k++)
-    turn[k] = (unsigned short)(order_mode == ORDER_REVERSE ? nt - 1 - k : k);
+/* turn[0..nt) for a block's threads: linear or reversed once per block
+** (first), shuffled again for every round between barriers */
+static void order_threads(unsigned nt, int first) {
+  if (first)
+    for (unsigned k = 0; k < nt; k++)
+      turn[k] = (unsigned short)(order_mode == ORDER_REVERSE ? nt - 1 - k : k);
   if (order_mode == ORDER_SHUFFLE)
     for (unsigned k = nt; k > 1; k--) {
       unsigned j = (unsigned)(next_random() % k);
@@ -538,8 +540,8 @@ static int run_block(unsigned nt, const char *file, int line) {
   }
   if (smem_size) memset(smem_buf, 0xFF, smem_size);
   block_serial++;               /* KC_SHARED arrays are filled again at first use */
-  for (;;) {
-    order_threads(nt);
+  for (int round = 0;; round++) {
+    order_threads(nt, round == 0);
     for (unsigned k = 0; k < nt && fail_code == cudaSuccess; k++) {
       thread_rec *t = &threads[turn[k]];
       if (t->state != T_READY) continue;

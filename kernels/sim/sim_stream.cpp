@@ -129,40 +129,35 @@ cudaError_t sim_enqueue(cudaStream_t st, std::function<cudaError_t()> work) {
   return cudaSuccess;
 }
 
-cudaError_t sim_wait_stream(cudaStream_t st) {
-  if (!sim_async()) return cudaSuccess;
-  std::lock_guard<std::recursive_mutex> hold(qlock);
-  kcsim_stream *q = queue_of(st);
+/* Runs all of q's work; its kept failure. (under qlock) */
+static cudaError_t drain(kcsim_stream *q) {
   run_queue(q, [] { return false; });
   return take_error(q);
 }
 
-cudaError_t sim_wait_device(void) {
+/* The legacy stream's work, then every stream's (or only the blocking
+** ones'); the first failure. */
+static cudaError_t drain_all(bool blocking_only) {
   if (!sim_async()) return cudaSuccess;
   std::lock_guard<std::recursive_mutex> hold(qlock);
-  cudaError_t e = sim_wait_stream(NULL);
-  if (streams)
-    for (kcsim_stream *q : *streams) {
-      run_queue(q, [] { return false; });
-      cudaError_t e2 = take_error(q);
-      if (e == cudaSuccess) e = e2;
-    }
-  return e;
-}
-
-cudaError_t sim_wait_legacy(void) {
-  if (!sim_async()) return cudaSuccess;
-  std::lock_guard<std::recursive_mutex> hold(qlock);
-  cudaError_t e = sim_wait_stream(NULL);
+  cudaError_t e = drain(&legacy);
   if (streams)
     for (kcsim_stream *q : *streams)
-      if (!(q->flags & cudaStreamNonBlocking)) {
-        run_queue(q, [] { return false; });
-        cudaError_t e2 = take_error(q);
+      if (!blocking_only || !(q->flags & cudaStreamNonBlocking)) {
+        cudaError_t e2 = drain(q);
         if (e == cudaSuccess) e = e2;
       }
   return e;
 }
+
+cudaError_t sim_wait_stream(cudaStream_t st) {
+  if (!sim_async()) return cudaSuccess;
+  std::lock_guard<std::recursive_mutex> hold(qlock);
+  return drain(queue_of(st));
+}
+
+cudaError_t sim_wait_device(void) { return drain_all(false); }
+cudaError_t sim_wait_legacy(void) { return drain_all(true); }
 
 int sim_pinned_add(void *p, size_t n) {
   std::lock_guard<std::recursive_mutex> hold(qlock);

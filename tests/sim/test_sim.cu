@@ -199,33 +199,33 @@ static void test_block_order(void) {
   cudaFree(seq);
 }
 
+/* The order a block of 8x4x2 threads ran in under order, before and
+** after a barrier (thread_order's seq, 2 * 64 entries). */
+static std::vector<int> thread_order_in(const char *order, int *next, int *seq, int nt) {
+  char what[64];
+  set_order(order);
+  cudaMemset(next, 0, 2 * sizeof(int));
+  KC_LAUNCH(dim3(1), dim3(8, 4, 2), 0, 0, thread_order)(next, seq);
+  snprintf(what, sizeof what, "thread order: %s launch", order);
+  launched(what);
+  return fetch(seq, 2 * nt);
+}
+
 static void test_thread_order(void) {
-  const dim3 block(8, 4, 2);
   const int nt = 8 * 4 * 2;
   int *next = dev_zeros<int>(2), *seq = dev_zeros<int>(2 * nt);
 
-  set_order("forward");
-  KC_LAUNCH(dim3(1), block, 0, 0, thread_order)(next, seq);
-  launched("thread order: forward launch");
-  std::vector<int> v = fetch(seq, 2 * nt);
+  std::vector<int> v = thread_order_in("forward", next, seq, nt);
   bool ok = true;
   for (int k = 0; k < 2 * nt; k++) ok = ok && v[k] == k % nt;
   check(ok, "forward: a block's threads run in linear order, before and after a barrier");
 
-  set_order("reverse");
-  cudaMemset(next, 0, 2 * sizeof(int));
-  KC_LAUNCH(dim3(1), block, 0, 0, thread_order)(next, seq);
-  launched("thread order: reverse launch");
-  v = fetch(seq, 2 * nt);
+  v = thread_order_in("reverse", next, seq, nt);
   ok = true;
   for (int k = 0; k < 2 * nt; k++) ok = ok && v[k] == nt - 1 - k % nt;
   check(ok, "reverse: a block's threads run in reverse linear order, before and after a barrier");
 
-  set_order("shuffle:7");
-  cudaMemset(next, 0, 2 * sizeof(int));
-  KC_LAUNCH(dim3(1), block, 0, 0, thread_order)(next, seq);
-  launched("thread order: shuffled launch");
-  v = fetch(seq, 2 * nt);
+  v = thread_order_in("shuffle:7", next, seq, nt);
   check(is_permutation(v, 0, nt) && is_permutation(v, nt, nt), "shuffle: every thread runs once in each round");
   bool same = true, linear = true;
   for (int k = 0; k < nt; k++) {
